@@ -1,0 +1,101 @@
+"""Argument checks shared by the functional API and the optimizers.
+
+Every check raises before anything is written: TypeError for a wrong kind of object or dtype,
+ValueError for a wrong value, shape or memory layout.  Messages name the argument.
+"""
+import math
+import numbers
+
+import numpy as np
+
+from fastopt import _kernels
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_param(a, what):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array, got {type(a).__name__}")
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32 or float64 (native byte order), got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous (it is updated in place)")
+    if not a.flags.writeable:
+        raise ValueError(f"{what} is read-only; parameters are updated in place")
+
+
+def check_like(buf, param, what, *, writeable):
+    """buf must be an array of param's shape and dtype, C-contiguous (and writeable if asked)."""
+    if not isinstance(buf, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array, got {type(buf).__name__}")
+    if buf.dtype != param.dtype:
+        raise TypeError(f"{what} has dtype {buf.dtype}, the parameter has {param.dtype}")
+    if buf.shape != param.shape:
+        raise ValueError(f"{what} has shape {buf.shape}, the parameter has {param.shape}")
+    if not buf.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous")
+    if writeable and not buf.flags.writeable:
+        raise ValueError(f"{what} is read-only")
+
+
+def check_grads(grads, params):
+    if isinstance(grads, np.ndarray) or not hasattr(grads, "__len__"):
+        raise TypeError("grads must be a sequence of arrays, one per parameter")
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(grads)} grads for {len(params)} parameters")
+    for i, (g, p) in enumerate(zip(grads, params)):
+        check_like(g, p, f"grads[{i}]", writeable=False)
+
+
+def check_no_overlap(written, written_names, read=(), read_names=()):
+    """No written buffer may share memory with any other buffer (read ones may share)."""
+    pair = _kernels.first_overlap(list(written), list(read))
+    if pair is not None:
+        names = list(written_names) + list(read_names)
+        raise ValueError(f"{names[pair[0]]} overlaps {names[pair[1]]} in memory; the update "
+                         "needs separate buffers")
+
+
+# ---- hyperparameters -------------------------------------------------------------------
+
+def real(name, x):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {x!r}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+def nonnegative(name, x):
+    x = real(name, x)
+    if x < 0.0:
+        raise ValueError(f"Invalid {name}: {x} (must be >= 0)")
+    return x
+
+
+def unit_interval(name, x):
+    x = real(name, x)
+    if not 0.0 <= x < 1.0:
+        raise ValueError(f"Invalid {name}: {x} (must be in [0, 1))")
+    return x
+
+
+def betas(x):
+    if not isinstance(x, (tuple, list, np.ndarray)) or len(x) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {x!r}")
+    return (unit_interval("beta1 (betas[0])", x[0]), unit_interval("beta2 (betas[1])", x[1]))
+
+
+def flag(name, x):
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {x!r}")
+    return bool(x)
+
+
+def step_count(name, x):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {x!r}")
+    if x < 0:
+        raise ValueError(f"{name} must be >= 0, got {x}")
+    return int(x)

@@ -1,0 +1,63 @@
+# The C API of csrc/fastopt.h, cimport-able by other Cython code: `from fastopt._kernels cimport *`.
+# Every function is nogil and returns a status (FO_OK == 0); see fastopt.h for the conventions.
+from libc.stdint cimport int64_t
+
+cdef extern from "fastopt.h" nogil:
+    int FO_API_VERSION
+    enum fo_status:
+        FO_OK
+        FO_ERR_NULL
+        FO_ERR_HYPERPARAM
+        FO_ERR_OVERLAP
+    enum fo_convention:
+        FO_TEXTBOOK
+        FO_TORCH
+
+    const char *fo_strerror(int status)
+
+    ctypedef struct fo_sgd_params:
+        double lr, momentum, dampening, weight_decay
+        int nesterov, maximize, convention
+        int64_t step
+    ctypedef struct fo_adagrad_params:
+        double lr, eps, weight_decay
+        int maximize, convention
+    ctypedef struct fo_adadelta_params:
+        double lr, rho, eps, weight_decay
+        int maximize
+    ctypedef struct fo_rmsprop_params:
+        double lr, rho, eps, weight_decay, momentum
+        int centered, maximize, convention
+    ctypedef struct fo_adam_params:
+        double lr, beta1, beta2, eps, weight_decay
+        int amsgrad, decoupled_weight_decay, maximize, convention
+        int64_t step
+    ctypedef struct fo_adamax_params:
+        double lr, beta1, beta2, eps, weight_decay
+        int maximize, convention
+        int64_t step
+    ctypedef struct fo_nadam_params:
+        double lr, beta1, beta2, eps, weight_decay, momentum_decay, mu_product
+        int decoupled_weight_decay, maximize, convention
+        int64_t step
+
+    int fo_sgd_f32(float *param, const float *grad, float *momentum_buffer, size_t n, const fo_sgd_params *hp)
+    int fo_sgd_f64(double *param, const double *grad, double *momentum_buffer, size_t n, const fo_sgd_params *hp)
+    int fo_adagrad_f32(float *param, const float *grad, float *sum, size_t n, const fo_adagrad_params *hp)
+    int fo_adagrad_f64(double *param, const double *grad, double *sum, size_t n, const fo_adagrad_params *hp)
+    int fo_adadelta_f32(float *param, const float *grad, float *square_avg, float *acc_delta, size_t n,
+                        const fo_adadelta_params *hp)
+    int fo_adadelta_f64(double *param, const double *grad, double *square_avg, double *acc_delta, size_t n,
+                        const fo_adadelta_params *hp)
+    int fo_rmsprop_f32(float *param, const float *grad, float *square_avg, float *grad_avg,
+                       float *momentum_buffer, size_t n, const fo_rmsprop_params *hp)
+    int fo_rmsprop_f64(double *param, const double *grad, double *square_avg, double *grad_avg,
+                       double *momentum_buffer, size_t n, const fo_rmsprop_params *hp)
+    int fo_adam_f32(float *param, const float *grad, float *m, float *v, float *max_v, size_t n,
+                    const fo_adam_params *hp)
+    int fo_adam_f64(double *param, const double *grad, double *m, double *v, double *max_v, size_t n,
+                    const fo_adam_params *hp)
+    int fo_adamax_f32(float *param, const float *grad, float *m, float *u, size_t n, const fo_adamax_params *hp)
+    int fo_adamax_f64(double *param, const double *grad, double *m, double *u, size_t n, const fo_adamax_params *hp)
+    int fo_nadam_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_nadam_params *hp)
+    int fo_nadam_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_nadam_params *hp)

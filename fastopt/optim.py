@@ -1,0 +1,380 @@
+"""The optimizer classes: validate, own the per-parameter states, run the rule's kernels.
+
+    opt = fastopt.Adam([w, b], lr=1e-3)
+    opt.step([dw, db])            # w and b updated in place
+
+A step validates every input (grads, states, hyperparameters, memory overlap) before it
+updates any parameter.
+"""
+import numpy as np
+
+from fastopt import _checks
+from fastopt import functional as F
+
+STATE_DICT_VERSION = 1
+
+
+class Optimizer:
+    """Base class.  params: a list of arrays, or of dicts {"params": [...], <hyperparameter>: ...}
+    (param groups, each overriding the optimizer's defaults).
+
+    Attributes: param_groups (list of dicts; change hyperparameters there between steps),
+    state (dict: global parameter index -> state object, created on a parameter's first step).
+    """
+
+    rule = None
+
+    def __init__(self, params, **defaults):
+        self.defaults = self.rule.hyperparameters(defaults)
+        groups = self._groups(params)
+        for i, g in enumerate(groups):
+            hp = {k: v for k, v in g.items() if k != "params"}
+            try:
+                self.rule.hyperparameters(hp)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"param group {i}: {e}") from None
+        params = [p for g in groups for p in g["params"]]
+        if not params:
+            raise ValueError(f"{type(self).__name__} got an empty parameter list")
+        for i, p in enumerate(params):
+            _checks.check_param(p, f"params[{i}]")
+        seen = {}
+        for i, p in enumerate(params):
+            if id(p) in seen:
+                raise ValueError(f"params[{i}] is the same array as params[{seen[id(p)]}]")
+            seen[id(p)] = i
+        _checks.check_no_overlap(params, [f"params[{i}]" for i in range(len(params))])
+        self.param_groups = [{**self.defaults, **g} for g in groups]
+        self.state = {}
+
+    def _groups(self, params):
+        if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
+            raise TypeError("params must be a list of arrays or of param-group dicts, "
+                            f"got {type(params).__name__}")
+        if params and all(isinstance(g, dict) for g in params):
+            groups = []
+            for i, g in enumerate(params):
+                if "params" not in g:
+                    raise ValueError(f"param group {i} has no 'params' key")
+                group_params = g["params"]
+                if isinstance(group_params, np.ndarray):
+                    group_params = [group_params]
+                groups.append({**g, "params": list(group_params)})
+            return groups
+        if any(isinstance(g, dict) for g in params):
+            raise TypeError("params mixes arrays and param-group dicts")
+        return [{"params": list(params)}]
+
+    @property
+    def params(self):
+        """Every parameter, in order: the indices of `state` and of step's grads."""
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _checked_hyperparameters(self):
+        out = []
+        for i, g in enumerate(self.param_groups):
+            try:
+                out.append(self.rule.hyperparameters({k: v for k, v in g.items() if k != "params"}))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"param_groups[{i}]: {e}") from None
+        return out
+
+    def step(self, grads):
+        """Update every parameter in place from `grads` (one array per parameter, same shape and
+        dtype, C-contiguous).  Nothing is changed if any input is invalid."""
+        hps = self._checked_hyperparameters()
+        params = self.params
+        _checks.check_grads(grads, params)
+        written, names = list(params), [f"params[{i}]" for i in range(len(params))]
+        for i, p in enumerate(params):
+            state = self.state.get(i)
+            if state is not None:
+                F.check_state(self.rule, p, state, f"state[{i}]")
+                for k, buf in state.buffers().items():
+                    written.append(buf)
+                    names.append(f"state[{i}].{k}")
+        _checks.check_no_overlap(written, names, list(grads),
+                                 [f"grads[{i}]" for i in range(len(grads))])
+        # everything is valid: from here on nothing can fail
+        i = 0
+        for group, hp in zip(self.param_groups, hps):
+            needed = self.rule.buffers(hp)
+            for p in group["params"]:
+                state = self.state.get(i)
+                if state is None:
+                    state = self.state[i] = self.rule.new_state(p, hp)
+                state.add_missing(p, needed)
+                self.rule.update(p, grads[i], state, hp)
+                i += 1
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self):
+        """{"optimizer", "version", "state": {index: {buffer: array, "step": int}},
+        "param_groups": [{hyperparameters..., "params": [indices]}]}; arrays are copies."""
+        groups, start = [], 0
+        for g in self.param_groups:
+            n = len(g["params"])
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": list(range(start, start + n))})
+            start += n
+        state = {i: {k: (v.copy() if isinstance(v, np.ndarray) else v)
+                     for k, v in s.to_dict().items()} for i, s in self.state.items()}
+        return {"optimizer": type(self).__name__, "version": STATE_DICT_VERSION,
+                "state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Replace hyperparameters and states with those of `state_dict` (copied).  Everything
+        is validated first: on any error nothing changes."""
+        groups, states = self._validated(state_dict)
+        for group, hp in zip(self.param_groups, groups):
+            group.update(hp)
+        self.state = states
+
+    def _validated(self, d):
+        if not isinstance(d, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(d).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in d:
+                raise ValueError(f"state_dict has no {key!r} key")
+        name = d.get("optimizer", type(self).__name__)
+        if name != type(self).__name__:
+            raise ValueError(f"state_dict is from {name}, not {type(self).__name__}")
+        loaded_groups = d["param_groups"]
+        if not isinstance(loaded_groups, (list, tuple)) or len(loaded_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(loaded_groups)} param groups, "
+                             f"the optimizer has {len(self.param_groups)}")
+        groups, hps, start = [], [], 0
+        for i, (lg, g) in enumerate(zip(loaded_groups, self.param_groups)):
+            n = len(g["params"])
+            if not isinstance(lg, dict) or list(lg.get("params", ())) != list(range(start, start + n)):
+                raise ValueError(f"state_dict param group {i} does not hold parameters "
+                                 f"{start}..{start + n - 1}")
+            hp = {k: v for k, v in lg.items() if k != "params"}
+            missing = set(self.defaults) - set(hp)
+            if missing:
+                raise ValueError(f"state_dict param group {i} lacks {sorted(missing)}")
+            try:
+                hps.append(self.rule.hyperparameters(hp))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"state_dict param group {i}: {e}") from None
+            groups.append(hp)
+            hps[-1]["_n"] = n
+            start += n
+        params = self.params
+        group_of = [hp for hp in hps for _ in range(hp.pop("_n"))]
+        loaded_states = d["state"]
+        if not isinstance(loaded_states, dict):
+            raise TypeError("state_dict['state'] must be a dict")
+        states = {}
+        state_type = self.rule.state_type
+        for key, fields in loaded_states.items():
+            if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)) \
+                    or not 0 <= key < len(params):
+                raise ValueError(f"state_dict state key {key!r} is not a parameter index")
+            if not isinstance(fields, dict):
+                raise TypeError(f"state_dict state {key} must be a dict")
+            known = set(state_type.BUFFERS) | set(state_type.COUNTERS)
+            unknown = set(fields) - known
+            if unknown:
+                raise ValueError(f"state_dict state {key} has unknown field(s) {sorted(unknown)}")
+            missing = set(state_type.COUNTERS) - set(fields)
+            if missing:
+                raise ValueError(f"state_dict state {key} lacks {sorted(missing)}")
+            what = f"state_dict state {key}"
+            for k in self.rule.buffers(group_of[key]):
+                if k not in fields:
+                    raise ValueError(f"{what} lacks {k!r}")
+            copied = {}
+            for k, v in fields.items():
+                if k in state_type.COUNTERS:
+                    copied[k] = _checks.step_count(f"{what}.{k}", _scalar(v))
+                else:
+                    if not isinstance(v, np.ndarray):
+                        raise TypeError(f"{what}.{k} must be a numpy array, got {type(v).__name__}")
+                    _checks.check_like(np.ascontiguousarray(v), params[key], f"{what}.{k}",
+                                       writeable=False)
+                    copied[k] = np.array(v, order="C", copy=True)
+            state = state_type(**copied)
+            state.check(params[key], what)
+            states[int(key)] = state
+        return groups, states
+
+    def save(self, path):
+        """Write state_dict() to an .npz file (numbers and arrays only, loadable without pickle)."""
+        flat = {}
+        for key, value in _flatten(self.state_dict()):
+            flat[key] = np.asarray(value)
+        with open(path, "wb") as f:
+            np.savez(f, **flat)
+
+    def load(self, path):
+        """load_state_dict() from a file written by save(); never unpickles."""
+        with np.load(path, allow_pickle=False) as z:
+            flat = {k: z[k] for k in z.files}
+        self.load_state_dict(_unflatten(flat))
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} ("]
+        for i, g in enumerate(self.param_groups):
+            hp = ", ".join(f"{k}={v}" for k, v in g.items() if k != "params")
+            lines.append(f"  group {i}: {len(g['params'])} params, {hp}")
+        return "\n".join(lines + [")"])
+
+
+def _scalar(v):
+    if isinstance(v, np.ndarray) and v.shape == ():
+        return v[()]
+    return v
+
+
+def _flatten(d):
+    yield "optimizer", d["optimizer"]
+    yield "version", d["version"]
+    yield "n_groups", len(d["param_groups"])
+    for i, g in enumerate(d["param_groups"]):
+        for k, v in g.items():
+            yield f"param_groups/{i}/{k}", np.asarray(v, dtype=np.int64) if k == "params" else v
+    for i, s in d["state"].items():
+        for k, v in s.items():
+            yield f"state/{i}/{k}", v
+
+
+def _unflatten(flat):
+    """The inverse of _flatten; shapes and types are checked later by load_state_dict."""
+    try:
+        d = {"optimizer": str(flat.pop("optimizer")), "version": int(flat.pop("version"))}
+        groups = [{} for _ in range(int(flat.pop("n_groups")))]
+        state = {}
+        for key, value in flat.items():
+            parts = key.split("/")
+            if len(parts) != 3 or parts[0] not in ("param_groups", "state"):
+                raise ValueError(f"unexpected entry {key!r}")
+            if parts[0] == "param_groups":
+                groups[int(parts[1])][parts[2]] = _from_array(parts[2], value)
+            else:
+                state.setdefault(int(parts[1]), {})[parts[2]] = value
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        raise ValueError(f"not a fastopt checkpoint: {e}") from None
+    if d["version"] != STATE_DICT_VERSION:
+        raise ValueError(f"checkpoint version {d['version']}, expected {STATE_DICT_VERSION}")
+    d["param_groups"], d["state"] = groups, state
+    return d
+
+
+def _from_array(name, value):
+    if name == "params":
+        return value.tolist()
+    if value.shape == ():
+        return value.item()
+    return tuple(value.tolist())
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, with optional Momentum and Nesterov (NAG); textbook forms.
+
+    SGD:       theta <- theta - lr g
+    Momentum:  v <- momentum v + lr g;  theta <- theta - v
+    NAG:       v <- momentum v + lr g;  theta <- theta - (momentum v + lr g)
+    g = grad (negated if maximize) + weight_decay theta.
+    """
+    rule = F.SGD_RULE
+
+    def __init__(self, params, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, *,
+                 maximize=False):
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay, maximize=maximize)
+
+
+class Momentum(SGD):
+    """SGD with classical momentum: v <- momentum v + lr g;  theta <- theta - v."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, *, maximize=False):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         maximize=maximize)
+
+
+class NAG(SGD):
+    """Nesterov accelerated gradient (lookahead form):
+    v <- momentum v + lr g;  theta <- theta - (momentum v + lr g)."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, *, maximize=False):
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=True,
+                         weight_decay=weight_decay, maximize=maximize)
+
+
+class Adagrad(Optimizer):
+    """G <- G + g^2;  theta <- theta - lr g / sqrt(G + eps)   (G starts at
+    initial_accumulator_value)."""
+    rule = F.ADAGRAD_RULE
+
+    def __init__(self, params, lr=0.01, eps=1e-8, weight_decay=0.0, initial_accumulator_value=0.0,
+                 *, maximize=False):
+        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay,
+                         initial_accumulator_value=initial_accumulator_value, maximize=maximize)
+
+
+class Adadelta(Optimizer):
+    """E[g^2] <- rho E[g^2] + (1 - rho) g^2;
+    delta <- sqrt(E[delta^2] + eps) / sqrt(E[g^2] + eps) g;
+    E[delta^2] <- rho E[delta^2] + (1 - rho) delta^2;  theta <- theta - lr delta."""
+    rule = F.ADADELTA_RULE
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False):
+        super().__init__(params, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
+                         maximize=maximize)
+
+
+class RMSprop(Optimizer):
+    """E[g^2] <- rho E[g^2] + (1 - rho) g^2;  theta <- theta - lr g / sqrt(E[g^2] + eps).
+    Options: centered (subtract E[g]^2 under the root), momentum (b <- momentum b + step)."""
+    rule = F.RMSPROP_RULE
+
+    def __init__(self, params, lr=1e-3, rho=0.9, eps=1e-8, weight_decay=0.0, *, momentum=0.0,
+                 centered=False, maximize=False):
+        super().__init__(params, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
+                         momentum=momentum, centered=centered, maximize=maximize)
+
+
+class Adam(Optimizer):
+    """m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  m_hat = m / (1 - b1^t);
+    v_hat = v / (1 - b2^t);  theta <- theta - lr m_hat / (sqrt(v_hat) + eps).
+    amsgrad: the running max of v_hat replaces v_hat."""
+    rule = F.ADAM_RULE
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize)
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay: theta <- theta (1 - lr weight_decay) first, then Adam
+    without the L2 term."""
+    rule = F.ADAMW_RULE
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                 amsgrad=False, *, maximize=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize)
+
+
+class AdaMax(Optimizer):
+    """m <- b1 m + (1 - b1) g;  u <- max(b2 u, |g|);  theta <- theta - (lr / (1 - b1^t)) m / (u + eps)."""
+    rule = F.ADAMAX_RULE
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 maximize=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         maximize=maximize)
+
+
+class Nadam(Optimizer):
+    """m, v, m_hat, v_hat as in Adam;
+    theta <- theta - lr / (sqrt(v_hat) + eps) (b1 m_hat + (1 - b1) g / (1 - b1^t))."""
+    rule = F.NADAM_RULE
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 maximize=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         maximize=maximize)

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+import fastopt
+
+
+# (optimizer class, hyperparameters) for every rule x the options that change its formula
+CASES = [
+    (fastopt.SGD, dict(lr=0.05)),
+    (fastopt.SGD, dict(lr=0.05, weight_decay=0.1, maximize=True)),
+    (fastopt.SGD, dict(lr=0.05, momentum=0.9)),
+    (fastopt.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (fastopt.Adagrad, dict(lr=0.05)),
+    (fastopt.Adagrad, dict(lr=0.05, weight_decay=0.1, initial_accumulator_value=0.1, maximize=True)),
+    (fastopt.Adadelta, dict()),
+    (fastopt.Adadelta, dict(lr=0.5, rho=0.95, weight_decay=0.1, maximize=True)),
+    (fastopt.RMSprop, dict(lr=0.01)),
+    (fastopt.RMSprop, dict(lr=0.01, weight_decay=0.1, maximize=True)),
+    (fastopt.RMSprop, dict(lr=0.01, centered=True, momentum=0.5)),
+    (fastopt.Adam, dict(lr=0.01)),
+    (fastopt.Adam, dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, maximize=True)),
+    (fastopt.Adam, dict(lr=0.01, amsgrad=True)),
+    (fastopt.AdamW, dict(lr=0.01)),
+    (fastopt.AdamW, dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True)),
+    (fastopt.AdaMax, dict(lr=0.01)),
+    (fastopt.AdaMax, dict(lr=0.01, weight_decay=0.1, maximize=True)),
+    (fastopt.Nadam, dict(lr=0.01)),
+    (fastopt.Nadam, dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, maximize=True)),
+]
+
+
+def case_id(case):
+    cls, hp = case
+    return cls.__name__ + ("-" + "-".join(f"{k}={v}" for k, v in hp.items()) if hp else "")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def snapshot(opt, grads=()):
+    """Deep copies of every parameter, state buffer, counter and hyperparameter of `opt`."""
+    return ([p.copy() for p in opt.params],
+            {i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.to_dict().items()}
+             for i, s in opt.state.items()},
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            [g.copy() for g in grads if isinstance(g, np.ndarray)])
+
+
+def assert_same_snapshot(a, b):
+    params_a, state_a, groups_a, grads_a = a
+    params_b, state_b, groups_b, grads_b = b
+    for x, y in zip(params_a + grads_a, params_b + grads_b):
+        np.testing.assert_array_equal(x, y, strict=True)
+    assert state_a.keys() == state_b.keys()
+    for i in state_a:
+        assert state_a[i].keys() == state_b[i].keys()
+        for k in state_a[i]:
+            if isinstance(state_a[i][k], np.ndarray):
+                np.testing.assert_array_equal(state_a[i][k], state_b[i][k], strict=True)
+            else:
+                assert state_a[i][k] == state_b[i][k]
+    assert groups_a == groups_b

@@ -1,0 +1,113 @@
+"""Plain float64 numpy versions of every update rule, written from the README's formula table.
+
+Nothing here is shared with fastopt.  Each function takes the parameter and gradient (float64
+arrays), a dict of state arrays (created on first use) and the hyperparameters, and returns the
+new parameter.  g is the gradient after maximize (g <- -g) and L2 weight decay (g <- g + wd theta).
+"""
+import numpy as np
+
+
+def _grad(theta, grad, weight_decay, maximize):
+    g = -grad if maximize else grad
+    return g + weight_decay * theta
+
+
+def sgd(theta, grad, s, lr, momentum=0.0, nesterov=False, weight_decay=0.0, maximize=False):
+    g = _grad(theta, grad, weight_decay, maximize)
+    if momentum == 0.0:
+        return theta - lr * g
+    v = s.get("v", np.zeros_like(theta))
+    v = momentum * v + lr * g
+    s["v"] = v
+    if nesterov:
+        return theta - (momentum * v + lr * g)
+    return theta - v
+
+
+def adagrad(theta, grad, s, lr, eps=1e-8, weight_decay=0.0, initial_accumulator_value=0.0,
+            maximize=False):
+    g = _grad(theta, grad, weight_decay, maximize)
+    G = s.get("G", np.full_like(theta, initial_accumulator_value)) + g * g
+    s["G"] = G
+    return theta - lr * g / np.sqrt(G + eps)
+
+
+def adadelta(theta, grad, s, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False):
+    g = _grad(theta, grad, weight_decay, maximize)
+    Eg2 = rho * s.get("Eg2", np.zeros_like(theta)) + (1 - rho) * g * g
+    Ed2 = s.get("Ed2", np.zeros_like(theta))
+    delta = np.sqrt(Ed2 + eps) / np.sqrt(Eg2 + eps) * g
+    s["Eg2"] = Eg2
+    s["Ed2"] = rho * Ed2 + (1 - rho) * delta * delta
+    return theta - lr * delta
+
+
+def rmsprop(theta, grad, s, lr, rho=0.9, eps=1e-8, weight_decay=0.0, momentum=0.0,
+            centered=False, maximize=False):
+    g = _grad(theta, grad, weight_decay, maximize)
+    Eg2 = rho * s.get("Eg2", np.zeros_like(theta)) + (1 - rho) * g * g
+    s["Eg2"] = Eg2
+    mean_square = Eg2
+    if centered:
+        Eg = rho * s.get("Eg", np.zeros_like(theta)) + (1 - rho) * g
+        s["Eg"] = Eg
+        mean_square = Eg2 - Eg * Eg
+    step = g / np.sqrt(mean_square + eps)
+    if momentum > 0.0:
+        step = momentum * s.get("b", np.zeros_like(theta)) + step
+        s["b"] = step
+    return theta - lr * step
+
+
+def adam(theta, grad, s, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+         maximize=False, decoupled=False):
+    b1, b2 = betas
+    if decoupled:
+        theta = theta * (1 - lr * weight_decay)
+        g = _grad(theta, grad, 0.0, maximize)
+    else:
+        g = _grad(theta, grad, weight_decay, maximize)
+    t = s.get("t", 0) + 1
+    m = b1 * s.get("m", np.zeros_like(theta)) + (1 - b1) * g
+    v = b2 * s.get("v", np.zeros_like(theta)) + (1 - b2) * g * g
+    s.update(t=t, m=m, v=v)
+    m_hat = m / (1 - b1 ** t)
+    v_hat = v / (1 - b2 ** t)
+    if amsgrad:
+        v_hat = np.maximum(s.get("v_hat_max", np.zeros_like(theta)), v_hat)
+        s["v_hat_max"] = v_hat
+    return theta - lr * m_hat / (np.sqrt(v_hat) + eps)
+
+
+def adamw(theta, grad, s, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False,
+          maximize=False):
+    return adam(theta, grad, s, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled=True)
+
+
+def adamax(theta, grad, s, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False):
+    b1, b2 = betas
+    g = _grad(theta, grad, weight_decay, maximize)
+    t = s.get("t", 0) + 1
+    m = b1 * s.get("m", np.zeros_like(theta)) + (1 - b1) * g
+    u = np.maximum(b2 * s.get("u", np.zeros_like(theta)), np.abs(g))
+    s.update(t=t, m=m, u=u)
+    return theta - (lr / (1 - b1 ** t)) * m / (u + eps)
+
+
+def nadam(theta, grad, s, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False):
+    b1, b2 = betas
+    g = _grad(theta, grad, weight_decay, maximize)
+    t = s.get("t", 0) + 1
+    m = b1 * s.get("m", np.zeros_like(theta)) + (1 - b1) * g
+    v = b2 * s.get("v", np.zeros_like(theta)) + (1 - b2) * g * g
+    s.update(t=t, m=m, v=v)
+    m_hat = m / (1 - b1 ** t)
+    v_hat = v / (1 - b2 ** t)
+    return theta - lr / (np.sqrt(v_hat) + eps) * (b1 * m_hat + (1 - b1) * g / (1 - b1 ** t))
+
+
+# optimizer class name -> reference function
+RULES = {
+    "SGD": sgd, "Adagrad": adagrad, "Adadelta": adadelta, "RMSprop": rmsprop, "Adam": adam,
+    "AdamW": adamw, "AdaMax": adamax, "Nadam": nadam,
+}
