@@ -1,0 +1,257 @@
+"""Bad input gets a TypeError/ValueError naming the problem, and changes nothing."""
+import math
+
+import numpy as np
+import pytest
+
+import fastopt
+from conftest import assert_same_snapshot, snapshot
+
+ALL = [fastopt.SGD, fastopt.Adagrad, fastopt.Adadelta, fastopt.RMSprop, fastopt.Adam,
+       fastopt.AdamW, fastopt.AdaMax, fastopt.Nadam]
+
+
+def trained(cls=fastopt.Adam, **hp):
+    """An optimizer over three params of two dtypes that has taken two steps."""
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(5),
+              rng.standard_normal(2).astype(np.float32)]
+    opt = cls(params, **hp)
+    for _ in range(2):
+        opt.step(good_grads(opt))
+    return opt
+
+
+def good_grads(opt):
+    return [np.full_like(p, 0.5) for p in opt.params]
+
+
+# ---- construction ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("params, error, match", [
+    ([], ValueError, "empty parameter list"),
+    ([{"params": []}], ValueError, "empty parameter list"),
+    (np.ones(3), TypeError, "list of arrays"),
+    ([[1.0, 2.0]], TypeError, r"params\[0\] must be a numpy array"),
+    ([np.ones(3, np.int64)], TypeError, "float32 or float64"),
+    ([np.ones(3, np.float16)], TypeError, "float32 or float64"),
+    ([np.ones(3, ">f8")], TypeError, "float32 or float64"),
+    ([np.ones((4, 4))[:, ::2]], ValueError, "C-contiguous"),
+    ([np.ones((4, 4)).T], ValueError, "C-contiguous"),
+    ([{"lr": 0.1}], ValueError, "no 'params' key"),
+])
+def test_bad_params(params, error, match):
+    with pytest.raises(error, match=match):
+        fastopt.Adam(params)
+
+
+def test_read_only_param():
+    p = np.ones(3)
+    p.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fastopt.SGD([p])
+
+
+def test_same_array_twice():
+    p = np.ones(3)
+    with pytest.raises(ValueError, match=r"params\[1\] is the same array as params\[0\]"):
+        fastopt.SGD([p, p])
+    with pytest.raises(ValueError, match="same array"):
+        fastopt.SGD([{"params": [p]}, {"params": [p], "lr": 0.1}])
+
+
+def test_overlapping_param_views():
+    base = np.ones(10)
+    with pytest.raises(ValueError, match="overlaps"):
+        fastopt.SGD([base[:6], base[4:]])
+    fastopt.SGD([base[:5], base[5:]])  # disjoint views of one buffer are fine
+
+
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize("name, value, error", [
+    ("lr", -0.1, ValueError), ("lr", math.nan, ValueError), ("lr", math.inf, ValueError),
+    ("lr", "0.1", TypeError), ("weight_decay", -1e-4, ValueError),
+    ("weight_decay", math.nan, ValueError), ("maximize", 1, TypeError),
+])
+def test_bad_common_hyperparameters(cls, name, value, error):
+    with pytest.raises(error, match=name):
+        cls([np.ones(3)], **{name: value})
+
+
+@pytest.mark.parametrize("cls, hp, error, match", [
+    (fastopt.Adam, dict(eps=-1e-8), ValueError, "eps"),
+    (fastopt.Adagrad, dict(eps=math.nan), ValueError, "eps"),
+    (fastopt.Adam, dict(betas=(1.0, 0.999)), ValueError, "beta1"),
+    (fastopt.AdamW, dict(betas=(0.9, -0.1)), ValueError, "beta2"),
+    (fastopt.Nadam, dict(betas=(0.9, math.nan)), ValueError, "beta2"),
+    (fastopt.AdaMax, dict(betas=(0.9,)), TypeError, "betas"),
+    (fastopt.Adadelta, dict(rho=1.0), ValueError, "rho"),
+    (fastopt.RMSprop, dict(rho=-0.5), ValueError, "rho"),
+    (fastopt.SGD, dict(momentum=-0.9), ValueError, "momentum"),
+    (fastopt.RMSprop, dict(momentum=-0.9), ValueError, "momentum"),
+    (fastopt.SGD, dict(nesterov=True), ValueError, "nesterov"),
+    (fastopt.Adagrad, dict(initial_accumulator_value=-1.0), ValueError, "initial_accumulator"),
+    (fastopt.Adam, dict(amsgrad="yes"), TypeError, "amsgrad"),
+])
+def test_bad_rule_hyperparameters(cls, hp, error, match):
+    with pytest.raises(error, match=match):
+        cls([np.ones(3)], **hp)
+
+
+def test_bad_group_hyperparameters():
+    with pytest.raises(ValueError, match="param group 1.*lr"):
+        fastopt.Adam([{"params": [np.ones(2)]}, {"params": [np.ones(2)], "lr": -1.0}])
+    with pytest.raises(ValueError, match="unknown hyperparameter.*learning_rate"):
+        fastopt.Adam([{"params": [np.ones(2)], "learning_rate": 0.1}])
+
+
+# ---- step: nothing may change -------------------------------------------------------------
+
+def bad_steps():
+    """(name, how to break an optimizer's step, expected error, message)."""
+    def grads_with(i, g):
+        return lambda opt: [g(opt.params[j]) if j == i else np.full_like(p, 0.5)
+                            for j, p in enumerate(opt.params)]
+
+    def set_group(key, value):
+        def mutate(opt):
+            opt.param_groups[-1][key] = value
+            return good_grads(opt)
+        return mutate
+
+    def set_state(field, value):
+        def mutate(opt):
+            setattr(opt.state[2], field, value(opt.state[2]))
+            return good_grads(opt)
+        return mutate
+
+    def grad_is_param(opt):
+        g = good_grads(opt)
+        g[2] = opt.params[0].reshape(-1)[:2]
+        return g
+
+    def grad_is_state(opt):
+        g = good_grads(opt)
+        g[2] = opt.state[0].m.reshape(-1)[:2]
+        return g
+
+    def state_shares_param(opt):
+        opt.state[1].v = opt.params[1]
+        return good_grads(opt)
+
+    return [
+        ("too few grads", lambda opt: good_grads(opt)[:-1], ValueError, "got 2 grads for 3"),
+        ("grads not a list", lambda opt: np.ones(3), TypeError, "sequence"),
+        ("grad shape", grads_with(2, lambda p: np.ones(3, p.dtype)), ValueError,
+         r"grads\[2\] has shape \(3,\), the parameter has \(2,\)"),
+        ("grad dtype", grads_with(2, lambda p: np.ones(2)), TypeError,
+         r"grads\[2\] has dtype float64, the parameter has float32"),
+        ("integer grad", grads_with(1, lambda p: np.ones(5, np.int64)), TypeError, "int64"),
+        ("grad list", grads_with(2, lambda p: [0.5, 0.5]), TypeError, "numpy array"),
+        ("grad layout", grads_with(1, lambda p: np.ones(10)[::2]), ValueError, "C-contiguous"),
+        ("grad aliases a param", grad_is_param, ValueError, r"params\[0\] overlaps grads\[2\]"),
+        ("grad aliases a state", grad_is_state, ValueError, r"state\[0\]\.m overlaps grads\[2\]"),
+        ("state aliases a param", state_shares_param, ValueError, "overlaps"),
+        ("negative lr set between steps", set_group("lr", -1.0), ValueError, "lr"),
+        ("NaN eps set between steps", set_group("eps", math.nan), ValueError, "eps"),
+        ("bad betas set between steps", set_group("betas", (0.9, 1.5)), ValueError, "beta2"),
+        ("state buffer shape", set_state("m", lambda s: np.zeros(3, np.float32)), ValueError,
+         r"state\[2\]\.m has shape"),
+        ("state buffer dtype", set_state("v", lambda s: np.zeros(2)), TypeError,
+         r"state\[2\]\.v has dtype"),
+        ("state buffer missing", set_state("v", lambda s: None), ValueError,
+         r"state\[2\]\.v is missing"),
+        ("state step negative", set_state("step", lambda s: -1), ValueError, "step"),
+        ("state step not an int", set_state("step", lambda s: 1.5), TypeError, "step"),
+    ]
+
+
+@pytest.mark.parametrize("name, make_grads, error, match", bad_steps(), ids=[b[0] for b in bad_steps()])
+def test_bad_step_changes_nothing(name, make_grads, error, match):
+    opt = trained(fastopt.Adam)
+    grads = make_grads(opt)
+    before = snapshot(opt, grads)
+    with pytest.raises(error, match=match):
+        opt.step(grads)
+    after = snapshot(opt, grads)
+    assert_same_snapshot(before, after)
+
+
+def test_read_only_state_buffer_is_rejected():
+    opt = trained(fastopt.RMSprop)
+    opt.state[1].square_avg.flags.writeable = False
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"state\[1\]\.square_avg is read-only"):
+        opt.step(good_grads(opt))
+    assert_same_snapshot(before, snapshot(opt))
+
+
+def test_param_replaced_by_bad_array_between_steps():
+    opt = trained(fastopt.SGD, momentum=0.9)
+    opt.param_groups[0]["params"][1] = np.ones(5, np.int32)
+    with pytest.raises(TypeError):
+        opt.step(good_grads(opt))
+
+
+def test_read_only_grad_is_fine():
+    opt = trained(fastopt.SGD)
+    grads = good_grads(opt)
+    for g in grads:
+        g.flags.writeable = False
+    opt.step(grads)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_grads_may_share_memory_with_each_other(cls):
+    p1, p2 = np.ones(4), np.ones(4)
+    g = np.full(4, 0.25)
+    cls([p1, p2]).step([g, g])
+    np.testing.assert_array_equal(p1, p2)
+
+
+# ---- functional --------------------------------------------------------------------------
+
+def test_functional_rejects_wrong_state_type():
+    with pytest.raises(TypeError, match="AdamState"):
+        fastopt.functional.adam(np.ones(3), np.ones(3), fastopt.SGDState())
+
+
+def test_functional_rejects_grad_overlapping_state():
+    p = np.ones(4)
+    state = fastopt.AdamState.new(p)
+    before = (p.copy(), state.m.copy(), state.v.copy())
+    with pytest.raises(ValueError, match="state.m overlaps grad"):
+        fastopt.functional.adam(p, state.m, state)
+    np.testing.assert_array_equal(p, before[0])
+    assert state.step == 0
+
+
+def test_functional_bad_hyperparameter_leaves_state():
+    p = np.ones(4)
+    state = fastopt.AdamState.new(p)
+    with pytest.raises(ValueError, match="lr"):
+        fastopt.functional.adam(p, np.ones(4), state, lr=-1.0)
+    assert state.step == 0 and not state.m.any()
+
+
+# ---- the C layer's own checks (the last line of defence) ------------------------------------
+
+def test_kernel_rejects_bad_hyperparameters_and_overlap():
+    from fastopt import _kernels
+    p, g, m, v = (np.ones(8) for _ in range(4))
+    kw = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+              decoupled_weight_decay=False, maximize=False, convention=0, step=1)
+    with pytest.raises(ValueError, match="hyperparameter"):
+        _kernels.adam(p, g, m, v, None, **{**kw, "beta1": 1.0})
+    with pytest.raises(ValueError, match="hyperparameter"):
+        _kernels.adam(p, g, m, v, None, **{**kw, "step": 0})
+    with pytest.raises(ValueError, match="overlaps"):
+        _kernels.adam(p, p, m, v, None, **kw)
+    with pytest.raises(ValueError, match="overlaps"):
+        _kernels.adam(p, g, m, m, None, **kw)
+    with pytest.raises(ValueError, match="8 were expected"):
+        _kernels.adam(p, g[:4], m, v, None, **kw)
+    with pytest.raises(TypeError, match="NULL"):
+        _kernels.adam(p, g, m, v, None, **{**kw, "amsgrad": True})
+    np.testing.assert_array_equal(p, np.ones(8))
+    np.testing.assert_array_equal(m, np.ones(8))
