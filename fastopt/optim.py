@@ -144,7 +144,7 @@ class Optimizer:
         if not isinstance(loaded_groups, (list, tuple)) or len(loaded_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(loaded_groups)} param groups, "
                              f"the optimizer has {len(self.param_groups)}")
-        groups, hps, start = [], [], 0
+        groups, group_of, start = [], [], 0  # group_of: each parameter's checked hyperparameters
         for i, (lg, g) in enumerate(zip(loaded_groups, self.param_groups)):
             n = len(g["params"])
             if not isinstance(lg, dict) or list(lg.get("params", ())) != list(range(start, start + n)):
@@ -155,14 +155,12 @@ class Optimizer:
             if missing:
                 raise ValueError(f"state_dict param group {i} lacks {sorted(missing)}")
             try:
-                hps.append(self.rule.hyperparameters(hp))
+                group_of += [self.rule.hyperparameters(hp)] * n
             except (TypeError, ValueError) as e:
                 raise type(e)(f"state_dict param group {i}: {e}") from None
             groups.append(hp)
-            hps[-1]["_n"] = n
             start += n
         params = self.params
-        group_of = [hp for hp in hps for _ in range(hp.pop("_n"))]
         loaded_states = d["state"]
         if not isinstance(loaded_states, dict):
             raise TypeError("state_dict['state'] must be a dict")
