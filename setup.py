@@ -11,14 +11,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -ffp-contract=off: no a*b+c fused into FMA, so every instruction set rounds alike (README, "Numerics").
 # -fno-math-errno lets sqrt vectorize; it changes no result.  Never -ffast-math: NaNs must propagate.
+# No -march=native: the baseline build runs on any x86-64; csrc/loops_avx2.c and loops_avx512.c
+# select their targets themselves and csrc/kernels.c picks one at run time.
 C_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-Wall"]
 
 extension = Extension(
     "fastopt._kernels",
-    sources=["fastopt/_kernels.pyx", "csrc/kernels.c", "csrc/loops_baseline.c"],
+    sources=["fastopt/_kernels.pyx", "csrc/kernels.c", "csrc/threads.c", "csrc/loops_baseline.c",
+             "csrc/loops_avx2.c", "csrc/loops_avx512.c"],
     include_dirs=["csrc", numpy.get_include()],
-    depends=["csrc/fastopt.h", "csrc/internal.h", "csrc/loops.inc", "csrc/api.inc"],
-    extra_compile_args=C_FLAGS,
+    depends=["csrc/fastopt.h", "csrc/internal.h", "csrc/loops.inc", "csrc/api.inc",
+             *[os.path.join("csrc", "rules", f) for f in os.listdir(os.path.join(HERE, "csrc", "rules"))]],
+    extra_compile_args=C_FLAGS + ["-pthread"],
+    extra_link_args=["-pthread"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
 )
 

@@ -114,6 +114,58 @@ int fo_adamax_f64(double *param, const double *grad, double *m, double *u, size_
 int fo_nadam_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_nadam_params *hp);
 int fo_nadam_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_nadam_params *hp);
 
+/*
+ * Many tensors in one call, sharing one set of hyperparameters (a parameter group): count
+ * tensors, tensor t having n[t] elements at param[t], grad[t], ...  The work is split across
+ * threads by elements, not by tensor.  Each tensor's buffers are checked as in the
+ * single-tensor call; overlaps between different tensors' buffers are not checked.
+ */
+int fo_sgd_many_f32(size_t count, float *const *param, const float *const *grad,
+                    float *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp);
+int fo_sgd_many_f64(size_t count, double *const *param, const double *const *grad,
+                    double *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp);
+int fo_adagrad_many_f32(size_t count, float *const *param, const float *const *grad,
+                        float *const *sum, const size_t *n, const fo_adagrad_params *hp);
+int fo_adagrad_many_f64(size_t count, double *const *param, const double *const *grad,
+                        double *const *sum, const size_t *n, const fo_adagrad_params *hp);
+int fo_adadelta_many_f32(size_t count, float *const *param, const float *const *grad,
+                         float *const *square_avg, float *const *acc_delta, const size_t *n,
+                         const fo_adadelta_params *hp);
+int fo_adadelta_many_f64(size_t count, double *const *param, const double *const *grad,
+                         double *const *square_avg, double *const *acc_delta, const size_t *n,
+                         const fo_adadelta_params *hp);
+int fo_rmsprop_many_f32(size_t count, float *const *param, const float *const *grad,
+                        float *const *square_avg, float *const *grad_avg,
+                        float *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp);
+int fo_rmsprop_many_f64(size_t count, double *const *param, const double *const *grad,
+                        double *const *square_avg, double *const *grad_avg,
+                        double *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp);
+int fo_adam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
+                     float *const *v, float *const *max_v, const size_t *n, const fo_adam_params *hp);
+int fo_adam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
+                     double *const *v, double *const *max_v, const size_t *n, const fo_adam_params *hp);
+int fo_adamax_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
+                       float *const *u, const size_t *n, const fo_adamax_params *hp);
+int fo_adamax_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
+                       double *const *u, const size_t *n, const fo_adamax_params *hp);
+int fo_nadam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
+                      float *const *v, const size_t *n, const fo_nadam_params *hp);
+int fo_nadam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
+                      double *const *v, const size_t *n, const fo_nadam_params *hp);
+
+/* Threads used by a large call (default: FASTOPT_NUM_THREADS, else the CPUs this process may
+ * use).  Calls under 131072 elements run on the calling thread.  Results never depend on it. */
+int fo_set_num_threads(int n); /* FO_ERR_HYPERPARAM unless 1 <= n <= 256 */
+int fo_get_num_threads(void);
+
+/* The instruction set the loops were compiled for and chosen at first use: "baseline", "avx2"
+ * or "avx512".  The environment variable FASTOPT_ISA caps it (read once). */
+const char *fo_isa(void);
+
+/* p += g; m += g; v += g over n floats: Adam's 7 streams of memory traffic with no arithmetic to
+ * speak of, through the same threads.  The benchmark's bandwidth ceiling. */
+void fo_stream_f32(float *p, const float *g, float *m, float *v, size_t n);
+
 #ifdef __cplusplus
 }
 #endif

@@ -53,21 +53,32 @@ typedef struct {
     double denom_scale, eps, grad_coef, momentum_coef;
 } fo_nadam_scalars;
 
-#define FO_LOOP_TYPES(T, SFX)                                                                  \
-    void (*FO_CAT(sgd, SFX))(T *, const T *, T *, size_t, const fo_sgd_scalars *);             \
-    void (*FO_CAT(adagrad, SFX))(T *, const T *, T *, size_t, const fo_adagrad_scalars *);     \
-    void (*FO_CAT(adadelta, SFX))(T *, const T *, T *, T *, size_t, const fo_adadelta_scalars *); \
-    void (*FO_CAT(rmsprop, SFX))(T *, const T *, T *, T *, T *, size_t, const fo_rmsprop_scalars *); \
-    void (*FO_CAT(adam, SFX))(T *, const T *, T *, T *, T *, size_t, const fo_adam_scalars *);  \
-    void (*FO_CAT(adamax, SFX))(T *, const T *, T *, T *, size_t, const fo_adamax_scalars *);  \
-    void (*FO_CAT(nadam, SFX))(T *, const T *, T *, T *, size_t, const fo_nadam_scalars *);
+/* One rule's loop over elements [at, at + n) of one tensor whose buffers (param, grad, then the
+ * state buffers in the order of the public signature; NULL for unused ones) start at b[]. */
+typedef void (*fo_span_fn)(void *const *b, size_t at, size_t n, const void *scalars);
+
+enum { FO_SGD, FO_ADAGRAD, FO_ADADELTA, FO_RMSPROP, FO_ADAM, FO_ADAMAX, FO_NADAM, FO_N_RULES };
+enum { FO_F32, FO_F64 };
+#define FO_MAX_BUFFERS 5
 
 typedef struct {
     const char *name;
-    FO_LOOP_TYPES(float, f32)
-    FO_LOOP_TYPES(double, f64)
+    fo_span_fn span[FO_N_RULES][2];
 } fo_loops;
 
 extern const fo_loops fo_loops_baseline;
+#if defined(__x86_64__) || defined(__i386__)
+#define FO_X86 1
+extern const fo_loops fo_loops_avx2;
+extern const fo_loops fo_loops_avx512;
+#endif
+
+/*
+ * Run span over `count` tensors of n[t] elements; bufs[k][t] is buffer k of tensor t (bufs[k]
+ * NULL: buffer k unused).  Large jobs are split across the thread pool (threads.c); the
+ * result is the same for any split since every element is updated independently.
+ */
+void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
+            const size_t *n, const void *scalars);
 
 #endif

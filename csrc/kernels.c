@@ -6,10 +6,44 @@
  * active instruction set.  Nothing is written before validation has passed.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include "internal.h"
 
-static const fo_loops *const fo_active = &fo_loops_baseline;
+/* ---- instruction set, chosen once --------------------------------------------------------- */
+
+static const fo_loops *active_loops;
+static pthread_once_t active_once = PTHREAD_ONCE_INIT;
+
+static void choose_loops(void)
+{
+    const fo_loops *best = &fo_loops_baseline;
+#ifdef FO_X86
+    /* FASTOPT_ISA caps the level (baseline, avx2, avx512) so tests can run every path */
+    const char *cap = getenv("FASTOPT_ISA");
+    const int cap_level = !cap || !*cap               ? 2
+                          : strcmp(cap, "avx512") == 0 ? 2
+                          : strcmp(cap, "avx2") == 0   ? 1
+                                                       : 0;
+    __builtin_cpu_init();
+    if (cap_level >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        best = &fo_loops_avx2;
+    if (cap_level >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+        best = &fo_loops_avx512;
+#endif
+    active_loops = best;
+}
+
+static const fo_loops *fo_active(void)
+{
+    pthread_once(&active_once, choose_loops);
+    return active_loops;
+}
+
+const char *fo_isa(void) { return fo_active()->name; }
 
 const char *fo_strerror(int status)
 {
@@ -28,24 +62,32 @@ static int nonneg(double x) { return x >= 0.0 && isfinite(x); } /* NaN fails */
 static int unit_interval(double x) { return x >= 0.0 && x < 1.0; } /* [0, 1), NaN fails */
 static int convention_ok(int c) { return c == FO_TEXTBOOK || c == FO_TORCH; }
 
+/* Marks, in check_tensor's list, a buffer that the call's options leave unused. */
+static char unused_marker;
+#define FO_UNUSED ((void *)&unused_marker)
+
 /*
- * No buffer written in place may overlap the gradient or another written buffer: the loops
- * read each element once and write it once, which is only correct for disjoint buffers.
- * written[0..n_written) hold n elements of elem_size bytes; NULL entries are unused buffers.
+ * One tensor's buffers: the gradient (read) and written[0..n_written), n elements of elem_size
+ * bytes each (FO_UNUSED entries are skipped).  All must be non-NULL when n > 0, and no written
+ * buffer may overlap another buffer: the loops read each element once and write it once,
+ * which is only correct for disjoint buffers.
  */
-static int check_overlap(size_t n, size_t elem_size, const void *grad, void *const *written,
-                         int n_written)
+static int check_tensor(size_t n, size_t elem_size, const void *grad, void *const *written,
+                        int n_written)
 {
     if (n == 0) return FO_OK;
+    if (!grad) return FO_ERR_NULL;
+    for (int i = 0; i < n_written; i++)
+        if (!written[i]) return FO_ERR_NULL;
     if (n > SIZE_MAX / elem_size) return FO_ERR_OVERLAP; /* no two such buffers can be disjoint */
     const uintptr_t bytes = (uintptr_t)(n * elem_size), g = (uintptr_t)grad;
     for (int i = 0; i < n_written; i++) {
         const uintptr_t a = (uintptr_t)written[i];
-        if (!a) continue;
+        if (written[i] == FO_UNUSED) continue;
         if (a < g + bytes && g < a + bytes) return FO_ERR_OVERLAP;
         for (int j = i + 1; j < n_written; j++) {
             const uintptr_t b = (uintptr_t)written[j];
-            if (b && a < b + bytes && b < a + bytes) return FO_ERR_OVERLAP;
+            if (written[j] != FO_UNUSED && a < b + bytes && b < a + bytes) return FO_ERR_OVERLAP;
         }
     }
     return FO_OK;
@@ -201,16 +243,45 @@ static int nadam_scalars(const fo_nadam_params *hp, fo_nadam_scalars *s)
     return FO_OK;
 }
 
+/* ---- the bandwidth ceiling ------------------------------------------------------------------ */
+
+/* Adam's memory traffic (read 4 streams, write 3) with trivial arithmetic: what the benchmark
+ * compares every rule with, through the same threads. */
+static void stream_span(void *const *b, size_t at, size_t n, const void *unused)
+{
+    (void)unused;
+    float *restrict p = (float *)b[0] + at, *restrict m = (float *)b[2] + at,
+                    *restrict v = (float *)b[3] + at;
+    const float *restrict g = (const float *)b[1] + at;
+    for (size_t i = 0; i < n; i++) {
+        const float x = g[i];
+        p[i] += x;
+        m[i] += x;
+        v[i] += x;
+    }
+}
+
+void fo_stream_f32(float *p, const float *g, float *m, float *v, size_t n)
+{
+    void *const *const bufs[] = {(void *const *)&p, (void *const *)&g, (void *const *)&m,
+                                 (void *const *)&v};
+    fo_run(stream_span, 1, bufs, 4, &n, NULL);
+}
+
 /* ---- the entry points, once per dtype ------------------------------------------------------ */
 
 #define FO_T float
 #define FO_SFX f32
+#define FO_DTYPE FO_F32
 #include "api.inc"
 #undef FO_T
 #undef FO_SFX
+#undef FO_DTYPE
 
 #define FO_T double
 #define FO_SFX f64
+#define FO_DTYPE FO_F64
 #include "api.inc"
 #undef FO_T
 #undef FO_SFX
+#undef FO_DTYPE

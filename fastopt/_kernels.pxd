@@ -61,3 +61,41 @@ cdef extern from "fastopt.h" nogil:
     int fo_adamax_f64(double *param, const double *grad, double *m, double *u, size_t n, const fo_adamax_params *hp)
     int fo_nadam_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_nadam_params *hp)
     int fo_nadam_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_nadam_params *hp)
+
+    int fo_sgd_many_f32(size_t count, float *const *param, const float *const *grad,
+                        float *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp)
+    int fo_sgd_many_f64(size_t count, double *const *param, const double *const *grad,
+                        double *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp)
+    int fo_adagrad_many_f32(size_t count, float *const *param, const float *const *grad,
+                            float *const *sum, const size_t *n, const fo_adagrad_params *hp)
+    int fo_adagrad_many_f64(size_t count, double *const *param, const double *const *grad,
+                            double *const *sum, const size_t *n, const fo_adagrad_params *hp)
+    int fo_adadelta_many_f32(size_t count, float *const *param, const float *const *grad,
+                             float *const *square_avg, float *const *acc_delta, const size_t *n,
+                             const fo_adadelta_params *hp)
+    int fo_adadelta_many_f64(size_t count, double *const *param, const double *const *grad,
+                             double *const *square_avg, double *const *acc_delta, const size_t *n,
+                             const fo_adadelta_params *hp)
+    int fo_rmsprop_many_f32(size_t count, float *const *param, const float *const *grad,
+                            float *const *square_avg, float *const *grad_avg,
+                            float *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp)
+    int fo_rmsprop_many_f64(size_t count, double *const *param, const double *const *grad,
+                            double *const *square_avg, double *const *grad_avg,
+                            double *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp)
+    int fo_adam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
+                         float *const *v, float *const *max_v, const size_t *n, const fo_adam_params *hp)
+    int fo_adam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
+                         double *const *v, double *const *max_v, const size_t *n, const fo_adam_params *hp)
+    int fo_adamax_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
+                           float *const *u, const size_t *n, const fo_adamax_params *hp)
+    int fo_adamax_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
+                           double *const *u, const size_t *n, const fo_adamax_params *hp)
+    int fo_nadam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
+                          float *const *v, const size_t *n, const fo_nadam_params *hp)
+    int fo_nadam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
+                          double *const *v, const size_t *n, const fo_nadam_params *hp)
+
+    int fo_set_num_threads(int n)
+    int fo_get_num_threads()
+    const char *fo_isa()
+    void fo_stream_f32(float *p, const float *g, float *m, float *v, size_t n)

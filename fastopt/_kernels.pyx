@@ -36,24 +36,27 @@ cdef inline const floating *_cdata(const floating[::1] buf) noexcept nogil:
     return &buf[0] if buf.shape[0] > 0 else NULL
 
 
-cdef inline int _same_length(Py_ssize_t n, Py_ssize_t other) except -1:
-    if other != n:
-        raise ValueError(f"buffer of {other} elements where {n} were expected")
-    return 0
+cdef inline floating *_opt(floating[::1] buf):
+    """An optional buffer: NULL when not given."""
+    return NULL if buf is None else _data(buf)
 
 
-def sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_buffer, *,
-        double lr, double momentum, double dampening, double weight_decay, bint nesterov,
-        bint maximize, int convention, int64_t step):
-    cdef fo_sgd_params hp
-    hp.lr, hp.momentum, hp.dampening, hp.weight_decay = lr, momentum, dampening, weight_decay
-    hp.nesterov, hp.maximize, hp.convention, hp.step = nesterov, maximize, convention, step
-    cdef Py_ssize_t n = param.shape[0]
-    cdef floating *buf = NULL
-    _same_length(n, grad.shape[0])
-    if momentum_buffer is not None:
-        _same_length(n, momentum_buffer.shape[0])
-        buf = _data(momentum_buffer)
+cdef Py_ssize_t _length(param, tuple others) except -1:
+    """The element count of param, which every other buffer given must share."""
+    cdef Py_ssize_t n = len(param)
+    for other in others:
+        if other is not None and len(other) != n:
+            raise ValueError(f"buffer of {len(other)} elements where {n} were expected")
+    return n
+
+
+# Each binding takes the rule's hyperparameter struct (csrc/fastopt.h) as a dict with exactly
+# its fields; optional state buffers are None when the options leave them unused.
+
+def sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_buffer,
+        fo_sgd_params hp):
+    cdef Py_ssize_t n = _length(param, (grad, momentum_buffer,))
+    cdef floating *buf = _opt(momentum_buffer)
     cdef int status
     with nogil:
         if floating is float:
@@ -63,14 +66,8 @@ def sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_bu
     _check(status)
 
 
-def adagrad(floating[::1] param, const floating[::1] grad, floating[::1] sum, *,
-            double lr, double eps, double weight_decay, bint maximize, int convention):
-    cdef fo_adagrad_params hp
-    hp.lr, hp.eps, hp.weight_decay, hp.maximize, hp.convention = (
-        lr, eps, weight_decay, maximize, convention)
-    cdef Py_ssize_t n = param.shape[0]
-    _same_length(n, grad.shape[0])
-    _same_length(n, sum.shape[0])
+def adagrad(floating[::1] param, const floating[::1] grad, floating[::1] sum, fo_adagrad_params hp):
+    cdef Py_ssize_t n = _length(param, (grad, sum,))
     cdef int status
     with nogil:
         if floating is float:
@@ -81,14 +78,8 @@ def adagrad(floating[::1] param, const floating[::1] grad, floating[::1] sum, *,
 
 
 def adadelta(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,
-             floating[::1] acc_delta, *, double lr, double rho, double eps, double weight_decay,
-             bint maximize):
-    cdef fo_adadelta_params hp
-    hp.lr, hp.rho, hp.eps, hp.weight_decay, hp.maximize = lr, rho, eps, weight_decay, maximize
-    cdef Py_ssize_t n = param.shape[0]
-    _same_length(n, grad.shape[0])
-    _same_length(n, square_avg.shape[0])
-    _same_length(n, acc_delta.shape[0])
+             floating[::1] acc_delta, fo_adadelta_params hp):
+    cdef Py_ssize_t n = _length(param, (grad, square_avg, acc_delta,))
     cdef int status
     with nogil:
         if floating is float:
@@ -101,23 +92,10 @@ def adadelta(floating[::1] param, const floating[::1] grad, floating[::1] square
 
 
 def rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,
-            floating[::1] grad_avg, floating[::1] momentum_buffer, *, double lr, double rho,
-            double eps, double weight_decay, double momentum, bint centered, bint maximize,
-            int convention):
-    cdef fo_rmsprop_params hp
-    hp.lr, hp.rho, hp.eps, hp.weight_decay, hp.momentum = lr, rho, eps, weight_decay, momentum
-    hp.centered, hp.maximize, hp.convention = centered, maximize, convention
-    cdef Py_ssize_t n = param.shape[0]
-    cdef floating *avg = NULL
-    cdef floating *buf = NULL
-    _same_length(n, grad.shape[0])
-    _same_length(n, square_avg.shape[0])
-    if grad_avg is not None:
-        _same_length(n, grad_avg.shape[0])
-        avg = _data(grad_avg)
-    if momentum_buffer is not None:
-        _same_length(n, momentum_buffer.shape[0])
-        buf = _data(momentum_buffer)
+            floating[::1] grad_avg, floating[::1] momentum_buffer, fo_rmsprop_params hp):
+    cdef Py_ssize_t n = _length(param, (grad, square_avg, grad_avg, momentum_buffer,))
+    cdef floating *avg = _opt(grad_avg)
+    cdef floating *buf = _opt(momentum_buffer)
     cdef int status
     with nogil:
         if floating is float:
@@ -128,21 +106,9 @@ def rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] square_
 
 
 def adam(floating[::1] param, const floating[::1] grad, floating[::1] m, floating[::1] v,
-         floating[::1] max_v, *, double lr, double beta1, double beta2, double eps,
-         double weight_decay, bint amsgrad, bint decoupled_weight_decay, bint maximize,
-         int convention, int64_t step):
-    cdef fo_adam_params hp
-    hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay = lr, beta1, beta2, eps, weight_decay
-    hp.amsgrad, hp.decoupled_weight_decay, hp.maximize = amsgrad, decoupled_weight_decay, maximize
-    hp.convention, hp.step = convention, step
-    cdef Py_ssize_t n = param.shape[0]
-    cdef floating *vmax = NULL
-    _same_length(n, grad.shape[0])
-    _same_length(n, m.shape[0])
-    _same_length(n, v.shape[0])
-    if max_v is not None:
-        _same_length(n, max_v.shape[0])
-        vmax = _data(max_v)
+         floating[::1] max_v, fo_adam_params hp):
+    cdef Py_ssize_t n = _length(param, (grad, m, v, max_v,))
+    cdef floating *vmax = _opt(max_v)
     cdef int status
     with nogil:
         if floating is float:
@@ -152,16 +118,9 @@ def adam(floating[::1] param, const floating[::1] grad, floating[::1] m, floatin
     _check(status)
 
 
-def adamax(floating[::1] param, const floating[::1] grad, floating[::1] m, floating[::1] u, *,
-           double lr, double beta1, double beta2, double eps, double weight_decay,
-           bint maximize, int convention, int64_t step):
-    cdef fo_adamax_params hp
-    hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay = lr, beta1, beta2, eps, weight_decay
-    hp.maximize, hp.convention, hp.step = maximize, convention, step
-    cdef Py_ssize_t n = param.shape[0]
-    _same_length(n, grad.shape[0])
-    _same_length(n, m.shape[0])
-    _same_length(n, u.shape[0])
+def adamax(floating[::1] param, const floating[::1] grad, floating[::1] m, floating[::1] u,
+           fo_adamax_params hp):
+    cdef Py_ssize_t n = _length(param, (grad, m, u,))
     cdef int status
     with nogil:
         if floating is float:
@@ -171,19 +130,9 @@ def adamax(floating[::1] param, const floating[::1] grad, floating[::1] m, float
     _check(status)
 
 
-def nadam(floating[::1] param, const floating[::1] grad, floating[::1] m, floating[::1] v, *,
-          double lr, double beta1, double beta2, double eps, double weight_decay,
-          double momentum_decay, double mu_product, bint decoupled_weight_decay, bint maximize,
-          int convention, int64_t step):
-    cdef fo_nadam_params hp
-    hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay = lr, beta1, beta2, eps, weight_decay
-    hp.momentum_decay, hp.mu_product = momentum_decay, mu_product
-    hp.decoupled_weight_decay, hp.maximize = decoupled_weight_decay, maximize
-    hp.convention, hp.step = convention, step
-    cdef Py_ssize_t n = param.shape[0]
-    _same_length(n, grad.shape[0])
-    _same_length(n, m.shape[0])
-    _same_length(n, v.shape[0])
+def nadam(floating[::1] param, const floating[::1] grad, floating[::1] m, floating[::1] v,
+          fo_nadam_params hp):
+    cdef Py_ssize_t n = _length(param, (grad, m, v,))
     cdef int status
     with nogil:
         if floating is float:
@@ -224,3 +173,32 @@ def first_overlap(list written, list read):
         if k < n_written and e > end_written:
             end_written, last_written = e, k
     return None
+
+
+# ---- threads and instruction set ---------------------------------------------------------
+
+def set_num_threads(int n):
+    """Threads that a large step may use (1..256).  Results do not depend on it."""
+    if fo_set_num_threads(n) != FO_OK:
+        raise ValueError(f"num_threads must be in 1..256, got {n}")
+
+
+def get_num_threads():
+    return fo_get_num_threads()
+
+
+def isa():
+    """The instruction set of the kernels in use: 'baseline', 'avx2' or 'avx512'."""
+    return fo_isa().decode()
+
+
+
+def stream(float[::1] p, const float[::1] g, float[::1] m, float[::1] v):
+    """p += g; m += g; v += g: Adam's memory traffic with trivial arithmetic (the benchmark's
+    bandwidth ceiling), split across threads like the kernels."""
+    cdef Py_ssize_t n = _length(p, (g, m, v))
+    with nogil:
+        fo_stream_f32(_data(p), _cdata(g), _data(m), _data(v), n)
+
+
+include "_engine.pxi"

@@ -19,10 +19,12 @@ class Rule:
     """What an optimizer needs to know about one update rule.
 
     defaults: the hyperparameters with their defaults.  hyperparameters(): validated values.
-    buffers(): the state buffers those values need.  update(): the kernel call, no checks.
+    buffers(): the state buffers those values need.  kernel_args(): the C hyperparameter struct
+    (csrc/fastopt.h) as a dict.  update(): one tensor's kernel call, without checks.
     """
 
     name = ""
+    kernel = ""  # the C rule: fo_<kernel>_f32 / _f64
     state_type = None
     defaults = {}
 
@@ -45,11 +47,24 @@ class Rule:
     def buffers(self, hp):
         return self.state_type.BUFFERS[:self.state_type.REQUIRED]
 
+    def slots(self, hp):
+        """The state's buffers in the kernel's argument order, None where hp leaves one unused."""
+        needed = self.buffers(hp)
+        return tuple(name if name in needed else None for name in self.state_type.BUFFERS)
+
+    def kernel_args(self, hp, step):
+        raise NotImplementedError
+
     def new_state(self, param, hp):
         return self.state_type.new(param)
 
     def update(self, param, grad, state, hp):
-        raise NotImplementedError
+        """One tensor's step through the typed-memoryview binding; everything already checked."""
+        state.step += 1
+        buffers = [None if name is None else getattr(state, name).reshape(-1)
+                   for name in self.slots(hp)]
+        getattr(_kernels, self.kernel)(param.reshape(-1), grad.reshape(-1), *buffers,
+                                       self.kernel_args(hp, state.step))
 
 
 def _common(**extra):
@@ -59,6 +74,7 @@ def _common(**extra):
 
 class _SGD(Rule):
     name = "SGD"
+    kernel = "sgd"
     state_type = SGDState
     defaults = dict(lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, maximize=False)
 
@@ -72,17 +88,15 @@ class _SGD(Rule):
     def buffers(self, hp):
         return ("momentum_buffer",) if hp["momentum"] > 0.0 else ()
 
-    def update(self, param, grad, state, hp):
-        state.step += 1
-        buf = state.momentum_buffer if hp["momentum"] > 0.0 else None
-        _kernels.sgd(param.reshape(-1), grad.reshape(-1), None if buf is None else buf.reshape(-1),
-                     lr=hp["lr"], momentum=hp["momentum"], dampening=0.0,
-                     weight_decay=hp["weight_decay"], nesterov=hp["nesterov"],
-                     maximize=hp["maximize"], convention=TEXTBOOK, step=state.step)
+    def kernel_args(self, hp, step):
+        return dict(lr=hp["lr"], momentum=hp["momentum"], dampening=0.0,
+                    weight_decay=hp["weight_decay"], nesterov=hp["nesterov"],
+                    maximize=hp["maximize"], convention=TEXTBOOK, step=step)
 
 
 class _Adagrad(Rule):
     name = "Adagrad"
+    kernel = "adagrad"
     state_type = AdagradState
     defaults = dict(lr=0.01, eps=1e-8, weight_decay=0.0, initial_accumulator_value=0.0,
                     maximize=False)
@@ -93,31 +107,28 @@ class _Adagrad(Rule):
     def new_state(self, param, hp):
         return AdagradState.new(param, fill=hp["initial_accumulator_value"])
 
-    def update(self, param, grad, state, hp):
-        state.step += 1
-        _kernels.adagrad(param.reshape(-1), grad.reshape(-1), state.sum.reshape(-1),
-                         lr=hp["lr"], eps=hp["eps"], weight_decay=hp["weight_decay"],
-                         maximize=hp["maximize"], convention=TEXTBOOK)
+    def kernel_args(self, hp, step):
+        return dict(lr=hp["lr"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                    maximize=hp["maximize"], convention=TEXTBOOK)
 
 
 class _Adadelta(Rule):
     name = "Adadelta"
+    kernel = "adadelta"
     state_type = AdadeltaState
     defaults = dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False)
 
     def checks(self):
         return _common(rho=_checks.unit_interval, eps=_checks.nonnegative)
 
-    def update(self, param, grad, state, hp):
-        state.step += 1
-        _kernels.adadelta(param.reshape(-1), grad.reshape(-1), state.square_avg.reshape(-1),
-                          state.acc_delta.reshape(-1), lr=hp["lr"], rho=hp["rho"],
-                          eps=hp["eps"], weight_decay=hp["weight_decay"],
-                          maximize=hp["maximize"])
+    def kernel_args(self, hp, step):
+        return dict(lr=hp["lr"], rho=hp["rho"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                    maximize=hp["maximize"])
 
 
 class _RMSprop(Rule):
     name = "RMSprop"
+    kernel = "rmsprop"
     state_type = RMSpropState
     defaults = dict(lr=1e-3, rho=0.9, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
                     maximize=False)
@@ -130,20 +141,15 @@ class _RMSprop(Rule):
         return (("square_avg",) + (("grad_avg",) if hp["centered"] else ())
                 + (("momentum_buffer",) if hp["momentum"] > 0.0 else ()))
 
-    def update(self, param, grad, state, hp):
-        state.step += 1
-        avg = state.grad_avg if hp["centered"] else None
-        buf = state.momentum_buffer if hp["momentum"] > 0.0 else None
-        _kernels.rmsprop(param.reshape(-1), grad.reshape(-1), state.square_avg.reshape(-1),
-                         None if avg is None else avg.reshape(-1),
-                         None if buf is None else buf.reshape(-1),
-                         lr=hp["lr"], rho=hp["rho"], eps=hp["eps"],
-                         weight_decay=hp["weight_decay"], momentum=hp["momentum"],
-                         centered=hp["centered"], maximize=hp["maximize"], convention=TEXTBOOK)
+    def kernel_args(self, hp, step):
+        return dict(lr=hp["lr"], rho=hp["rho"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                    momentum=hp["momentum"], centered=hp["centered"], maximize=hp["maximize"],
+                    convention=TEXTBOOK)
 
 
 class _Adam(Rule):
     name = "Adam"
+    kernel = "adam"
     state_type = AdamState
     defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                     maximize=False, decoupled_weight_decay=False)
@@ -155,15 +161,11 @@ class _Adam(Rule):
     def buffers(self, hp):
         return ("m", "v", "max_v") if hp["amsgrad"] else ("m", "v")
 
-    def update(self, param, grad, state, hp):
-        state.step += 1
-        max_v = state.max_v if hp["amsgrad"] else None
-        _kernels.adam(param.reshape(-1), grad.reshape(-1), state.m.reshape(-1),
-                      state.v.reshape(-1), None if max_v is None else max_v.reshape(-1),
-                      lr=hp["lr"], beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
-                      weight_decay=hp["weight_decay"], amsgrad=hp["amsgrad"],
-                      decoupled_weight_decay=hp["decoupled_weight_decay"],
-                      maximize=hp["maximize"], convention=TEXTBOOK, step=state.step)
+    def kernel_args(self, hp, step):
+        return dict(lr=hp["lr"], beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
+                    weight_decay=hp["weight_decay"], amsgrad=hp["amsgrad"],
+                    decoupled_weight_decay=hp["decoupled_weight_decay"], maximize=hp["maximize"],
+                    convention=TEXTBOOK, step=step)
 
 
 class _AdamW(_Adam):
@@ -173,35 +175,33 @@ class _AdamW(_Adam):
 
 class _AdaMax(Rule):
     name = "AdaMax"
+    kernel = "adamax"
     state_type = AdaMaxState
     defaults = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False)
 
     def checks(self):
         return _common(betas=lambda name, x: _checks.betas(x), eps=_checks.nonnegative)
 
-    def update(self, param, grad, state, hp):
-        state.step += 1
-        _kernels.adamax(param.reshape(-1), grad.reshape(-1), state.m.reshape(-1),
-                        state.u.reshape(-1), lr=hp["lr"], beta1=hp["betas"][0],
-                        beta2=hp["betas"][1], eps=hp["eps"], weight_decay=hp["weight_decay"],
-                        maximize=hp["maximize"], convention=TEXTBOOK, step=state.step)
+    def kernel_args(self, hp, step):
+        return dict(lr=hp["lr"], beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
+                    weight_decay=hp["weight_decay"], maximize=hp["maximize"],
+                    convention=TEXTBOOK, step=step)
 
 
 class _Nadam(Rule):
     name = "Nadam"
+    kernel = "nadam"
     state_type = NadamState
     defaults = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False)
 
     def checks(self):
         return _common(betas=lambda name, x: _checks.betas(x), eps=_checks.nonnegative)
 
-    def update(self, param, grad, state, hp):
-        state.step += 1
-        _kernels.nadam(param.reshape(-1), grad.reshape(-1), state.m.reshape(-1),
-                       state.v.reshape(-1), lr=hp["lr"], beta1=hp["betas"][0],
-                       beta2=hp["betas"][1], eps=hp["eps"], weight_decay=hp["weight_decay"],
-                       momentum_decay=0.0, mu_product=0.0, decoupled_weight_decay=False,
-                       maximize=hp["maximize"], convention=TEXTBOOK, step=state.step)
+    def kernel_args(self, hp, step):
+        return dict(lr=hp["lr"], beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
+                    weight_decay=hp["weight_decay"], momentum_decay=0.0, mu_product=0.0,
+                    decoupled_weight_decay=False, maximize=hp["maximize"], convention=TEXTBOOK,
+                    step=step)
 
 
 SGD_RULE, ADAGRAD_RULE, ADADELTA_RULE, RMSPROP_RULE = _SGD(), _Adagrad(), _Adadelta(), _RMSprop()

@@ -8,8 +8,9 @@ updates any parameter.
 """
 import numpy as np
 
-from fastopt import _checks
+from fastopt import _checks, _kernels
 from fastopt import functional as F
+from fastopt._kernels import ParamGroup
 
 STATE_DICT_VERSION = 1
 
@@ -44,8 +45,9 @@ class Optimizer:
                 raise ValueError(f"params[{i}] is the same array as params[{seen[id(p)]}]")
             seen[id(p)] = i
         _checks.check_no_overlap(params, [f"params[{i}]" for i in range(len(params))])
-        self.param_groups = [{**self.defaults, **g} for g in groups]
+        self.param_groups = [ParamGroup({**self.defaults, **g}) for g in groups]
         self.state = {}
+        self._plan = None
 
     def _groups(self, params):
         if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
@@ -82,6 +84,25 @@ class Optimizer:
     def step(self, grads):
         """Update every parameter in place from `grads` (one array per parameter, same shape and
         dtype, C-contiguous).  Nothing is changed if any input is invalid."""
+        plan = self._plan
+        if plan is not None:
+            if plan.run(self.param_groups, self.state, grads):
+                return
+            if plan.refresh(self.param_groups, self._group_kernel_args) and \
+                    plan.run(self.param_groups, self.state, grads):
+                return
+        self._checked_step(grads)
+
+    def _group_kernel_args(self, k):
+        group = self.param_groups[k]
+        try:
+            hp = self.rule.hyperparameters({key: v for key, v in group.items() if key != "params"})
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"param_groups[{k}]: {e}") from None
+        return self.rule.slots(hp), self.rule.kernel_args(hp, 1)
+
+    def _checked_step(self, grads):
+        """The full validation, then the update through a new plan (see fastopt/_engine.pxi)."""
         hps = self._checked_hyperparameters()
         params = self.params
         _checks.check_grads(grads, params)
@@ -96,16 +117,33 @@ class Optimizer:
         _checks.check_no_overlap(written, names, list(grads),
                                  [f"grads[{i}]" for i in range(len(grads))])
         # everything is valid: from here on nothing can fail
-        i = 0
-        for group, hp in zip(self.param_groups, hps):
-            needed = self.rule.buffers(hp)
+        batches, i = [], 0
+        for group_index, (group, hp) in enumerate(zip(self.param_groups, hps)):
+            needed, slots = self.rule.buffers(hp), self.rule.slots(hp)
+            by_key = {}
             for p in group["params"]:
                 state = self.state.get(i)
                 if state is None:
                     state = self.state[i] = self.rule.new_state(p, hp)
                 state.add_missing(p, needed)
-                self.rule.update(p, grads[i], state, hp)
+                by_key.setdefault((p.dtype, state.step), []).append(i)
                 i += 1
+            for (_, step), indices in by_key.items():
+                batch = _kernels.Batch(self.rule.kernel, [params[j] for j in indices],
+                                       [self.state[j] for j in indices], indices, slots,
+                                       self.rule.kernel_args(hp, 1), step)
+                batch.group_index = group_index
+                batches.append(batch)
+        plan = _kernels.Plan(self.param_groups, self.state, batches)
+        if all(isinstance(g, ParamGroup) for g in self.param_groups):
+            self._plan = plan
+        if not plan.run(self.param_groups, self.state, grads):
+            # grads that are valid but not plain (ndarray subclasses, another sequence type)
+            k = 0
+            for group, hp in zip(self.param_groups, hps):
+                for p in group["params"]:
+                    self.rule.update(p, grads[k], self.state[k], hp)
+                    k += 1
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -130,6 +168,7 @@ class Optimizer:
         for group, hp in zip(self.param_groups, groups):
             group.update(hp)
         self.state = states
+        self._plan = None
 
     def _validated(self, d):
         if not isinstance(d, dict):

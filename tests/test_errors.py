@@ -242,16 +242,16 @@ def test_kernel_rejects_bad_hyperparameters_and_overlap():
     kw = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
               decoupled_weight_decay=False, maximize=False, convention=0, step=1)
     with pytest.raises(ValueError, match="hyperparameter"):
-        _kernels.adam(p, g, m, v, None, **{**kw, "beta1": 1.0})
+        _kernels.adam(p, g, m, v, None, {**kw, "beta1": 1.0})
     with pytest.raises(ValueError, match="hyperparameter"):
-        _kernels.adam(p, g, m, v, None, **{**kw, "step": 0})
+        _kernels.adam(p, g, m, v, None, {**kw, "step": 0})
     with pytest.raises(ValueError, match="overlaps"):
-        _kernels.adam(p, p, m, v, None, **kw)
+        _kernels.adam(p, p, m, v, None, kw)
     with pytest.raises(ValueError, match="overlaps"):
-        _kernels.adam(p, g, m, m, None, **kw)
+        _kernels.adam(p, g, m, m, None, kw)
     with pytest.raises(ValueError, match="8 were expected"):
-        _kernels.adam(p, g[:4], m, v, None, **kw)
+        _kernels.adam(p, g[:4], m, v, None, kw)
     with pytest.raises(TypeError, match="NULL"):
-        _kernels.adam(p, g, m, v, None, **{**kw, "amsgrad": True})
+        _kernels.adam(p, g, m, v, None, {**kw, "amsgrad": True})
     np.testing.assert_array_equal(p, np.ones(8))
     np.testing.assert_array_equal(m, np.ones(8))

@@ -23,46 +23,46 @@ def kernel_runner(name, hp, n):
         buf = z()
 
         def run(p, g):
-            _kernels.sgd(p, g, buf, lr=hp["lr"], momentum=hp.get("momentum", 0.0),
+            _kernels.sgd(p, g, buf, dict(lr=hp["lr"], momentum=hp.get("momentum", 0.0),
                          dampening=hp.get("dampening", 0.0), nesterov=hp.get("nesterov", False),
-                         convention=TORCH, step=step, **common)
+                         convention=TORCH, step=step, **common))
     elif name == "Adagrad":
         total = np.full(n, hp.get("initial_accumulator_value", 0.0))
 
         def run(p, g):
             lr = hp["lr"] / (1 + (step - 1) * hp.get("lr_decay", 0.0))
-            _kernels.adagrad(p, g, total, lr=lr, eps=hp.get("eps", 1e-10), convention=TORCH,
-                             **common)
+            _kernels.adagrad(p, g, total, dict(lr=lr, eps=hp.get("eps", 1e-10), convention=TORCH,
+                             **common))
     elif name == "Adadelta":
         sq, acc = z(), z()
 
         def run(p, g):
-            _kernels.adadelta(p, g, sq, acc, lr=hp.get("lr", 1.0), rho=hp.get("rho", 0.9),
-                              eps=hp.get("eps", 1e-6), **common)
+            _kernels.adadelta(p, g, sq, acc, dict(lr=hp.get("lr", 1.0), rho=hp.get("rho", 0.9),
+                              eps=hp.get("eps", 1e-6), **common))
     elif name == "RMSprop":
         sq, avg, buf = z(), z(), z()
 
         def run(p, g):
-            _kernels.rmsprop(p, g, sq, avg, buf, lr=hp["lr"], rho=hp.get("alpha", 0.99),
+            _kernels.rmsprop(p, g, sq, avg, buf, dict(lr=hp["lr"], rho=hp.get("alpha", 0.99),
                              eps=hp.get("eps", 1e-8), momentum=hp.get("momentum", 0.0),
-                             centered=hp.get("centered", False), convention=TORCH, **common)
+                             centered=hp.get("centered", False), convention=TORCH, **common))
     elif name in ("Adam", "AdamW"):
         m, v, vmax = z(), z(), z()
         b1, b2 = hp.get("betas", (0.9, 0.999))
 
         def run(p, g):
-            _kernels.adam(p, g, m, v, vmax, lr=hp["lr"], beta1=b1, beta2=b2,
+            _kernels.adam(p, g, m, v, vmax, dict(lr=hp["lr"], beta1=b1, beta2=b2,
                           eps=hp.get("eps", 1e-8), amsgrad=hp.get("amsgrad", False),
                           decoupled_weight_decay=name == "AdamW", convention=TORCH, step=step,
                           **{**common, "weight_decay": hp.get("weight_decay",
-                                                              0.01 if name == "AdamW" else 0.0)})
+                                                              0.01 if name == "AdamW" else 0.0)}))
     elif name == "Adamax":
         m, u = z(), z()
         b1, b2 = hp.get("betas", (0.9, 0.999))
 
         def run(p, g):
-            _kernels.adamax(p, g, m, u, lr=hp["lr"], beta1=b1, beta2=b2, eps=hp.get("eps", 1e-8),
-                            convention=TORCH, step=step, **common)
+            _kernels.adamax(p, g, m, u, dict(lr=hp["lr"], beta1=b1, beta2=b2, eps=hp.get("eps", 1e-8),
+                            convention=TORCH, step=step, **common))
     elif name == "NAdam":
         m, v = z(), z()
         b1, b2 = hp.get("betas", (0.9, 0.999))
@@ -72,10 +72,10 @@ def kernel_runner(name, hp, n):
         def run(p, g):
             nonlocal mu_product
             mu_product *= b1 * (1 - 0.5 * 0.96 ** (step * psi))
-            _kernels.nadam(p, g, m, v, lr=hp["lr"], beta1=b1, beta2=b2, eps=hp.get("eps", 1e-8),
+            _kernels.nadam(p, g, m, v, dict(lr=hp["lr"], beta1=b1, beta2=b2, eps=hp.get("eps", 1e-8),
                            momentum_decay=psi, mu_product=mu_product,
                            decoupled_weight_decay=hp.get("decoupled_weight_decay", False),
-                           convention=TORCH, step=step, **common)
+                           convention=TORCH, step=step, **common))
 
     def counted(p, g):
         nonlocal step
