@@ -24,7 +24,8 @@ extension = Extension(
              *[os.path.join("csrc", "rules", f) for f in os.listdir(os.path.join(HERE, "csrc", "rules"))]],
     extra_compile_args=C_FLAGS + ["-pthread"],
     extra_link_args=["-pthread"],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
+                   ("FO_BUILD_FLAGS", '"' + " ".join(C_FLAGS) + '"')],
 )
 
 

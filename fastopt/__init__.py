@@ -6,6 +6,8 @@ fastopt.functional has one function per rule over (param, grad, state, hyperpara
 import os as _os
 
 from fastopt import functional
+from fastopt.config import get_num_threads, isa, set_num_threads, show_config
+from fastopt.flat import FlatParams
 from fastopt.optim import (NAG, SGD, Adadelta, Adagrad, AdaMax, Adam, AdamW, Momentum, Nadam,
                            Optimizer, RMSprop)
 from fastopt.state import (AdadeltaState, AdagradState, AdaMaxState, AdamState, NadamState,
@@ -17,6 +19,7 @@ __all__ = [
     "SGD", "Momentum", "NAG", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "AdaMax",
     "Nadam", "Optimizer", "OptimizerState", "SGDState", "AdagradState", "AdadeltaState",
     "RMSpropState", "AdamState", "AdaMaxState", "NadamState", "functional", "get_include",
+    "FlatParams", "set_num_threads", "get_num_threads", "isa", "show_config",
 ]
 
 

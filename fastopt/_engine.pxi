@@ -206,7 +206,7 @@ cdef class Plan:
     def __cinit__(self, list groups, dict state, list batches):
         self.groups = groups
         self.group_lists = [g["params"] for g in groups]
-        self.versions = [g.version for g in groups]
+        self.versions = [getattr(g, "version", -1) for g in groups]
         self.params = [p for g in groups for p in g["params"]]
         self.state = state
         self.batches = batches

@@ -187,6 +187,17 @@ def get_num_threads():
     return fo_get_num_threads()
 
 
+cdef extern from *:
+    """
+    #ifndef FO_BUILD_FLAGS
+    #define FO_BUILD_FLAGS "unknown"
+    #endif
+    """
+    const char *FO_BUILD_FLAGS
+
+BUILD_FLAGS = FO_BUILD_FLAGS.decode()
+
+
 def isa():
     """The instruction set of the kernels in use: 'baseline', 'avx2' or 'avx512'."""
     return fo_isa().decode()

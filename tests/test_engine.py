@@ -1,0 +1,221 @@
+"""The speed machinery: every ISA and thread count gives the same bits, the many-tensor step
+equals per-tensor calls, steps do not allocate, the fast path notices every change."""
+import json
+import os
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import fastopt
+import reference
+from conftest import CASES, case_id
+
+ISAS = ["baseline", "avx2", "avx512"]
+
+
+def available_isas():
+    """The ISAs this CPU can run: FASTOPT_ISA=x gives x only where the CPU has it."""
+    out = []
+    for isa in ISAS:
+        got = subprocess.run([sys.executable, "-c", "import fastopt; print(fastopt.isa())"],
+                             env={**os.environ, "FASTOPT_ISA": isa}, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        if got == isa:
+            out.append(isa)
+    return out
+
+
+RUN_ALL_CASES = r"""
+import json, sys, numpy as np, fastopt
+sys.path.insert(0, sys.argv[1])
+from conftest import CASES
+out = {}
+for k, (cls, hp) in enumerate(CASES):
+    for dtype in (np.float32, np.float64):
+        rng = np.random.default_rng(k)
+        params = [rng.standard_normal(n).astype(dtype) for n in (1, 37, 1000, 300_001)]
+        opt = cls(params, **hp)
+        for _ in range(4):
+            opt.step([rng.standard_normal(p.shape).astype(dtype) for p in params])
+        out[f"{k}-{np.dtype(dtype).name}"] = [__import__("hashlib").sha256(p.tobytes()).hexdigest() for p in params]
+print(json.dumps(out))
+"""
+
+
+def run_cases(env):
+    here = os.path.dirname(__file__)
+    res = subprocess.run([sys.executable, "-c", RUN_ALL_CASES, here], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def baseline_results():
+    return run_cases({"FASTOPT_ISA": "baseline"})
+
+
+@pytest.mark.parametrize("isa", ISAS[1:])
+def test_every_isa_gives_the_same_bits(isa, baseline_results):
+    if isa not in available_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
+    assert run_cases({"FASTOPT_ISA": isa}) == baseline_results
+
+
+def test_every_thread_count_gives_the_same_bits():
+    results = [run_cases({"FASTOPT_NUM_THREADS": str(n)}) for n in (1, 2, 3, 8)]
+    for r in results[1:]:
+        assert r == results[0]
+
+
+def test_set_num_threads_in_process_gives_the_same_bits():
+    rng = np.random.default_rng(0)
+    init = rng.standard_normal(1_000_003).astype(np.float32)
+    grads = [rng.standard_normal(init.size).astype(np.float32) for _ in range(3)]
+    before = fastopt.get_num_threads()
+    finals = []
+    try:
+        for n in (1, 2, 5):
+            fastopt.set_num_threads(n)
+            assert fastopt.get_num_threads() == n
+            p = init.copy()
+            opt = fastopt.AdamW([p], amsgrad=True)
+            for g in grads:
+                opt.step([g])
+            finals.append(p)
+    finally:
+        fastopt.set_num_threads(before)
+    for p in finals[1:]:
+        np.testing.assert_array_equal(p, finals[0])
+    with pytest.raises(ValueError):
+        fastopt.set_num_threads(0)
+    with pytest.raises(TypeError):
+        fastopt.set_num_threads(2.0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_many_tensor_step_equals_functional_calls(case):
+    """The optimizer's one-call-per-group path against the per-tensor typed-memoryview path."""
+    cls, hp = case
+    rng = np.random.default_rng(1)
+    shapes = [(3, 3), (200_000,), (0,), (17,)]
+    a = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    b = [x.copy() for x in a]
+    opt = cls(a, **hp)
+    rule = opt.rule
+    h = rule.hyperparameters({k: v for k, v in opt.param_groups[0].items() if k != "params"})
+    states = [rule.new_state(x, h) for x in b]
+    for _ in range(5):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        opt.step(grads)
+        for x, g, s in zip(b, grads, states):
+            fastopt.functional.step_one(rule, x, g, s, {k: v for k, v in h.items()})
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_step_does_not_allocate():
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(np.float32) for s in [(64, 64), (1000,), (10, 3, 3)]]
+    opt = fastopt.Adam(params, amsgrad=True)
+    grads = [np.ones_like(p) for p in params]
+    opt.step(grads)
+    opt.step(grads)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start, _ = tracemalloc.get_traced_memory()
+        for _ in range(200):
+            opt.step(grads)
+        end, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert end - start <= 256, end - start   # nothing kept
+    assert peak - start <= 4096, peak - start  # no buffer-sized temporaries (a param is 16 KiB)
+
+
+def test_fast_path_applies_lr_changes_and_switches_options():
+    rng = np.random.default_rng(2)
+    p = rng.standard_normal(50)
+    ref, ref_state = p.copy(), {}
+    opt = fastopt.Adam([p], lr=0.1)
+    for step in range(12):
+        g = rng.standard_normal(50)
+        if step == 4:
+            opt.param_groups[0]["lr"] = 0.03        # a schedule
+        if step == 8:
+            opt.param_groups[0].update(weight_decay=0.5)
+        opt.step([g])
+        hp = {k: v for k, v in opt.param_groups[0].items()
+              if k not in ("params", "decoupled_weight_decay")}
+        ref = reference.adam(ref, g, ref_state, **hp)
+    np.testing.assert_allclose(p, ref, rtol=1e-12, atol=1e-13)
+    opt.param_groups[0]["amsgrad"] = True            # needs a buffer the plan lacked
+    opt.step([np.ones(50)])
+    assert opt.state[0].max_v is not None
+
+
+def test_fast_path_notices_replaced_params_and_states():
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal(10), rng.standard_normal(10)]
+    opt = fastopt.SGD(params, lr=0.1, momentum=0.9)
+    opt.step([np.ones(10), np.ones(10)])
+    new = np.zeros(10)
+    opt.param_groups[0]["params"][1] = new           # swapped in place in the group's list
+    opt.step([np.ones(10), np.ones(10)])
+    assert new.any()
+    opt.state[0].momentum_buffer = np.zeros(3)       # corrupted state
+    with pytest.raises(ValueError, match=r"state\[0\]\.momentum_buffer has shape"):
+        opt.step([np.ones(10), np.ones(10)])
+    opt.state[0].momentum_buffer = np.zeros(10)
+    opt.state[0].step = 5                            # a state from elsewhere: still fine
+    opt.step([np.ones(10), np.ones(10)])
+    assert opt.state[0].step == 6 and opt.state[1].step == 3
+    params[0].flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        opt.step([np.ones(10), np.ones(10)])
+
+
+def test_plain_dict_groups_and_other_sequences_still_work():
+    p = np.ones(8)
+    opt = fastopt.SGD([p], lr=0.5)
+    opt.param_groups[0] = {**opt.param_groups[0]}     # a plain dict replaces the group
+    opt.step((np.ones(8),))
+    opt.param_groups[0]["lr"] = 0.25
+    opt.step([np.ones(8).view(np.matrix).A.reshape(8)])
+    np.testing.assert_allclose(p, 1 - 0.5 - 0.25)
+
+
+def test_flat_params_one_call_equals_separate_tensors():
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in [(5, 7), (3,), (2, 3, 4)]]
+    flat = fastopt.FlatParams.from_arrays(arrays)
+    for v in flat.params:
+        assert np.shares_memory(v, flat.data)
+    separate = [a.copy() for a in arrays]
+    opt_flat = fastopt.Nadam([flat.data], lr=0.01)
+    opt_sep = fastopt.Nadam(separate, lr=0.01)
+    for _ in range(6):
+        grads = [rng.standard_normal(a.shape).astype(np.float32) for a in arrays]
+        for dst, g in zip(flat.grads, grads):
+            dst[...] = g
+        opt_flat.step([flat.grad])
+        opt_sep.step(grads)
+    for v, s in zip(flat.params, separate):
+        np.testing.assert_array_equal(v, s)
+    padding = np.ones(flat.data.size, bool)
+    for o, v in zip(flat.offsets, flat.params):
+        padding[o:o + v.size] = False
+    assert not flat.data[padding].any()
+    with pytest.raises(TypeError):
+        fastopt.FlatParams([(2,)], dtype=np.int32)
+    with pytest.raises(TypeError, match="several dtypes"):
+        fastopt.FlatParams.from_arrays([np.ones(2), np.ones(2, np.float32)])
+
+
+def test_show_config(capsys):
+    fastopt.show_config()
+    out = capsys.readouterr().out
+    assert fastopt.isa() in out and "threads" in out and "-ffp-contract=off" in out
