@@ -7,11 +7,18 @@
  * it never waits on a sleeping worker.  Workers block on a condition variable, never spin.
  * One job runs at a time; a caller that finds the pool busy (another thread's step) runs its
  * job alone.  Every element is updated independently, so any split gives identical results.
+ *
+ * On a loaded machine a worker can be preempted in the middle of a piece, and the caller must
+ * then wait for the OS to run it again (milliseconds).  When the caller's wait at the end of a
+ * job is a large part of the job, the next large calls run on the caller alone, for a number
+ * of calls that doubles while this keeps happening (up to FO_MAX_BACKOFF), then threads are
+ * tried again: a busy machine costs about single-thread speed, never a collapse.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 #include "internal.h"
 
@@ -20,6 +27,8 @@
  * tens of microseconds on a VM, about what Adam takes for this many float32 elements. */
 #define FO_PARALLEL_MIN ((size_t)131072)
 #define FO_MAX_THREADS 256
+#define FO_MIN_BACKOFF 4
+#define FO_MAX_BACKOFF 1024
 #define FO_MAX_PIECES 32
 
 typedef struct {
@@ -45,7 +54,17 @@ static struct {
     int busy;      /* a job is running */
     int in_flight; /* workers inside a job */
     int started;   /* workers created */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0};
+    int solo_left; /* large calls still to run on the caller alone (back-off) */
+    int backoff;   /* the length of the next back-off */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          0, 0, 0, 0, 0, FO_MIN_BACKOFF};
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 static int n_threads; /* 0 until first use */
 
@@ -140,7 +159,8 @@ static void reset_after_fork(void)
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
     pool.job = NULL;
-    pool.busy = pool.in_flight = pool.started = 0;
+    pool.busy = pool.in_flight = pool.started = pool.solo_left = 0;
+    pool.backoff = FO_MIN_BACKOFF;
 }
 
 /* Under pool.lock: make sure `want` workers exist; returns how many do. */
@@ -175,7 +195,8 @@ void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
     if (total >= FO_PARALLEL_MIN) {
         pthread_mutex_lock(&pool.lock);
         if (!n_threads) n_threads = default_threads();
-        if (!pool.busy && n_threads > 1) {
+        if (pool.solo_left > 0 && !pool.busy) pool.solo_left--;
+        else if (!pool.busy && n_threads > 1) {
             j.chunk = FO_CHUNK;
             const size_t pieces = (total + j.chunk - 1) / j.chunk;
             const int wanted = (int)((size_t)(n_threads - 1) < pieces - 1 ? (size_t)(n_threads - 1) : pieces - 1);
@@ -198,8 +219,17 @@ void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
         }
         return;
     }
+    const double start = now();
     work(&j); /* the caller works too, and alone if no worker wakes in time */
+    const double finished = now();
     while (pool.in_flight > 0) pthread_cond_wait(&pool.done, &pool.lock);
+    const double waited = now() - finished;
+    if (waited > 20e-6 && waited > 0.2 * (finished - start)) { /* a worker was held up */
+        pool.solo_left = pool.backoff;
+        pool.backoff = pool.backoff < FO_MAX_BACKOFF ? 2 * pool.backoff : FO_MAX_BACKOFF;
+    } else {
+        pool.backoff = FO_MIN_BACKOFF;
+    }
     pool.job = NULL;
     pool.busy = 0;
     pthread_mutex_unlock(&pool.lock);

@@ -1,0 +1,57 @@
+"""pytest-benchmark groups: rule x dtype x size, and whole models, fastopt against numpy in
+place and torch.optim (for-loop, foreach, fused) when torch is installed.
+
+    pytest bench/ --benchmark-only                      # everything
+    pytest bench/ --benchmark-only -k "Adam and 1e6"    # a subset
+
+Compare within one run: the machine this runs on is shared and noisy.  `python -m fastopt
+bench` prints the same cases as one table, with the bandwidth ceiling.
+"""
+import math
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt.benchmark import MODELS, RULES, numpy_runner, torch_runners
+
+SIZES = {"1e3": 1000, "1e5": 100_000, "1e6": 1_000_000, "1.6e7": 16_000_000}
+IMPLEMENTATIONS = ["fastopt", "numpy", "torch for-loop", "torch foreach", "torch fused"]
+
+
+def make_step(rule, dtype, shapes, implementation):
+    cls, kw, _, torch_name = RULES[rule]
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [(rng.standard_normal(s) * 1e-3).astype(dtype) for s in shapes]
+    if implementation == "fastopt":
+        opt = cls(params, **kw)
+        return lambda: opt.step(grads)
+    if implementation == "numpy":
+        return numpy_runner(rule, params, grads)
+    runners = torch_runners(torch_name, params, grads, fastopt.get_num_threads())
+    if implementation not in runners:
+        pytest.skip(f"{implementation} not available for {rule}")
+    return runners[implementation]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_rule(benchmark, rule, dtype, size, implementation):
+    benchmark.group = f"{rule} {dtype} {size}"
+    benchmark.extra_info["elements"] = SIZES[size]
+    step = make_step(rule, np.dtype(dtype), [(SIZES[size],)], implementation)
+    benchmark(step)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("rule", ["Adam", "AdamW", "SGD-momentum", "Adagrad"])
+def test_model(benchmark, rule, model, implementation):
+    shapes = MODELS[model]
+    benchmark.group = f"{rule} {model} ({len(shapes)} tensors, "\
+                      f"{sum(math.prod(s) for s in shapes) / 1e6:.1f}M)"
+    step = make_step(rule, np.float32, shapes, implementation)
+    benchmark(step)

@@ -1,0 +1,21 @@
+"""python -m fastopt {bench,config} [options]"""
+import sys
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from fastopt.benchmark import main as bench
+        return bench(argv[1:])
+    if argv and argv[0] == "config":
+        import fastopt
+        fastopt.show_config()
+        return 0
+    print(__doc__.strip())
+    print("  bench [--quick] [--rules Adam,SGD-momentum] [--threads N] [--json FILE]\n"
+          "  config   print the instruction set, threads and build flags")
+    return 0 if argv in ([], ["-h"], ["--help"]) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

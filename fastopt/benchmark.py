@@ -1,0 +1,313 @@
+"""`python -m fastopt bench`: fastopt against numpy (in place) and torch.optim, side by side.
+
+Every number comes from one run of this command: implementations are timed in interleaved
+rounds (so drift on a shared machine hits all alike) and reported as medians.  The bandwidth
+ceiling is measured in the same run by fastopt's streaming kernel (Adam's 7 streams with no
+arithmetic, same threads) at the same memory footprint as the case it is compared with.
+"""
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+
+import numpy as np
+
+import fastopt
+from fastopt import _kernels
+
+# rule name -> (fastopt class, kwargs, memory streams per element: reads + writes, torch class)
+RULES = {
+    "SGD-momentum": (fastopt.SGD, dict(lr=0.01, momentum=0.9), 5, "SGD"),
+    "Adagrad": (fastopt.Adagrad, dict(lr=0.01), 5, "Adagrad"),
+    "Adadelta": (fastopt.Adadelta, dict(), 7, "Adadelta"),
+    "RMSprop": (fastopt.RMSprop, dict(lr=1e-3), 5, "RMSprop"),
+    "Adam": (fastopt.Adam, dict(lr=1e-3), 7, "Adam"),
+    "AdamW": (fastopt.AdamW, dict(lr=1e-3), 7, "AdamW"),
+    "AdaMax": (fastopt.AdaMax, dict(lr=2e-3), 7, "Adamax"),
+    "Nadam": (fastopt.Nadam, dict(lr=2e-3), 7, "NAdam"),
+}
+TORCH_KW = {"SGD": dict(lr=0.01, momentum=0.9), "Adagrad": dict(lr=0.01), "Adadelta": {},
+            "RMSprop": dict(lr=1e-3), "Adam": dict(lr=1e-3), "AdamW": dict(lr=1e-3),
+            "Adamax": dict(lr=2e-3), "NAdam": dict(lr=2e-3)}
+
+
+# ---- model parameter shapes (torchvision's ResNet-18 and ResNet-50, without running torch) ----
+
+def resnet_shapes(blocks, bottleneck):
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    cin, expansion = 64, 4 if bottleneck else 1
+    for stage, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
+        for b in range(n):
+            cout = width * expansion
+            if bottleneck:
+                convs = [(width, cin, 1, 1), (width, width, 3, 3), (cout, width, 1, 1)]
+            else:
+                convs = [(width, cin, 3, 3), (width, width, 3, 3)]
+            for c in convs:
+                shapes += [c, (c[0],), (c[0],)]
+            if b == 0 and (stage > 0 or cin != cout):
+                shapes += [(cout, cin, 1, 1), (cout,), (cout,)]
+            cin = cout
+    return shapes + [(1000, cin), (1000,)]
+
+
+MODELS = {"ResNet-18": resnet_shapes((2, 2, 2, 2), False),
+          "ResNet-50": resnet_shapes((3, 4, 6, 3), True)}
+
+
+# ---- numpy in place (preallocated temporaries, out=) ----
+
+def numpy_step(rule, p, g, state, t, tmp, tmp2):
+    if rule == "SGD-momentum":
+        b = state["b"]
+        b *= 0.9
+        np.multiply(g, 0.01, out=tmp)
+        b += tmp
+        p -= b
+    elif rule == "Adagrad":
+        G = state["G"]
+        np.multiply(g, g, out=tmp)
+        G += tmp
+        np.add(G, 1e-8, out=tmp)
+        np.sqrt(tmp, out=tmp)
+        np.divide(g, tmp, out=tmp)
+        tmp *= 0.01
+        p -= tmp
+    elif rule == "Adadelta":
+        sq, acc = state["sq"], state["acc"]
+        sq *= 0.9
+        np.multiply(g, g, out=tmp)
+        tmp *= 0.1
+        sq += tmp
+        np.add(acc, 1e-6, out=tmp)
+        np.sqrt(tmp, out=tmp)
+        np.add(sq, 1e-6, out=tmp2)
+        np.sqrt(tmp2, out=tmp2)
+        np.divide(tmp, tmp2, out=tmp)
+        tmp *= g
+        acc *= 0.9
+        np.multiply(tmp, tmp, out=tmp2)
+        tmp2 *= 0.1
+        acc += tmp2
+        p -= tmp
+    elif rule == "RMSprop":
+        sq = state["sq"]
+        sq *= 0.9
+        np.multiply(g, g, out=tmp)
+        tmp *= 0.1
+        sq += tmp
+        np.add(sq, 1e-8, out=tmp)
+        np.sqrt(tmp, out=tmp)
+        np.divide(g, tmp, out=tmp)
+        tmp *= 1e-3
+        p -= tmp
+    else:  # the Adam family: m, v, and their update
+        b1, b2 = 0.9, 0.999
+        m, v = state["m"], state["v"]
+        if rule == "AdamW":
+            p *= 1 - 1e-3 * 0.01
+        m *= b1
+        np.multiply(g, 1 - b1, out=tmp)
+        m += tmp
+        if rule == "AdaMax":
+            v *= b2
+            np.abs(g, out=tmp)
+            np.maximum(v, tmp, out=v)
+            np.add(v, 1e-8, out=tmp)
+            np.divide(m, tmp, out=tmp)
+            tmp *= 2e-3 / (1 - b1 ** t)
+            p -= tmp
+            return
+        v *= b2
+        np.multiply(g, g, out=tmp)
+        tmp *= 1 - b2
+        v += tmp
+        np.sqrt(v, out=tmp)
+        tmp *= 1 / math.sqrt(1 - b2 ** t)
+        tmp += 1e-8
+        if rule == "Nadam":
+            np.multiply(m, 0.9 * 2e-3 / (1 - b1 ** t), out=tmp2)
+            tmp2 += g * (0.1 * 2e-3 / (1 - b1 ** t))
+        else:
+            np.multiply(m, 1e-3 / (1 - b1 ** t), out=tmp2)
+        np.divide(tmp2, tmp, out=tmp2)
+        p -= tmp2
+
+
+def numpy_runner(rule, params, grads):
+    state = [{k: np.zeros_like(p) for k in ("b", "G", "sq", "acc", "m", "v")} for p in params]
+    tmps = [(np.empty_like(p), np.empty_like(p)) for p in params]
+    t = [0]
+
+    def step():
+        t[0] += 1
+        for p, g, s, (a, b) in zip(params, grads, state, tmps):
+            numpy_step(rule, p, g, s, t[0], a, b)
+    return step
+
+
+def torch_runners(torch_name, params, grads, threads):
+    """{'torch for-loop': step, 'torch foreach': ..., 'torch fused': ...} where torch has them."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    torch.set_num_threads(threads)
+    out = {}
+    for label, flag in (("torch for-loop", dict(foreach=False)), ("torch foreach", dict(foreach=True)),
+                        ("torch fused", dict(fused=True))):
+        tensors = [torch.from_numpy(p.copy()).requires_grad_() for p in params]
+        for t, g in zip(tensors, grads):
+            t.grad = torch.from_numpy(g)
+        try:
+            opt = getattr(torch.optim, torch_name)(tensors, **TORCH_KW[torch_name], **flag)
+            opt.step()
+        except (RuntimeError, TypeError, ValueError):
+            continue  # e.g. no fused CPU kernel for this rule
+        out[label] = opt.step
+    return out
+
+
+# ---- timing ----
+
+def time_side_by_side(fns, budget_s, min_rounds=7):
+    """Median seconds per call of each function, timed in interleaved rounds."""
+    calls = {}
+    for name, fn in fns.items():  # warm up, and size the batches to ~budget/rounds
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        one = max(time.perf_counter() - t0, 1e-7)
+        calls[name] = max(1, int(budget_s / min_rounds / len(fns) / one))
+    samples = {name: [] for name in fns}
+    for _ in range(min_rounds):
+        for name, fn in fns.items():
+            time.sleep(0.01)  # let the previous implementation's spinning threads (OpenMP) settle
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls[name])
+    return {name: float(np.median(s)) for name, s in samples.items()}
+
+
+def ceiling_gbs(n_bytes, budget_s):
+    """GB/s of the 7-stream kernel at the same memory footprint."""
+    n = max(1, n_bytes // 28)
+    bufs = [np.ones(n, np.float32) for _ in range(4)]
+    bufs[1][:] = 0.0
+    t = time_side_by_side({"stream": lambda: _kernels.stream(*bufs)}, budget_s)["stream"]
+    return 28 * n / t / 1e9
+
+
+def busy_loop(stop):
+    x = 0
+    while not stop.is_set():
+        for _ in range(10000):
+            x += 1
+
+
+# ---- the cases ----
+
+def run_case(rule, dtype, shapes, threads, budget_s, with_numpy=True):
+    cls, kw, streams, torch_name = RULES[rule]
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [(rng.standard_normal(s) * 1e-3).astype(dtype) for s in shapes]
+    opt = cls(params, **kw)
+    fns = {"fastopt": lambda: opt.step(grads)}
+    if with_numpy:
+        fns["numpy"] = numpy_runner(rule, [p.copy() for p in params], grads)
+    fns.update(torch_runners(torch_name, params, grads, threads))
+    times = time_side_by_side(fns, budget_s)
+    n = sum(math.prod(s) for s in shapes)
+    bytes_moved = streams * n * np.dtype(dtype).itemsize
+    return dict(rule=rule, dtype=np.dtype(dtype).name, elements=n, tensors=len(shapes),
+                threads=threads, bytes=bytes_moved, times=times)
+
+
+def format_row(r, ceiling):
+    t = r["times"]
+    gbs = r["bytes"] / t["fastopt"] / 1e9
+    ratio = lambda k: f"{t[k] / t['fastopt']:7.2f}x" if k in t else "      –"  # noqa: E731
+    return (f"{r['rule']:<13}{r['dtype']:<8}{r['label']:>12}{r['threads']:>3} "
+            f"{t['fastopt'] * 1e6:>11.1f} {gbs:>7.1f} {100 * gbs / ceiling:>6.0f}%"
+            f" {ratio('numpy')} {ratio('torch for-loop')} {ratio('torch foreach')} {ratio('torch fused')}")
+
+
+HEADER = (f"{'rule':<13}{'dtype':<8}{'size':>12}{'thr':>3} {'us/step':>11} {'GB/s':>7} {'%ceil':>7}"
+          f" {'numpy':>8} {'t.loop':>8} {'t.fe':>8} {'t.fused':>8}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fastopt bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and rules, under a minute")
+    ap.add_argument("--rules", default=None, help="comma-separated subset of " + ",".join(RULES))
+    ap.add_argument("--threads", type=int, default=fastopt.get_num_threads())
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args(argv)
+
+    fastopt.set_num_threads(args.threads)
+    if args.quick:
+        sizes, rules, dtypes, budget = [1000, 100_000, 1_000_000, 16_000_000], ["Adam", "SGD-momentum"], [np.float32], 0.25
+    else:
+        sizes, rules, dtypes, budget = [1000, 10_000, 100_000, 1_000_000, 16_000_000, 64_000_000], list(RULES), [np.float32, np.float64], 1.0
+    if args.rules:
+        rules = args.rules.split(",")
+    fastopt.show_config()
+    print("ratios: time of the other implementation / fastopt's (>1: fastopt is faster); "
+          "%ceil: fastopt's GB/s over the streaming kernel's at the same footprint\n")
+    print(HEADER)
+    results, ceilings = [], {}
+    for dtype in dtypes:
+        for n in sizes:
+            for rule in rules:
+                big = n >= 16_000_000
+                r = run_case(rule, dtype, [(n,)], args.threads, budget * (2 if big else 1),
+                             with_numpy=not (big and not args.quick and n > 16_000_000))
+                r["label"] = f"{n:.0e}".replace("e+0", "e")
+                key = r["bytes"]
+                if key not in ceilings:
+                    ceilings[key] = ceiling_gbs(r["bytes"], budget)
+                r["ceiling_gbs"] = ceilings[key]
+                print(format_row(r, ceilings[key]), flush=True)
+                results.append(r)
+    model_rules = ["Adam"] if args.quick else ["Adam", "AdamW", "SGD-momentum", "Adagrad"]
+    for model, shapes in MODELS.items():
+        if args.quick and model == "ResNet-50":
+            continue
+        for rule in model_rules:
+            r = run_case(rule, np.float32, shapes, args.threads, budget * 2)
+            r["label"] = model
+            r["ceiling_gbs"] = ceilings.setdefault(r["bytes"], ceiling_gbs(r["bytes"], budget))
+            print(format_row(r, r["ceiling_gbs"]), flush=True)
+            results.append(r)
+    # a competing busy process on one core: threads must degrade, not collapse
+    stop = multiprocessing.Event()
+    hog = multiprocessing.Process(target=busy_loop, args=(stop,), daemon=True)
+    hog.start()
+    try:
+        for model, shapes in MODELS.items():
+            if args.quick and model == "ResNet-50":
+                continue
+            for threads in sorted({1, args.threads}):
+                fastopt.set_num_threads(threads)
+                r = run_case("Adam", np.float32, shapes, threads, budget * 2, with_numpy=False)
+                r["label"], r["busy"] = model + "+busy", True
+                r["ceiling_gbs"] = ceilings.get(r["bytes"]) or ceiling_gbs(r["bytes"], budget)
+                print(format_row(r, r["ceiling_gbs"]), flush=True)
+                results.append(r)
+    finally:
+        stop.set()
+        hog.join()
+        fastopt.set_num_threads(args.threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
