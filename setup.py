@@ -1,4 +1,5 @@
 """Build of fastopt's C extension; the project's metadata lives in pyproject.toml."""
+import glob
 import os
 import shutil
 
@@ -17,8 +18,8 @@ C_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-Wall"]
 
 extension = Extension(
     "fastopt._kernels",
-    sources=["fastopt/_kernels.pyx", "csrc/kernels.c", "csrc/threads.c", "csrc/loops_baseline.c",
-             "csrc/loops_avx2.c", "csrc/loops_avx512.c"],
+    # every .c file in csrc/ is part of the library (fastopt.get_sources() lists the same)
+    sources=["fastopt/_kernels.pyx", *sorted(glob.glob("csrc/*.c"))],
     include_dirs=["csrc", numpy.get_include()],
     depends=["csrc/fastopt.h", "csrc/internal.h", "csrc/loops.inc", "csrc/api.inc",
              *[os.path.join("csrc", "rules", f) for f in os.listdir(os.path.join(HERE, "csrc", "rules"))]],
@@ -30,15 +31,16 @@ extension = Extension(
 
 
 
-class build_py_with_header(build_py):
-    """Ship the public header inside the package, where fastopt.get_include() finds it."""
+class build_py_with_csrc(build_py):
+    """Ship the C header and sources inside the package (fastopt/csrc), where
+    fastopt.get_include() and fastopt.get_sources() find them for C programs."""
 
     def run(self):
         super().run()
-        include = os.path.join(self.build_lib, "fastopt", "include")
-        os.makedirs(include, exist_ok=True)
-        shutil.copy(os.path.join(HERE, "csrc", "fastopt.h"), include)
+        target = os.path.join(self.build_lib, "fastopt", "csrc")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(os.path.join(HERE, "csrc"), target)
 
 
 setup(ext_modules=cythonize([extension], language_level=3),
-      cmdclass={"build_py": build_py_with_header})
+      cmdclass={"build_py": build_py_with_csrc})

@@ -19,10 +19,24 @@ __all__ = [
     "SGD", "Momentum", "NAG", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "AdaMax",
     "Nadam", "Optimizer", "OptimizerState", "SGDState", "AdagradState", "AdadeltaState",
     "RMSpropState", "AdamState", "AdaMaxState", "NadamState", "functional", "get_include",
-    "FlatParams", "set_num_threads", "get_num_threads", "isa", "show_config",
+    "get_sources", "FlatParams", "set_num_threads", "get_num_threads", "isa", "show_config",
 ]
 
 
 def get_include():
-    """The folder holding fastopt.h and the .pxd files, for code that compiles against fastopt."""
-    return _os.path.join(_os.path.dirname(__file__), "include")
+    """The folder holding fastopt.h (and the C sources), for code that compiles against fastopt.
+
+    C and C++ programs: `-I$(python -c "import fastopt; print(fastopt.get_include())")` and
+    compile get_sources() in.  Cython extensions: add it to include_dirs and
+    `from fastopt._kernels cimport adam_f32, fo_adam_params` (nothing to link).
+    """
+    here = _os.path.dirname(__file__)
+    installed = _os.path.join(here, "csrc")
+    return installed if _os.path.isdir(installed) else _os.path.join(here, _os.pardir, "csrc")
+
+
+def get_sources():
+    """The C files that implement fastopt.h, to compile into a C/C++ program (with -pthread, and
+    the flags of fastopt._kernels.BUILD_FLAGS; never -ffast-math)."""
+    folder = get_include()
+    return sorted(_os.path.join(folder, f) for f in _os.listdir(folder) if f.endswith(".c"))

@@ -212,4 +212,118 @@ def stream(float[::1] p, const float[::1] g, float[::1] m, float[::1] v):
         fo_stream_f32(_data(p), _cdata(g), _data(m), _data(v), n)
 
 
+# ---- the cimport API (declared in _kernels.pxd): thin forwards to the C entry points ----
+
+cdef int sgd_f32(float *param, const float *grad, float *momentum_buffer, size_t n, const fo_sgd_params *hp) noexcept nogil:
+    return fo_sgd_f32(param, grad, momentum_buffer, n, hp)
+
+
+cdef int sgd_f64(double *param, const double *grad, double *momentum_buffer, size_t n, const fo_sgd_params *hp) noexcept nogil:
+    return fo_sgd_f64(param, grad, momentum_buffer, n, hp)
+
+
+cdef int adagrad_f32(float *param, const float *grad, float *sum, size_t n, const fo_adagrad_params *hp) noexcept nogil:
+    return fo_adagrad_f32(param, grad, sum, n, hp)
+
+
+cdef int adagrad_f64(double *param, const double *grad, double *sum, size_t n, const fo_adagrad_params *hp) noexcept nogil:
+    return fo_adagrad_f64(param, grad, sum, n, hp)
+
+
+cdef int adadelta_f32(float *param, const float *grad, float *square_avg, float *acc_delta, size_t n, const fo_adadelta_params *hp) noexcept nogil:
+    return fo_adadelta_f32(param, grad, square_avg, acc_delta, n, hp)
+
+
+cdef int adadelta_f64(double *param, const double *grad, double *square_avg, double *acc_delta, size_t n, const fo_adadelta_params *hp) noexcept nogil:
+    return fo_adadelta_f64(param, grad, square_avg, acc_delta, n, hp)
+
+
+cdef int rmsprop_f32(float *param, const float *grad, float *square_avg, float *grad_avg, float *momentum_buffer, size_t n, const fo_rmsprop_params *hp) noexcept nogil:
+    return fo_rmsprop_f32(param, grad, square_avg, grad_avg, momentum_buffer, n, hp)
+
+
+cdef int rmsprop_f64(double *param, const double *grad, double *square_avg, double *grad_avg, double *momentum_buffer, size_t n, const fo_rmsprop_params *hp) noexcept nogil:
+    return fo_rmsprop_f64(param, grad, square_avg, grad_avg, momentum_buffer, n, hp)
+
+
+cdef int adam_f32(float *param, const float *grad, float *m, float *v, float *max_v, size_t n, const fo_adam_params *hp) noexcept nogil:
+    return fo_adam_f32(param, grad, m, v, max_v, n, hp)
+
+
+cdef int adam_f64(double *param, const double *grad, double *m, double *v, double *max_v, size_t n, const fo_adam_params *hp) noexcept nogil:
+    return fo_adam_f64(param, grad, m, v, max_v, n, hp)
+
+
+cdef int adamax_f32(float *param, const float *grad, float *m, float *u, size_t n, const fo_adamax_params *hp) noexcept nogil:
+    return fo_adamax_f32(param, grad, m, u, n, hp)
+
+
+cdef int adamax_f64(double *param, const double *grad, double *m, double *u, size_t n, const fo_adamax_params *hp) noexcept nogil:
+    return fo_adamax_f64(param, grad, m, u, n, hp)
+
+
+cdef int nadam_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_nadam_params *hp) noexcept nogil:
+    return fo_nadam_f32(param, grad, m, v, n, hp)
+
+
+cdef int nadam_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_nadam_params *hp) noexcept nogil:
+    return fo_nadam_f64(param, grad, m, v, n, hp)
+
+
+cdef int sgd_many_f32(size_t count, float *const *param, const float *const *grad, float *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp) noexcept nogil:
+    return fo_sgd_many_f32(count, param, grad, momentum_buffer, n, hp)
+
+
+cdef int sgd_many_f64(size_t count, double *const *param, const double *const *grad, double *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp) noexcept nogil:
+    return fo_sgd_many_f64(count, param, grad, momentum_buffer, n, hp)
+
+
+cdef int adagrad_many_f32(size_t count, float *const *param, const float *const *grad, float *const *sum, const size_t *n, const fo_adagrad_params *hp) noexcept nogil:
+    return fo_adagrad_many_f32(count, param, grad, sum, n, hp)
+
+
+cdef int adagrad_many_f64(size_t count, double *const *param, const double *const *grad, double *const *sum, const size_t *n, const fo_adagrad_params *hp) noexcept nogil:
+    return fo_adagrad_many_f64(count, param, grad, sum, n, hp)
+
+
+cdef int adadelta_many_f32(size_t count, float *const *param, const float *const *grad, float *const *square_avg, float *const *acc_delta, const size_t *n, const fo_adadelta_params *hp) noexcept nogil:
+    return fo_adadelta_many_f32(count, param, grad, square_avg, acc_delta, n, hp)
+
+
+cdef int adadelta_many_f64(size_t count, double *const *param, const double *const *grad, double *const *square_avg, double *const *acc_delta, const size_t *n, const fo_adadelta_params *hp) noexcept nogil:
+    return fo_adadelta_many_f64(count, param, grad, square_avg, acc_delta, n, hp)
+
+
+cdef int rmsprop_many_f32(size_t count, float *const *param, const float *const *grad, float *const *square_avg, float *const *grad_avg, float *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp) noexcept nogil:
+    return fo_rmsprop_many_f32(count, param, grad, square_avg, grad_avg, momentum_buffer, n, hp)
+
+
+cdef int rmsprop_many_f64(size_t count, double *const *param, const double *const *grad, double *const *square_avg, double *const *grad_avg, double *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp) noexcept nogil:
+    return fo_rmsprop_many_f64(count, param, grad, square_avg, grad_avg, momentum_buffer, n, hp)
+
+
+cdef int adam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m, float *const *v, float *const *max_v, const size_t *n, const fo_adam_params *hp) noexcept nogil:
+    return fo_adam_many_f32(count, param, grad, m, v, max_v, n, hp)
+
+
+cdef int adam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m, double *const *v, double *const *max_v, const size_t *n, const fo_adam_params *hp) noexcept nogil:
+    return fo_adam_many_f64(count, param, grad, m, v, max_v, n, hp)
+
+
+cdef int adamax_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m, float *const *u, const size_t *n, const fo_adamax_params *hp) noexcept nogil:
+    return fo_adamax_many_f32(count, param, grad, m, u, n, hp)
+
+
+cdef int adamax_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m, double *const *u, const size_t *n, const fo_adamax_params *hp) noexcept nogil:
+    return fo_adamax_many_f64(count, param, grad, m, u, n, hp)
+
+
+cdef int nadam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m, float *const *v, const size_t *n, const fo_nadam_params *hp) noexcept nogil:
+    return fo_nadam_many_f32(count, param, grad, m, v, n, hp)
+
+
+cdef int nadam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m, double *const *v, const size_t *n, const fo_nadam_params *hp) noexcept nogil:
+    return fo_nadam_many_f64(count, param, grad, m, v, n, hp)
+
+
 include "_engine.pxi"
