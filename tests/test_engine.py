@@ -14,6 +14,8 @@ import reference
 from conftest import CASES, case_id
 
 ISAS = ["baseline", "avx2", "avx512"]
+# subprocesses start here, so `import fastopt` finds the installed package, not the source tree
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def available_isas():
@@ -22,7 +24,7 @@ def available_isas():
     for isa in ISAS:
         got = subprocess.run([sys.executable, "-c", "import fastopt; print(fastopt.isa())"],
                              env={**os.environ, "FASTOPT_ISA": isa}, capture_output=True,
-                             text=True, check=True).stdout.strip()
+                             text=True, check=True, cwd=HERE).stdout.strip()
         if got == isa:
             out.append(isa)
     return out
@@ -46,9 +48,8 @@ print(json.dumps(out))
 
 
 def run_cases(env):
-    here = os.path.dirname(__file__)
-    res = subprocess.run([sys.executable, "-c", RUN_ALL_CASES, here], env={**os.environ, **env},
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", RUN_ALL_CASES, HERE], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True, cwd=HERE)
     return json.loads(res.stdout)
 
 
