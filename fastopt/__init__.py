@@ -32,7 +32,7 @@ def get_include():
     """
     here = _os.path.dirname(__file__)
     installed = _os.path.join(here, "csrc")
-    return installed if _os.path.isdir(installed) else _os.path.join(here, _os.pardir, "csrc")
+    return installed if _os.path.isdir(installed) else _os.path.normpath(_os.path.join(here, _os.pardir, "csrc"))
 
 
 def get_sources():

@@ -193,13 +193,12 @@ def time_side_by_side(fns, budget_s, min_rounds=7):
     return {name: float(np.median(s)) for name, s in samples.items()}
 
 
-def ceiling_gbs(n_bytes, budget_s):
-    """GB/s of the 7-stream kernel at the same memory footprint."""
+def stream_runner(n_bytes):
+    """The 7-stream kernel over the same memory footprint; returns (step, bytes it moves)."""
     n = max(1, n_bytes // 28)
     bufs = [np.ones(n, np.float32) for _ in range(4)]
     bufs[1][:] = 0.0
-    t = time_side_by_side({"stream": lambda: _kernels.stream(*bufs)}, budget_s)["stream"]
-    return 28 * n / t / 1e9
+    return (lambda: _kernels.stream(*bufs)), 28 * n
 
 
 def busy_loop(stop):
@@ -217,19 +216,26 @@ def run_case(rule, dtype, shapes, threads, budget_s, with_numpy=True):
     params = [rng.standard_normal(s).astype(dtype) for s in shapes]
     grads = [(rng.standard_normal(s) * 1e-3).astype(dtype) for s in shapes]
     opt = cls(params, **kw)
-    fns = {"fastopt": lambda: opt.step(grads)}
+    n = sum(math.prod(s) for s in shapes)
+    bytes_moved = streams * n * np.dtype(dtype).itemsize
+    ceiling, ceiling_bytes = stream_runner(bytes_moved)
+    fns = {"fastopt": lambda: opt.step(grads), "ceiling": ceiling}
     if with_numpy:
         fns["numpy"] = numpy_runner(rule, [p.copy() for p in params], grads)
     fns.update(torch_runners(torch_name, params, grads, threads))
     times = time_side_by_side(fns, budget_s)
-    n = sum(math.prod(s) for s in shapes)
-    bytes_moved = streams * n * np.dtype(dtype).itemsize
     return dict(rule=rule, dtype=np.dtype(dtype).name, elements=n, tensors=len(shapes),
-                threads=threads, bytes=bytes_moved, times=times)
+                threads=threads, bytes=bytes_moved, times=times,
+                ceiling_gbs=ceiling_bytes / times.pop("ceiling") / 1e9)
 
 
-def format_row(r, ceiling):
-    t = r["times"]
+def size_label(n):
+    mantissa, exponent = f"{n:.1e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def format_row(r):
+    t, ceiling = r["times"], r["ceiling_gbs"]
     gbs = r["bytes"] / t["fastopt"] / 1e9
     ratio = lambda k: f"{t[k] / t['fastopt']:7.2f}x" if k in t else "      –"  # noqa: E731
     return (f"{r['rule']:<13}{r['dtype']:<8}{r['label']:>12}{r['threads']:>3} "
@@ -239,6 +245,10 @@ def format_row(r, ceiling):
 
 HEADER = (f"{'rule':<13}{'dtype':<8}{'size':>12}{'thr':>3} {'us/step':>11} {'GB/s':>7} {'%ceil':>7}"
           f" {'numpy':>8} {'t.loop':>8} {'t.fe':>8} {'t.fused':>8}")
+LEGEND = ("ratios: the other implementation's time / fastopt's (>1: fastopt is faster); numpy is\n"
+          "written in place with out=; t.loop, t.fe, t.fused: torch.optim for-loop, foreach, fused\n"
+          "(– where torch lacks it); GB/s: bytes the rule must move / time; %ceil: that over the\n"
+          "streaming kernel's GB/s at the same footprint, timed in the same interleaved rounds\n")
 
 
 def main(argv=None):
@@ -257,48 +267,38 @@ def main(argv=None):
     if args.rules:
         rules = args.rules.split(",")
     fastopt.show_config()
-    print("ratios: time of the other implementation / fastopt's (>1: fastopt is faster); "
-          "%ceil: fastopt's GB/s over the streaming kernel's at the same footprint\n")
+    print(LEGEND)
     print(HEADER)
-    results, ceilings = [], {}
+    results = []
+
+    def report(r, label):
+        r["label"] = label
+        print(format_row(r), flush=True)
+        results.append(r)
+
     for dtype in dtypes:
         for n in sizes:
             for rule in rules:
                 big = n >= 16_000_000
                 r = run_case(rule, dtype, [(n,)], args.threads, budget * (2 if big else 1),
-                             with_numpy=not (big and not args.quick and n > 16_000_000))
-                r["label"] = f"{n:.0e}".replace("e+0", "e")
-                key = r["bytes"]
-                if key not in ceilings:
-                    ceilings[key] = ceiling_gbs(r["bytes"], budget)
-                r["ceiling_gbs"] = ceilings[key]
-                print(format_row(r, ceilings[key]), flush=True)
-                results.append(r)
+                             with_numpy=n <= 16_000_000)
+                report(r, size_label(n))
     model_rules = ["Adam"] if args.quick else ["Adam", "AdamW", "SGD-momentum", "Adagrad"]
-    for model, shapes in MODELS.items():
-        if args.quick and model == "ResNet-50":
-            continue
+    models = {k: v for k, v in MODELS.items() if not (args.quick and k == "ResNet-50")}
+    for model, shapes in models.items():
         for rule in model_rules:
-            r = run_case(rule, np.float32, shapes, args.threads, budget * 2)
-            r["label"] = model
-            r["ceiling_gbs"] = ceilings.setdefault(r["bytes"], ceiling_gbs(r["bytes"], budget))
-            print(format_row(r, r["ceiling_gbs"]), flush=True)
-            results.append(r)
+            report(run_case(rule, np.float32, shapes, args.threads, budget * 2), model)
     # a competing busy process on one core: threads must degrade, not collapse
     stop = multiprocessing.Event()
     hog = multiprocessing.Process(target=busy_loop, args=(stop,), daemon=True)
     hog.start()
     try:
-        for model, shapes in MODELS.items():
-            if args.quick and model == "ResNet-50":
-                continue
+        for model, shapes in models.items():
             for threads in sorted({1, args.threads}):
                 fastopt.set_num_threads(threads)
                 r = run_case("Adam", np.float32, shapes, threads, budget * 2, with_numpy=False)
-                r["label"], r["busy"] = model + "+busy", True
-                r["ceiling_gbs"] = ceilings.get(r["bytes"]) or ceiling_gbs(r["bytes"], budget)
-                print(format_row(r, r["ceiling_gbs"]), flush=True)
-                results.append(r)
+                r["busy"] = True
+                report(r, model + "+busy")
     finally:
         stop.set()
         hog.join()
