@@ -14,8 +14,11 @@ import reference
 from conftest import CASES, case_id
 
 ISAS = ["baseline", "avx2", "avx512"]
-# subprocesses start here, so `import fastopt` finds the installed package, not the source tree
+# subprocesses start here and import the fastopt this process imported (installed or built in
+# place), never a source tree without its extension
 HERE = os.path.dirname(os.path.abspath(__file__))
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [os.path.dirname(os.path.dirname(fastopt.__file__)), os.environ.get("PYTHONPATH", "")])}
 
 
 def available_isas():
@@ -23,7 +26,7 @@ def available_isas():
     out = []
     for isa in ISAS:
         got = subprocess.run([sys.executable, "-c", "import fastopt; print(fastopt.isa())"],
-                             env={**os.environ, "FASTOPT_ISA": isa}, capture_output=True,
+                             env={**CHILD_ENV, "FASTOPT_ISA": isa}, capture_output=True,
                              text=True, check=True, cwd=HERE).stdout.strip()
         if got == isa:
             out.append(isa)
@@ -48,7 +51,7 @@ print(json.dumps(out))
 
 
 def run_cases(env):
-    res = subprocess.run([sys.executable, "-c", RUN_ALL_CASES, HERE], env={**os.environ, **env},
+    res = subprocess.run([sys.executable, "-c", RUN_ALL_CASES, HERE], env={**CHILD_ENV, **env},
                          capture_output=True, text=True, check=True, cwd=HERE)
     return json.loads(res.stdout)
 
