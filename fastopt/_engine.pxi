@@ -27,6 +27,18 @@ cdef union Hyper:
     fo_nadam_params nadam
 
 
+cdef int set_hyper(Hyper *hp, int rule, dict kernel_args) except -1:
+    """The rule's C struct from a dict of exactly its fields (Rule.kernel_args)."""
+    if rule == R_SGD: hp.sgd = kernel_args
+    elif rule == R_ADAGRAD: hp.adagrad = kernel_args
+    elif rule == R_ADADELTA: hp.adadelta = kernel_args
+    elif rule == R_RMSPROP: hp.rmsprop = kernel_args
+    elif rule == R_ADAM: hp.adam = kernel_args
+    elif rule == R_ADAMAX: hp.adamax = kernel_args
+    else: hp.nadam = kernel_args
+    return 0
+
+
 cdef int call_batch(int rule, bint f64, size_t c, void ***p, size_t *n, Hyper *hp,
                     int64_t step) noexcept nogil:
     if rule == R_SGD:
@@ -119,13 +131,7 @@ cdef class Batch:
         self.set_hyperparameters(kernel_args)
 
     cpdef set_hyperparameters(self, dict kernel_args):
-        if self.rule == R_SGD: self.hp.sgd = kernel_args
-        elif self.rule == R_ADAGRAD: self.hp.adagrad = kernel_args
-        elif self.rule == R_ADADELTA: self.hp.adadelta = kernel_args
-        elif self.rule == R_RMSPROP: self.hp.rmsprop = kernel_args
-        elif self.rule == R_ADAM: self.hp.adam = kernel_args
-        elif self.rule == R_ADAMAX: self.hp.adamax = kernel_args
-        else: self.hp.nadam = kernel_args
+        set_hyper(&self.hp, self.rule, kernel_args)
 
     def __dealloc__(self):
         free(self.sizes)
@@ -344,3 +350,40 @@ cdef class ParamGroup(dict):
 
     def __reduce__(self):
         return (dict, (dict(self),))
+
+
+def run_addresses(str rule, bint f64, list addresses, list sizes, dict kernel_args, int64_t step):
+    """One many-tensor call over raw buffer addresses (for fastopt.torch, whose tensors are not
+    numpy arrays): addresses[k] lists buffer k's address for every tensor (param, grad, then the
+    state slots; None for a slot the options leave unused); sizes are element counts.  The
+    caller guarantees the buffers exist, are contiguous and hold sizes[t] elements of the dtype;
+    the C layer still checks NULLs, overlaps within a tensor and the hyperparameters."""
+    cdef Py_ssize_t count = len(sizes), k, t
+    cdef int r = RULE_IDS[rule]
+    cdef Hyper hp
+    cdef void **ptrs[MAX_KINDS]
+    cdef size_t *n = <size_t *>calloc(max(count, 1), sizeof(size_t))
+    cdef int status
+    for k in range(MAX_KINDS):
+        ptrs[k] = NULL
+    try:
+        if n == NULL:
+            raise MemoryError()
+        for t in range(count):
+            n[t] = sizes[t]
+        for k in range(min(len(addresses), MAX_KINDS)):
+            if addresses[k] is None:
+                continue
+            ptrs[k] = <void **>calloc(max(count, 1), sizeof(void *))
+            if ptrs[k] == NULL:
+                raise MemoryError()
+            for t in range(count):
+                ptrs[k][t] = <void *><size_t>addresses[k][t]
+        set_hyper(&hp, r, kernel_args)
+        with nogil:
+            status = call_batch(r, f64, count, ptrs, n, &hp, step)
+        _check(status)
+    finally:
+        free(n)
+        for k in range(MAX_KINDS):
+            free(ptrs[k])
