@@ -68,10 +68,13 @@ class _Fastopt:
     def slots(self, group):
         raise NotImplementedError
 
+    def keeps_state(self, group):
+        return True
+
     def new_state(self, p, group):
         return {"step": _step_tensor()}
 
-    def advance(self, state, group, fresh):
+    def advance(self, state, group):
         """Move the state's counters to this step; returns the step number t (from 1)."""
         state["step"] += 1
         return int(state["step"].item())
@@ -109,17 +112,16 @@ class _Fastopt:
         batches = {}
         slots = self.slots(group)
         for p in params:
-            state = self.state[p]
-            fresh = not state
-            if fresh:
+            state = self.state[p] if self.keeps_state(group) else {}
+            if not state:
                 state.update(self.new_state(p, group))
-            for name in slots:  # a loaded checkpoint may hold strided or missing buffers
+            t = self.advance(state, group)
+            for name in slots:  # options switched on later, or a checkpoint's strided buffers
                 if name is not None:
-                    if name not in state:
+                    if state.get(name) is None:
                         state[name] = _zeros(p)
                     elif not state[name].is_contiguous():
                         state[name] = state[name].contiguous()
-            t = self.advance(state, group, fresh)
             key = (p.dtype, t, self.batch_extra(state))
             batches.setdefault(key, []).append((p, p.grad.contiguous(), state))
         for (dtype, t, _), members in batches.items():
@@ -157,11 +159,15 @@ class SGD(_Fastopt, torch.optim.SGD):
     def slots(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else (None,)
 
-    def new_state(self, p, group):
-        return {}  # torch keeps no step for SGD; the buffer appears on the first step
+    def keeps_state(self, group):
+        return group["momentum"] != 0  # as torch: plain SGD stores nothing
 
-    def advance(self, state, group, fresh):
-        return 1 if fresh else 2  # step 1: torch seeds the buffer with g (dampening unused)
+    def new_state(self, p, group):
+        return {}  # as torch: no step; the buffer appears on the first step with momentum
+
+    def advance(self, state, group):
+        # step 1 (no buffer yet): torch seeds the buffer with g, dampening unused
+        return 1 if state.get("momentum_buffer") is None else 2
 
     def kernel_args(self, group, step, state):
         return dict(_common(group), momentum=group["momentum"], dampening=group["dampening"],
@@ -245,8 +251,8 @@ class NAdam(_Fastopt, torch.optim.NAdam):
     def new_state(self, p, group):
         return {"step": _step_tensor(), "mu_product": torch.ones((), dtype=_step_tensor().dtype)}
 
-    def advance(self, state, group, fresh):
-        t = super().advance(state, group, fresh)
+    def advance(self, state, group):
+        t = super().advance(state, group)
         # mu_t = beta1 (1 - 0.5 * 0.96^(t psi)); torch keeps the running product as a tensor
         state["mu_product"] *= group["betas"][0] * (1.0 - 0.5 * 0.96 ** (t * group["momentum_decay"]))
         return t
