@@ -55,3 +55,18 @@ def test_model(benchmark, rule, model, implementation):
                       f"{sum(math.prod(s) for s in shapes) / 1e6:.1f}M)"
     step = make_step(rule, np.float32, shapes, implementation)
     benchmark(step)
+
+
+@pytest.mark.parametrize("implementation", ["fastopt.torch", "torch for-loop", "torch foreach",
+                                            "torch fused"])
+@pytest.mark.parametrize("case", ["1.6e7", "ResNet-18"])
+@pytest.mark.parametrize("rule", ["Adam", "AdamW", "SGD-momentum", "Adagrad"])
+def test_torch_dropin(benchmark, rule, case, implementation):
+    pytest.importorskip("torch")
+    from fastopt.benchmark import dropin_runners
+    shapes = [(16_000_000,)] if case == "1.6e7" else MODELS["ResNet-18"]
+    benchmark.group = f"fastopt.torch {rule} {case}"
+    runners = dropin_runners(RULES[rule][3], shapes, fastopt.get_num_threads())
+    if implementation not in runners:
+        pytest.skip(f"{implementation} not available for {rule}")
+    benchmark(runners[implementation])

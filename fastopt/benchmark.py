@@ -149,6 +149,33 @@ def numpy_runner(rule, params, grads):
     return step
 
 
+def dropin_runners(torch_name, shapes, threads):
+    """fastopt.torch against torch.optim's for-loop, foreach and fused on the same tensors."""
+    import torch
+    import fastopt.torch as ft
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for label, module, flag in (("fastopt.torch", ft, {}), ("torch for-loop", torch.optim, dict(foreach=False)),
+                                ("torch foreach", torch.optim, dict(foreach=True)),
+                                ("torch fused", torch.optim, dict(fused=True))):
+        tensors = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+        for t in tensors:
+            t.grad = torch.randn(t.shape, generator=g) * 1e-3
+        try:
+            opt = getattr(module, torch_name)(tensors, **TORCH_KW[torch_name], **flag)
+            opt.step()
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        out[label] = opt.step
+    return out
+
+
+def run_dropin(rule, shapes, threads, budget_s):
+    times = time_side_by_side(dropin_runners(RULES[rule][3], shapes, threads), budget_s)
+    return {k: v for k, v in times.items()}
+
+
 def torch_runners(torch_name, params, grads, threads):
     """{'torch for-loop': step, 'torch foreach': ..., 'torch fused': ...} where torch has them."""
     try:
@@ -303,6 +330,22 @@ def main(argv=None):
         stop.set()
         hog.join()
         fastopt.set_num_threads(args.threads)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        torch = None
+    if torch is not None:
+        print("\nfastopt.torch (the drop-in) against torch.optim, float32, "
+              f"{args.threads} threads: time / fastopt.torch's")
+        print(f"{'rule':<13}{'case':>22} {'us/step':>11} {'t.loop':>8} {'t.fe':>8} {'t.fused':>8}")
+        cases = {"1.6e7": [(16_000_000,)], "ResNet-18": MODELS["ResNet-18"]}
+        for rule in (["Adam"] if args.quick else ["Adam", "AdamW", "SGD-momentum", "Adagrad"]):
+            for case, shapes in cases.items():
+                t = run_dropin(rule, shapes, args.threads, budget * 2)
+                ratio = lambda k: f"{t[k] / t['fastopt.torch']:7.2f}x" if k in t else "      –"  # noqa: E731
+                print(f"{rule:<13}{case:>22} {t['fastopt.torch'] * 1e6:>11.1f} {ratio('torch for-loop')} "
+                      f"{ratio('torch foreach')} {ratio('torch fused')}", flush=True)
+                results.append(dict(rule=rule, label=case, dropin=True, times=t))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -74,10 +74,13 @@ class _Fastopt:
     def new_state(self, p, group):
         return {"step": _step_tensor()}
 
-    def advance(self, state, group):
-        """Move the state's counters to this step; returns the step number t (from 1)."""
-        state["step"] += 1
-        return int(state["step"].item())
+    def advance(self, states, group):
+        """Move the states' counters to this step; returns each one's step number t (from 1)."""
+        counters = [s["step"] for s in states]
+        if not counters:
+            return []
+        torch._foreach_add_(counters, 1.0)
+        return [int(t) for t in torch.stack(counters).tolist()]
 
     def batch_extra(self, state):
         return None
@@ -96,7 +99,9 @@ class _Fastopt:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                _check_param(p, f"{type(self).__name__}: a parameter")
+                if p.dtype not in _DTYPES or p.device.type != "cpu" or p.layout != torch.strided \
+                        or not p.is_contiguous():
+                    _check_param(p, f"{type(self).__name__}: a parameter")
                 g = p.grad
                 if g.is_sparse:
                     raise TypeError(f"{type(self).__name__} does not support sparse gradients")
@@ -109,13 +114,17 @@ class _Fastopt:
         return loss
 
     def _step_group(self, group, params):
-        batches = {}
         slots = self.slots(group)
+        keep = self.keeps_state(group)
+        states = []
         for p in params:
-            state = self.state[p] if self.keeps_state(group) else {}
+            state = self.state[p] if keep else {}
             if not state:
                 state.update(self.new_state(p, group))
-            t = self.advance(state, group)
+            states.append(state)
+        steps = self.advance(states, group)
+        batches = {}
+        for p, state, t in zip(params, states, steps):
             for name in slots:  # options switched on later, or a checkpoint's strided buffers
                 if name is not None:
                     if state.get(name) is None:
@@ -125,17 +134,17 @@ class _Fastopt:
             key = (p.dtype, t, self.batch_extra(state))
             batches.setdefault(key, []).append((p, p.grad.contiguous(), state))
         for (dtype, t, _), members in batches.items():
-            states = [s for _, _, s in members]
+            batch_states = [s for _, _, s in members]
             addresses = [[p.data_ptr() for p, _, _ in members],
                          [g.data_ptr() for _, g, _ in members]]
-            addresses += [None if name is None else [s[name].data_ptr() for s in states]
+            addresses += [None if name is None else [s[name].data_ptr() for s in batch_states]
                           for name in slots]
             _kernels.run_addresses(self.kernel, dtype == torch.float64, addresses,
                                    [p.numel() for p, _, _ in members],
-                                   self.kernel_args(group, t, states[0]), t)
+                                   self.kernel_args(group, t, batch_states[0]), t)
             # the kernels write memory directly: tell autograd, as an in-place op would
             written = [p for p, _, _ in members]
-            written += [s[name] for s in states for name in slots if name is not None]
+            written += [s[name] for s in batch_states for name in slots if name is not None]
             torch.autograd.graph.increment_version(written)
 
 
@@ -165,9 +174,9 @@ class SGD(_Fastopt, torch.optim.SGD):
     def new_state(self, p, group):
         return {}  # as torch: no step; the buffer appears on the first step with momentum
 
-    def advance(self, state, group):
+    def advance(self, states, group):
         # step 1 (no buffer yet): torch seeds the buffer with g, dampening unused
-        return 1 if state.get("momentum_buffer") is None else 2
+        return [1 if s.get("momentum_buffer") is None else 2 for s in states]
 
     def kernel_args(self, group, step, state):
         return dict(_common(group), momentum=group["momentum"], dampening=group["dampening"],
@@ -251,11 +260,15 @@ class NAdam(_Fastopt, torch.optim.NAdam):
     def new_state(self, p, group):
         return {"step": _step_tensor(), "mu_product": torch.ones((), dtype=_step_tensor().dtype)}
 
-    def advance(self, state, group):
-        t = super().advance(state, group)
-        # mu_t = beta1 (1 - 0.5 * 0.96^(t psi)); torch keeps the running product as a tensor
-        state["mu_product"] *= group["betas"][0] * (1.0 - 0.5 * 0.96 ** (t * group["momentum_decay"]))
-        return t
+    def advance(self, states, group):
+        steps = super().advance(states, group)
+        by_step = {}
+        for s, t in zip(states, steps):
+            by_step.setdefault(t, []).append(s["mu_product"])
+        for t, products in by_step.items():
+            # mu_t = beta1 (1 - 0.5 * 0.96^(t psi)); torch keeps the running product as a tensor
+            torch._foreach_mul_(products, group["betas"][0] * (1.0 - 0.5 * 0.96 ** (t * group["momentum_decay"])))
+        return steps
 
     def batch_extra(self, state):
         return float(state["mu_product"])
