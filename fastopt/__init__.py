@@ -5,7 +5,7 @@ fastopt.functional has one function per rule over (param, grad, state, hyperpara
 """
 import os as _os
 
-from fastopt import functional
+from fastopt import functional, init
 from fastopt.config import get_num_threads, isa, set_num_threads, show_config
 from fastopt.flat import FlatParams
 from fastopt.optim import (NAG, SGD, Adadelta, Adagrad, AdaMax, Adam, AdamW, Momentum, Nadam,
@@ -19,7 +19,7 @@ __all__ = [
     "SGD", "Momentum", "NAG", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "AdaMax",
     "Nadam", "Optimizer", "OptimizerState", "SGDState", "AdagradState", "AdadeltaState",
     "RMSpropState", "AdamState", "AdaMaxState", "NadamState", "functional", "get_include",
-    "get_sources", "FlatParams", "set_num_threads", "get_num_threads", "isa", "show_config",
+    "get_sources", "init", "FlatParams", "set_num_threads", "get_num_threads", "isa", "show_config",
 ]
 
 

@@ -1,4 +1,4 @@
-"""python -m fastopt {bench,config} [options]"""
+"""python -m fastopt {demo,bench,config} [options]   (also installed as the `fastopt` command)"""
 import sys
 
 
@@ -7,12 +7,16 @@ def main(argv=None):
     if argv and argv[0] == "bench":
         from fastopt.benchmark import main as bench
         return bench(argv[1:])
+    if argv and argv[0] == "demo":
+        from fastopt.demo import main as demo
+        return demo(argv[1:])
     if argv and argv[0] == "config":
         import fastopt
         fastopt.show_config()
         return 0
     print(__doc__.strip())
-    print("  bench [--quick] [--rules Adam,SGD-momentum] [--threads N] [--json FILE]\n"
+    print("  demo [--out DIR] [--steps N] [--mlp-steps N]   pictures of every rule at work\n"
+          "  bench [--quick] [--rules Adam,SGD-momentum] [--threads N] [--json FILE]\n"
           "  config   print the instruction set, threads and build flags")
     return 0 if argv in ([], ["-h"], ["--help"]) else 2
 
