@@ -60,6 +60,14 @@ MODELS = {"ResNet-18": resnet_shapes((2, 2, 2, 2), False),
 
 # ---- numpy in place (preallocated temporaries, out=) ----
 
+def _decay_add_square(buf, g, rho, tmp):
+    """buf <- rho buf + (1 - rho) g^2, in place (tmp is scratch)."""
+    buf *= rho
+    np.multiply(g, g, out=tmp)
+    tmp *= 1 - rho
+    buf += tmp
+
+
 def numpy_step(rule, p, g, state, t, tmp, tmp2):
     if rule == "SGD-momentum":
         b = state["b"]
@@ -78,27 +86,18 @@ def numpy_step(rule, p, g, state, t, tmp, tmp2):
         p -= tmp
     elif rule == "Adadelta":
         sq, acc = state["sq"], state["acc"]
-        sq *= 0.9
-        np.multiply(g, g, out=tmp)
-        tmp *= 0.1
-        sq += tmp
+        _decay_add_square(sq, g, 0.9, tmp)
         np.add(acc, 1e-6, out=tmp)
         np.sqrt(tmp, out=tmp)
         np.add(sq, 1e-6, out=tmp2)
         np.sqrt(tmp2, out=tmp2)
         np.divide(tmp, tmp2, out=tmp)
         tmp *= g
-        acc *= 0.9
-        np.multiply(tmp, tmp, out=tmp2)
-        tmp2 *= 0.1
-        acc += tmp2
+        _decay_add_square(acc, tmp, 0.9, tmp2)
         p -= tmp
     elif rule == "RMSprop":
         sq = state["sq"]
-        sq *= 0.9
-        np.multiply(g, g, out=tmp)
-        tmp *= 0.1
-        sq += tmp
+        _decay_add_square(sq, g, 0.9, tmp)
         np.add(sq, 1e-8, out=tmp)
         np.sqrt(tmp, out=tmp)
         np.divide(g, tmp, out=tmp)
@@ -121,10 +120,7 @@ def numpy_step(rule, p, g, state, t, tmp, tmp2):
             tmp *= 2e-3 / (1 - b1 ** t)
             p -= tmp
             return
-        v *= b2
-        np.multiply(g, g, out=tmp)
-        tmp *= 1 - b2
-        v += tmp
+        _decay_add_square(v, g, b2, tmp)
         np.sqrt(v, out=tmp)
         tmp *= 1 / math.sqrt(1 - b2 ** t)
         tmp += 1e-8
