@@ -29,11 +29,7 @@ class Optimizer:
         self.defaults = self.rule.hyperparameters(defaults)
         groups = self._groups(params)
         for i, g in enumerate(groups):
-            hp = {k: v for k, v in g.items() if k != "params"}
-            try:
-                self.rule.hyperparameters(hp)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"param group {i}: {e}") from None
+            self._group_hyperparameters(g, f"param group {i}")
         params = [p for g in groups for p in g["params"]]
         if not params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
@@ -72,14 +68,12 @@ class Optimizer:
         """Every parameter, in order: the indices of `state` and of step's grads."""
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _checked_hyperparameters(self):
-        out = []
-        for i, g in enumerate(self.param_groups):
-            try:
-                out.append(self.rule.hyperparameters({k: v for k, v in g.items() if k != "params"}))
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"param_groups[{i}]: {e}") from None
-        return out
+    def _group_hyperparameters(self, group, where):
+        """The group's hyperparameters, validated (the error names the group)."""
+        try:
+            return self.rule.hyperparameters({k: v for k, v in group.items() if k != "params"})
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from None
 
     def step(self, grads):
         """Update every parameter in place from `grads` (one array per parameter, same shape and
@@ -94,16 +88,13 @@ class Optimizer:
         self._checked_step(grads)
 
     def _group_kernel_args(self, k):
-        group = self.param_groups[k]
-        try:
-            hp = self.rule.hyperparameters({key: v for key, v in group.items() if key != "params"})
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"param_groups[{k}]: {e}") from None
+        hp = self._group_hyperparameters(self.param_groups[k], f"param_groups[{k}]")
         return self.rule.slots(hp), self.rule.kernel_args(hp, 1)
 
     def _checked_step(self, grads):
         """The full validation, then the update through a new plan (see fastopt/_engine.pxi)."""
-        hps = self._checked_hyperparameters()
+        hps = [self._group_hyperparameters(g, f"param_groups[{i}]")
+               for i, g in enumerate(self.param_groups)]
         params = self.params
         _checks.check_grads(grads, params)
         written, names = list(params), [f"params[{i}]" for i in range(len(params))]
@@ -193,10 +184,7 @@ class Optimizer:
             missing = set(self.defaults) - set(hp)
             if missing:
                 raise ValueError(f"state_dict param group {i} lacks {sorted(missing)}")
-            try:
-                group_of += [self.rule.hyperparameters(hp)] * n
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"state_dict param group {i}: {e}") from None
+            group_of += [self._group_hyperparameters(hp, f"state_dict param group {i}")] * n
             groups.append(hp)
             start += n
         params = self.params
