@@ -28,7 +28,27 @@ class Rule:
     state_type = None
     defaults = {}
 
+    def __init__(self):
+        self._cache = {}
+
     def hyperparameters(self, given):
+        """The validated hyperparameters: defaults completed by `given`.  Results are cached by
+        value and type (1 and True differ), since loops pass the same values every step."""
+        try:
+            key = tuple((k, type(v), v) for k, v in given.items())
+            cached = self._cache.get(key)
+        except TypeError:  # an unhashable value (a list of betas): validate without the cache
+            key, cached = None, None
+        if cached is not None:
+            return dict(cached)
+        checked = self._validate(given)
+        if key is not None:
+            if len(self._cache) >= 256:
+                self._cache.clear()
+            self._cache[key] = checked
+        return dict(checked)
+
+    def _validate(self, given):
         unknown = set(given) - set(self.defaults)
         if unknown:
             raise ValueError(f"{self.name}: unknown hyperparameter(s) {sorted(unknown)}; "

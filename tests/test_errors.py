@@ -255,3 +255,15 @@ def test_kernel_rejects_bad_hyperparameters_and_overlap():
         _kernels.adam(p, g, m, v, None, {**kw, "amsgrad": True})
     np.testing.assert_array_equal(p, np.ones(8))
     np.testing.assert_array_equal(m, np.ones(8))
+
+
+def test_validation_cache_tells_types_apart():
+    """Hyperparameters are cached by value and type: True must not vouch for 1 (1 == True)."""
+    p, g = np.ones(4), np.ones(4)
+    state = fastopt.AdamState.new(p)
+    fastopt.functional.adam(p, g, state, maximize=True)
+    with pytest.raises(TypeError, match="maximize"):
+        fastopt.functional.adam(p, g, state, maximize=1)
+    with pytest.raises(ValueError, match="lr"):
+        fastopt.functional.adam(p, g, state, lr=float("nan"))
+    assert state.step == 1
