@@ -94,8 +94,10 @@ class _Fastopt:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
+        work = []  # (group, its params with a gradient)
         for group in self.param_groups:  # validate everything before anything changes
+            with_grad = []
+            work.append((group, with_grad))
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -108,9 +110,9 @@ class _Fastopt:
                 if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
                     raise TypeError(f"a gradient of {g.dtype} {tuple(g.shape)} on {g.device} for a "
                                     f"parameter of {p.dtype} {tuple(p.shape)} on {p.device}")
-                work.append((group, p))
-        for group in self.param_groups:
-            self._step_group(group, [p for g, p in work if g is group])
+                with_grad.append(p)
+        for group, params in work:
+            self._step_group(group, params)
         return loss
 
     def _step_group(self, group, params):
