@@ -115,16 +115,18 @@ cdef class Batch:
             self.ptrs[k] = <void **>calloc(max(self.count, 1), sizeof(void *)) if used else NULL
         if self.sizes == NULL or self.ptrs[0] == NULL or self.ptrs[1] == NULL:
             raise MemoryError()
-        self.buffers = []  # per tensor: the state buffers in slot order (None if unused)
+        # per tensor: every buffer its state holds, in slot order (BUFFERS), used by this batch
+        # or not, so a step can tell that none was replaced since the full validation
+        self.buffers = []
         cdef cnp.ndarray a
         for t in range(self.count):
             a = params[t]
             self.ptrs[0][t] = cnp.PyArray_DATA(a)
             self.sizes[t] = cnp.PyArray_SIZE(a)
-            bufs = [None if s is None else getattr(states[t], s) for s in slots]
+            bufs = [getattr(states[t], name) for name in states[t].BUFFERS]
             self.buffers.append(bufs)
             for k, b in enumerate(bufs):
-                if b is not None:
+                if slots[k] is not None:
                     if self.ptrs[k + 2] == NULL:
                         raise MemoryError()
                     self.ptrs[k + 2][t] = cnp.PyArray_DATA(<cnp.ndarray>b)
@@ -152,17 +154,15 @@ cdef class Batch:
             if state.get(i) is not s or s.step != self.step:
                 return False
             bufs = self.buffers[t]
-            for k in range(len(self.slots)):
-                name = self.slots[k]
-                if name is None:
-                    continue
+            for k, name in enumerate(s.BUFFERS):
                 b = getattr(s, name)
-                if b is not bufs[k] or cnp.PyArray_DATA(<cnp.ndarray>b) != self.ptrs[k + 2][t] \
-                        or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b):
+                if b is not bufs[k]:
                     return False
-            # buffers that this batch does not use must not have appeared either
-            for name in s.BUFFERS:
-                if name not in self.slots and getattr(s, name) is not None:
+                if b is None:
+                    continue
+                if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b) or (
+                        self.slots[k] is not None
+                        and cnp.PyArray_DATA(<cnp.ndarray>b) != self.ptrs[k + 2][t]):
                     return False
         return True
 

@@ -223,3 +223,26 @@ def test_show_config(capsys):
     fastopt.show_config()
     out = capsys.readouterr().out
     assert fastopt.isa() in out and "threads" in out and "-ffp-contract=off" in out
+
+
+def test_fast_path_keeps_a_state_with_an_unused_buffer():
+    """A state may keep a buffer its options stopped using (AMSGrad switched off): steps stay
+    on the plan, yet a replaced or read-only unused buffer is still rejected."""
+    p, g = np.ones(100, np.float32), np.full(100, 0.5, np.float32)
+    opt = fastopt.Adam([p], amsgrad=True)
+    opt.step([g])
+    opt.param_groups[0]["amsgrad"] = False
+    opt.step([g])
+    plan = opt._plan
+    opt.step([g])
+    assert opt._plan is plan  # no full re-validation and new plan on every step
+    opt.state[0].max_v = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"state\[0\]\.max_v has shape"):
+        opt.step([g])
+    opt.state[0].max_v = np.zeros(100, np.float32)
+    opt.step([g])
+    opt.state[0].max_v.flags.writeable = False
+    before = p.copy()
+    with pytest.raises(ValueError, match=r"state\[0\]\.max_v is read-only"):
+        opt.step([g])
+    np.testing.assert_array_equal(p, before)
