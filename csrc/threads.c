@@ -211,12 +211,8 @@ void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
         if (!helpers) pthread_mutex_unlock(&pool.lock);
     }
     if (!helpers) { /* one thread: straight through, no locking */
-        void *b[FO_MAX_BUFFERS];
-        for (size_t t = 0; t < count; t++) {
-            if (!n[t]) continue;
-            for (int k = 0; k < n_bufs; k++) b[k] = bufs[k] ? bufs[k][t] : NULL;
-            span(b, 0, n[t], scalars);
-        }
+        for (size_t t = 0; t < count; t++)
+            if (n[t]) run_piece(&j, &(piece){t, 0, n[t]});
         return;
     }
     const double start = now();

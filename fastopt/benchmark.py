@@ -168,8 +168,7 @@ def dropin_runners(torch_name, shapes, threads):
 
 
 def run_dropin(rule, shapes, threads, budget_s):
-    times = time_side_by_side(dropin_runners(RULES[rule][3], shapes, threads), budget_s)
-    return {k: v for k, v in times.items()}
+    return time_side_by_side(dropin_runners(RULES[rule][3], shapes, threads), budget_s)
 
 
 def torch_runners(torch_name, params, grads, threads):
