@@ -48,7 +48,7 @@ def test_rule(benchmark, rule, dtype, size, implementation):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize("rule", ["Adam", "AdamW", "SGD-momentum", "Adagrad"])
+@pytest.mark.parametrize("rule", ["Adam", "AdamW", "SGD", "Adagrad"])
 def test_model(benchmark, rule, model, implementation):
     shapes = MODELS[model]
     benchmark.group = f"{rule} {model} ({len(shapes)} tensors, "\
@@ -60,7 +60,7 @@ def test_model(benchmark, rule, model, implementation):
 @pytest.mark.parametrize("implementation", ["fastopt.torch", "torch for-loop", "torch foreach",
                                             "torch fused"])
 @pytest.mark.parametrize("case", ["1.6e7", "ResNet-18"])
-@pytest.mark.parametrize("rule", ["Adam", "AdamW", "SGD-momentum", "Adagrad"])
+@pytest.mark.parametrize("rule", ["Adam", "AdamW", "SGD", "Adagrad"])
 def test_torch_dropin(benchmark, rule, case, implementation):
     pytest.importorskip("torch")
     from fastopt.benchmark import dropin_runners

@@ -1,10 +1,16 @@
 /*
  * fastopt.h -- public C API of fastopt's in-place optimizer kernels.
  *
- * Every function updates contiguous buffers of n elements in place, in one pass over memory,
- * without allocating.  The math of each rule lives once in csrc/rules/<rule>.inc and is
- * instantiated for float (_f32) and double (_f64).  Per-step scalars (bias corrections, step
- * sizes) are computed once per call in double.
+ * Every call updates contiguous buffers in place, in one pass over memory, without
+ * allocating.  The math of each rule lives once, in csrc/rules/<rule>.inc, beside the
+ * computation of its per-step scalars (done once per call, in double); it is instantiated for
+ * float and double and for every instruction set.
+ *
+ * Two ways in, one engine:
+ *   - fo_step(rule, batch, hyperparameters, error): the generic entry.  A batch is any number
+ *     of tensors sharing one set of hyperparameters, each with the rule's buffers.
+ *   - the typed entries fo_<rule>_f32 / _f64 (one tensor) and fo_<rule>_many_f32 / _f64 (many),
+ *     generated from the rule list below; they fill a batch and call fo_step.
  *
  * Conventions.  `convention` selects between the textbook formulas (Ruder's overview, the
  * default, FO_TEXTBOOK) and PyTorch's (FO_TORCH): momentum with dampening and lr outside the
@@ -12,9 +18,10 @@
  * AMSGrad's max over the uncorrected v, NAdam's momentum-decay schedule.  The exact equations
  * are at the top of each csrc/rules/<rule>.inc and in the README.
  *
- * Errors.  A function validates its arguments before it writes anything and returns a status:
+ * Errors.  A call validates its arguments before it writes anything and returns a status:
  * FO_OK, or FO_ERR_* with every buffer untouched.  It never crashes on NULL pointers with n > 0,
- * invalid hyperparameters or overlapping buffers; it does not check that buffers hold n elements.
+ * invalid hyperparameters or overlapping buffers; it does not check that buffers hold n
+ * elements.  fo_step and fo_check also say which hyperparameter is wrong (fo_error).
  */
 #ifndef FASTOPT_H
 #define FASTOPT_H
@@ -26,132 +33,180 @@
 extern "C" {
 #endif
 
-#define FO_API_VERSION 1
+#define FO_API_VERSION 2
+
+/* ---- the rules -----------------------------------------------------------------------------
+ * X(rule, state buffers...): each rule's name and its state buffers, in the order of its
+ * typed entry points.  This list generates the rule ids (FO_RULE_<rule>), the typed entry
+ * points and the kernel tables; each rule's hyperparameter fields are FO_FIELDS_<rule> below.
+ */
+#define FO_RULES(X)                                                                            \
+    X(sgd, momentum_buffer)                                                                    \
+    X(adagrad, sum)                                                                            \
+    X(adadelta, square_avg, acc_delta)                                                         \
+    X(rmsprop, square_avg, grad_avg, momentum_buffer)                                          \
+    X(adam, m, v, max_v)                                                                       \
+    X(adamax, m, u)                                                                            \
+    X(nadam, m, v)
+
+/* Every rule starts from g = (maximize ? -grad : grad) + weight_decay * theta (L2), except
+ * where a rule decouples the decay.  F(c, type, name) per field of fo_<rule>_params (c: context
+ * that F passes on, for the generators). */
+#define FO_FIELDS_sgd(F, c)                                                                       \
+    F(c, double, lr) F(c, double, momentum) F(c, double, dampening) F(c, double, weight_decay)             \
+    F(c, int, nesterov) F(c, int, maximize) F(c, int, convention)                                       \
+    F(c, int64_t, step) /* FO_TORCH only: on step 1 the buffer is seeded with g (torch's clone) */
+#define FO_FIELDS_adagrad(F, c)                                                                   \
+    F(c, double, lr) F(c, double, eps) F(c, double, weight_decay)                                       \
+    F(c, int, maximize) F(c, int, convention) /* FO_TORCH: eps outside the square root */
+#define FO_FIELDS_adadelta(F, c)                                                                  \
+    F(c, double, lr) F(c, double, rho) F(c, double, eps) F(c, double, weight_decay) F(c, int, maximize)
+#define FO_FIELDS_rmsprop(F, c)                                                                   \
+    F(c, double, lr) F(c, double, rho) F(c, double, eps) F(c, double, weight_decay) F(c, double, momentum)    \
+    F(c, int, centered) F(c, int, maximize) F(c, int, convention) /* FO_TORCH: eps outside the root */
+#define FO_FIELDS_adam(F, c)                                                                      \
+    F(c, double, lr) F(c, double, beta1) F(c, double, beta2) F(c, double, eps) F(c, double, weight_decay)     \
+    F(c, int, amsgrad) F(c, int, decoupled_weight_decay) F(c, int, maximize) F(c, int, convention)         \
+    F(c, int64_t, step) /* 1 on the first update */
+#define FO_FIELDS_adamax(F, c)                                                                    \
+    F(c, double, lr) F(c, double, beta1) F(c, double, beta2) F(c, double, eps) F(c, double, weight_decay)     \
+    F(c, int, maximize) F(c, int, convention) /* FO_TORCH: u <- max(beta2 u, |g| + eps) */          \
+    F(c, int64_t, step)
+#define FO_FIELDS_nadam(F, c)                                                                     \
+    F(c, double, lr) F(c, double, beta1) F(c, double, beta2) F(c, double, eps) F(c, double, weight_decay)     \
+    F(c, double, momentum_decay) /* FO_TORCH only (psi) */                                        \
+    F(c, double, mu_product)     /* FO_TORCH only: prod_{i<=step} mu_i, kept by the caller */     \
+    F(c, int, decoupled_weight_decay) F(c, int, maximize) F(c, int, convention) F(c, int64_t, step)
+
+/* ---- status, conventions, storage types ---------------------------------------------------- */
 
 enum fo_status {
     FO_OK = 0,
     FO_ERR_NULL = 1,       /* a required buffer is NULL while n > 0 */
     FO_ERR_HYPERPARAM = 2, /* a hyperparameter is NaN, infinite or out of its range */
-    FO_ERR_OVERLAP = 3     /* a buffer that is written overlaps another buffer of the call */
+    FO_ERR_OVERLAP = 3,    /* a buffer that is written overlaps another buffer of the call */
+    FO_ERR_RULE = 4,       /* no such rule */
+    FO_ERR_DTYPE = 5       /* a storage type (or combination) the kernels do not have */
 };
 
 enum fo_convention { FO_TEXTBOOK = 0, FO_TORCH = 1 };
 
+/* How a buffer is stored; the kernels compute in float for float32 and double for float64. */
+enum fo_dtype { FO_FLOAT32 = 0, FO_FLOAT64 = 1 };
+
+#define FO_MAX_BUFFERS 8 /* param, grad, and up to six state buffers */
+
+#define FO_RULE_ID_(rule, ...) FO_RULE_##rule,
+enum fo_rule { FO_RULES(FO_RULE_ID_) FO_N_RULES };
+#undef FO_RULE_ID_
+
+#define FO_FIELD_(c, type, name) type name;
+#define FO_PARAMS_STRUCT_(rule, ...) typedef struct { FO_FIELDS_##rule(FO_FIELD_, ~) } fo_##rule##_params;
+FO_RULES(FO_PARAMS_STRUCT_)
+#undef FO_PARAMS_STRUCT_
+#undef FO_FIELD_
+
 /* Human-readable text for a status code (static storage, never NULL). */
 const char *fo_strerror(int status);
 
-/* Fields common to every rule: g <- (maximize ? -g : g) + weight_decay * theta (L2),
- * except where a rule decouples the decay. */
-
+/* What fo_step / fo_check found wrong: the hyperparameter's field name and the rule it broke
+ * (both static strings), or NULLs when the status has nothing to do with hyperparameters. */
 typedef struct {
-    double lr, momentum, dampening, weight_decay;
-    int nesterov, maximize, convention;
-    int64_t step; /* FO_TORCH only: on step 1 the buffer is seeded with g (torch's clone) */
-} fo_sgd_params;
+    const char *field, *requirement;
+} fo_error;
 
-typedef struct {
-    double lr, eps, weight_decay;
-    int maximize, convention; /* FO_TORCH: eps outside the square root */
-} fo_adagrad_params;
-
-typedef struct {
-    double lr, rho, eps, weight_decay;
-    int maximize;
-} fo_adadelta_params;
-
-typedef struct {
-    double lr, rho, eps, weight_decay, momentum;
-    int centered, maximize, convention; /* FO_TORCH: eps outside the square root */
-} fo_rmsprop_params;
-
-typedef struct {
-    double lr, beta1, beta2, eps, weight_decay;
-    int amsgrad, decoupled_weight_decay, maximize, convention;
-    int64_t step; /* 1 on the first update */
-} fo_adam_params;
-
-typedef struct {
-    double lr, beta1, beta2, eps, weight_decay;
-    int maximize, convention; /* FO_TORCH: u <- max(beta2 u, |g| + eps), no eps in the division */
-    int64_t step;
-} fo_adamax_params;
-
-typedef struct {
-    double lr, beta1, beta2, eps, weight_decay;
-    double momentum_decay; /* FO_TORCH only (psi) */
-    double mu_product;     /* FO_TORCH only: prod_{i<=step} mu_i, kept by the caller */
-    int decoupled_weight_decay, maximize, convention;
-    int64_t step;
-} fo_nadam_params;
-
-/* momentum_buffer may be NULL when momentum == 0. */
-int fo_sgd_f32(float *param, const float *grad, float *momentum_buffer, size_t n, const fo_sgd_params *hp);
-int fo_sgd_f64(double *param, const double *grad, double *momentum_buffer, size_t n, const fo_sgd_params *hp);
-
-int fo_adagrad_f32(float *param, const float *grad, float *sum, size_t n, const fo_adagrad_params *hp);
-int fo_adagrad_f64(double *param, const double *grad, double *sum, size_t n, const fo_adagrad_params *hp);
-
-int fo_adadelta_f32(float *param, const float *grad, float *square_avg, float *acc_delta, size_t n,
-                    const fo_adadelta_params *hp);
-int fo_adadelta_f64(double *param, const double *grad, double *square_avg, double *acc_delta, size_t n,
-                    const fo_adadelta_params *hp);
-
-/* grad_avg may be NULL unless centered; momentum_buffer may be NULL when momentum == 0. */
-int fo_rmsprop_f32(float *param, const float *grad, float *square_avg, float *grad_avg,
-                   float *momentum_buffer, size_t n, const fo_rmsprop_params *hp);
-int fo_rmsprop_f64(double *param, const double *grad, double *square_avg, double *grad_avg,
-                   double *momentum_buffer, size_t n, const fo_rmsprop_params *hp);
-
-/* max_v may be NULL unless amsgrad. */
-int fo_adam_f32(float *param, const float *grad, float *m, float *v, float *max_v, size_t n,
-                const fo_adam_params *hp);
-int fo_adam_f64(double *param, const double *grad, double *m, double *v, double *max_v, size_t n,
-                const fo_adam_params *hp);
-
-int fo_adamax_f32(float *param, const float *grad, float *m, float *u, size_t n, const fo_adamax_params *hp);
-int fo_adamax_f64(double *param, const double *grad, double *m, double *u, size_t n, const fo_adamax_params *hp);
-
-int fo_nadam_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_nadam_params *hp);
-int fo_nadam_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_nadam_params *hp);
+/* ---- the generic entry point --------------------------------------------------------------- */
 
 /*
- * Many tensors in one call, sharing one set of hyperparameters (a parameter group): count
- * tensors, tensor t having n[t] elements at param[t], grad[t], ...  The work is split across
- * threads by elements, not by tensor.  Each tensor's buffers are checked as in the
- * single-tensor call; overlaps between different tensors' buffers are not checked.
+ * `count` tensors, tensor t having n[t] elements; buffers[k][t] is buffer k of tensor t: k = 0
+ * the parameter, 1 its gradient (read only), 2.. the rule's state buffers in FO_RULES order.
+ * buffers[k] may be NULL for a state buffer the hyperparameters leave unused (AMSGrad's max_v
+ * without amsgrad).  dtype[k] is buffer k's storage (today every buffer of a call must share
+ * FO_FLOAT32 or FO_FLOAT64).  The work is split across threads by elements, not by tensor.
+ * Each tensor's buffers must not overlap one another; overlaps between different tensors'
+ * buffers are not checked (the Python layer does it once).
  */
-int fo_sgd_many_f32(size_t count, float *const *param, const float *const *grad,
-                    float *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp);
-int fo_sgd_many_f64(size_t count, double *const *param, const double *const *grad,
-                    double *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp);
-int fo_adagrad_many_f32(size_t count, float *const *param, const float *const *grad,
-                        float *const *sum, const size_t *n, const fo_adagrad_params *hp);
-int fo_adagrad_many_f64(size_t count, double *const *param, const double *const *grad,
-                        double *const *sum, const size_t *n, const fo_adagrad_params *hp);
-int fo_adadelta_many_f32(size_t count, float *const *param, const float *const *grad,
-                         float *const *square_avg, float *const *acc_delta, const size_t *n,
-                         const fo_adadelta_params *hp);
-int fo_adadelta_many_f64(size_t count, double *const *param, const double *const *grad,
-                         double *const *square_avg, double *const *acc_delta, const size_t *n,
-                         const fo_adadelta_params *hp);
-int fo_rmsprop_many_f32(size_t count, float *const *param, const float *const *grad,
-                        float *const *square_avg, float *const *grad_avg,
-                        float *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp);
-int fo_rmsprop_many_f64(size_t count, double *const *param, const double *const *grad,
-                        double *const *square_avg, double *const *grad_avg,
-                        double *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp);
-int fo_adam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
-                     float *const *v, float *const *max_v, const size_t *n, const fo_adam_params *hp);
-int fo_adam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
-                     double *const *v, double *const *max_v, const size_t *n, const fo_adam_params *hp);
-int fo_adamax_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
-                       float *const *u, const size_t *n, const fo_adamax_params *hp);
-int fo_adamax_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
-                       double *const *u, const size_t *n, const fo_adamax_params *hp);
-int fo_nadam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
-                      float *const *v, const size_t *n, const fo_nadam_params *hp);
-int fo_nadam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
-                      double *const *v, const size_t *n, const fo_nadam_params *hp);
+typedef struct {
+    size_t count;
+    const size_t *n;
+    void *const *buffers[FO_MAX_BUFFERS];
+    int dtype[FO_MAX_BUFFERS];
+} fo_batch;
+
+/* One step of `rule` over `batch`; hp points to the rule's fo_<rule>_params.  err may be NULL. */
+int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err);
+
+/* Validate hyperparameters only: FO_OK, with bit k of *uses set when they use state buffer k
+ * (uses may be NULL), or FO_ERR_HYPERPARAM with err filled. */
+int fo_check(int rule, const void *hp, unsigned *uses, fo_error *err);
+
+/* ---- what each rule is, for bindings --------------------------------------------------------- */
+
+enum fo_field_type { FO_FIELD_DOUBLE = 0, FO_FIELD_INT = 1, FO_FIELD_INT64 = 2 };
+typedef struct {
+    const char *name;
+    int type; /* fo_field_type */
+    size_t offset;
+} fo_field;
+
+typedef struct {
+    const char *name;          /* "adam" */
+    int n_state;               /* state buffers */
+    const char *const *state;  /* their names, in order */
+    size_t params_size;        /* sizeof(fo_<rule>_params) */
+    int n_fields;
+    const fo_field *fields;    /* the fields of fo_<rule>_params, in order */
+} fo_rule_info;
+
+/* The description of rule `rule` (0 <= rule < FO_N_RULES), or NULL. */
+const fo_rule_info *fo_describe(int rule);
+
+/* ---- the typed entry points ------------------------------------------------------------------
+ * For each X(rule, s1, s2, ...) of FO_RULES:
+ *   int fo_<rule>_f32(float *param, const float *grad, float *s1, float *s2, ..., size_t n,
+ *                     const fo_<rule>_params *hp);
+ *   int fo_<rule>_many_f32(size_t count, float *const *param, const float *const *grad,
+ *                          float *const *s1, ..., const size_t *n, const fo_<rule>_params *hp);
+ * and the same with double for _f64.  For example
+ *   int fo_adam_f32(float *param, const float *grad, float *m, float *v, float *max_v, size_t n,
+ *                   const fo_adam_params *hp);     (max_v may be NULL unless amsgrad)
+ * Optional buffers may be NULL when the options leave them unused: SGD's momentum_buffer when
+ * momentum == 0, RMSprop's grad_avg unless centered and momentum_buffer when momentum == 0,
+ * Adam's max_v unless amsgrad.
+ */
+#define FO_NARGS_(...) FO_NARGS_PICK_(__VA_ARGS__, 6, 5, 4, 3, 2, 1, 0)
+#define FO_NARGS_PICK_(a1, a2, a3, a4, a5, a6, n, ...) n
+#define FO_CAT2_(a, b) a##b
+#define FO_CAT2(a, b) FO_CAT2_(a, b)
+/* FO_MAP(m, x1, x2, ...) -> m(x1) m(x2) ... (up to six) */
+#define FO_MAP(m, ...) FO_CAT2(FO_MAP_, FO_NARGS_(__VA_ARGS__))(m, __VA_ARGS__)
+#define FO_MAP_1(m, a) m(a)
+#define FO_MAP_2(m, a, ...) m(a) FO_MAP_1(m, __VA_ARGS__)
+#define FO_MAP_3(m, a, ...) m(a) FO_MAP_2(m, __VA_ARGS__)
+#define FO_MAP_4(m, a, ...) m(a) FO_MAP_3(m, __VA_ARGS__)
+#define FO_MAP_5(m, a, ...) m(a) FO_MAP_4(m, __VA_ARGS__)
+#define FO_MAP_6(m, a, ...) m(a) FO_MAP_5(m, __VA_ARGS__)
+
+#define FO_ONE_ARG_float(name) float *name,
+#define FO_ONE_ARG_double(name) double *name,
+#define FO_MANY_ARG_float(name) float *const *name,
+#define FO_MANY_ARG_double(name) double *const *name,
+#define FO_TYPED_SIGNATURE_ONE(rule, T, sfx, ...)                                              \
+    int fo_##rule##_##sfx(T *param, const T *grad, FO_MAP(FO_ONE_ARG_##T, __VA_ARGS__) size_t n, \
+                          const fo_##rule##_params *hp)
+#define FO_TYPED_SIGNATURE_MANY(rule, T, sfx, ...)                                             \
+    int fo_##rule##_many_##sfx(size_t count, T *const *param, const T *const *grad,            \
+                               FO_MAP(FO_MANY_ARG_##T, __VA_ARGS__) const size_t *n,           \
+                               const fo_##rule##_params *hp)
+#define FO_TYPED_DECLARATIONS_(rule, ...)                                                      \
+    FO_TYPED_SIGNATURE_ONE(rule, float, f32, __VA_ARGS__);                                     \
+    FO_TYPED_SIGNATURE_ONE(rule, double, f64, __VA_ARGS__);                                    \
+    FO_TYPED_SIGNATURE_MANY(rule, float, f32, __VA_ARGS__);                                    \
+    FO_TYPED_SIGNATURE_MANY(rule, double, f64, __VA_ARGS__);
+FO_RULES(FO_TYPED_DECLARATIONS_)
+#undef FO_TYPED_DECLARATIONS_
+
+/* ---- threads, instruction set, the bandwidth ceiling ----------------------------------------- */
 
 /* Threads used by a large call (default: FASTOPT_NUM_THREADS, else the CPUs this process may
  * use).  Calls under 131072 elements run on the calling thread.  Results never depend on it. */

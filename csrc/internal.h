@@ -1,9 +1,13 @@
 /*
- * internal.h -- what the public entry points (kernels.c) share with the loops (loops*.c).
+ * internal.h -- what the generic entry point (kernels.c) shares with the loops (loops*.c).
  *
- * The entry points validate the arguments and turn hyperparameters into per-step scalars, in
- * double, once per call; a loop receives only those scalars and streams over the buffers.  The
- * loops are compiled once per instruction set, and fo_loops is one such build's table.
+ * Each rule file csrc/rules/<rule>.inc has three parts, included where they are needed:
+ *   FO_PART_TYPES    its per-step scalars struct, fo_<rule>_scalars (here, for everyone)
+ *   FO_PART_PREPARE  <rule>_prepare(): validate the hyperparameters, compute the scalars in
+ *                    double once per call, say which state buffers the options use (kernels.c)
+ *   FO_PART_LOOP     the loop over elements, for the FO_T / FO_SFX / FO_ISA that loops.inc
+ *                    defines (once per dtype and instruction set)
+ * so a loop receives only the scalars and streams over the buffers.
  */
 #ifndef FASTOPT_INTERNAL_H
 #define FASTOPT_INTERNAL_H
@@ -13,53 +17,22 @@
 #define FO_CAT_(a, b) a##_##b
 #define FO_CAT(a, b) FO_CAT_(a, b)
 
-/* Every rule starts from g = grad_sign * grad + l2 * theta. */
-typedef struct {
-    double grad_sign, l2;
-    double buffer_decay, buffer_grad_coef; /* b <- buffer_decay b + buffer_grad_coef g */
-    double momentum, direct_grad_coef;     /* nesterov: d = momentum b + direct_grad_coef g */
-    double step_scale;                 /* theta <- theta - step_scale * d */
-    int has_buffer, nesterov;
-} fo_sgd_scalars;
+#define FO_PART_TYPES 1
+#define FO_PART_PREPARE 2
+#define FO_PART_LOOP 3
 
-typedef struct {
-    double grad_sign, l2, lr, eps_inside, eps_outside;
-} fo_adagrad_scalars;
+#define FO_PART FO_PART_TYPES
+#include "rules/all.inc"
+#undef FO_PART
 
-typedef struct {
-    double grad_sign, l2, lr, rho, one_minus_rho, eps;
-} fo_adadelta_scalars;
-
-typedef struct {
-    double grad_sign, l2, lr, rho, one_minus_rho, eps_inside, eps_outside, momentum;
-    int centered, has_momentum;
-} fo_rmsprop_scalars;
-
-typedef struct {
-    double grad_sign, l2, decay, beta1, one_minus_beta1, beta2, one_minus_beta2;
-    double step_size;   /* lr / (1 - beta1^t) */
-    double max_scale;   /* what v is scaled by before the AMSGrad max */
-    double denom_scale; /* what sqrt(max or v) is scaled by before eps is added */
-    double eps;
-    int amsgrad;
-} fo_adam_scalars;
-
-typedef struct {
-    double grad_sign, l2, beta1, one_minus_beta1, beta2, step_size, eps_inside_max, eps_outside;
-} fo_adamax_scalars;
-
-typedef struct {
-    double grad_sign, l2, decay, beta1, one_minus_beta1, beta2, one_minus_beta2;
-    double denom_scale, eps, grad_coef, momentum_coef;
-} fo_nadam_scalars;
+/* Room for any rule's scalars (checked at compile time in kernels.c). */
+#define FO_MAX_SCALARS 256
 
 /* One rule's loop over elements [at, at + n) of one tensor whose buffers (param, grad, then the
- * state buffers in the order of the public signature; NULL for unused ones) start at b[]. */
+ * state buffers in FO_RULES order; NULL for unused ones) start at b[]. */
 typedef void (*fo_span_fn)(void *const *b, size_t at, size_t n, const void *scalars);
 
-enum { FO_SGD, FO_ADAGRAD, FO_ADADELTA, FO_RMSPROP, FO_ADAM, FO_ADAMAX, FO_NADAM, FO_N_RULES };
 enum { FO_F32, FO_F64 };
-#define FO_MAX_BUFFERS 5
 
 typedef struct {
     const char *name;

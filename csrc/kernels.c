@@ -1,9 +1,10 @@
 /*
- * kernels.c -- the public entry points of fastopt.h.
+ * kernels.c -- the entry points of fastopt.h: fo_step, and the typed wrappers around it.
  *
- * Each entry point validates its arguments (NULL buffers, overlapping buffers, hyperparameters),
- * turns the hyperparameters into per-step scalars in double, and hands them to the loop of the
- * active instruction set.  Nothing is written before validation has passed.
+ * fo_step validates its arguments (hyperparameters, NULL and overlapping buffers, storage
+ * types), lets the rule turn its hyperparameters into per-step scalars in double, once per
+ * call, and hands them to the loop of the active instruction set.  Nothing is written before
+ * validation has passed.
  */
 #include <math.h>
 #include <pthread.h>
@@ -52,25 +53,103 @@ const char *fo_strerror(int status)
     case FO_ERR_NULL: return "a required buffer or the hyperparameter struct is NULL";
     case FO_ERR_HYPERPARAM: return "a hyperparameter is NaN, infinite or out of range";
     case FO_ERR_OVERLAP: return "a buffer that is written overlaps another buffer";
+    case FO_ERR_RULE: return "no such rule";
+    case FO_ERR_DTYPE: return "unsupported storage type";
     default: return "unknown fastopt status";
     }
 }
 
-/* ---- validation ------------------------------------------------------------------------- */
+/* ---- what the rules' prepare parts use (rules/<rule>.inc, FO_PART_PREPARE) ------------------ */
 
 static int nonneg(double x) { return x >= 0.0 && isfinite(x); } /* NaN fails */
 static int unit_interval(double x) { return x >= 0.0 && x < 1.0; } /* [0, 1), NaN fails */
-static int convention_ok(int c) { return c == FO_TEXTBOOK || c == FO_TORCH; }
 
-/* Marks, in check_tensor's list, a buffer that the call's options leave unused. */
-static char unused_marker;
-#define FO_UNUSED ((void *)&unused_marker)
+#define FO_PREPARE(rule)                                                                       \
+    static int rule##_prepare(const fo_##rule##_params *hp, fo_##rule##_scalars *s,            \
+                              unsigned *uses, fo_error *err)
+#define FO_REQUIRE(cond, field_name, requirement_text)                                                   \
+    do {                                                                                       \
+        if (!(cond)) {                                                                         \
+            err->field = (field_name);                                                          \
+            err->requirement = (requirement_text);                                              \
+            return FO_ERR_HYPERPARAM;                                                          \
+        }                                                                                      \
+    } while (0)
+#define FO_NONNEG(name) FO_REQUIRE(nonneg(hp->name), #name, "must be finite and >= 0")
+#define FO_UNIT(name) FO_REQUIRE(unit_interval(hp->name), #name, "must be in [0, 1)")
+#define FO_STEP() FO_REQUIRE(hp->step >= 1, "step", "must be >= 1")
+#define FO_CONVENTION()                                                                        \
+    FO_REQUIRE(hp->convention == FO_TEXTBOOK || hp->convention == FO_TORCH, "convention",     \
+               "must be FO_TEXTBOOK or FO_TORCH")
+#define FO_USES(k) (1u << (k)) /* state buffer k is read and written */
+
+/* g = grad_sign * grad + l2 * theta; the decay of decoupled weight decay is the caller's. */
+static void gradient_terms(int maximize, double weight_decay, int decoupled, double *grad_sign,
+                           double *l2)
+{
+    *grad_sign = maximize ? -1.0 : 1.0;
+    *l2 = decoupled ? 0.0 : weight_decay;
+}
+
+#define FO_PART FO_PART_PREPARE
+#include "rules/all.inc"
+#undef FO_PART
+
+/* ---- the rule table, from FO_RULES --------------------------------------------------------- */
+
+typedef int (*fo_prepare_fn)(const void *hp, void *scalars, unsigned *uses, fo_error *err);
+
+#define FO_TYPE_double FO_FIELD_DOUBLE
+#define FO_TYPE_int FO_FIELD_INT
+#define FO_TYPE_int64_t FO_FIELD_INT64
+#define FO_STRING(x) #x,
+#define FO_FIELD_ENTRY(params_type, type, name) {#name, FO_TYPE_##type, offsetof(params_type, name)},
+#define FO_RULE_TABLES(rule, ...)                                                              \
+    _Static_assert(sizeof(fo_##rule##_scalars) <= FO_MAX_SCALARS, #rule " scalars too large"); \
+    static int rule##_prepare_any(const void *hp, void *s, unsigned *uses, fo_error *err)      \
+    {                                                                                          \
+        return rule##_prepare((const fo_##rule##_params *)hp, (fo_##rule##_scalars *)s, uses, \
+                              err);                                                            \
+    }                                                                                          \
+    static const char *const rule##_state[] = {FO_MAP(FO_STRING, __VA_ARGS__)};               \
+    static const fo_field rule##_fields[] = {FO_FIELDS_##rule(FO_FIELD_ENTRY, fo_##rule##_params)};
+FO_RULES(FO_RULE_TABLES)
+
+#define FO_COUNT(array) ((int)(sizeof(array) / sizeof *(array)))
+#define FO_RULE_ENTRY(rule, ...)                                                               \
+    [FO_RULE_##rule] = {{#rule, FO_COUNT(rule##_state), rule##_state,                         \
+                         sizeof(fo_##rule##_params), FO_COUNT(rule##_fields), rule##_fields},  \
+                        rule##_prepare_any},
+static const struct {
+    fo_rule_info info;
+    fo_prepare_fn prepare;
+} rules[FO_N_RULES] = {FO_RULES(FO_RULE_ENTRY)};
+
+const fo_rule_info *fo_describe(int rule)
+{
+    return rule >= 0 && rule < FO_N_RULES ? &rules[rule].info : NULL;
+}
+
+/* ---- validation ------------------------------------------------------------------------- */
+
+int fo_check(int rule, const void *hp, unsigned *uses, fo_error *err)
+{
+    fo_error ignored;
+    _Alignas(16) unsigned char scalars[FO_MAX_SCALARS];
+    unsigned ignored_uses;
+    if (!err) err = &ignored;
+    if (!uses) uses = &ignored_uses;
+    *err = (fo_error){NULL, NULL};
+    if (rule < 0 || rule >= FO_N_RULES) return FO_ERR_RULE;
+    if (!hp) return FO_ERR_NULL;
+    return rules[rule].prepare(hp, scalars, uses, err);
+}
 
 /*
  * One tensor's buffers: the gradient (read) and written[0..n_written), n elements of elem_size
- * bytes each (FO_UNUSED entries are skipped).  All must be non-NULL when n > 0, and no written
- * buffer may overlap another buffer: the loops read each element once and write it once,
- * which is only correct for disjoint buffers.
+ * bytes each.  All must be non-NULL when n > 0, and no written buffer may overlap another
+ * buffer: the loops read each element once and write it once, which is only correct for
+ * disjoint buffers.
  */
 static int check_tensor(size_t n, size_t elem_size, const void *grad, void *const *written,
                         int n_written)
@@ -83,165 +162,105 @@ static int check_tensor(size_t n, size_t elem_size, const void *grad, void *cons
     const uintptr_t bytes = (uintptr_t)(n * elem_size), g = (uintptr_t)grad;
     for (int i = 0; i < n_written; i++) {
         const uintptr_t a = (uintptr_t)written[i];
-        if (written[i] == FO_UNUSED) continue;
         if (a < g + bytes && g < a + bytes) return FO_ERR_OVERLAP;
         for (int j = i + 1; j < n_written; j++) {
             const uintptr_t b = (uintptr_t)written[j];
-            if (written[j] != FO_UNUSED && a < b + bytes && b < a + bytes) return FO_ERR_OVERLAP;
+            if (a < b + bytes && b < a + bytes) return FO_ERR_OVERLAP;
         }
     }
     return FO_OK;
 }
 
-/* g = grad_sign * grad + l2 * theta; the decay of decoupled weight decay is the caller's. */
-static void gradient_terms(int maximize, double weight_decay, int decoupled, double *grad_sign,
-                           double *l2)
-{
-    *grad_sign = maximize ? -1.0 : 1.0;
-    *l2 = decoupled ? 0.0 : weight_decay;
-}
+/* ---- the generic entry point ---------------------------------------------------------------- */
 
-/* ---- per-rule scalars --------------------------------------------------------------------- */
-
-static int sgd_scalars(const fo_sgd_params *hp, fo_sgd_scalars *s)
+int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
 {
-    if (!nonneg(hp->lr) || !nonneg(hp->momentum) || !nonneg(hp->weight_decay) ||
-        !(hp->dampening >= 0.0 && hp->dampening <= 1.0) || !convention_ok(hp->convention) ||
-        (hp->nesterov && !(hp->momentum > 0.0)) ||
-        (hp->convention == FO_TORCH && hp->momentum > 0.0 &&
-         (hp->step < 1 || (hp->nesterov && hp->dampening != 0.0))))
-        return FO_ERR_HYPERPARAM;
-    gradient_terms(hp->maximize, hp->weight_decay, 0, &s->grad_sign, &s->l2);
-    s->has_buffer = hp->momentum > 0.0;
-    s->nesterov = hp->nesterov != 0;
-    s->momentum = s->buffer_decay = hp->momentum;
-    if (hp->convention == FO_TORCH) {
-        const int seed = hp->step == 1; /* torch clones g into its new buffer on the first step */
-        s->buffer_decay = seed ? 0.0 : hp->momentum;
-        s->buffer_grad_coef = seed ? 1.0 : 1.0 - hp->dampening;
-        s->direct_grad_coef = 1.0;
-        s->step_scale = hp->lr;
-    } else {
-        s->buffer_grad_coef = hp->lr;
-        s->direct_grad_coef = hp->lr;
-        s->step_scale = 1.0;
+    fo_error ignored;
+    _Alignas(16) unsigned char scalars[FO_MAX_SCALARS];
+    unsigned uses = 0;
+    if (!err) err = &ignored;
+    *err = (fo_error){NULL, NULL};
+    if (rule < 0 || rule >= FO_N_RULES) return FO_ERR_RULE;
+    if (!batch || !hp) return FO_ERR_NULL;
+    const int status = rules[rule].prepare(hp, scalars, &uses, err);
+    if (status != FO_OK) return status;
+
+    const int n_bufs = 2 + rules[rule].info.n_state;
+    const size_t count = batch->count;
+    void *const *bufs[FO_MAX_BUFFERS];
+    int used[FO_MAX_BUFFERS], n_used = 0; /* the buffers this call touches */
+    for (int k = 0; k < n_bufs; k++) {
+        const int is_used = k < 2 || (uses >> (k - 2)) & 1u;
+        bufs[k] = is_used ? batch->buffers[k] : NULL;
+        if (is_used) used[n_used++] = k;
     }
-    return FO_OK;
-}
+    const int dtype = batch->dtype[0];
+    if (dtype != FO_FLOAT32 && dtype != FO_FLOAT64) return FO_ERR_DTYPE;
+    for (int i = 0; i < n_used; i++)
+        if (batch->dtype[used[i]] != dtype) return FO_ERR_DTYPE;
+    if (count == 0) return FO_OK;
+    if (!batch->n) return FO_ERR_NULL;
+    for (int i = 0; i < n_used; i++)
+        if (!bufs[used[i]]) return FO_ERR_NULL;
 
-static int adagrad_scalars(const fo_adagrad_params *hp, fo_adagrad_scalars *s)
-{
-    if (!nonneg(hp->lr) || !nonneg(hp->eps) || !nonneg(hp->weight_decay) ||
-        !convention_ok(hp->convention))
-        return FO_ERR_HYPERPARAM;
-    gradient_terms(hp->maximize, hp->weight_decay, 0, &s->grad_sign, &s->l2);
-    s->lr = hp->lr;
-    s->eps_inside = hp->convention == FO_TORCH ? 0.0 : hp->eps;
-    s->eps_outside = hp->convention == FO_TORCH ? hp->eps : 0.0;
-    return FO_OK;
-}
-
-static int adadelta_scalars(const fo_adadelta_params *hp, fo_adadelta_scalars *s)
-{
-    if (!nonneg(hp->lr) || !unit_interval(hp->rho) || !nonneg(hp->eps) ||
-        !nonneg(hp->weight_decay))
-        return FO_ERR_HYPERPARAM;
-    gradient_terms(hp->maximize, hp->weight_decay, 0, &s->grad_sign, &s->l2);
-    s->lr = hp->lr;
-    s->rho = hp->rho;
-    s->one_minus_rho = 1.0 - hp->rho;
-    s->eps = hp->eps;
-    return FO_OK;
-}
-
-static int rmsprop_scalars(const fo_rmsprop_params *hp, fo_rmsprop_scalars *s)
-{
-    if (!nonneg(hp->lr) || !unit_interval(hp->rho) || !nonneg(hp->eps) ||
-        !nonneg(hp->weight_decay) || !nonneg(hp->momentum) || !convention_ok(hp->convention))
-        return FO_ERR_HYPERPARAM;
-    gradient_terms(hp->maximize, hp->weight_decay, 0, &s->grad_sign, &s->l2);
-    s->lr = hp->lr;
-    s->rho = hp->rho;
-    s->one_minus_rho = 1.0 - hp->rho;
-    s->eps_inside = hp->convention == FO_TORCH ? 0.0 : hp->eps;
-    s->eps_outside = hp->convention == FO_TORCH ? hp->eps : 0.0;
-    s->momentum = hp->momentum;
-    s->centered = hp->centered != 0;
-    s->has_momentum = hp->momentum > 0.0;
-    return FO_OK;
-}
-
-static int adam_scalars(const fo_adam_params *hp, fo_adam_scalars *s)
-{
-    if (!nonneg(hp->lr) || !unit_interval(hp->beta1) || !unit_interval(hp->beta2) ||
-        !nonneg(hp->eps) || !nonneg(hp->weight_decay) || hp->step < 1 ||
-        !convention_ok(hp->convention))
-        return FO_ERR_HYPERPARAM;
-    const int decoupled = hp->decoupled_weight_decay != 0;
-    gradient_terms(hp->maximize, hp->weight_decay, decoupled, &s->grad_sign, &s->l2);
-    /* scalars in double, as torch's fused Adam does, so both dtypes see the same schedule */
-    const double bias1 = 1.0 - pow(hp->beta1, (double)hp->step);
-    const double bias2 = 1.0 - pow(hp->beta2, (double)hp->step);
-    s->decay = decoupled ? 1.0 - hp->lr * hp->weight_decay : 1.0;
-    s->beta1 = hp->beta1;
-    s->one_minus_beta1 = 1.0 - hp->beta1;
-    s->beta2 = hp->beta2;
-    s->one_minus_beta2 = 1.0 - hp->beta2;
-    s->step_size = hp->lr / bias1;
-    s->eps = hp->eps;
-    s->amsgrad = hp->amsgrad != 0;
-    const int max_of_vhat = s->amsgrad && hp->convention == FO_TEXTBOOK;
-    s->max_scale = max_of_vhat ? 1.0 / bias2 : 1.0;
-    s->denom_scale = max_of_vhat ? 1.0 : 1.0 / sqrt(bias2);
-    return FO_OK;
-}
-
-static int adamax_scalars(const fo_adamax_params *hp, fo_adamax_scalars *s)
-{
-    if (!nonneg(hp->lr) || !unit_interval(hp->beta1) || !unit_interval(hp->beta2) ||
-        !nonneg(hp->eps) || !nonneg(hp->weight_decay) || hp->step < 1 ||
-        !convention_ok(hp->convention))
-        return FO_ERR_HYPERPARAM;
-    gradient_terms(hp->maximize, hp->weight_decay, 0, &s->grad_sign, &s->l2);
-    s->beta1 = hp->beta1;
-    s->one_minus_beta1 = 1.0 - hp->beta1;
-    s->beta2 = hp->beta2;
-    s->step_size = hp->lr / (1.0 - pow(hp->beta1, (double)hp->step));
-    s->eps_inside_max = hp->convention == FO_TORCH ? hp->eps : 0.0;
-    s->eps_outside = hp->convention == FO_TORCH ? 0.0 : hp->eps;
-    return FO_OK;
-}
-
-static int nadam_scalars(const fo_nadam_params *hp, fo_nadam_scalars *s)
-{
-    if (!nonneg(hp->lr) || !unit_interval(hp->beta1) || !unit_interval(hp->beta2) ||
-        !nonneg(hp->eps) || !nonneg(hp->weight_decay) || hp->step < 1 ||
-        !convention_ok(hp->convention) ||
-        (hp->convention == FO_TORCH &&
-         (!nonneg(hp->momentum_decay) || !unit_interval(hp->mu_product))))
-        return FO_ERR_HYPERPARAM;
-    const int decoupled = hp->decoupled_weight_decay != 0;
-    gradient_terms(hp->maximize, hp->weight_decay, decoupled, &s->grad_sign, &s->l2);
-    const double t = (double)hp->step;
-    const double bias1 = 1.0 - pow(hp->beta1, t);
-    s->decay = decoupled ? 1.0 - hp->lr * hp->weight_decay : 1.0;
-    s->beta1 = hp->beta1;
-    s->one_minus_beta1 = 1.0 - hp->beta1;
-    s->beta2 = hp->beta2;
-    s->one_minus_beta2 = 1.0 - hp->beta2;
-    s->denom_scale = 1.0 / sqrt(1.0 - pow(hp->beta2, t));
-    s->eps = hp->eps;
-    if (hp->convention == FO_TORCH) {
-        const double mu = hp->beta1 * (1.0 - 0.5 * pow(0.96, t * hp->momentum_decay));
-        const double mu_next = hp->beta1 * (1.0 - 0.5 * pow(0.96, (t + 1.0) * hp->momentum_decay));
-        s->grad_coef = hp->lr * (1.0 - mu) / (1.0 - hp->mu_product);
-        s->momentum_coef = hp->lr * mu_next / (1.0 - hp->mu_product * mu_next);
-    } else {
-        s->grad_coef = hp->lr * (1.0 - hp->beta1) / bias1;
-        s->momentum_coef = hp->lr * hp->beta1 / bias1;
+    const size_t elem_size = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
+    for (size_t t = 0; t < count; t++) {
+        void *written[FO_MAX_BUFFERS];
+        int n_written = 0;
+        for (int i = 0; i < n_used; i++)
+            if (used[i] != 1) written[n_written++] = bufs[used[i]][t];
+        const int tensor_status = check_tensor(batch->n[t], elem_size, bufs[1][t], written, n_written);
+        if (tensor_status != FO_OK) return tensor_status;
     }
+    fo_run(fo_active()->span[rule][dtype == FO_FLOAT64 ? FO_F64 : FO_F32], count, bufs, n_bufs,
+           batch->n, scalars);
     return FO_OK;
 }
+
+/* ---- the typed entry points, from FO_RULES -------------------------------------------------- */
+
+static int typed_step(int rule, int dtype, size_t count, void *const *const *bufs, int n_bufs,
+                      const size_t *n, const void *hp)
+{
+    fo_batch batch = {count, n, {NULL}, {0}};
+    for (int k = 0; k < n_bufs; k++) {
+        batch.buffers[k] = bufs[k];
+        batch.dtype[k] = dtype;
+    }
+    return fo_step(rule, &batch, hp, NULL);
+}
+
+/* a single tensor: buffer k is the one-element table holding its pointer */
+#define FO_ONE_BUF(name) (void *const *)&name,
+#define FO_MANY_BUF(name) (void *const *)name,
+#define FO_TYPED_DEFINITIONS(rule, ...)                                                        \
+    FO_TYPED_SIGNATURE_ONE(rule, float, f32, __VA_ARGS__)                                      \
+    {                                                                                          \
+        void *const *const b[] = {(void *const *)&param, (void *const *)&grad,                 \
+                                  FO_MAP(FO_ONE_BUF, __VA_ARGS__)};                            \
+        return typed_step(FO_RULE_##rule, FO_FLOAT32, 1, b, FO_COUNT(b), &n, hp);              \
+    }                                                                                          \
+    FO_TYPED_SIGNATURE_ONE(rule, double, f64, __VA_ARGS__)                                     \
+    {                                                                                          \
+        void *const *const b[] = {(void *const *)&param, (void *const *)&grad,                 \
+                                  FO_MAP(FO_ONE_BUF, __VA_ARGS__)};                            \
+        return typed_step(FO_RULE_##rule, FO_FLOAT64, 1, b, FO_COUNT(b), &n, hp);              \
+    }                                                                                          \
+    FO_TYPED_SIGNATURE_MANY(rule, float, f32, __VA_ARGS__)                                     \
+    {                                                                                          \
+        if (count && (!param || !grad)) return FO_ERR_NULL;                                    \
+        void *const *const b[] = {(void *const *)param, (void *const *)grad,                   \
+                                  FO_MAP(FO_MANY_BUF, __VA_ARGS__)};                           \
+        return typed_step(FO_RULE_##rule, FO_FLOAT32, count, b, FO_COUNT(b), n, hp);           \
+    }                                                                                          \
+    FO_TYPED_SIGNATURE_MANY(rule, double, f64, __VA_ARGS__)                                    \
+    {                                                                                          \
+        if (count && (!param || !grad)) return FO_ERR_NULL;                                    \
+        void *const *const b[] = {(void *const *)param, (void *const *)grad,                   \
+                                  FO_MAP(FO_MANY_BUF, __VA_ARGS__)};                           \
+        return typed_step(FO_RULE_##rule, FO_FLOAT64, count, b, FO_COUNT(b), n, hp);           \
+    }
+FO_RULES(FO_TYPED_DEFINITIONS)
 
 /* ---- the bandwidth ceiling ------------------------------------------------------------------ */
 
@@ -267,21 +286,3 @@ void fo_stream_f32(float *p, const float *g, float *m, float *v, size_t n)
                                  (void *const *)&v};
     fo_run(stream_span, 1, bufs, 4, &n, NULL);
 }
-
-/* ---- the entry points, once per dtype ------------------------------------------------------ */
-
-#define FO_T float
-#define FO_SFX f32
-#define FO_DTYPE FO_F32
-#include "api.inc"
-#undef FO_T
-#undef FO_SFX
-#undef FO_DTYPE
-
-#define FO_T double
-#define FO_SFX f64
-#define FO_DTYPE FO_F64
-#include "api.inc"
-#undef FO_T
-#undef FO_SFX
-#undef FO_DTYPE

@@ -1,25 +1,28 @@
 """fastopt: gradient-descent update rules as in-place C kernels over numpy arrays.
 
-Optimizers: SGD (Momentum, NAG), Adagrad, Adadelta, RMSprop, Adam, AdamW, AdaMax, Nadam.
-fastopt.functional has one function per rule over (param, grad, state, hyperparameters).
+One optimizer class per rule (fastopt.<Rule>, listed in fastopt.rules.RULES, each with its
+formula in the docstring); fastopt.functional has one function per rule over (param, grad,
+state, hyperparameters).  Every rule is described once, in fastopt.rules (and
+csrc/fastopt.h for the C side).
 """
 import os as _os
 
-from fastopt import functional, init
+from fastopt import functional, init, optim, rules, state
 from fastopt.config import get_num_threads, isa, set_num_threads, show_config
 from fastopt.flat import FlatParams
-from fastopt.optim import (NAG, SGD, Adadelta, Adagrad, AdaMax, Adam, AdamW, Momentum, Nadam,
-                           Optimizer, RMSprop)
-from fastopt.state import (AdadeltaState, AdagradState, AdaMaxState, AdamState, NadamState,
-                           OptimizerState, RMSpropState, SGDState)
+from fastopt.optim import Optimizer
+from fastopt.state import OptimizerState
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = [
-    "SGD", "Momentum", "NAG", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "AdaMax",
-    "Nadam", "Optimizer", "OptimizerState", "SGDState", "AdagradState", "AdadeltaState",
-    "RMSpropState", "AdamState", "AdaMaxState", "NadamState", "functional", "get_include",
-    "get_sources", "init", "FlatParams", "set_num_threads", "get_num_threads", "isa", "show_config",
+# fastopt.<Rule> and fastopt.<Rule>State for every entry of the registry
+RULE_CLASSES = [getattr(optim, r.name) for r in rules.RULES]
+STATE_CLASSES = list(state.STATE_TYPES.values())
+globals().update({cls.__name__: cls for cls in RULE_CLASSES + STATE_CLASSES})
+
+__all__ = [cls.__name__ for cls in RULE_CLASSES + STATE_CLASSES] + [
+    "Optimizer", "OptimizerState", "functional", "get_include", "get_sources", "init", "rules",
+    "FlatParams", "set_num_threads", "get_num_threads", "isa", "show_config",
 ]
 
 

@@ -1,143 +1,74 @@
-# The optimizers' step engine (included by _kernels.pyx).
+# The step engine (included by _kernels.pyx): every API ends in a planned batch.
 #
-# Optimizer.step validates everything once in Python (fastopt/optim.py) and then builds a Plan:
-# the parameters grouped into Batches (one param group, one dtype, one step count), each holding
-# C arrays of buffer pointers.  Later steps go through Plan.run, which checks at C speed that
-# nothing changed (same groups, params, states, buffers, pointers) and that every grad is right
-# (type, dtype, shape, layout, no overlap with a written buffer), and then makes one C call
-# per batch.  Anything unexpected returns False and the caller takes the validating path, which
-# raises the precise error or builds a new plan.
+# An optimizer validates everything once in Python and then builds a Plan: its parameters
+# grouped into Batches (one param group, one dtype, one step count), each holding C arrays of
+# buffer pointers, and one Hyper (the C hyperparameter struct) per param group.  Later steps go
+# through Plan.run, which checks at C speed that nothing changed (same groups, params, states,
+# buffers, pointers) and that every grad is right (type, dtype, shape, layout, no overlap with
+# a written buffer), and then makes one C call per batch.  A changed hyperparameter (a
+# schedule writing lr) costs only the new field's conversion and the C rule's range check.
+# Anything unexpected returns False and the caller takes the validating path, which raises the
+# precise error or builds a new plan.  fastopt.functional's single-tensor calls go through
+# run_single, the same checks for one tensor.
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
-
-RULE_IDS = {"sgd": 0, "adagrad": 1, "adadelta": 2, "rmsprop": 3, "adam": 4, "adamax": 5, "nadam": 6}
-
-cdef enum:
-    R_SGD, R_ADAGRAD, R_ADADELTA, R_RMSPROP, R_ADAM, R_ADAMAX, R_NADAM
-    MAX_KINDS = 5  # param, grad, and up to three state buffers
-
-
-cdef union Hyper:
-    fo_sgd_params sgd
-    fo_adagrad_params adagrad
-    fo_adadelta_params adadelta
-    fo_rmsprop_params rmsprop
-    fo_adam_params adam
-    fo_adamax_params adamax
-    fo_nadam_params nadam
-
-
-cdef int set_hyper(Hyper *hp, int rule, dict kernel_args) except -1:
-    """The rule's C struct from a dict of exactly its fields (Rule.kernel_args)."""
-    if rule == R_SGD: hp.sgd = kernel_args
-    elif rule == R_ADAGRAD: hp.adagrad = kernel_args
-    elif rule == R_ADADELTA: hp.adadelta = kernel_args
-    elif rule == R_RMSPROP: hp.rmsprop = kernel_args
-    elif rule == R_ADAM: hp.adam = kernel_args
-    elif rule == R_ADAMAX: hp.adamax = kernel_args
-    else: hp.nadam = kernel_args
-    return 0
-
-
-cdef int call_batch(int rule, bint f64, size_t c, void ***p, size_t *n, Hyper *hp,
-                    int64_t step) noexcept nogil:
-    if rule == R_SGD:
-        hp.sgd.step = step
-        if f64:
-            return fo_sgd_many_f64(c, <double **>p[0], <const double **>p[1], <double **>p[2], n, &hp.sgd)
-        return fo_sgd_many_f32(c, <float **>p[0], <const float **>p[1], <float **>p[2], n, &hp.sgd)
-    if rule == R_ADAGRAD:
-        if f64:
-            return fo_adagrad_many_f64(c, <double **>p[0], <const double **>p[1], <double **>p[2], n, &hp.adagrad)
-        return fo_adagrad_many_f32(c, <float **>p[0], <const float **>p[1], <float **>p[2], n, &hp.adagrad)
-    if rule == R_ADADELTA:
-        if f64:
-            return fo_adadelta_many_f64(c, <double **>p[0], <const double **>p[1], <double **>p[2],
-                                        <double **>p[3], n, &hp.adadelta)
-        return fo_adadelta_many_f32(c, <float **>p[0], <const float **>p[1], <float **>p[2],
-                                    <float **>p[3], n, &hp.adadelta)
-    if rule == R_RMSPROP:
-        if f64:
-            return fo_rmsprop_many_f64(c, <double **>p[0], <const double **>p[1], <double **>p[2],
-                                       <double **>p[3], <double **>p[4], n, &hp.rmsprop)
-        return fo_rmsprop_many_f32(c, <float **>p[0], <const float **>p[1], <float **>p[2],
-                                   <float **>p[3], <float **>p[4], n, &hp.rmsprop)
-    if rule == R_ADAM:
-        hp.adam.step = step
-        if f64:
-            return fo_adam_many_f64(c, <double **>p[0], <const double **>p[1], <double **>p[2],
-                                    <double **>p[3], <double **>p[4], n, &hp.adam)
-        return fo_adam_many_f32(c, <float **>p[0], <const float **>p[1], <float **>p[2],
-                                <float **>p[3], <float **>p[4], n, &hp.adam)
-    if rule == R_ADAMAX:
-        hp.adamax.step = step
-        if f64:
-            return fo_adamax_many_f64(c, <double **>p[0], <const double **>p[1], <double **>p[2],
-                                      <double **>p[3], n, &hp.adamax)
-        return fo_adamax_many_f32(c, <float **>p[0], <const float **>p[1], <float **>p[2],
-                                  <float **>p[3], n, &hp.adamax)
-    hp.nadam.step = step
-    if f64:
-        return fo_nadam_many_f64(c, <double **>p[0], <const double **>p[1], <double **>p[2],
-                                 <double **>p[3], n, &hp.nadam)
-    return fo_nadam_many_f32(c, <float **>p[0], <const float **>p[1], <float **>p[2],
-                             <float **>p[3], n, &hp.nadam)
 
 
 cdef class Batch:
     """Tensors of one param group, one dtype and one step count: one C call per step.
 
     slots: the state buffer names in the kernel's order, None where the options leave one
-    unused.  kernel_args: the hyperparameter struct's fields (see Rule.kernel_args).
+    unused.  hyper: the group's Hyper (shared by the group's batches).
     """
-    cdef int rule
+    cdef CRule rule
     cdef bint f64
     cdef Py_ssize_t count
-    cdef void **ptrs[MAX_KINDS]
+    cdef int n_bufs
+    cdef void **ptrs[8]
     cdef size_t *sizes
-    cdef Hyper hp
+    cdef Hyper hyper
+    cdef Py_ssize_t step_offset  # of the struct's `step` field, or -1
     cdef int64_t step
-    cdef list params, states, slots, indices, buffers
+    cdef list params, states, indices, buffers
+    cdef readonly tuple slots
     cdef public Py_ssize_t group_index
 
-    def __cinit__(self, str rule, list params, list states, list indices, tuple slots,
-                  dict kernel_args, int64_t step):
-        self.rule = RULE_IDS[rule]
+    def __cinit__(self, CRule rule, list params, list states, list indices, Hyper hyper,
+                  int64_t step):
+        self.rule, self.hyper = rule, hyper
         self.params, self.states, self.indices = params, states, indices
         self.count = len(params)
         self.f64 = (<cnp.ndarray>params[0]).dtype.itemsize == 8
-        self.slots = [s for s in slots]
+        self.slots = hyper.used_state()
+        self.n_bufs = 2 + len(rule.state)
         self.step = step
+        self.step_offset = rule.step_offset
         self.sizes = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
         cdef Py_ssize_t k, t
-        for k in range(MAX_KINDS):
-            used = k < 2 or (k - 2 < len(slots) and slots[k - 2] is not None)
+        for k in range(self.n_bufs):
+            used = k < 2 or self.slots[k - 2] is not None
             self.ptrs[k] = <void **>calloc(max(self.count, 1), sizeof(void *)) if used else NULL
-        if self.sizes == NULL or self.ptrs[0] == NULL or self.ptrs[1] == NULL:
+            if used and self.ptrs[k] == NULL:
+                raise MemoryError()
+        if self.sizes == NULL:
             raise MemoryError()
-        # per tensor: every buffer its state holds, in slot order (BUFFERS), used by this batch
-        # or not, so a step can tell that none was replaced since the full validation
+        # per tensor: every buffer its state holds, in slot order, used by this batch or not,
+        # so a step can tell that none was replaced since the full validation
         self.buffers = []
         cdef cnp.ndarray a
         for t in range(self.count):
             a = params[t]
             self.ptrs[0][t] = cnp.PyArray_DATA(a)
             self.sizes[t] = cnp.PyArray_SIZE(a)
-            bufs = [getattr(states[t], name) for name in states[t].BUFFERS]
+            bufs = [getattr(states[t], name) for name in rule.state]
             self.buffers.append(bufs)
             for k, b in enumerate(bufs):
-                if slots[k] is not None:
-                    if self.ptrs[k + 2] == NULL:
-                        raise MemoryError()
+                if self.slots[k] is not None:
                     self.ptrs[k + 2][t] = cnp.PyArray_DATA(<cnp.ndarray>b)
-        self.set_hyperparameters(kernel_args)
-
-    cpdef set_hyperparameters(self, dict kernel_args):
-        set_hyper(&self.hp, self.rule, kernel_args)
 
     def __dealloc__(self):
         free(self.sizes)
-        for k in range(MAX_KINDS):
+        for k in range(8):
             free(self.ptrs[k])
 
     cdef bint unchanged(self, list params, dict state):
@@ -154,7 +85,7 @@ cdef class Batch:
             if state.get(i) is not s or s.step != self.step:
                 return False
             bufs = self.buffers[t]
-            for k, name in enumerate(s.BUFFERS):
+            for k, name in enumerate(self.rule.state):
                 b = getattr(s, name)
                 if b is not bufs[k]:
                     return False
@@ -169,30 +100,25 @@ cdef class Batch:
     cdef bint take_grads(self, grads, Plan plan):
         """Check this batch's grads like check_like() would, and record their pointers."""
         cdef Py_ssize_t t
-        cdef cnp.ndarray a, g
+        cdef cnp.ndarray a
         for t in range(self.count):
-            obj = grads[self.indices[t]]
-            if type(obj) is not cnp.ndarray:
-                return False
-            g = <cnp.ndarray>obj
+            g = grads[self.indices[t]]
             a = <cnp.ndarray>self.params[t]
-            if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(a) or not cnp.PyArray_ISNOTSWAPPED(g) \
-                    or cnp.PyArray_NDIM(g) != cnp.PyArray_NDIM(a) \
-                    or memcmp(cnp.PyArray_DIMS(g), cnp.PyArray_DIMS(a),
-                              cnp.PyArray_NDIM(a) * sizeof(cnp.npy_intp)) != 0 \
-                    or not cnp.PyArray_IS_C_CONTIGUOUS(g):
+            if not _grad_fits(g, a) or plan.hits_written(
+                    <size_t>cnp.PyArray_DATA(<cnp.ndarray>g), <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>g)):
                 return False
-            if plan.hits_written(<size_t>cnp.PyArray_DATA(g), <size_t>cnp.PyArray_NBYTES(g)):
-                return False
-            self.ptrs[1][t] = cnp.PyArray_DATA(g)
+            self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>g)
         return True
 
     cdef int run(self) except -1:
         cdef int status
         cdef int64_t next_step = self.step + 1
+        cdef void *hp = self.hyper.data()
+        if self.step_offset >= 0:
+            (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
         with nogil:
-            status = call_batch(self.rule, self.f64, self.count, self.ptrs, self.sizes, &self.hp,
-                                next_step)
+            status = _run(self.rule.id, self.f64, self.count, self.ptrs, self.n_bufs,
+                          self.sizes, hp)
         _check(status)
         self.step = next_step
         for s in self.states:
@@ -200,22 +126,46 @@ cdef class Batch:
         return 0
 
 
+cdef inline bint _grad_fits(object obj, cnp.ndarray a):
+    """A plain ndarray of a's dtype (native order) and shape, C-contiguous."""
+    if type(obj) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray g = <cnp.ndarray>obj
+    return (cnp.PyArray_TYPE(g) == cnp.PyArray_TYPE(a) and cnp.PyArray_ISNOTSWAPPED(g)
+            and cnp.PyArray_NDIM(g) == cnp.PyArray_NDIM(a)
+            and memcmp(cnp.PyArray_DIMS(g), cnp.PyArray_DIMS(a),
+                       cnp.PyArray_NDIM(a) * sizeof(cnp.npy_intp)) == 0
+            and cnp.PyArray_IS_C_CONTIGUOUS(g))
+
+
+cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
+    cdef size_t sa = <size_t>cnp.PyArray_DATA(a), sb = <size_t>cnp.PyArray_DATA(b)
+    cdef size_t na = <size_t>cnp.PyArray_NBYTES(a), nb = <size_t>cnp.PyArray_NBYTES(b)
+    return na == 0 or nb == 0 or sa + na <= sb or sb + nb <= sa
+
+
 cdef class Plan:
-    """The batches of one optimizer, and what they were built from."""
-    cdef list groups, group_lists, batches, params
+    """The batches of one optimizer, and what they were built from.
+
+    direct: the hyperparameters that are one C field each, of the same name, holding a real
+    number (lr, eps, ...): a change to them is written straight into the group's Hyper.
+    """
+    cdef list groups, group_lists, batches, params, hypers, versions
     cdef dict state
-    cdef object versions
+    cdef frozenset direct
     cdef size_t *starts
     cdef size_t *ends
     cdef Py_ssize_t n_written
 
-    def __cinit__(self, list groups, dict state, list batches):
+    def __cinit__(self, list groups, dict state, list batches, list hypers, direct):
         self.groups = groups
         self.group_lists = [g["params"] for g in groups]
         self.versions = [getattr(g, "version", -1) for g in groups]
         self.params = [p for g in groups for p in g["params"]]
         self.state = state
         self.batches = batches
+        self.hypers = hypers
+        self.direct = frozenset(direct)
         spans = []
         for p in self.params:
             spans.append(_span(p))
@@ -250,27 +200,47 @@ cdef class Plan:
         return lo > 0 and self.ends[lo - 1] > start
 
     def refresh(self, list groups, checked):
-        """After hyperparameters changed (a schedule): checked(k) validates group k and returns
-        (slots, kernel_args); the batches take the new values.  Returns False if the plan no
-        longer fits (other groups or params, or the options need other buffers)."""
+        """After hyperparameters changed: writes the new values into the groups' Hypers.
+        A change of `direct` keys only is converted and range-checked here; any other change
+        goes through checked(k), the full validation of group k, which returns its Hyper (and
+        raises on a bad value).  Returns False, having changed nothing of this plan's groups
+        that were not valid, if the plan no longer fits (other groups or params, a value that
+        needs the full path's error, options that need other buffers)."""
         if groups is not self.groups or len(groups) != len(self.group_lists):
             return False
-        cdef Batch b
+        cdef Hyper old, new
+        cdef ParamGroup g
+        cdef Py_ssize_t k
+        cdef double saved[64]
+        cdef unsigned uses, new_uses
         for k in range(len(groups)):
-            g = groups[k]
-            if type(g) is not ParamGroup or g.get("params") is not self.group_lists[k]:
+            if type(groups[k]) is not ParamGroup:
                 return False
-            if (<ParamGroup>g).version == self.versions[k]:
+            g = <ParamGroup>groups[k]
+            if g.get("params") is not self.group_lists[k]:
+                return False
+            if g.version == self.versions[k]:
                 continue
-            version = (<ParamGroup>g).version
-            slots, kernel_args = checked(k)
-            for b in self.batches:
-                if b.group_index == k and b.slots != list(slots):
+            old = self.hypers[k]
+            uses = old.uses
+            if g.changed <= self.direct:
+                memcpy(saved, old.storage, sizeof(saved))
+                for key in g.changed:
+                    value = g[key]
+                    if type(value) is not float and (type(value) is bool or not isinstance(value, numbers.Real)):
+                        memcpy(old.storage, saved, sizeof(saved))
+                        return False
+                    old.set_field(key, float(value))
+                if fo_check(old.rule.id, old.data(), &new_uses, NULL) != FO_OK or new_uses != uses:
+                    memcpy(old.storage, saved, sizeof(saved))  # the full path names the error
                     return False
-            for b in self.batches:
-                if b.group_index == k:
-                    b.set_hyperparameters(kernel_args)
-            self.versions[k] = version
+            else:
+                new = checked(k)
+                if new.uses != uses:
+                    return False
+                memcpy(old.storage, new.storage, sizeof(old.storage))
+            g.changed.clear()
+            self.versions[k] = g.version
         return True
 
     def run(self, list groups, dict state, grads):
@@ -305,85 +275,166 @@ cdef class Plan:
         return True
 
 
+    def run_validated(self, grads):
+        """One step with grads that the caller has validated completely (plain arrays: views
+        of any ndarray subclass), whatever the groups are (plain dicts included)."""
+        cdef Batch b
+        for b in self.batches:
+            if not b.take_grads(grads, self):
+                raise RuntimeError("fastopt: a validated step was refused by the engine")
+        for b in self.batches:
+            b.run()
+
+
 cdef tuple _span(cnp.ndarray a):
     cdef size_t start = <size_t>cnp.PyArray_DATA(a)
     return (start, start + <size_t>cnp.PyArray_NBYTES(a))
 
 
-cdef class ParamGroup(dict):
-    """A param group: a dict whose `version` counts its changes, so a step can tell cheaply
-    whether its hyperparameters need checking again."""
-    cdef public Py_ssize_t version
-
-    def __setitem__(self, key, value):
-        self.version += 1
-        dict.__setitem__(self, key, value)
-
-    def __delitem__(self, key):
-        self.version += 1
-        dict.__delitem__(self, key)
-
-    def update(self, *args, **kwargs):
-        self.version += 1
-        dict.update(self, *args, **kwargs)
-
-    def setdefault(self, key, default=None):
-        self.version += 1
-        return dict.setdefault(self, key, default)
-
-    def pop(self, *args):
-        self.version += 1
-        return dict.pop(self, *args)
-
-    def popitem(self):
-        self.version += 1
-        return dict.popitem(self)
-
-    def clear(self):
-        self.version += 1
-        dict.clear(self)
-
-    def __ior__(self, other):
-        self.version += 1
-        dict.update(self, other)
-        return self
-
-    def __reduce__(self):
-        return (dict, (dict(self),))
-
-
-def run_addresses(str rule, bint f64, list addresses, list sizes, dict kernel_args, int64_t step):
-    """One many-tensor call over raw buffer addresses (for fastopt.torch, whose tensors are not
-    numpy arrays): addresses[k] lists buffer k's address for every tensor (param, grad, then the
-    state slots; None for a slot the options leave unused); sizes are element counts.  The
-    caller guarantees the buffers exist, are contiguous and hold sizes[t] elements of the dtype;
-    the C layer still checks NULLs, overlaps within a tensor and the hyperparameters."""
-    cdef Py_ssize_t count = len(sizes), k, t
-    cdef int r = RULE_IDS[rule]
-    cdef Hyper hp
-    cdef void **ptrs[MAX_KINDS]
-    cdef size_t *n = <size_t *>calloc(max(count, 1), sizeof(size_t))
+def run_single(CRule rule, Hyper hyper, type state_type, object param, object grad,
+               object state):
+    """One tensor's step (fastopt.functional), if param, grad and state are all plain and
+    fit (the checks check_param, check_like, state.check and check_no_overlap make), and the
+    state holds every buffer the hyperparameters use.  Returns False, having changed nothing,
+    otherwise: the caller then validates in Python and raises the precise error."""
+    if type(param) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray p = <cnp.ndarray>param
+    cdef int typ = cnp.PyArray_TYPE(p)
+    if (typ != cnp.NPY_FLOAT32 and typ != cnp.NPY_FLOAT64) or not cnp.PyArray_ISNOTSWAPPED(p) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(p) or not cnp.PyArray_ISWRITEABLE(p):
+        return False
+    if not _grad_fits(grad, p):
+        return False
+    if type(state) is not state_type:
+        return False
+    step = state.step
+    if type(step) is not int or step < 0:
+        return False
+    cdef void *addr[8]
+    cdef void **ptrs[8]
+    cdef list written = [p]
+    cdef int k, n_bufs = 2 + len(rule.state)
+    addr[0], addr[1] = cnp.PyArray_DATA(p), cnp.PyArray_DATA(<cnp.ndarray>grad)
+    for k, name in enumerate(rule.state):
+        b = getattr(state, name)
+        if b is None:
+            if (hyper.uses >> k) & 1:
+                return False
+            addr[k + 2] = NULL
+            continue
+        if not _grad_fits(b, p) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b):
+            return False
+        written.append(b)
+        addr[k + 2] = cnp.PyArray_DATA(<cnp.ndarray>b) if (hyper.uses >> k) & 1 else NULL
+    cdef Py_ssize_t i, j
+    for i in range(len(written)):
+        if not _disjoint(<cnp.ndarray>written[i], <cnp.ndarray>grad):
+            return False
+        for j in range(i + 1, len(written)):
+            if not _disjoint(<cnp.ndarray>written[i], <cnp.ndarray>written[j]):
+                return False
+    for k in range(n_bufs):
+        ptrs[k] = &addr[k]
+    cdef size_t n = cnp.PyArray_SIZE(p)
+    cdef int64_t next_step = step + 1
+    cdef void *hp = hyper.data()
+    if rule.step_offset >= 0:
+        (<int64_t *>(<char *>hp + rule.step_offset))[0] = next_step
     cdef int status
-    for k in range(MAX_KINDS):
+    cdef bint f64 = typ == cnp.NPY_FLOAT64
+    with nogil:
+        status = _run(rule.id, f64, 1, ptrs, n_bufs, &n, hp)
+    _check(status)
+    state.step = next_step
+    return True
+
+
+def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields):
+    """One C call over raw buffer addresses (fastopt.torch, whose tensors are not numpy
+    arrays): addresses[k] lists buffer k's address for every tensor (param, grad, then the
+    rule's state buffers; None for an unused one), fields the hyperparameter struct's."""
+    cdef Hyper hyper = Hyper(rule, fields)
+    cdef Py_ssize_t count = len(sizes), k, t
+    cdef int n_bufs = len(addresses)
+    cdef size_t *n = <size_t *>calloc(max(count, 1), sizeof(size_t))
+    cdef void **ptrs[8]
+    cdef int status
+    for k in range(8):
         ptrs[k] = NULL
     try:
         if n == NULL:
             raise MemoryError()
         for t in range(count):
             n[t] = sizes[t]
-        for k in range(min(len(addresses), MAX_KINDS)):
+        for k in range(n_bufs):
             if addresses[k] is None:
                 continue
             ptrs[k] = <void **>calloc(max(count, 1), sizeof(void *))
             if ptrs[k] == NULL:
                 raise MemoryError()
             for t in range(count):
-                ptrs[k][t] = <void *><size_t>addresses[k][t]
-        set_hyper(&hp, r, kernel_args)
+                ptrs[k][t] = <void *><uintptr_t>addresses[k][t]
         with nogil:
-            status = call_batch(r, f64, count, ptrs, n, &hp, step)
+            status = _run(rule.id, f64, count, ptrs, n_bufs, n, hyper.data())
+        if status == FO_ERR_HYPERPARAM:
+            hyper.check()
         _check(status)
     finally:
         free(n)
-        for k in range(MAX_KINDS):
+        for k in range(8):
             free(ptrs[k])
+
+
+cdef class ParamGroup(dict):
+    """A param group: a dict whose `version` counts its changes and `changed` names the keys
+    changed since the plan last read them, so a step can tell cheaply what needs checking."""
+    cdef public Py_ssize_t version
+    cdef public set changed
+
+    def __cinit__(self, *args, **kwargs):
+        self.changed = set()
+
+    cdef inline void _touch(self, keys):
+        self.version += 1
+        self.changed.update(keys)
+
+    def __setitem__(self, key, value):
+        self.version += 1
+        self.changed.add(key)
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        self._touch((key,))
+        dict.__delitem__(self, key)
+
+    def update(self, *args, **kwargs):
+        other = dict(*args, **kwargs)
+        self._touch(other)
+        dict.update(self, other)
+
+    def setdefault(self, key, default=None):
+        self._touch((key,))
+        return dict.setdefault(self, key, default)
+
+    def pop(self, key, *args):
+        self._touch((key,))
+        return dict.pop(self, key, *args)
+
+    def popitem(self):
+        item = dict.popitem(self)
+        self._touch((item[0],))
+        return item
+
+    def clear(self):
+        self._touch(list(self))
+        dict.clear(self)
+
+    def __ior__(self, other):
+        other = dict(other)
+        self._touch(other)
+        dict.update(self, other)
+        return self
+
+    def __reduce__(self):
+        return (dict, (dict(self),))

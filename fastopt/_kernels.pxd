@@ -1,25 +1,68 @@
 # The C API of csrc/fastopt.h for Cython.
 #
 # Other Cython extensions call the kernels through the functions at the end of this file
-# (`from fastopt._kernels cimport adam_f32, fo_adam_params, FO_OK`): they are exported by the
-# fastopt._kernels module itself, so a cimporting extension needs fastopt.get_include() on its
-# include path and nothing to link.  Each one is nogil and returns a status (FO_OK == 0); the
-# `fo_*` names below are the C declarations they forward to (calling those directly would need
-# the C sources compiled into your extension).
+# (`from fastopt._kernels cimport adam_f32, fo_adam_params, FO_OK`): `step` is exported by the
+# fastopt._kernels module itself and the typed functions are inline wrappers around it, so a
+# cimporting extension needs fastopt.get_include() on its include path and nothing to link.
+# Each one is nogil and returns a status (FO_OK == 0).  The `fo_*` names are the C
+# declarations (calling those directly would need the C sources compiled into your extension).
 from libc.stdint cimport int64_t
 
 cdef extern from "fastopt.h" nogil:
     int FO_API_VERSION
+    int FO_MAX_BUFFERS
     enum fo_status:
         FO_OK
         FO_ERR_NULL
         FO_ERR_HYPERPARAM
         FO_ERR_OVERLAP
+        FO_ERR_RULE
+        FO_ERR_DTYPE
     enum fo_convention:
         FO_TEXTBOOK
         FO_TORCH
+    enum fo_dtype:
+        FO_FLOAT32
+        FO_FLOAT64
+    enum fo_field_type:
+        FO_FIELD_DOUBLE
+        FO_FIELD_INT
+        FO_FIELD_INT64
+    enum fo_rule:
+        FO_RULE_sgd
+        FO_RULE_adagrad
+        FO_RULE_adadelta
+        FO_RULE_rmsprop
+        FO_RULE_adam
+        FO_RULE_adamax
+        FO_RULE_nadam
+        FO_N_RULES
 
     const char *fo_strerror(int status)
+
+    ctypedef struct fo_error:
+        const char *field
+        const char *requirement
+    ctypedef struct fo_batch:
+        size_t count
+        const size_t *n
+        void **buffers[8]
+        int dtype[8]
+    ctypedef struct fo_field:
+        const char *name
+        int type
+        size_t offset
+    ctypedef struct fo_rule_info:
+        const char *name
+        int n_state
+        const char *const *state
+        size_t params_size
+        int n_fields
+        const fo_field *fields
+
+    int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
+    int fo_check(int rule, const void *hp, unsigned *uses, fo_error *err)
+    const fo_rule_info *fo_describe(int rule)
 
     ctypedef struct fo_sgd_params:
         double lr, momentum, dampening, weight_decay
@@ -47,59 +90,6 @@ cdef extern from "fastopt.h" nogil:
         int decoupled_weight_decay, maximize, convention
         int64_t step
 
-    int fo_sgd_f32(float *param, const float *grad, float *momentum_buffer, size_t n, const fo_sgd_params *hp)
-    int fo_sgd_f64(double *param, const double *grad, double *momentum_buffer, size_t n, const fo_sgd_params *hp)
-    int fo_adagrad_f32(float *param, const float *grad, float *sum, size_t n, const fo_adagrad_params *hp)
-    int fo_adagrad_f64(double *param, const double *grad, double *sum, size_t n, const fo_adagrad_params *hp)
-    int fo_adadelta_f32(float *param, const float *grad, float *square_avg, float *acc_delta, size_t n,
-                        const fo_adadelta_params *hp)
-    int fo_adadelta_f64(double *param, const double *grad, double *square_avg, double *acc_delta, size_t n,
-                        const fo_adadelta_params *hp)
-    int fo_rmsprop_f32(float *param, const float *grad, float *square_avg, float *grad_avg,
-                       float *momentum_buffer, size_t n, const fo_rmsprop_params *hp)
-    int fo_rmsprop_f64(double *param, const double *grad, double *square_avg, double *grad_avg,
-                       double *momentum_buffer, size_t n, const fo_rmsprop_params *hp)
-    int fo_adam_f32(float *param, const float *grad, float *m, float *v, float *max_v, size_t n,
-                    const fo_adam_params *hp)
-    int fo_adam_f64(double *param, const double *grad, double *m, double *v, double *max_v, size_t n,
-                    const fo_adam_params *hp)
-    int fo_adamax_f32(float *param, const float *grad, float *m, float *u, size_t n, const fo_adamax_params *hp)
-    int fo_adamax_f64(double *param, const double *grad, double *m, double *u, size_t n, const fo_adamax_params *hp)
-    int fo_nadam_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_nadam_params *hp)
-    int fo_nadam_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_nadam_params *hp)
-
-    int fo_sgd_many_f32(size_t count, float *const *param, const float *const *grad,
-                        float *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp)
-    int fo_sgd_many_f64(size_t count, double *const *param, const double *const *grad,
-                        double *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp)
-    int fo_adagrad_many_f32(size_t count, float *const *param, const float *const *grad,
-                            float *const *sum, const size_t *n, const fo_adagrad_params *hp)
-    int fo_adagrad_many_f64(size_t count, double *const *param, const double *const *grad,
-                            double *const *sum, const size_t *n, const fo_adagrad_params *hp)
-    int fo_adadelta_many_f32(size_t count, float *const *param, const float *const *grad,
-                             float *const *square_avg, float *const *acc_delta, const size_t *n,
-                             const fo_adadelta_params *hp)
-    int fo_adadelta_many_f64(size_t count, double *const *param, const double *const *grad,
-                             double *const *square_avg, double *const *acc_delta, const size_t *n,
-                             const fo_adadelta_params *hp)
-    int fo_rmsprop_many_f32(size_t count, float *const *param, const float *const *grad,
-                            float *const *square_avg, float *const *grad_avg,
-                            float *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp)
-    int fo_rmsprop_many_f64(size_t count, double *const *param, const double *const *grad,
-                            double *const *square_avg, double *const *grad_avg,
-                            double *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp)
-    int fo_adam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
-                         float *const *v, float *const *max_v, const size_t *n, const fo_adam_params *hp)
-    int fo_adam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
-                         double *const *v, double *const *max_v, const size_t *n, const fo_adam_params *hp)
-    int fo_adamax_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
-                           float *const *u, const size_t *n, const fo_adamax_params *hp)
-    int fo_adamax_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
-                           double *const *u, const size_t *n, const fo_adamax_params *hp)
-    int fo_nadam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m,
-                          float *const *v, const size_t *n, const fo_nadam_params *hp)
-    int fo_nadam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m,
-                          double *const *v, const size_t *n, const fo_nadam_params *hp)
 
     int fo_set_num_threads(int n)
     int fo_get_num_threads()
@@ -107,32 +97,157 @@ cdef extern from "fastopt.h" nogil:
     void fo_stream_f32(float *p, const float *g, float *m, float *v, size_t n)
 
 
-# ---- the cimport API: fo_<name> without the prefix, exported by fastopt._kernels ----
-cdef int sgd_f32(float *param, const float *grad, float *momentum_buffer, size_t n, const fo_sgd_params *hp) noexcept nogil
-cdef int sgd_f64(double *param, const double *grad, double *momentum_buffer, size_t n, const fo_sgd_params *hp) noexcept nogil
-cdef int adagrad_f32(float *param, const float *grad, float *sum, size_t n, const fo_adagrad_params *hp) noexcept nogil
-cdef int adagrad_f64(double *param, const double *grad, double *sum, size_t n, const fo_adagrad_params *hp) noexcept nogil
-cdef int adadelta_f32(float *param, const float *grad, float *square_avg, float *acc_delta, size_t n, const fo_adadelta_params *hp) noexcept nogil
-cdef int adadelta_f64(double *param, const double *grad, double *square_avg, double *acc_delta, size_t n, const fo_adadelta_params *hp) noexcept nogil
-cdef int rmsprop_f32(float *param, const float *grad, float *square_avg, float *grad_avg, float *momentum_buffer, size_t n, const fo_rmsprop_params *hp) noexcept nogil
-cdef int rmsprop_f64(double *param, const double *grad, double *square_avg, double *grad_avg, double *momentum_buffer, size_t n, const fo_rmsprop_params *hp) noexcept nogil
-cdef int adam_f32(float *param, const float *grad, float *m, float *v, float *max_v, size_t n, const fo_adam_params *hp) noexcept nogil
-cdef int adam_f64(double *param, const double *grad, double *m, double *v, double *max_v, size_t n, const fo_adam_params *hp) noexcept nogil
-cdef int adamax_f32(float *param, const float *grad, float *m, float *u, size_t n, const fo_adamax_params *hp) noexcept nogil
-cdef int adamax_f64(double *param, const double *grad, double *m, double *u, size_t n, const fo_adamax_params *hp) noexcept nogil
-cdef int nadam_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_nadam_params *hp) noexcept nogil
-cdef int nadam_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_nadam_params *hp) noexcept nogil
-cdef int sgd_many_f32(size_t count, float *const *param, const float *const *grad, float *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp) noexcept nogil
-cdef int sgd_many_f64(size_t count, double *const *param, const double *const *grad, double *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp) noexcept nogil
-cdef int adagrad_many_f32(size_t count, float *const *param, const float *const *grad, float *const *sum, const size_t *n, const fo_adagrad_params *hp) noexcept nogil
-cdef int adagrad_many_f64(size_t count, double *const *param, const double *const *grad, double *const *sum, const size_t *n, const fo_adagrad_params *hp) noexcept nogil
-cdef int adadelta_many_f32(size_t count, float *const *param, const float *const *grad, float *const *square_avg, float *const *acc_delta, const size_t *n, const fo_adadelta_params *hp) noexcept nogil
-cdef int adadelta_many_f64(size_t count, double *const *param, const double *const *grad, double *const *square_avg, double *const *acc_delta, const size_t *n, const fo_adadelta_params *hp) noexcept nogil
-cdef int rmsprop_many_f32(size_t count, float *const *param, const float *const *grad, float *const *square_avg, float *const *grad_avg, float *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp) noexcept nogil
-cdef int rmsprop_many_f64(size_t count, double *const *param, const double *const *grad, double *const *square_avg, double *const *grad_avg, double *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp) noexcept nogil
-cdef int adam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m, float *const *v, float *const *max_v, const size_t *n, const fo_adam_params *hp) noexcept nogil
-cdef int adam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m, double *const *v, double *const *max_v, const size_t *n, const fo_adam_params *hp) noexcept nogil
-cdef int adamax_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m, float *const *u, const size_t *n, const fo_adamax_params *hp) noexcept nogil
-cdef int adamax_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m, double *const *u, const size_t *n, const fo_adamax_params *hp) noexcept nogil
-cdef int nadam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m, float *const *v, const size_t *n, const fo_nadam_params *hp) noexcept nogil
-cdef int nadam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m, double *const *v, const size_t *n, const fo_nadam_params *hp) noexcept nogil
+# ---- the cimport API, exported by fastopt._kernels ----
+# step(rule, batch, hp, err): fo_step; the typed functions below wrap it like fastopt.h's.
+cdef int step(int rule, const fo_batch *batch, const void *hp, fo_error *err) noexcept nogil
+
+cdef inline int _typed(int rule, int dtype, size_t count, void ***bufs, int n_bufs,
+                       const size_t *n, const void *hp) noexcept nogil:
+    cdef fo_batch b
+    cdef int k
+    b.count = count
+    b.n = n
+    for k in range(8):
+        b.buffers[k] = bufs[k] if k < n_bufs else NULL
+        b.dtype[k] = dtype
+    return step(rule, &b, hp, NULL)
+
+cdef inline int sgd_f32(float *param, const float *grad, float *momentum_buffer, size_t n, const fo_sgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&momentum_buffer]
+    return _typed(FO_RULE_sgd, FO_FLOAT32, 1, b, 3, &n, hp)
+
+cdef inline int sgd_many_f32(size_t count, float **param, const float **grad, float **momentum_buffer, const size_t *n, const fo_sgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>momentum_buffer]
+    return _typed(FO_RULE_sgd, FO_FLOAT32, count, b, 3, n, hp)
+
+cdef inline int sgd_f64(double *param, const double *grad, double *momentum_buffer, size_t n, const fo_sgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&momentum_buffer]
+    return _typed(FO_RULE_sgd, FO_FLOAT64, 1, b, 3, &n, hp)
+
+cdef inline int sgd_many_f64(size_t count, double **param, const double **grad, double **momentum_buffer, const size_t *n, const fo_sgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>momentum_buffer]
+    return _typed(FO_RULE_sgd, FO_FLOAT64, count, b, 3, n, hp)
+
+cdef inline int adagrad_f32(float *param, const float *grad, float *sum, size_t n, const fo_adagrad_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&sum]
+    return _typed(FO_RULE_adagrad, FO_FLOAT32, 1, b, 3, &n, hp)
+
+cdef inline int adagrad_many_f32(size_t count, float **param, const float **grad, float **sum, const size_t *n, const fo_adagrad_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>sum]
+    return _typed(FO_RULE_adagrad, FO_FLOAT32, count, b, 3, n, hp)
+
+cdef inline int adagrad_f64(double *param, const double *grad, double *sum, size_t n, const fo_adagrad_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&sum]
+    return _typed(FO_RULE_adagrad, FO_FLOAT64, 1, b, 3, &n, hp)
+
+cdef inline int adagrad_many_f64(size_t count, double **param, const double **grad, double **sum, const size_t *n, const fo_adagrad_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>sum]
+    return _typed(FO_RULE_adagrad, FO_FLOAT64, count, b, 3, n, hp)
+
+cdef inline int adadelta_f32(float *param, const float *grad, float *square_avg, float *acc_delta, size_t n, const fo_adadelta_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&square_avg, <void **>&acc_delta]
+    return _typed(FO_RULE_adadelta, FO_FLOAT32, 1, b, 4, &n, hp)
+
+cdef inline int adadelta_many_f32(size_t count, float **param, const float **grad, float **square_avg, float **acc_delta, const size_t *n, const fo_adadelta_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>square_avg, <void **>acc_delta]
+    return _typed(FO_RULE_adadelta, FO_FLOAT32, count, b, 4, n, hp)
+
+cdef inline int adadelta_f64(double *param, const double *grad, double *square_avg, double *acc_delta, size_t n, const fo_adadelta_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&square_avg, <void **>&acc_delta]
+    return _typed(FO_RULE_adadelta, FO_FLOAT64, 1, b, 4, &n, hp)
+
+cdef inline int adadelta_many_f64(size_t count, double **param, const double **grad, double **square_avg, double **acc_delta, const size_t *n, const fo_adadelta_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>square_avg, <void **>acc_delta]
+    return _typed(FO_RULE_adadelta, FO_FLOAT64, count, b, 4, n, hp)
+
+cdef inline int rmsprop_f32(float *param, const float *grad, float *square_avg, float *grad_avg, float *momentum_buffer, size_t n, const fo_rmsprop_params *hp) noexcept nogil:
+    cdef void **b[5]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&square_avg, <void **>&grad_avg, <void **>&momentum_buffer]
+    return _typed(FO_RULE_rmsprop, FO_FLOAT32, 1, b, 5, &n, hp)
+
+cdef inline int rmsprop_many_f32(size_t count, float **param, const float **grad, float **square_avg, float **grad_avg, float **momentum_buffer, const size_t *n, const fo_rmsprop_params *hp) noexcept nogil:
+    cdef void **b[5]
+    b[:] = [<void **>param, <void **>grad, <void **>square_avg, <void **>grad_avg, <void **>momentum_buffer]
+    return _typed(FO_RULE_rmsprop, FO_FLOAT32, count, b, 5, n, hp)
+
+cdef inline int rmsprop_f64(double *param, const double *grad, double *square_avg, double *grad_avg, double *momentum_buffer, size_t n, const fo_rmsprop_params *hp) noexcept nogil:
+    cdef void **b[5]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&square_avg, <void **>&grad_avg, <void **>&momentum_buffer]
+    return _typed(FO_RULE_rmsprop, FO_FLOAT64, 1, b, 5, &n, hp)
+
+cdef inline int rmsprop_many_f64(size_t count, double **param, const double **grad, double **square_avg, double **grad_avg, double **momentum_buffer, const size_t *n, const fo_rmsprop_params *hp) noexcept nogil:
+    cdef void **b[5]
+    b[:] = [<void **>param, <void **>grad, <void **>square_avg, <void **>grad_avg, <void **>momentum_buffer]
+    return _typed(FO_RULE_rmsprop, FO_FLOAT64, count, b, 5, n, hp)
+
+cdef inline int adam_f32(float *param, const float *grad, float *m, float *v, float *max_v, size_t n, const fo_adam_params *hp) noexcept nogil:
+    cdef void **b[5]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&v, <void **>&max_v]
+    return _typed(FO_RULE_adam, FO_FLOAT32, 1, b, 5, &n, hp)
+
+cdef inline int adam_many_f32(size_t count, float **param, const float **grad, float **m, float **v, float **max_v, const size_t *n, const fo_adam_params *hp) noexcept nogil:
+    cdef void **b[5]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v, <void **>max_v]
+    return _typed(FO_RULE_adam, FO_FLOAT32, count, b, 5, n, hp)
+
+cdef inline int adam_f64(double *param, const double *grad, double *m, double *v, double *max_v, size_t n, const fo_adam_params *hp) noexcept nogil:
+    cdef void **b[5]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&v, <void **>&max_v]
+    return _typed(FO_RULE_adam, FO_FLOAT64, 1, b, 5, &n, hp)
+
+cdef inline int adam_many_f64(size_t count, double **param, const double **grad, double **m, double **v, double **max_v, const size_t *n, const fo_adam_params *hp) noexcept nogil:
+    cdef void **b[5]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v, <void **>max_v]
+    return _typed(FO_RULE_adam, FO_FLOAT64, count, b, 5, n, hp)
+
+cdef inline int adamax_f32(float *param, const float *grad, float *m, float *u, size_t n, const fo_adamax_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&u]
+    return _typed(FO_RULE_adamax, FO_FLOAT32, 1, b, 4, &n, hp)
+
+cdef inline int adamax_many_f32(size_t count, float **param, const float **grad, float **m, float **u, const size_t *n, const fo_adamax_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>u]
+    return _typed(FO_RULE_adamax, FO_FLOAT32, count, b, 4, n, hp)
+
+cdef inline int adamax_f64(double *param, const double *grad, double *m, double *u, size_t n, const fo_adamax_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&u]
+    return _typed(FO_RULE_adamax, FO_FLOAT64, 1, b, 4, &n, hp)
+
+cdef inline int adamax_many_f64(size_t count, double **param, const double **grad, double **m, double **u, const size_t *n, const fo_adamax_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>u]
+    return _typed(FO_RULE_adamax, FO_FLOAT64, count, b, 4, n, hp)
+
+cdef inline int nadam_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_nadam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&v]
+    return _typed(FO_RULE_nadam, FO_FLOAT32, 1, b, 4, &n, hp)
+
+cdef inline int nadam_many_f32(size_t count, float **param, const float **grad, float **m, float **v, const size_t *n, const fo_nadam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v]
+    return _typed(FO_RULE_nadam, FO_FLOAT32, count, b, 4, n, hp)
+
+cdef inline int nadam_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_nadam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&v]
+    return _typed(FO_RULE_nadam, FO_FLOAT64, 1, b, 4, &n, hp)
+
+cdef inline int nadam_many_f64(size_t count, double **param, const double **grad, double **m, double **v, const size_t *n, const fo_nadam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v]
+    return _typed(FO_RULE_nadam, FO_FLOAT64, count, b, 4, n, hp)

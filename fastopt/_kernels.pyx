@@ -1,16 +1,19 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
-"""Thin bindings of the C kernels (csrc/) for 1-D contiguous float32/float64 buffers.
+"""Bindings of the C kernels (csrc/), generic over the rule list of csrc/fastopt.h.
 
-Each function takes flat, C-contiguous views (`arr.reshape(-1)`), hyperparameters as plain
-numbers, and updates param and state in place with the GIL released.  The C layer checks
-NULL/overlapping buffers and hyperparameter ranges and this module turns its status into an
-exception; shape, dtype and every other check belong to fastopt.functional, which callers
-should prefer.  `convention` is FO_TEXTBOOK (0) or FO_TORCH (1), see csrc/fastopt.h.
+RULES maps each C rule's name to a CRule (its id, state buffers and hyperparameter fields);
+Hyper holds one rule's hyperparameter struct; the engine (_engine.pxi) runs planned batches.
+For each C rule there is also a plain binding, `<rule>(param, grad, *state_buffers, fields)`
+over 1-D contiguous float32/float64 arrays (None for an unused state buffer), which checks
+only what the C layer checks; fastopt.functional is what callers should prefer.
+`convention` is TEXTBOOK (0) or TORCH (1), see csrc/fastopt.h.
 """
+import numbers
+
 cimport cython
 cimport numpy as cnp
-from cython cimport floating
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uintptr_t
+from libc.string cimport memcpy, memset
 
 cnp.import_array()
 
@@ -18,128 +21,206 @@ TEXTBOOK = FO_TEXTBOOK
 TORCH = FO_TORCH
 API_VERSION = FO_API_VERSION
 
+cdef enum:
+    MAX_PARAMS_SIZE = 512  # bytes: room for any rule's fo_<rule>_params
+
+
+class HyperparameterError(ValueError):
+    """A hyperparameter the C rule refuses: .field (the C struct's field), .requirement."""
+
+    def __init__(self, field, requirement, value):
+        self.field, self.requirement, self.value = field, requirement, value
+        super().__init__(f"invalid hyperparameter {field}: {value} ({requirement})")
+
 
 cdef int _check(int status) except -1:
     if status == FO_OK:
         return 0
     message = fo_strerror(status).decode()
-    if status == FO_ERR_NULL:
+    if status == FO_ERR_NULL or status == FO_ERR_DTYPE:
         raise TypeError(message)
     raise ValueError(message)
 
 
-cdef inline floating *_data(floating[::1] buf) noexcept nogil:
-    return &buf[0] if buf.shape[0] > 0 else NULL
+cdef class CRule:
+    """One rule of the C rule list: id, name, state buffer names and hyperparameter fields."""
+    cdef readonly int id
+    cdef readonly str name
+    cdef readonly tuple state
+    cdef readonly dict fields       # name -> (fo_field_type, offset)
+    cdef readonly size_t params_size
+    cdef readonly Py_ssize_t step_offset  # of the `step` field, -1 if the rule has none
+
+    def __repr__(self):
+        return f"<C rule {self.name}: state {self.state}, fields {tuple(self.fields)}>"
 
 
-cdef inline const floating *_cdata(const floating[::1] buf) noexcept nogil:
-    return &buf[0] if buf.shape[0] > 0 else NULL
+cdef dict _read_rules():
+    cdef dict rules = {}
+    cdef const fo_rule_info *info
+    cdef CRule r
+    cdef int i, k
+    for i in range(FO_N_RULES):
+        info = fo_describe(i)
+        r = CRule.__new__(CRule)
+        r.id = i
+        r.name = info.name.decode()
+        r.state = tuple(info.state[k].decode() for k in range(info.n_state))
+        r.fields = {info.fields[k].name.decode(): (info.fields[k].type, info.fields[k].offset)
+                    for k in range(info.n_fields)}
+        r.params_size = info.params_size
+        r.step_offset = r.fields["step"][1] if "step" in r.fields else -1
+        if r.params_size > MAX_PARAMS_SIZE or 2 + info.n_state > FO_MAX_BUFFERS:
+            raise ImportError(f"fastopt: C rule {r.name} does not fit the bindings")
+        rules[r.name] = r
+    return rules
 
 
-cdef inline floating *_opt(floating[::1] buf):
-    """An optional buffer: NULL when not given."""
-    return NULL if buf is None else _data(buf)
+RULES = _read_rules()
 
 
-cdef Py_ssize_t _length(param, tuple others) except -1:
-    """The element count of param, which every other buffer given must share."""
-    cdef Py_ssize_t n = len(param)
-    for other in others:
-        if other is not None and len(other) != n:
-            raise ValueError(f"buffer of {len(other)} elements where {n} were expected")
-    return n
+cdef class Hyper:
+    """One rule's hyperparameter struct (fo_<rule>_params), set from a dict of its C fields.
 
+    check() validates it in C and returns the mask of state buffers the values use; a refused
+    value raises HyperparameterError naming the field.
+    """
+    cdef CRule rule
+    cdef double storage[64]  # MAX_PARAMS_SIZE bytes, aligned for every field type
+    cdef readonly unsigned uses
 
-# Each binding takes the rule's hyperparameter struct (csrc/fastopt.h) as a dict with exactly
-# its fields; optional state buffers are None when the options leave them unused.
+    def __cinit__(self, CRule rule, dict fields=None):
+        self.rule = rule
+        memset(self.storage, 0, sizeof(self.storage))
+        if fields is not None:
+            self.set(fields)
 
-def sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_buffer,
-        fo_sgd_params hp):
-    cdef Py_ssize_t n = _length(param, (grad, momentum_buffer,))
-    cdef floating *buf = _opt(momentum_buffer)
-    cdef int status
-    with nogil:
-        if floating is float:
-            status = fo_sgd_f32(_data(param), _cdata(grad), buf, n, &hp)
+    cdef inline void *data(self) noexcept nogil:
+        return <void *>self.storage
+
+    cpdef set(self, dict fields):
+        """Set the named fields (unknown names are a bug in the caller: KeyError)."""
+        for name, value in fields.items():
+            self.set_field(name, value)
+
+    cpdef set_field(self, str name, value):
+        kind, offset = self.rule.fields[name]
+        cdef char *at = <char *>self.storage + <size_t>offset
+        if kind == FO_FIELD_DOUBLE:
+            (<double *>at)[0] = value
+        elif kind == FO_FIELD_INT:
+            (<int *>at)[0] = value
         else:
-            status = fo_sgd_f64(_data(param), _cdata(grad), buf, n, &hp)
-    _check(status)
+            (<int64_t *>at)[0] = value
+
+    def get(self, str name):
+        kind, offset = self.rule.fields[name]
+        cdef char *at = <char *>self.storage + <size_t>offset
+        if kind == FO_FIELD_DOUBLE:
+            return (<double *>at)[0]
+        if kind == FO_FIELD_INT:
+            return (<int *>at)[0]
+        return (<int64_t *>at)[0]
+
+    cpdef unsigned check(self) except? 0xFFFFFFFF:
+        cdef fo_error err
+        cdef unsigned uses = 0
+        if fo_check(self.rule.id, self.data(), &uses, &err) != FO_OK:
+            field = err.field.decode()
+            raise HyperparameterError(field, err.requirement.decode(), self.get(field))
+        self.uses = uses
+        return uses
+
+    def copy(self):
+        cdef Hyper h = Hyper(self.rule)
+        memcpy(h.storage, self.storage, sizeof(self.storage))
+        h.uses = self.uses
+        return h
+
+    def used_state(self):
+        """The state buffer names in the kernel's order, None where the values leave one unused."""
+        return tuple(name if (self.uses >> k) & 1 else None
+                     for k, name in enumerate(self.rule.state))
 
 
-def adagrad(floating[::1] param, const floating[::1] grad, floating[::1] sum, fo_adagrad_params hp):
-    cdef Py_ssize_t n = _length(param, (grad, sum,))
-    cdef int status
-    with nogil:
-        if floating is float:
-            status = fo_adagrad_f32(_data(param), _cdata(grad), _data(sum), n, &hp)
-        else:
-            status = fo_adagrad_f64(_data(param), _cdata(grad), _data(sum), n, &hp)
-    _check(status)
+cdef int _run(int rule, bint f64, size_t count, void ***ptrs, int n_bufs, size_t *n,
+              void *hp) noexcept nogil:
+    cdef fo_batch b
+    cdef int k
+    b.count = count
+    b.n = n
+    for k in range(8):
+        b.buffers[k] = ptrs[k] if k < n_bufs else NULL
+        b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
+    return fo_step(rule, &b, hp, NULL)
 
 
-def adadelta(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,
-             floating[::1] acc_delta, fo_adadelta_params hp):
-    cdef Py_ssize_t n = _length(param, (grad, square_avg, acc_delta,))
-    cdef int status
-    with nogil:
-        if floating is float:
-            status = fo_adadelta_f32(_data(param), _cdata(grad), _data(square_avg),
-                                     _data(acc_delta), n, &hp)
-        else:
-            status = fo_adadelta_f64(_data(param), _cdata(grad), _data(square_avg),
-                                     _data(acc_delta), n, &hp)
-    _check(status)
+cdef inline void *_data_or_null(object a):
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-def rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,
-            floating[::1] grad_avg, floating[::1] momentum_buffer, fo_rmsprop_params hp):
-    cdef Py_ssize_t n = _length(param, (grad, square_avg, grad_avg, momentum_buffer,))
-    cdef floating *avg = _opt(grad_avg)
-    cdef floating *buf = _opt(momentum_buffer)
-    cdef int status
-    with nogil:
-        if floating is float:
-            status = fo_rmsprop_f32(_data(param), _cdata(grad), _data(square_avg), avg, buf, n, &hp)
-        else:
-            status = fo_rmsprop_f64(_data(param), _cdata(grad), _data(square_avg), avg, buf, n, &hp)
-    _check(status)
+cdef class PlainBinding:
+    """fastopt._kernels.<rule>(param, grad, *state_buffers, fields): one C call on 1-D
+    contiguous arrays of one dtype (None for an unused state buffer), checked only as far as
+    the C layer checks."""
+    cdef CRule rule
+    cdef readonly str __name__
+
+    def __cinit__(self, CRule rule):
+        self.rule = rule
+        self.__name__ = rule.name
+
+    def __call__(self, param, grad, *rest):
+        rule = self.rule
+        if len(rest) != len(rule.state) + 1:
+            raise TypeError(f"{rule.name}() takes param, grad, {', '.join(rule.state)} and the "
+                            "hyperparameter dict")
+        state = rest[:len(rest) - 1]
+        cdef Hyper hp = Hyper(rule, rest[len(rest) - 1])
+        arrays = [param, grad, *state]
+        dtype = None
+        for a in arrays:
+            if a is None:
+                continue
+            if not isinstance(a, cnp.ndarray) or a.ndim != 1 or not a.flags.c_contiguous \
+                    or a.dtype not in (cnp.dtype("float32"), cnp.dtype("float64")):
+                raise TypeError("buffers must be 1-D C-contiguous float32/float64 arrays")
+            if dtype is None:
+                dtype = a.dtype
+            elif a.dtype != dtype:
+                raise TypeError(f"buffers of {a.dtype} and {dtype}")
+            if len(a) != len(param):
+                raise ValueError(f"buffer of {len(a)} elements where {len(param)} were expected")
+        for a in [param, *state]:
+            if a is not None and not a.flags.writeable:
+                raise ValueError("a written buffer is read-only")
+        cdef void *addr[8]
+        cdef void **ptrs[8]
+        cdef int k, n_bufs = len(arrays)
+        for k in range(n_bufs):
+            addr[k] = _data_or_null(arrays[k])
+            ptrs[k] = &addr[k]
+        cdef size_t n = len(param)
+        cdef bint f64 = dtype.itemsize == 8
+        cdef int status
+        cdef fo_error err
+        cdef fo_batch b
+        b.count = 1
+        b.n = &n
+        for k in range(8):
+            b.buffers[k] = ptrs[k] if k < n_bufs else NULL
+            b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
+        with nogil:
+            status = fo_step(rule.id, &b, hp.data(), &err)
+        if status == FO_ERR_HYPERPARAM:
+            field = err.field.decode()
+            raise HyperparameterError(field, err.requirement.decode(), hp.get(field))
+        _check(status)
 
 
-def adam(floating[::1] param, const floating[::1] grad, floating[::1] m, floating[::1] v,
-         floating[::1] max_v, fo_adam_params hp):
-    cdef Py_ssize_t n = _length(param, (grad, m, v, max_v,))
-    cdef floating *vmax = _opt(max_v)
-    cdef int status
-    with nogil:
-        if floating is float:
-            status = fo_adam_f32(_data(param), _cdata(grad), _data(m), _data(v), vmax, n, &hp)
-        else:
-            status = fo_adam_f64(_data(param), _cdata(grad), _data(m), _data(v), vmax, n, &hp)
-    _check(status)
-
-
-def adamax(floating[::1] param, const floating[::1] grad, floating[::1] m, floating[::1] u,
-           fo_adamax_params hp):
-    cdef Py_ssize_t n = _length(param, (grad, m, u,))
-    cdef int status
-    with nogil:
-        if floating is float:
-            status = fo_adamax_f32(_data(param), _cdata(grad), _data(m), _data(u), n, &hp)
-        else:
-            status = fo_adamax_f64(_data(param), _cdata(grad), _data(m), _data(u), n, &hp)
-    _check(status)
-
-
-def nadam(floating[::1] param, const floating[::1] grad, floating[::1] m, floating[::1] v,
-          fo_nadam_params hp):
-    cdef Py_ssize_t n = _length(param, (grad, m, v,))
-    cdef int status
-    with nogil:
-        if floating is float:
-            status = fo_nadam_f32(_data(param), _cdata(grad), _data(m), _data(v), n, &hp)
-        else:
-            status = fo_nadam_f64(_data(param), _cdata(grad), _data(m), _data(v), n, &hp)
-    _check(status)
+for _rule in RULES.values():
+    globals()[_rule.name] = PlainBinding(_rule)
+del _rule
 
 
 @cython.boundscheck(False)
@@ -203,127 +284,24 @@ def isa():
     return fo_isa().decode()
 
 
+cdef inline float *_fdata(float[::1] buf) noexcept nogil:
+    return &buf[0] if buf.shape[0] > 0 else NULL
 
-def stream(float[::1] p, const float[::1] g, float[::1] m, float[::1] v):
+
+def stream(float[::1] p, float[::1] g, float[::1] m, float[::1] v):
     """p += g; m += g; v += g: Adam's memory traffic with trivial arithmetic (the benchmark's
     bandwidth ceiling), split across threads like the kernels."""
-    cdef Py_ssize_t n = _length(p, (g, m, v))
+    cdef Py_ssize_t n = p.shape[0]
+    if g.shape[0] != n or m.shape[0] != n or v.shape[0] != n:
+        raise ValueError("stream: buffers of different lengths")
     with nogil:
-        fo_stream_f32(_data(p), _cdata(g), _data(m), _data(v), n)
+        fo_stream_f32(_fdata(p), _fdata(g), _fdata(m), _fdata(v), n)
 
 
-# ---- the cimport API (declared in _kernels.pxd): thin forwards to the C entry points ----
+# ---- the cimport API (declared in _kernels.pxd) ----
 
-cdef int sgd_f32(float *param, const float *grad, float *momentum_buffer, size_t n, const fo_sgd_params *hp) noexcept nogil:
-    return fo_sgd_f32(param, grad, momentum_buffer, n, hp)
-
-
-cdef int sgd_f64(double *param, const double *grad, double *momentum_buffer, size_t n, const fo_sgd_params *hp) noexcept nogil:
-    return fo_sgd_f64(param, grad, momentum_buffer, n, hp)
-
-
-cdef int adagrad_f32(float *param, const float *grad, float *sum, size_t n, const fo_adagrad_params *hp) noexcept nogil:
-    return fo_adagrad_f32(param, grad, sum, n, hp)
-
-
-cdef int adagrad_f64(double *param, const double *grad, double *sum, size_t n, const fo_adagrad_params *hp) noexcept nogil:
-    return fo_adagrad_f64(param, grad, sum, n, hp)
-
-
-cdef int adadelta_f32(float *param, const float *grad, float *square_avg, float *acc_delta, size_t n, const fo_adadelta_params *hp) noexcept nogil:
-    return fo_adadelta_f32(param, grad, square_avg, acc_delta, n, hp)
-
-
-cdef int adadelta_f64(double *param, const double *grad, double *square_avg, double *acc_delta, size_t n, const fo_adadelta_params *hp) noexcept nogil:
-    return fo_adadelta_f64(param, grad, square_avg, acc_delta, n, hp)
-
-
-cdef int rmsprop_f32(float *param, const float *grad, float *square_avg, float *grad_avg, float *momentum_buffer, size_t n, const fo_rmsprop_params *hp) noexcept nogil:
-    return fo_rmsprop_f32(param, grad, square_avg, grad_avg, momentum_buffer, n, hp)
-
-
-cdef int rmsprop_f64(double *param, const double *grad, double *square_avg, double *grad_avg, double *momentum_buffer, size_t n, const fo_rmsprop_params *hp) noexcept nogil:
-    return fo_rmsprop_f64(param, grad, square_avg, grad_avg, momentum_buffer, n, hp)
-
-
-cdef int adam_f32(float *param, const float *grad, float *m, float *v, float *max_v, size_t n, const fo_adam_params *hp) noexcept nogil:
-    return fo_adam_f32(param, grad, m, v, max_v, n, hp)
-
-
-cdef int adam_f64(double *param, const double *grad, double *m, double *v, double *max_v, size_t n, const fo_adam_params *hp) noexcept nogil:
-    return fo_adam_f64(param, grad, m, v, max_v, n, hp)
-
-
-cdef int adamax_f32(float *param, const float *grad, float *m, float *u, size_t n, const fo_adamax_params *hp) noexcept nogil:
-    return fo_adamax_f32(param, grad, m, u, n, hp)
-
-
-cdef int adamax_f64(double *param, const double *grad, double *m, double *u, size_t n, const fo_adamax_params *hp) noexcept nogil:
-    return fo_adamax_f64(param, grad, m, u, n, hp)
-
-
-cdef int nadam_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_nadam_params *hp) noexcept nogil:
-    return fo_nadam_f32(param, grad, m, v, n, hp)
-
-
-cdef int nadam_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_nadam_params *hp) noexcept nogil:
-    return fo_nadam_f64(param, grad, m, v, n, hp)
-
-
-cdef int sgd_many_f32(size_t count, float *const *param, const float *const *grad, float *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp) noexcept nogil:
-    return fo_sgd_many_f32(count, param, grad, momentum_buffer, n, hp)
-
-
-cdef int sgd_many_f64(size_t count, double *const *param, const double *const *grad, double *const *momentum_buffer, const size_t *n, const fo_sgd_params *hp) noexcept nogil:
-    return fo_sgd_many_f64(count, param, grad, momentum_buffer, n, hp)
-
-
-cdef int adagrad_many_f32(size_t count, float *const *param, const float *const *grad, float *const *sum, const size_t *n, const fo_adagrad_params *hp) noexcept nogil:
-    return fo_adagrad_many_f32(count, param, grad, sum, n, hp)
-
-
-cdef int adagrad_many_f64(size_t count, double *const *param, const double *const *grad, double *const *sum, const size_t *n, const fo_adagrad_params *hp) noexcept nogil:
-    return fo_adagrad_many_f64(count, param, grad, sum, n, hp)
-
-
-cdef int adadelta_many_f32(size_t count, float *const *param, const float *const *grad, float *const *square_avg, float *const *acc_delta, const size_t *n, const fo_adadelta_params *hp) noexcept nogil:
-    return fo_adadelta_many_f32(count, param, grad, square_avg, acc_delta, n, hp)
-
-
-cdef int adadelta_many_f64(size_t count, double *const *param, const double *const *grad, double *const *square_avg, double *const *acc_delta, const size_t *n, const fo_adadelta_params *hp) noexcept nogil:
-    return fo_adadelta_many_f64(count, param, grad, square_avg, acc_delta, n, hp)
-
-
-cdef int rmsprop_many_f32(size_t count, float *const *param, const float *const *grad, float *const *square_avg, float *const *grad_avg, float *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp) noexcept nogil:
-    return fo_rmsprop_many_f32(count, param, grad, square_avg, grad_avg, momentum_buffer, n, hp)
-
-
-cdef int rmsprop_many_f64(size_t count, double *const *param, const double *const *grad, double *const *square_avg, double *const *grad_avg, double *const *momentum_buffer, const size_t *n, const fo_rmsprop_params *hp) noexcept nogil:
-    return fo_rmsprop_many_f64(count, param, grad, square_avg, grad_avg, momentum_buffer, n, hp)
-
-
-cdef int adam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m, float *const *v, float *const *max_v, const size_t *n, const fo_adam_params *hp) noexcept nogil:
-    return fo_adam_many_f32(count, param, grad, m, v, max_v, n, hp)
-
-
-cdef int adam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m, double *const *v, double *const *max_v, const size_t *n, const fo_adam_params *hp) noexcept nogil:
-    return fo_adam_many_f64(count, param, grad, m, v, max_v, n, hp)
-
-
-cdef int adamax_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m, float *const *u, const size_t *n, const fo_adamax_params *hp) noexcept nogil:
-    return fo_adamax_many_f32(count, param, grad, m, u, n, hp)
-
-
-cdef int adamax_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m, double *const *u, const size_t *n, const fo_adamax_params *hp) noexcept nogil:
-    return fo_adamax_many_f64(count, param, grad, m, u, n, hp)
-
-
-cdef int nadam_many_f32(size_t count, float *const *param, const float *const *grad, float *const *m, float *const *v, const size_t *n, const fo_nadam_params *hp) noexcept nogil:
-    return fo_nadam_many_f32(count, param, grad, m, v, n, hp)
-
-
-cdef int nadam_many_f64(size_t count, double *const *param, const double *const *grad, double *const *m, double *const *v, const size_t *n, const fo_nadam_params *hp) noexcept nogil:
-    return fo_nadam_many_f64(count, param, grad, m, v, n, hp)
+cdef int step(int rule, const fo_batch *batch, const void *hp, fo_error *err) noexcept nogil:
+    return fo_step(rule, batch, hp, err)
 
 
 include "_engine.pxi"

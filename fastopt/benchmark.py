@@ -18,20 +18,12 @@ import numpy as np
 import fastopt
 from fastopt import _kernels
 
-# rule name -> (fastopt class, kwargs, memory streams per element: reads + writes, torch class)
-RULES = {
-    "SGD-momentum": (fastopt.SGD, dict(lr=0.01, momentum=0.9), 5, "SGD"),
-    "Adagrad": (fastopt.Adagrad, dict(lr=0.01), 5, "Adagrad"),
-    "Adadelta": (fastopt.Adadelta, dict(), 7, "Adadelta"),
-    "RMSprop": (fastopt.RMSprop, dict(lr=1e-3), 5, "RMSprop"),
-    "Adam": (fastopt.Adam, dict(lr=1e-3), 7, "Adam"),
-    "AdamW": (fastopt.AdamW, dict(lr=1e-3), 7, "AdamW"),
-    "AdaMax": (fastopt.AdaMax, dict(lr=2e-3), 7, "Adamax"),
-    "Nadam": (fastopt.Nadam, dict(lr=2e-3), 7, "NAdam"),
-}
-TORCH_KW = {"SGD": dict(lr=0.01, momentum=0.9), "Adagrad": dict(lr=0.01), "Adadelta": {},
-            "RMSprop": dict(lr=1e-3), "Adam": dict(lr=1e-3), "AdamW": dict(lr=1e-3),
-            "Adamax": dict(lr=2e-3), "NAdam": dict(lr=2e-3)}
+# from the registry: rule name -> (fastopt class, kwargs, memory streams per element: reads +
+# writes, torch class); and the torch class's kwargs (the same values, torch's names)
+RULES = {r.name: (getattr(fastopt, r.name), r.benchmark[0], r.benchmark[1], r.torch)
+         for r in fastopt.rules.RULES if r.benchmark is not None}
+TORCH_KW = {torch_name: {("alpha" if k == "rho" else k): v for k, v in kw.items()}
+            for _, kw, _, torch_name in RULES.values()}
 
 
 # ---- model parameter shapes (torchvision's ResNet-18 and ResNet-50, without running torch) ----
@@ -69,7 +61,7 @@ def _decay_add_square(buf, g, rho, tmp):
 
 
 def numpy_step(rule, p, g, state, t, tmp, tmp2):
-    if rule == "SGD-momentum":
+    if rule == "SGD":  # with momentum 0.9
         b = state["b"]
         b *= 0.9
         np.multiply(g, 0.01, out=tmp)
@@ -283,7 +275,7 @@ def main(argv=None):
 
     fastopt.set_num_threads(args.threads)
     if args.quick:
-        sizes, rules, dtypes, budget = [1000, 100_000, 1_000_000, 16_000_000], ["Adam", "SGD-momentum"], [np.float32], 0.25
+        sizes, rules, dtypes, budget = [1000, 100_000, 1_000_000, 16_000_000], ["Adam", "SGD"], [np.float32], 0.25
     else:
         sizes, rules, dtypes, budget = [1000, 10_000, 100_000, 1_000_000, 16_000_000, 64_000_000], list(RULES), [np.float32, np.float64], 1.0
     if args.rules:
@@ -305,7 +297,7 @@ def main(argv=None):
                 r = run_case(rule, dtype, [(n,)], args.threads, budget * (2 if big else 1),
                              with_numpy=n <= 16_000_000)
                 report(r, size_label(n))
-    model_rules = ["Adam"] if args.quick else ["Adam", "AdamW", "SGD-momentum", "Adagrad"]
+    model_rules = ["Adam"] if args.quick else ["Adam", "AdamW", "SGD", "Adagrad"]
     models = {k: v for k, v in MODELS.items() if not (args.quick and k == "ResNet-50")}
     for model, shapes in models.items():
         for rule in model_rules:
@@ -334,7 +326,7 @@ def main(argv=None):
               f"{args.threads} threads: time / fastopt.torch's")
         print(f"{'rule':<13}{'case':>22} {'us/step':>11} {'t.loop':>8} {'t.fe':>8} {'t.fused':>8}")
         cases = {"1.6e7": [(16_000_000,)], "ResNet-18": MODELS["ResNet-18"]}
-        for rule in (["Adam"] if args.quick else ["Adam", "AdamW", "SGD-momentum", "Adagrad"]):
+        for rule in (["Adam"] if args.quick else ["Adam", "AdamW", "SGD", "Adagrad"]):
             for case, shapes in cases.items():
                 t = run_dropin(rule, shapes, args.threads, budget * 2)
                 ratio = lambda k: f"{t[k] / t['fastopt.torch']:7.2f}x" if k in t else "      –"  # noqa: E731

@@ -1,16 +1,20 @@
 """The optimizer classes: validate, own the per-parameter states, run the rule's kernels.
 
-    opt = fastopt.Adam([w, b], lr=1e-3)
+    opt = fastopt.<Rule>([w, b], lr=1e-3)
     opt.step([dw, db])            # w and b updated in place
 
 A step validates every input (grads, states, hyperparameters, memory overlap) before it
-updates any parameter.
+updates any parameter.  The classes are made from the rule registry (fastopt.rules), one per
+entry: each is `Optimizer` with its rule, signature and docstring.
 """
+import inspect
+
 import numpy as np
 
 from fastopt import _checks, _kernels
-from fastopt import functional as F
 from fastopt._kernels import ParamGroup
+from fastopt.rules import REQUIRED, RULES
+from fastopt.state import STATE_TYPES
 
 STATE_DICT_VERSION = 1
 
@@ -26,10 +30,10 @@ class Optimizer:
     rule = None
 
     def __init__(self, params, **defaults):
-        self.defaults = self.rule.hyperparameters(defaults)
-        groups = self._groups(params)
+        self.defaults = self.rule.check(defaults)[0]
+        groups = _parse_groups(params)
         for i, g in enumerate(groups):
-            self._group_hyperparameters(g, f"param group {i}")
+            self._group_hyperparameters({**self.defaults, **g}, f"param group {i}")
         params = [p for g in groups for p in g["params"]]
         if not params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
@@ -45,23 +49,9 @@ class Optimizer:
         self.state = {}
         self._plan = None
 
-    def _groups(self, params):
-        if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
-            raise TypeError("params must be a list of arrays or of param-group dicts, "
-                            f"got {type(params).__name__}")
-        if params and all(isinstance(g, dict) for g in params):
-            groups = []
-            for i, g in enumerate(params):
-                if "params" not in g:
-                    raise ValueError(f"param group {i} has no 'params' key")
-                group_params = g["params"]
-                if isinstance(group_params, np.ndarray):
-                    group_params = [group_params]
-                groups.append({**g, "params": list(group_params)})
-            return groups
-        if any(isinstance(g, dict) for g in params):
-            raise TypeError("params mixes arrays and param-group dicts")
-        return [{"params": list(params)}]
+    @property
+    def state_type(self):
+        return STATE_TYPES[self.rule.state]
 
     @property
     def params(self):
@@ -69,9 +59,9 @@ class Optimizer:
         return [p for g in self.param_groups for p in g["params"]]
 
     def _group_hyperparameters(self, group, where):
-        """The group's hyperparameters, validated (the error names the group)."""
+        """(hyperparameters, Hyper) of a group, validated (the error names the group)."""
         try:
-            return self.rule.hyperparameters({k: v for k, v in group.items() if k != "params"})
+            return self.rule.check({k: v for k, v in group.items() if k != "params"})
         except (TypeError, ValueError) as e:
             raise type(e)(f"{where}: {e}") from None
 
@@ -82,59 +72,69 @@ class Optimizer:
         if plan is not None:
             if plan.run(self.param_groups, self.state, grads):
                 return
-            if plan.refresh(self.param_groups, self._group_kernel_args) and \
+            if plan.refresh(self.param_groups, self._group_hyper) and \
                     plan.run(self.param_groups, self.state, grads):
                 return
         self._checked_step(grads)
 
-    def _group_kernel_args(self, k):
-        hp = self._group_hyperparameters(self.param_groups[k], f"param_groups[{k}]")
-        return self.rule.slots(hp), self.rule.kernel_args(hp, 1)
+    def _group_hyper(self, k):
+        return self._group_hyperparameters(self.param_groups[k], f"param_groups[{k}]")[1]
+
+    def new_state(self, param, hp):
+        """A parameter's fresh state (filled as the rule's registry entry says)."""
+        state = self.state_type()
+        for name in self.rule.required_state():
+            fill = hp[self.rule.fill[name]] if name in self.rule.fill else 0.0
+            setattr(state, name, np.full_like(param, fill, order="C"))
+        return state
 
     def _checked_step(self, grads):
         """The full validation, then the update through a new plan (see fastopt/_engine.pxi)."""
-        hps = [self._group_hyperparameters(g, f"param_groups[{i}]")
-               for i, g in enumerate(self.param_groups)]
+        checked = [self._group_hyperparameters(g, f"param_groups[{i}]")
+                   for i, g in enumerate(self.param_groups)]
         params = self.params
+        for i, p in enumerate(params):
+            _checks.check_param(p, f"params[{i}]")
         _checks.check_grads(grads, params)
         written, names = list(params), [f"params[{i}]" for i in range(len(params))]
+        state_type = self.state_type
         for i, p in enumerate(params):
             state = self.state.get(i)
             if state is not None:
-                F.check_state(self.rule, p, state, f"state[{i}]")
+                if not isinstance(state, state_type):
+                    raise TypeError(f"state[{i}] must be a {state_type.__name__}, "
+                                    f"got {type(state).__name__}")
+                state.check(p, f"state[{i}]")
                 for k, buf in state.buffers().items():
                     written.append(buf)
                     names.append(f"state[{i}].{k}")
         _checks.check_no_overlap(written, names, list(grads),
                                  [f"grads[{i}]" for i in range(len(grads))])
         # everything is valid: from here on nothing can fail
-        batches, i = [], 0
-        for group_index, (group, hp) in enumerate(zip(self.param_groups, hps)):
-            needed, slots = self.rule.buffers(hp), self.rule.slots(hp)
+        batches, hypers, i = [], [], 0
+        for group_index, (group, (hp, hyper)) in enumerate(zip(self.param_groups, checked)):
+            needed = [name for name in hyper.used_state() if name is not None]
+            hypers.append(hyper)
+            if isinstance(group, ParamGroup):
+                group.changed.clear()
             by_key = {}
             for p in group["params"]:
                 state = self.state.get(i)
                 if state is None:
-                    state = self.state[i] = self.rule.new_state(p, hp)
+                    state = self.state[i] = self.new_state(p, hp)
                 state.add_missing(p, needed)
                 by_key.setdefault((p.dtype, state.step), []).append(i)
                 i += 1
             for (_, step), indices in by_key.items():
-                batch = _kernels.Batch(self.rule.kernel, [params[j] for j in indices],
-                                       [self.state[j] for j in indices], indices, slots,
-                                       self.rule.kernel_args(hp, 1), step)
+                batch = _kernels.Batch(self.rule.crule, [params[j] for j in indices],
+                                       [self.state[j] for j in indices], indices, hyper, step)
                 batch.group_index = group_index
                 batches.append(batch)
-        plan = _kernels.Plan(self.param_groups, self.state, batches)
+        plan = _kernels.Plan(self.param_groups, self.state, batches, hypers, self.rule.direct)
         if all(isinstance(g, ParamGroup) for g in self.param_groups):
             self._plan = plan
-        if not plan.run(self.param_groups, self.state, grads):
-            # grads that are valid but not plain (ndarray subclasses, another sequence type)
-            k = 0
-            for group, hp in zip(self.param_groups, hps):
-                for p in group["params"]:
-                    self.rule.update(p, grads[k], self.state[k], hp)
-                    k += 1
+        # grads may be any sequence of ndarrays (subclasses included): plain views of them
+        plan.run_validated([g.view(np.ndarray) for g in grads])
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -192,7 +192,7 @@ class Optimizer:
         if not isinstance(loaded_states, dict):
             raise TypeError("state_dict['state'] must be a dict")
         states = {}
-        state_type = self.rule.state_type
+        state_type = self.state_type
         for key, fields in loaded_states.items():
             if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)) \
                     or not 0 <= key < len(params):
@@ -207,7 +207,7 @@ class Optimizer:
             if missing:
                 raise ValueError(f"state_dict state {key} lacks {sorted(missing)}")
             what = f"state_dict state {key}"
-            for k in self.rule.buffers(group_of[key]):
+            for k in (n for n in group_of[key][1].used_state() if n is not None):
                 if k not in fields:
                     raise ValueError(f"{what} lacks {k!r}")
             copied = {}
@@ -295,111 +295,52 @@ def _from_array(name, value):
     return tuple(value.tolist())
 
 
-class SGD(Optimizer):
-    """Stochastic gradient descent, with optional Momentum and Nesterov (NAG); textbook forms.
-
-    SGD:       theta <- theta - lr g
-    Momentum:  v <- momentum v + lr g;  theta <- theta - v
-    NAG:       v <- momentum v + lr g;  theta <- theta - (momentum v + lr g)
-    g = grad (negated if maximize) + weight_decay theta.
-    """
-    rule = F.SGD_RULE
-
-    def __init__(self, params, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, *,
-                 maximize=False):
-        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
-                         weight_decay=weight_decay, maximize=maximize)
-
-
-class Momentum(SGD):
-    """SGD with classical momentum: v <- momentum v + lr g;  theta <- theta - v."""
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, *, maximize=False):
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         maximize=maximize)
+def _parse_groups(params):
+    if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
+        raise TypeError("params must be a list of arrays or of param-group dicts, "
+                        f"got {type(params).__name__}")
+    if params and all(isinstance(g, dict) for g in params):
+        groups = []
+        for i, g in enumerate(params):
+            if "params" not in g:
+                raise ValueError(f"param group {i} has no 'params' key")
+            group_params = g["params"]
+            if isinstance(group_params, np.ndarray):
+                group_params = [group_params]
+            groups.append({**g, "params": list(group_params)})
+        return groups
+    if any(isinstance(g, dict) for g in params):
+        raise TypeError("params mixes arrays and param-group dicts")
+    return [{"params": list(params)}]
 
 
-class NAG(SGD):
-    """Nesterov accelerated gradient (lookahead form):
-    v <- momentum v + lr g;  theta <- theta - (momentum v + lr g)."""
+def _optimizer_class(rule):
+    """The numpy optimizer class of one registry rule: Optimizer with the rule's signature."""
+    positional = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for name, default, _ in rule.params:
+        if name in rule.fixed:
+            continue
+        kind = (inspect.Parameter.KEYWORD_ONLY if name in rule.keyword_only
+                else inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        positional.append(inspect.Parameter(
+            name, kind, default=inspect.Parameter.empty if default is REQUIRED else default))
+    signature = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
+                                  + positional)
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, *, maximize=False):
-        super().__init__(params, lr=lr, momentum=momentum, nesterov=True,
-                         weight_decay=weight_decay, maximize=maximize)
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        given = dict(bound.arguments)
+        del given["self"]
+        params = given.pop("params")
+        Optimizer.__init__(self, params, **given)
 
-
-class Adagrad(Optimizer):
-    """G <- G + g^2;  theta <- theta - lr g / sqrt(G + eps)   (G starts at
-    initial_accumulator_value)."""
-    rule = F.ADAGRAD_RULE
-
-    def __init__(self, params, lr=0.01, eps=1e-8, weight_decay=0.0, initial_accumulator_value=0.0,
-                 *, maximize=False):
-        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay,
-                         initial_accumulator_value=initial_accumulator_value, maximize=maximize)
-
-
-class Adadelta(Optimizer):
-    """E[g^2] <- rho E[g^2] + (1 - rho) g^2;
-    delta <- sqrt(E[delta^2] + eps) / sqrt(E[g^2] + eps) g;
-    E[delta^2] <- rho E[delta^2] + (1 - rho) delta^2;  theta <- theta - lr delta."""
-    rule = F.ADADELTA_RULE
-
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False):
-        super().__init__(params, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
-                         maximize=maximize)
+    __init__.__signature__ = signature
+    doc = f"{rule.name}({', '.join(str(p) for p in positional)})\n{rule.doc}"
+    return type(rule.name, (Optimizer,), {"rule": rule, "__init__": __init__, "__doc__": doc,
+                                          "__module__": __name__})
 
 
-class RMSprop(Optimizer):
-    """E[g^2] <- rho E[g^2] + (1 - rho) g^2;  theta <- theta - lr g / sqrt(E[g^2] + eps).
-    Options: centered (subtract E[g]^2 under the root), momentum (b <- momentum b + step)."""
-    rule = F.RMSPROP_RULE
-
-    def __init__(self, params, lr=1e-3, rho=0.9, eps=1e-8, weight_decay=0.0, *, momentum=0.0,
-                 centered=False, maximize=False):
-        super().__init__(params, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
-                         momentum=momentum, centered=centered, maximize=maximize)
-
-
-class Adam(Optimizer):
-    """m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  m_hat = m / (1 - b1^t);
-    v_hat = v / (1 - b2^t);  theta <- theta - lr m_hat / (sqrt(v_hat) + eps).
-    amsgrad: the running max of v_hat replaces v_hat."""
-    rule = F.ADAM_RULE
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, maximize=False):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize)
-
-
-class AdamW(Optimizer):
-    """Adam with decoupled weight decay: theta <- theta (1 - lr weight_decay) first, then Adam
-    without the L2 term."""
-    rule = F.ADAMW_RULE
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 amsgrad=False, *, maximize=False):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize)
-
-
-class AdaMax(Optimizer):
-    """m <- b1 m + (1 - b1) g;  u <- max(b2 u, |g|);  theta <- theta - (lr / (1 - b1^t)) m / (u + eps)."""
-    rule = F.ADAMAX_RULE
-
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 maximize=False):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         maximize=maximize)
-
-
-class Nadam(Optimizer):
-    """m, v, m_hat, v_hat as in Adam;
-    theta <- theta - lr / (sqrt(v_hat) + eps) (b1 m_hat + (1 - b1) g / (1 - b1^t))."""
-    rule = F.NADAM_RULE
-
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 maximize=False):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         maximize=maximize)
+for _rule in RULES:
+    globals()[_rule.name] = _optimizer_class(_rule)
+del _rule

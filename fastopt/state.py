@@ -1,22 +1,28 @@
 """Per-parameter optimizer state: the buffers a rule keeps between steps, and its step count.
 
-A state is created zero-filled with its parameter's shape and dtype (Adagrad's sum with its
-initial value) on the parameter's first step.  Buffers that only some options use (AMSGrad's
-max_v, RMSprop's grad_avg and momentum_buffer, SGD's momentum_buffer) are None until needed.
-States can be used on their own with fastopt.functional.
+A state is created on the parameter's first step with its parameter's shape and dtype,
+zero-filled (or with the initial value the rule's registry entry names, `fill`).  Buffers that
+only some options use (AMSGrad's max_v, a momentum buffer) are None until needed.  States can be
+used on their own with fastopt.functional.
+
+The state classes (fastopt.<Rule>State, one per C rule) are made from the rule registry
+(fastopt.rules) and the C rule list: BUFFERS are the C rule's state buffers, REQUIRED those its
+default hyperparameters use.
 """
 import numpy as np
 
 from fastopt import _checks
+from fastopt.rules import RULES
 
 
 class OptimizerState:
-    """Base class.  Subclasses list their array fields in BUFFERS (the first REQUIRED of them
-    always present, the rest created when an option needs them) and integer fields in COUNTERS."""
+    """Base class.  Subclasses list their array fields in BUFFERS (those in REQUIRED always
+    present, the rest created when an option needs them) and integer fields in COUNTERS."""
 
+    KERNEL = None  # the C rule
     BUFFERS = ()
-    REQUIRED = 0
-    COUNTERS = ()
+    REQUIRED = ()
+    COUNTERS = ("step",)
 
     def __init__(self, **fields):
         unknown = set(fields) - set(self.BUFFERS) - set(self.COUNTERS)
@@ -30,8 +36,7 @@ class OptimizerState:
     @classmethod
     def new(cls, param, fill=0.0):
         """A fresh state for `param`: its required buffers filled with `fill`, step 0."""
-        return cls(**{name: np.full_like(param, fill, order="C")
-                      for name in cls.BUFFERS[:cls.REQUIRED]})
+        return cls(**{name: np.full_like(param, fill, order="C") for name in cls.REQUIRED})
 
     def add_missing(self, param, names):
         """Create, zero-filled, those of the named buffers that this state lacks."""
@@ -46,7 +51,7 @@ class OptimizerState:
     def check(self, param, what, needed=()):
         """Raise unless the required and `needed` buffers exist, every buffer fits `param`
         (shape, dtype, C-contiguous, writeable) and the counters are valid."""
-        for name in self.BUFFERS[:self.REQUIRED] + tuple(needed):
+        for name in tuple(self.REQUIRED) + tuple(needed):
             if getattr(self, name) is None:
                 raise ValueError(f"{what}.{name} is missing")
         for name, buf in self.buffers().items():
@@ -65,50 +70,20 @@ class OptimizerState:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
-class SGDState(OptimizerState):
-    """momentum_buffer: v of Momentum/NAG (None without momentum); step: updates taken."""
-    BUFFERS = ("momentum_buffer",)
-    REQUIRED = 0
-    COUNTERS = ("step",)
+def _state_class(rule):
+    crule = rule.crule
+    required = rule.required_state()
+    doc = (f"State of {rule.name} (C rule {crule.name!r}): buffers {', '.join(crule.state)} "
+           f"(always: {', '.join(required) or 'none'}; the others when an option needs them); "
+           "step: updates taken.")
+    return type(rule.state, (OptimizerState,), {
+        "__doc__": doc, "__module__": __name__, "KERNEL": crule.name,
+        "BUFFERS": crule.state, "REQUIRED": required})
 
 
-class AdagradState(OptimizerState):
-    """sum: G, the running sum of squared gradients; step: updates taken."""
-    BUFFERS = ("sum",)
-    REQUIRED = 1
-    COUNTERS = ("step",)
-
-
-class AdadeltaState(OptimizerState):
-    """square_avg: E[g^2]; acc_delta: E[delta^2]; step: updates taken."""
-    BUFFERS = ("square_avg", "acc_delta")
-    REQUIRED = 2
-    COUNTERS = ("step",)
-
-
-class RMSpropState(OptimizerState):
-    """square_avg: E[g^2]; grad_avg: E[g] (centered only); momentum_buffer (momentum > 0 only)."""
-    BUFFERS = ("square_avg", "grad_avg", "momentum_buffer")
-    REQUIRED = 1
-    COUNTERS = ("step",)
-
-
-class AdamState(OptimizerState):
-    """m, v: first and second moment estimates; max_v: AMSGrad's running max; step: t."""
-    BUFFERS = ("m", "v", "max_v")
-    REQUIRED = 2
-    COUNTERS = ("step",)
-
-
-class AdaMaxState(OptimizerState):
-    """m: first moment; u: the exponentially weighted infinity norm; step: t."""
-    BUFFERS = ("m", "u")
-    REQUIRED = 2
-    COUNTERS = ("step",)
-
-
-class NadamState(OptimizerState):
-    """m, v: first and second moment estimates; step: t."""
-    BUFFERS = ("m", "v")
-    REQUIRED = 2
-    COUNTERS = ("step",)
+STATE_TYPES = {}
+for _rule in RULES:
+    if _rule.state not in STATE_TYPES:
+        STATE_TYPES[_rule.state] = _state_class(_rule)
+        globals()[_rule.state] = STATE_TYPES[_rule.state]
+del _rule

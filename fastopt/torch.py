@@ -141,9 +141,9 @@ class _Fastopt:
                          [g.data_ptr() for _, g, _ in members]]
             addresses += [None if name is None else [s[name].data_ptr() for s in batch_states]
                           for name in slots]
-            _kernels.run_addresses(self.kernel, dtype == torch.float64, addresses,
+            _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
                                    [p.numel() for p, _, _ in members],
-                                   self.kernel_args(group, t, batch_states[0]), t)
+                                   self.kernel_args(group, t, batch_states[0]))
             # the kernels write memory directly: tell autograd, as an in-place op would
             written = [p for p, _, _ in members]
             written += [s[name] for s in batch_states for name in slots if name is not None]
