@@ -264,8 +264,8 @@ FO_RULES(FO_TYPED_DEFINITIONS)
 
 /* ---- the bandwidth ceiling ------------------------------------------------------------------ */
 
-/* Adam's memory traffic (read 4 streams, write 3) with trivial arithmetic: what the benchmark
- * compares every rule with, through the same threads. */
+/* The memory traffic of a rule with two state buffers (read 4 streams, write 3) with trivial
+ * arithmetic: what the benchmark compares every rule with, through the same threads. */
 static void stream_span(void *const *b, size_t at, size_t n, const void *unused)
 {
     (void)unused;

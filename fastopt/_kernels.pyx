@@ -289,8 +289,8 @@ cdef inline float *_fdata(float[::1] buf) noexcept nogil:
 
 
 def stream(float[::1] p, float[::1] g, float[::1] m, float[::1] v):
-    """p += g; m += g; v += g: Adam's memory traffic with trivial arithmetic (the benchmark's
-    bandwidth ceiling), split across threads like the kernels."""
+    """p += g; m += g; v += g: the memory traffic of a rule with two state buffers, with trivial
+    arithmetic (the benchmark's bandwidth ceiling), split across threads like the kernels."""
     cdef Py_ssize_t n = p.shape[0]
     if g.shape[0] != n or m.shape[0] != n or v.shape[0] != n:
         raise ValueError("stream: buffers of different lengths")

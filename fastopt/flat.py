@@ -13,7 +13,7 @@ class FlatParams:
 
         flat = FlatParams.from_arrays(model_arrays)     # or FlatParams(shapes, np.float32)
         weights = flat.params                           # views into flat.data: use these
-        opt = fastopt.Adam([flat.data])
+        opt = fastopt.<Rule>([flat.data])                 # any optimizer class
         ...                                             # write gradients into flat.grads[i]
         opt.step([flat.grad])                           # one kernel call for the whole model
 
