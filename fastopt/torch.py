@@ -10,22 +10,45 @@ the parameters' storage with torch's formulas (fastopt's FO_TORCH convention: mo
 dampening, eps outside the root for Adagrad/RMSprop, AdaMax's eps in the max, AMSGrad's max of
 v, NAdam's momentum-decay schedule), one C call per group and dtype, threads split by bytes.
 
-Parameters must be dense, contiguous float32/float64 CPU tensors (checked when the optimizer
-is built and when a group is added); anything else gets a clear error rather than a silent
-copy that would lose the update.  `foreach` and `fused` are accepted and ignored (fastopt is
-always fused); `capturable=True` and `differentiable=True` are rejected (CPU, no autograd
-through the step).
+Parameters are given in every form torch.optim takes: an iterable (a generator too) of tensors
+or of ``(name, tensor)`` pairs from ``named_parameters()``, or param groups whose "params" is a
+tensor, a list, a tuple or a generator.  They must be dense, contiguous float32/float64 CPU
+tensors, or complex64/complex128 ones, which are updated as their real and imaginary parts as
+torch does (checked when the optimizer is built and when a group is added); anything else gets
+a clear error rather than a silent copy that would lose the update.  `foreach` and `fused` are
+accepted and ignored (fastopt is always fused); `capturable=True` and `differentiable=True` are
+rejected (CPU, no autograd through the step).  A 0-d tensor lr is read once per step.
+
+A step validates every group's hyperparameters, every gradient and every state buffer before it
+changes any parameter, state buffer or step counter; the error names the group and the field,
+in torch's wording where torch has one.  fastopt's ranges are torch's, finite, and, where the
+kernels need it, narrower: Adadelta's rho and RMSprop's alpha in [0, 1), SGD's dampening in
+[0, 1].
+
+Threads: each optimizer serializes step(), state_dict(), load_state_dict(), add_param_group()
+and zero_grad() with its own re-entrant lock, so threads sharing one optimizer lose no update,
+and different optimizers still step in parallel (the kernels release the GIL).  step(closure)
+runs the closure inside the lock: the gradients a step applies are the ones its own closure
+computed, at the parameters that step updates.  state_dict() returns copies of the state
+tensors taken under the lock (torch returns the live buffers, which a later step changes), so a
+checkpoint taken while another thread steps is all of one step.
 """
 import math
+import threading
+from numbers import Real
 
 import torch
+from torch.optim.optimizer import _get_scalar_dtype
 
 from fastopt import _kernels
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
 
 TORCH = _kernels.TORCH
-_DTYPES = (torch.float32, torch.float64)
+# a parameter's dtype -> the real dtype the kernels see (complex: its real and imaginary parts)
+_KERNEL_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
+                  torch.complex64: torch.float32, torch.complex128: torch.float64}
+_UNSUPPORTED_FLAGS = ("capturable", "differentiable")
 
 
 def _check_param(p, where):
@@ -36,205 +59,415 @@ def _check_param(p, where):
                          "(use torch.optim for other devices)")
     if p.layout != torch.strided:
         raise ValueError(f"{where} is a {p.layout} tensor; fastopt.torch needs dense tensors")
-    if p.dtype not in _DTYPES:
-        raise TypeError(f"{where} has dtype {p.dtype}; fastopt.torch needs float32 or float64")
+    if p.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{where} has dtype {p.dtype}; fastopt.torch needs float32, float64, "
+                        "complex64 or complex128")
     if not p.is_contiguous():
         raise ValueError(f"{where} is not contiguous; fastopt.torch updates parameters in place "
                          "and would lose the update on a copy")
 
 
+def _span(t):
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+# ---- hyperparameter ranges -------------------------------------------------------------------
+# Each entry: (group key, index in it or None, torch's wording of the error, the test, the range in words).  The
+# ranges are torch's constructor checks made finite, narrowed where the kernels need it, so a
+# group that passes here never makes a kernel fail halfway through a step.
+
+def _finite_nonneg(x):
+    return 0.0 <= x < math.inf
+
+
+def _unit_half_open(x):
+    return 0.0 <= x < 1.0
+
+
+def _unit_closed(x):
+    return 0.0 <= x <= 1.0
+
+
+_NONNEG = (_finite_nonneg, "finite and >= 0")
+_HALF_OPEN = (_unit_half_open, "in [0, 1)")
+_CLOSED = (_unit_closed, "in [0, 1]")
+
+_LR = ("lr", None, "Invalid learning rate", *_NONNEG)
+_WEIGHT_DECAY = ("weight_decay", None, "Invalid weight_decay value", *_NONNEG)
+_EPS = ("eps", None, "Invalid epsilon value", *_NONNEG)
+_MOMENTUM = ("momentum", None, "Invalid momentum value", *_NONNEG)
+_BETAS = (("betas", 0, "Invalid beta parameter at index 0", *_HALF_OPEN),
+          ("betas", 1, "Invalid beta parameter at index 1", *_HALF_OPEN))
+
+
 class _Fastopt:
-    """The step shared by every class.  Subclasses name the kernel and give the state slots in
-    the kernel's order, a parameter's fresh state, how a step advances a state, and the
-    kernel's arguments."""
+    """The step shared by every class.  Subclasses name the kernel and give their
+    hyperparameter ranges, the state slots in the kernel's order, a parameter's fresh state,
+    how a step advances a state, and the kernel's arguments."""
 
     kernel = ""
+    ranges = (_LR, _WEIGHT_DECAY)
+    flags = ("maximize",)
 
     def __init__(self, params, *args, **kwargs):
-        for flag in ("capturable", "differentiable"):
+        for flag in _UNSUPPORTED_FLAGS:
             if kwargs.get(flag):
                 raise ValueError(f"{flag}=True is not supported by fastopt.torch (CPU kernels "
                                  "outside autograd); use torch.optim for it")
+        self._lock = threading.RLock()  # before torch's __init__, which adds the param groups
         super().__init__(params, *args, **kwargs)
 
-    def add_param_group(self, param_group):
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for i, p in enumerate(params):
-            _check_param(p, f"{type(self).__name__}: parameter {i} of param group "
-                            f"{len(getattr(self, 'param_groups', []))}")
-        super().add_param_group(param_group)
+    def __setstate__(self, state):
+        # unpickling and copy.deepcopy come here without __init__; load_state_dict comes here
+        # holding the lock, which must stay the same object
+        super().__setstate__(state)
+        if "_lock" not in self.__dict__:
+            self._lock = threading.RLock()
 
-    def slots(self, group):
+    # ---- the methods that read or write parameters and state, each under the lock ---------
+
+    def add_param_group(self, param_group):
+        with self._lock:
+            index = len(self.param_groups)
+            # torch's own normalization: a tensor, list, tuple or generator (read once), and
+            # (name, tensor) pairs; torch's errors for the mixes it rejects
+            super().add_param_group(param_group)
+            try:
+                group = self.param_groups[index]
+                for i, p in enumerate(group["params"]):
+                    _check_param(p, f"{type(self).__name__}: parameter {i} of param group {index}")
+                self._hyperparameters(index, group)
+            except BaseException:
+                del self.param_groups[index:]
+                raise
+
+    def zero_grad(self, set_to_none=True):
+        with self._lock:
+            super().zero_grad(set_to_none)
+
+    def state_dict(self):
+        with self._lock:
+            return _copy_tensors(super().state_dict())
+
+    def load_state_dict(self, state_dict):
+        with self._lock:
+            before = self.state, self.param_groups  # torch replaces both objects, never edits them
+            super().load_state_dict(state_dict)
+            try:
+                for index, group in enumerate(self.param_groups):
+                    hp = self._hyperparameters(index, group)
+                    for i, p in enumerate(group["params"]):
+                        state = self.state.get(p)
+                        if state:
+                            self._check_state(index, i, group, p, state, self.slots(hp))
+            except BaseException:
+                self.state, self.param_groups = before
+                raise
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with self._lock:
+            loss = None
+            if closure is not None:
+                # inside the lock: the step applies exactly the gradients its closure computed
+                with torch.enable_grad():
+                    loss = closure()
+            # everything is validated before anything changes
+            work = [self._prepare_group(index, group)
+                    for index, group in enumerate(self.param_groups)]
+            for hp, members in work:
+                if members:
+                    self._step_group(hp, members)
+            return loss
+
+    # ---- validation (changes nothing) -----------------------------------------------------
+
+    def _hyperparameters(self, index, group):
+        """The group's hyperparameters as plain floats and bools, after checking every one."""
+        where = f"{type(self).__name__}: param group {index}"
+        for flag in _UNSUPPORTED_FLAGS:
+            if group.get(flag):
+                raise ValueError(f"{where}: {flag}=True is not supported by fastopt.torch (CPU "
+                                 "kernels outside autograd); use torch.optim for it")
+        hp = {}
+        for key, position, wording, test, rule in self.ranges:
+            value = group[key] if position is None else group[key][position]
+            field = f"group[{key!r}]" + ("" if position is None else f"[{position}]")
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"{where}: Tensor {key}{'' if position is None else f'[{position}]'} "
+                                     f"must be 1-element ({field} has {value.numel()})")
+                value = value.item()  # read once per step; the kernels take a double
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise TypeError(f"{where}: {field} must be a number, not {type(value).__name__}")
+            value = float(value)
+            if not test(value):
+                raise ValueError(f"{where}: {wording}: {value} ({field} must be {rule})")
+            if position is None:
+                hp[key] = value
+            else:
+                hp.setdefault(key, [None, None])[position] = value
+        for flag in self.flags:
+            hp[flag] = bool(group.get(flag, False))
+        self._check_combination(where, hp)
+        hp["fused"] = bool(group.get("fused"))
+        return hp
+
+    def _check_combination(self, where, hp):
+        pass
+
+    def _check_state(self, index, i, group, p, state, slots):
+        for name in slots:
+            buffer = state.get(name) if name is not None else None
+            if buffer is None:
+                continue  # created on this step
+            if not isinstance(buffer, torch.Tensor) or buffer.dtype != p.dtype \
+                    or buffer.shape != p.shape or buffer.device != p.device \
+                    or buffer.layout != torch.strided:
+                raise ValueError(
+                    f"{type(self).__name__}: param group {index}, {_param_name(group, i)}: state "
+                    f"{name!r} is {_describe(buffer)}; it must be a dense tensor like its "
+                    f"parameter ({_describe(p)})")
+        for name in self.counters:
+            counter = state.get(name)
+            if counter is not None and not (isinstance(counter, torch.Tensor)
+                                            and counter.numel() == 1):
+                raise ValueError(f"{type(self).__name__}: param group {index}, "
+                                 f"{_param_name(group, i)}: state {name!r} must be a 1-element "
+                                 f"tensor, not {_describe(counter)}")
+
+    def _prepare_group(self, index, group):
+        """Checks one group for this step and returns (hyperparameters, members), members being
+        (param, contiguous grad, existing state or None) for every param with a gradient."""
+        hp = self._hyperparameters(index, group)
+        slots = self.slots(hp)
+        keep = self.keeps_state(hp)
+        members = []
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            where = f"{type(self).__name__}: param group {index}, {_param_name(group, i)}"
+            if p.dtype not in _KERNEL_DTYPES or p.device.type != "cpu" \
+                    or p.layout != torch.strided or not p.is_contiguous():
+                _check_param(p, where)
+            if g.is_sparse or g.layout != torch.strided:
+                raise TypeError(f"{where}: {type(self).__name__} does not support sparse "
+                                f"gradients ({g.layout})")
+            if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+                raise TypeError(f"{where}: its gradient is {_describe(g)}; the parameter is "
+                                f"{_describe(p)}")
+            g = g.contiguous()
+            state = self.state.get(p) if keep else None  # .get: state is a defaultdict
+            spans = [_span(p), _span(g)]
+            if state:
+                self._check_state(index, i, group, p, state, slots)
+                spans += [_span(state[name]) for name in slots
+                          if name is not None and state.get(name) is not None]
+            if p.numel():
+                for a in range(len(spans)):
+                    for b in range(a + 1, len(spans)):
+                        if spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]:
+                            raise ValueError(f"{where}: its gradient or a state buffer shares "
+                                             "memory with the parameter or another buffer")
+            members.append((p, g, state))
+        return hp, members
+
+    # ---- the update ------------------------------------------------------------------------
+
+    counters = ("step",)
+
+    def slots(self, hp):
         raise NotImplementedError
 
-    def keeps_state(self, group):
+    def keeps_state(self, hp):
         return True
 
-    def new_state(self, p, group):
-        return {"step": _step_tensor()}
+    def new_state(self, p, hp):
+        return {"step": _step_tensor(hp)}
 
-    def advance(self, states, group):
+    def advance(self, states, hp):
         """Move the states' counters to this step; returns each one's step number t (from 1)."""
         counters = [s["step"] for s in states]
         if not counters:
             return []
         torch._foreach_add_(counters, 1.0)
-        return [int(t) for t in torch.stack(counters).tolist()]
+        return [int(t) for t in torch.stack([c.reshape(()) for c in counters]).tolist()]
 
     def batch_extra(self, state):
         return None
 
-    def kernel_args(self, group, step, state):
+    def kernel_args(self, hp, step, state):
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = []  # (group, its params with a gradient)
-        for group in self.param_groups:  # validate everything before anything changes
-            with_grad = []
-            work.append((group, with_grad))
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.dtype not in _DTYPES or p.device.type != "cpu" or p.layout != torch.strided \
-                        or not p.is_contiguous():
-                    _check_param(p, f"{type(self).__name__}: a parameter")
-                g = p.grad
-                if g.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-                if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
-                    raise TypeError(f"a gradient of {g.dtype} {tuple(g.shape)} on {g.device} for a "
-                                    f"parameter of {p.dtype} {tuple(p.shape)} on {p.device}")
-                with_grad.append(p)
-        for group, params in work:
-            self._step_group(group, params)
-        return loss
-
-    def _step_group(self, group, params):
-        slots = self.slots(group)
-        keep = self.keeps_state(group)
+    def _step_group(self, hp, members):
+        """Creates missing state, advances the counters and updates one validated group."""
+        slots = self.slots(hp)
+        keep = self.keeps_state(hp)
         states = []
-        for p in params:
-            state = self.state[p] if keep else {}
+        for p, _, state in members:
+            if state is None:
+                state = self.state[p] if keep else {}
             if not state:
-                state.update(self.new_state(p, group))
+                state.update(self.new_state(p, hp))
             states.append(state)
-        steps = self.advance(states, group)
-        batches = {}
-        for p, state, t in zip(params, states, steps):
+        steps = self.advance(states, hp)  # before the buffers appear: SGD reads their absence
+        for (p, _, _), state in zip(members, states):
             for name in slots:  # options switched on later, or a checkpoint's strided buffers
                 if name is not None:
                     if state.get(name) is None:
                         state[name] = _zeros(p)
                     elif not state[name].is_contiguous():
                         state[name] = state[name].contiguous()
-            key = (p.dtype, t, self.batch_extra(state))
-            batches.setdefault(key, []).append((p, p.grad.contiguous(), state))
-        for (dtype, t, _), members in batches.items():
-            batch_states = [s for _, _, s in members]
-            addresses = [[p.data_ptr() for p, _, _ in members],
-                         [g.data_ptr() for _, g, _ in members]]
-            addresses += [None if name is None else [s[name].data_ptr() for s in batch_states]
-                          for name in slots]
-            _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                                   [p.numel() for p, _, _ in members],
-                                   self.kernel_args(group, t, batch_states[0]))
-            # the kernels write memory directly: tell autograd, as an in-place op would
-            written = [p for p, _, _ in members]
-            written += [s[name] for s in batch_states for name in slots if name is not None]
-            torch.autograd.graph.increment_version(written)
+        batches = {}
+        for (p, g, _), state, t in zip(members, states, steps):
+            key = (_KERNEL_DTYPES[p.dtype], t, self.batch_extra(state))
+            batches.setdefault(key, []).append((p, g, state))
+        for (dtype, t, _), batch in batches.items():
+            self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]))
+
+    def _run_kernel(self, dtype, step, slots, batch, kernel_args):
+        """One C call over a batch of (param, grad, state) of one real dtype and step number,
+        all validated; complex tensors go in as their real and imaginary parts."""
+        addresses = [[p.data_ptr() for p, _, _ in batch], [g.data_ptr() for _, g, _ in batch]]
+        addresses += [None if name is None else [s[name].data_ptr() for _, _, s in batch]
+                      for name in slots]
+        sizes = [p.numel() * (2 if p.is_complex() else 1) for p, _, _ in batch]
+        _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
+                               sizes, kernel_args)
+        # the kernels write memory directly: tell autograd, as an in-place op would
+        written = [p for p, _, _ in batch]
+        written += [s[name] for _, _, s in batch for name in slots if name is not None]
+        torch.autograd.graph.increment_version(written)
+
+
+def _param_name(group, i):
+    names = group.get("param_names")
+    return f"parameter {i}" + (f" ({names[i]!r})" if names and i < len(names) else "")
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"a {x.layout} {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+    return f"a {type(x).__name__}"
+
+
+def _copy_tensors(value):
+    """A copy of a state dict whose tensors are copies: a snapshot later steps do not change."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copy_tensors(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_tensors(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_copy_tensors(v) for v in value)
+    return value
 
 
 def _zeros(p):
     return torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _step_tensor():
-    """torch's step counter: a 0-d tensor of the default float dtype (float32 unless float64)."""
-    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    return torch.tensor(0.0, dtype=dtype)
+def _step_tensor(hp):
+    """torch's step counter: a 0-d tensor, float32 for fused groups, else of the default float
+    dtype (float32 unless float64)."""
+    return torch.tensor(0.0, dtype=_get_scalar_dtype(is_fused=hp["fused"]))
 
 
-def _common(group):
-    return dict(lr=group["lr"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+def _common(hp):
+    return dict(lr=hp["lr"], weight_decay=hp["weight_decay"], maximize=hp["maximize"])
 
 
 class SGD(_Fastopt, torch.optim.SGD):
     kernel = "sgd"
+    ranges = (_LR, _WEIGHT_DECAY, _MOMENTUM,
+              ("dampening", None, "Invalid dampening value", *_CLOSED))
+    flags = ("maximize", "nesterov")
+    counters = ()
 
-    def slots(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else (None,)
+    def _check_combination(self, where, hp):
+        if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
+            raise ValueError(f"{where}: Nesterov momentum requires a momentum and zero dampening "
+                             f"(momentum={hp['momentum']}, dampening={hp['dampening']})")
 
-    def keeps_state(self, group):
-        return group["momentum"] != 0  # as torch: plain SGD stores nothing
+    def slots(self, hp):
+        return ("momentum_buffer",) if hp["momentum"] != 0 else (None,)
 
-    def new_state(self, p, group):
+    def keeps_state(self, hp):
+        return hp["momentum"] != 0  # as torch: plain SGD stores nothing
+
+    def new_state(self, p, hp):
         return {}  # as torch: no step; the buffer appears on the first step with momentum
 
-    def advance(self, states, group):
+    def advance(self, states, hp):
         # step 1 (no buffer yet): torch seeds the buffer with g, dampening unused
         return [1 if s.get("momentum_buffer") is None else 2 for s in states]
 
-    def kernel_args(self, group, step, state):
-        return dict(_common(group), momentum=group["momentum"], dampening=group["dampening"],
-                    nesterov=group["nesterov"], convention=TORCH, step=step)
+    def kernel_args(self, hp, step, state):
+        return dict(_common(hp), momentum=hp["momentum"], dampening=hp["dampening"],
+                    nesterov=hp["nesterov"], convention=TORCH, step=step)
 
 
 class Adagrad(_Fastopt, torch.optim.Adagrad):
     kernel = "adagrad"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS, ("lr_decay", None, "Invalid lr_decay value", *_NONNEG),
+              ("initial_accumulator_value", None, "Invalid initial_accumulator_value value", *_NONNEG))
 
-    def slots(self, group):
+    def slots(self, hp):
         return ("sum",)
 
-    def new_state(self, p, group):
-        return {"step": _step_tensor(),
-                "sum": torch.full_like(p, group["initial_accumulator_value"],
+    def new_state(self, p, hp):
+        # as torch: the constructor's value, not the group's (torch never reads the group's)
+        value = float(self.defaults["initial_accumulator_value"])
+        return {"step": _step_tensor(hp),
+                "sum": torch.full_like(p, complex(value, value) if p.is_complex() else value,
                                        memory_format=torch.preserve_format)}
 
-    def kernel_args(self, group, step, state):
-        clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
-        return dict(_common(group), lr=clr, eps=group["eps"], convention=TORCH)
+    def kernel_args(self, hp, step, state):
+        clr = hp["lr"] / (1 + (step - 1) * hp["lr_decay"])
+        return dict(_common(hp), lr=clr, eps=hp["eps"], convention=TORCH)
 
 
 class Adadelta(_Fastopt, torch.optim.Adadelta):
     kernel = "adadelta"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS, ("rho", None, "Invalid rho value", *_HALF_OPEN))
 
-    def slots(self, group):
+    def slots(self, hp):
         return ("square_avg", "acc_delta")
 
-    def kernel_args(self, group, step, state):
-        return dict(_common(group), rho=group["rho"], eps=group["eps"])
+    def kernel_args(self, hp, step, state):
+        return dict(_common(hp), rho=hp["rho"], eps=hp["eps"])
 
 
 class RMSprop(_Fastopt, torch.optim.RMSprop):
     kernel = "rmsprop"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS, _MOMENTUM, ("alpha", None, "Invalid alpha value", *_HALF_OPEN))
+    flags = ("maximize", "centered")
 
-    def slots(self, group):
-        return ("square_avg", "grad_avg" if group["centered"] else None,
-                "momentum_buffer" if group["momentum"] > 0 else None)
+    def slots(self, hp):
+        return ("square_avg", "grad_avg" if hp["centered"] else None,
+                "momentum_buffer" if hp["momentum"] > 0 else None)
 
-    def kernel_args(self, group, step, state):
-        return dict(_common(group), rho=group["alpha"], eps=group["eps"],
-                    momentum=group["momentum"], centered=group["centered"], convention=TORCH)
+    def kernel_args(self, hp, step, state):
+        return dict(_common(hp), rho=hp["alpha"], eps=hp["eps"], momentum=hp["momentum"],
+                    centered=hp["centered"], convention=TORCH)
 
 
 class Adam(_Fastopt, torch.optim.Adam):
     kernel = "adam"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS, *_BETAS)
+    flags = ("maximize", "amsgrad", "decoupled_weight_decay")
 
-    def slots(self, group):
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None)
+    def slots(self, hp):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if hp["amsgrad"] else None)
 
-    def kernel_args(self, group, step, state):
-        beta1, beta2 = group["betas"]
-        return dict(_common(group), beta1=beta1, beta2=beta2, eps=group["eps"],
-                    amsgrad=group["amsgrad"],
-                    decoupled_weight_decay=group.get("decoupled_weight_decay", False),
-                    convention=TORCH, step=step)
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(_common(hp), beta1=beta1, beta2=beta2, eps=hp["eps"], amsgrad=hp["amsgrad"],
+                    decoupled_weight_decay=hp["decoupled_weight_decay"], convention=TORCH,
+                    step=step)
 
 
 class AdamW(Adam, torch.optim.AdamW):
@@ -243,45 +476,49 @@ class AdamW(Adam, torch.optim.AdamW):
 
 class Adamax(_Fastopt, torch.optim.Adamax):
     kernel = "adamax"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS, *_BETAS)
 
-    def slots(self, group):
+    def slots(self, hp):
         return ("exp_avg", "exp_inf")
 
-    def kernel_args(self, group, step, state):
-        beta1, beta2 = group["betas"]
-        return dict(_common(group), beta1=beta1, beta2=beta2, eps=group["eps"],
-                    convention=TORCH, step=step)
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(_common(hp), beta1=beta1, beta2=beta2, eps=hp["eps"], convention=TORCH,
+                    step=step)
 
 
 class NAdam(_Fastopt, torch.optim.NAdam):
     kernel = "nadam"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS, *_BETAS,
+              ("momentum_decay", None, "Invalid momentum_decay value", *_NONNEG))
+    flags = ("maximize", "decoupled_weight_decay")
+    counters = ("step", "mu_product")
 
-    def slots(self, group):
+    def slots(self, hp):
         return ("exp_avg", "exp_avg_sq")
 
-    def new_state(self, p, group):
-        return {"step": _step_tensor(), "mu_product": torch.ones((), dtype=_step_tensor().dtype)}
+    def new_state(self, p, hp):
+        return {"step": _step_tensor(hp), "mu_product": torch.ones((), dtype=_get_scalar_dtype())}
 
-    def advance(self, states, group):
-        steps = super().advance(states, group)
+    def advance(self, states, hp):
+        steps = super().advance(states, hp)
         by_step = {}
         for s, t in zip(states, steps):
             by_step.setdefault(t, []).append(s["mu_product"])
         for t, products in by_step.items():
             # mu_t = beta1 (1 - 0.5 * 0.96^(t psi)); torch keeps the running product as a tensor
-            torch._foreach_mul_(products, group["betas"][0] * (1.0 - 0.5 * 0.96 ** (t * group["momentum_decay"])))
+            torch._foreach_mul_(products, hp["betas"][0] * (1.0 - 0.5 * 0.96 ** (t * hp["momentum_decay"])))
         return steps
 
     def batch_extra(self, state):
         return float(state["mu_product"])
 
-    def kernel_args(self, group, step, state):
-        beta1, beta2 = group["betas"]
-        return dict(_common(group), beta1=beta1, beta2=beta2, eps=group["eps"],
-                    momentum_decay=group["momentum_decay"],
-                    mu_product=float(state["mu_product"]),
-                    decoupled_weight_decay=group["decoupled_weight_decay"],
-                    convention=TORCH, step=step)
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(_common(hp), beta1=beta1, beta2=beta2, eps=hp["eps"],
+                    momentum_decay=hp["momentum_decay"], mu_product=float(state["mu_product"]),
+                    decoupled_weight_decay=hp["decoupled_weight_decay"], convention=TORCH,
+                    step=step)
 
 
 for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam):
