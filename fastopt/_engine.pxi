@@ -144,6 +144,40 @@ cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
     return na == 0 or nb == 0 or sa + na <= sb or sb + nb <= sa
 
 
+cdef class _Spans:
+    """The written buffers' byte ranges, sorted and disjoint: does a read buffer overlap one?"""
+    cdef size_t *starts
+    cdef size_t *ends
+    cdef Py_ssize_t count
+
+    def __cinit__(self, spans):
+        spans = sorted(x for x in spans if x[1] > x[0])
+        self.count = len(spans)
+        self.starts = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
+        self.ends = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
+        if self.starts == NULL or self.ends == NULL:
+            raise MemoryError()
+        for k, (s0, e0) in enumerate(spans):
+            self.starts[k], self.ends[k] = s0, e0
+
+    def __dealloc__(self):
+        free(self.starts)
+        free(self.ends)
+
+    cdef bint hits(self, size_t start, size_t nbytes):
+        if nbytes == 0 or self.count == 0:
+            return False
+        cdef size_t end = start + nbytes
+        cdef Py_ssize_t lo = 0, hi = self.count, mid
+        while lo < hi:  # the first buffer starting at or after `end`
+            mid = (lo + hi) // 2
+            if self.starts[mid] < end:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo > 0 and self.ends[lo - 1] > start
+
+
 cdef class Plan:
     """The batches of one optimizer, and what they were built from.
 
@@ -153,9 +187,7 @@ cdef class Plan:
     cdef list groups, group_lists, batches, params, hypers, versions
     cdef dict state
     cdef frozenset direct
-    cdef size_t *starts
-    cdef size_t *ends
-    cdef Py_ssize_t n_written
+    cdef _Spans written
 
     def __cinit__(self, list groups, dict state, list batches, list hypers, direct):
         self.groups = groups
@@ -166,38 +198,14 @@ cdef class Plan:
         self.batches = batches
         self.hypers = hypers
         self.direct = frozenset(direct)
-        spans = []
-        for p in self.params:
-            spans.append(_span(p))
+        spans = [_span(p) for p in self.params]
         for s in state.values():
             for b in s.buffers().values():
                 spans.append(_span(b))
-        spans = sorted(x for x in spans if x[1] > x[0])
-        self.n_written = len(spans)
-        self.starts = <size_t *>calloc(max(self.n_written, 1), sizeof(size_t))
-        self.ends = <size_t *>calloc(max(self.n_written, 1), sizeof(size_t))
-        if self.starts == NULL or self.ends == NULL:
-            raise MemoryError()
-        for k, (s0, e0) in enumerate(spans):
-            self.starts[k], self.ends[k] = s0, e0
-
-    def __dealloc__(self):
-        free(self.starts)
-        free(self.ends)
+        self.written = _Spans(spans)
 
     cdef bint hits_written(self, size_t start, size_t nbytes):
-        """Does [start, start + nbytes) overlap a written buffer?  (They are sorted, disjoint.)"""
-        if nbytes == 0 or self.n_written == 0:
-            return False
-        cdef size_t end = start + nbytes
-        cdef Py_ssize_t lo = 0, hi = self.n_written, mid
-        while lo < hi:  # the first buffer starting at or after `end`
-            mid = (lo + hi) // 2
-            if self.starts[mid] < end:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo > 0 and self.ends[lo - 1] > start
+        return self.written.hits(start, nbytes)
 
     def refresh(self, list groups, checked):
         """After hyperparameters changed: writes the new values into the groups' Hypers.
@@ -438,3 +446,119 @@ cdef class ParamGroup(dict):
 
     def __reduce__(self):
         return (dict, (dict(self),))
+
+
+cdef class _Table:
+    """One batch's C pointer tables, built once: buffer k of tensor t at ptrs[k][t]."""
+    cdef void **ptrs[8]
+    cdef size_t *n
+    cdef Py_ssize_t count
+    cdef bint f64
+    cdef list indices
+
+    def __cinit__(self, bint f64, list indices, list sizes, list addresses):
+        self.f64, self.indices, self.count = f64, indices, len(indices)
+        cdef Py_ssize_t k, t
+        self.n = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
+        if self.n == NULL:
+            raise MemoryError()
+        for k in range(8):
+            self.ptrs[k] = NULL
+        for k in range(len(addresses)):
+            if k != 1 and addresses[k] is None:
+                continue
+            self.ptrs[k] = <void **>calloc(max(self.count, 1), sizeof(void *))
+            if self.ptrs[k] == NULL:
+                raise MemoryError()
+            for t in range(self.count):
+                if k != 1:
+                    self.ptrs[k][t] = <void *><uintptr_t>addresses[k][t]
+        for t in range(self.count):
+            self.n[t] = sizes[t]
+
+    def __dealloc__(self):
+        free(self.n)
+        for k in range(8):
+            free(self.ptrs[k])
+
+
+cdef class ObjectPlan:
+    """The engine's planned step for parameters that are not numpy arrays (fastopt.torch's
+    tensors): built by the front end after a fully validated step, it checks at C speed, on
+    later steps, what can change (the same groups, hyperparameter values, state, parameters
+    and their addresses; which parameters have a gradient; each gradient dense, contiguous, and
+    where it is), then asks the front end to advance its counters and give each batch's C
+    fields, and makes one C call per batch.  run() returns False, having changed nothing, when
+    anything differs: the front end then validates and plans again.
+
+    front: the optimizer (param_groups, state, advance(states, hp), kernel_args(hp, t, state));
+    groups: per param group (group dict, hp, key values, params list, members [(param, has
+    grad, address, state)], batches [_Table], keeps_state); mark_written(written): tells
+    autograd which tensors the kernels wrote.
+    """
+    cdef CRule rule
+    cdef object groups_list, state, strided, mark_written, written
+    cdef list groups
+    cdef _Spans spans
+
+    def __cinit__(self, CRule rule, front, list groups, strided, mark_written, list written,
+                  list written_spans):
+        self.rule = rule
+        self.spans = _Spans(written_spans)
+        self.groups_list = front.param_groups
+        self.state = front.state
+        self.groups = groups
+        self.strided = strided
+        self.mark_written = mark_written
+        self.written = written
+
+    def run(self, front, key_of):
+        """One step, or False (nothing changed) if the plan no longer fits."""
+        if front.param_groups is not self.groups_list or front.state is not self.state \
+                or len(self.groups_list) != len(self.groups):
+            return False
+        cdef Py_ssize_t gi, t
+        cdef _Table table
+        for gi in range(len(self.groups)):
+            group, hp, key, params_list, members, tables, keep = self.groups[gi]
+            g = self.groups_list[gi]
+            if g is not group or g["params"] is not params_list or key_of(g) != key:
+                return False
+            if len(params_list) != len(members):
+                return False
+            for t in range(len(members)):
+                p, present, address, _, nbytes = members[t]
+                if params_list[t] is not p:
+                    return False
+                grad = p.grad
+                if (grad is not None) != present:
+                    return False
+                if grad is None:
+                    continue
+                if grad.layout is not self.strided or not grad.is_contiguous() \
+                        or p.data_ptr() != address \
+                        or self.spans.hits(<size_t>grad.data_ptr(), <size_t>nbytes):
+                    return False
+        # every gradient fits: record them, then step
+        cdef Hyper hyper
+        cdef int status
+        cdef Py_ssize_t n_bufs = 2 + len(self.rule.state)
+        for gi in range(len(self.groups)):
+            group, hp, key, params_list, members, tables, keep = self.groups[gi]
+            with_grad = [m for m in members if m[1]]
+            for table in tables:
+                for t in range(table.count):
+                    table.ptrs[1][t] = <void *><uintptr_t>with_grad[<Py_ssize_t>table.indices[t]][0].grad.data_ptr()
+            states = [m[3] if keep else {} for m in with_grad]
+            steps = front.advance(states, hp)
+            for table in tables:
+                first = table.indices[0]
+                hyper = Hyper(self.rule, front.kernel_args(hp, steps[first], states[first]))
+                with nogil:
+                    status = _run(self.rule.id, table.f64, table.count, table.ptrs, n_bufs,
+                                  table.n, hyper.data())
+                if status == FO_ERR_HYPERPARAM:
+                    hyper.check()
+                _check(status)
+        self.mark_written(self.written)
+        return True

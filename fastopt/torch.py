@@ -129,6 +129,7 @@ class _Fastopt:
 
     def add_param_group(self, param_group):
         with self._lock:
+            self._plan = None
             index = len(self.param_groups)
             # torch's own normalization: a tensor, list, tuple or generator (read once), and
             # (name, tensor) pairs; torch's errors for the mixes it rejects
@@ -152,6 +153,7 @@ class _Fastopt:
 
     def load_state_dict(self, state_dict):
         with self._lock:
+            self._plan = None
             before = self.state, self.param_groups  # torch replaces both objects, never edits them
             super().load_state_dict(state_dict)
             try:
@@ -173,13 +175,57 @@ class _Fastopt:
                 # inside the lock: the step applies exactly the gradients its closure computed
                 with torch.enable_grad():
                     loss = closure()
+            plan = self.__dict__.get("_plan")
+            if plan is not None and plan.run(self, _group_key):
+                return loss
             # everything is validated before anything changes
             work = [self._prepare_group(index, group)
                     for index, group in enumerate(self.param_groups)]
             for hp, members in work:
                 if members:
                     self._step_group(hp, members)
+            self._plan = self._make_plan([hp for hp, _ in work])
             return loss
+
+    def _make_plan(self, hps):
+        """After a validated step: the engine's plan for the next ones (fastopt/_engine.pxi,
+        ObjectPlan), which re-checks only what can change.  None where a group's values cannot
+        be compared cheaply (a tensor lr)."""
+        groups, written = [], []
+        for group, hp in zip(self.param_groups, hps):
+            key = _group_key(group)
+            if key is None:
+                return None
+            keep, slots = self.keeps_state(hp), self.slots(hp)
+            members, by_key, n_with_grad = [], {}, 0
+            for p in group["params"]:
+                present = p.grad is not None
+                state = self.state.get(p) if keep else None
+                members.append((p, present, p.data_ptr(), state, p.numel() * p.element_size()))
+                if not present:
+                    continue
+                # what the next step's batch depends on: dtype, step count, buffers, extra
+                next_key = (_KERNEL_DTYPES[p.dtype],
+                            float(state["step"]) if keep and "step" in state else None,
+                            tuple(keep and state.get(n) is None for n in slots if n is not None),
+                            self.batch_extra(state) if keep else None)
+                by_key.setdefault(next_key, []).append(n_with_grad)
+                n_with_grad += 1
+            with_grad = [m for m in members if m[1]]
+            tables = []
+            for (dtype, *_), indices in by_key.items():
+                batch = [with_grad[i] for i in indices]
+                addresses = [[p.data_ptr() for p, *_ in batch], None]
+                addresses += [None if name is None else [m[3][name].data_ptr() for m in batch]
+                              for name in slots]
+                sizes = [p.numel() * (2 if p.is_complex() else 1) for p, *_ in batch]
+                tables.append(_kernels._Table(dtype == torch.float64, indices, sizes, addresses))
+                written += [p for p, *_ in batch]
+                written += [m[3][name] for m in batch for name in slots if name is not None]
+            groups.append((group, hp, key, group["params"], members, tables, keep))
+        return _kernels.ObjectPlan(_kernels.RULES[self.kernel], self, groups, torch.strided,
+                                   torch.autograd.graph.increment_version, written,
+                                   [_span(t) for t in written])
 
     # ---- validation (changes nothing) -----------------------------------------------------
 
@@ -340,6 +386,17 @@ class _Fastopt:
         written = [p for p, _, _ in batch]
         written += [s[name] for _, _, s in batch for name in slots if name is not None]
         torch.autograd.graph.increment_version(written)
+
+
+def _group_key(group):
+    """A group's values, to tell cheaply that none changed; None if one is a tensor."""
+    key = []
+    for k, v in group.items():
+        if k != "params":
+            if isinstance(v, torch.Tensor):
+                return None
+            key.append((k, v))
+    return tuple(key)
 
 
 def _param_name(group, i):
