@@ -31,7 +31,7 @@ def get_include():
 
     C and C++ programs: `-I$(python -c "import fastopt; print(fastopt.get_include())")` and
     compile get_sources() in.  Cython extensions: add it to include_dirs and
-    `from fastopt._kernels cimport adam_f32, fo_adam_params` (nothing to link).
+    `from fastopt._kernels cimport <rule>_f32, fo_<rule>_params` (nothing to link).
     """
     here = _os.path.dirname(__file__)
     installed = _os.path.join(here, "csrc")
