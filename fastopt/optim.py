@@ -79,14 +79,15 @@ class Optimizer:
     def step(self, grads):
         """Update every parameter in place from `grads` (one array per parameter, same shape and
         dtype, C-contiguous).  Nothing is changed if any input is invalid."""
-        plan = self._plan
-        if plan is not None:
-            if plan.run(self.param_groups, self.state, grads):
-                return
-            if plan.refresh(self.param_groups, self._group_kernel_args) and \
-                    plan.run(self.param_groups, self.state, grads):
-                return
-        self._checked_step(grads)
+        with self._lock:
+            plan = self._plan
+            if plan is not None:
+                if plan.run(self.param_groups, self.state, grads):
+                    return
+                if plan.refresh(self.param_groups, self._group_kernel_args) and \
+                        plan.run(self.param_groups, self.state, grads):
+                    return
+            self._checked_step(grads)
 
     def _group_kernel_args(self, k):
         hp = self._group_hyperparameters(self.param_groups[k], f"param_groups[{k}]")
