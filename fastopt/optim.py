@@ -8,15 +8,15 @@ updates any parameter.  The classes are made from the rule registry (fastopt.rul
 entry: each is `Optimizer` with its rule, signature and docstring.
 """
 import inspect
+import threading
 
 import numpy as np
 
-from fastopt import _checks, _kernels
+from fastopt import _checks, _kernels, checkpoint
 from fastopt._kernels import ParamGroup
 from fastopt.rules import REQUIRED, RULES
 from fastopt.state import STATE_TYPES
 
-STATE_DICT_VERSION = 1
 
 
 class Optimizer:
@@ -48,6 +48,7 @@ class Optimizer:
         self.param_groups = [ParamGroup({**self.defaults, **g}) for g in groups]
         self.state = {}
         self._plan = None
+        self._lock = threading.Lock()  # serializes step and the checkpoint functions
 
     @property
     def state_type(self):
@@ -67,15 +68,17 @@ class Optimizer:
 
     def step(self, grads):
         """Update every parameter in place from `grads` (one array per parameter, same shape and
-        dtype, C-contiguous).  Nothing is changed if any input is invalid."""
-        plan = self._plan
-        if plan is not None:
-            if plan.run(self.param_groups, self.state, grads):
-                return
-            if plan.refresh(self.param_groups, self._group_hyper) and \
-                    plan.run(self.param_groups, self.state, grads):
-                return
-        self._checked_step(grads)
+        dtype, C-contiguous).  Nothing is changed if any input is invalid.  Calls from several
+        threads are serialized (one lock per optimizer)."""
+        with self._lock:
+            plan = self._plan
+            if plan is not None:
+                if plan.run(self.param_groups, self.state, grads):
+                    return
+                if plan.refresh(self.param_groups, self._group_hyper) and \
+                        plan.run(self.param_groups, self.state, grads):
+                    return
+            self._checked_step(grads)
 
     def _group_hyper(self, k):
         return self._group_hyperparameters(self.param_groups[k], f"param_groups[{k}]")[1]
@@ -136,108 +139,27 @@ class Optimizer:
         # grads may be any sequence of ndarrays (subclasses included): plain views of them
         plan.run_validated([g.view(np.ndarray) for g in grads])
 
-    # ---- checkpoints ---------------------------------------------------------------------
+    # ---- checkpoints (fastopt/checkpoint.py) --------------------------------------------
 
     def state_dict(self):
         """{"optimizer", "version", "state": {index: {buffer: array, "step": int}},
         "param_groups": [{hyperparameters..., "params": [indices]}]}; arrays are copies."""
-        groups, start = [], 0
-        for g in self.param_groups:
-            n = len(g["params"])
-            groups.append({**{k: v for k, v in g.items() if k != "params"},
-                           "params": list(range(start, start + n))})
-            start += n
-        state = {i: {k: (v.copy() if isinstance(v, np.ndarray) else v)
-                     for k, v in s.to_dict().items()} for i, s in self.state.items()}
-        return {"optimizer": type(self).__name__, "version": STATE_DICT_VERSION,
-                "state": state, "param_groups": groups}
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict):
         """Replace hyperparameters and states with those of `state_dict` (copied).  Everything
         is validated first: on any error nothing changes."""
-        groups, states = self._validated(state_dict)
-        for group, hp in zip(self.param_groups, groups):
-            group.update(hp)
-        self.state = states
-        self._plan = None
-
-    def _validated(self, d):
-        if not isinstance(d, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(d).__name__}")
-        for key in ("state", "param_groups"):
-            if key not in d:
-                raise ValueError(f"state_dict has no {key!r} key")
-        name = d.get("optimizer", type(self).__name__)
-        if name != type(self).__name__:
-            raise ValueError(f"state_dict is from {name}, not {type(self).__name__}")
-        loaded_groups = d["param_groups"]
-        if not isinstance(loaded_groups, (list, tuple)) or len(loaded_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(loaded_groups)} param groups, "
-                             f"the optimizer has {len(self.param_groups)}")
-        groups, group_of, start = [], [], 0  # group_of: each parameter's checked hyperparameters
-        for i, (lg, g) in enumerate(zip(loaded_groups, self.param_groups)):
-            n = len(g["params"])
-            if not isinstance(lg, dict) or list(lg.get("params", ())) != list(range(start, start + n)):
-                raise ValueError(f"state_dict param group {i} does not hold parameters "
-                                 f"{start}..{start + n - 1}")
-            hp = {k: v for k, v in lg.items() if k != "params"}
-            missing = set(self.defaults) - set(hp)
-            if missing:
-                raise ValueError(f"state_dict param group {i} lacks {sorted(missing)}")
-            group_of += [self._group_hyperparameters(hp, f"state_dict param group {i}")] * n
-            groups.append(hp)
-            start += n
-        params = self.params
-        loaded_states = d["state"]
-        if not isinstance(loaded_states, dict):
-            raise TypeError("state_dict['state'] must be a dict")
-        states = {}
-        state_type = self.state_type
-        for key, fields in loaded_states.items():
-            if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)) \
-                    or not 0 <= key < len(params):
-                raise ValueError(f"state_dict state key {key!r} is not a parameter index")
-            if not isinstance(fields, dict):
-                raise TypeError(f"state_dict state {key} must be a dict")
-            known = set(state_type.BUFFERS) | set(state_type.COUNTERS)
-            unknown = set(fields) - known
-            if unknown:
-                raise ValueError(f"state_dict state {key} has unknown field(s) {sorted(unknown)}")
-            missing = set(state_type.COUNTERS) - set(fields)
-            if missing:
-                raise ValueError(f"state_dict state {key} lacks {sorted(missing)}")
-            what = f"state_dict state {key}"
-            for k in (n for n in group_of[key][1].used_state() if n is not None):
-                if k not in fields:
-                    raise ValueError(f"{what} lacks {k!r}")
-            copied = {}
-            for k, v in fields.items():
-                if k in state_type.COUNTERS:
-                    copied[k] = _checks.step_count(f"{what}.{k}", _scalar(v))
-                else:
-                    if not isinstance(v, np.ndarray):
-                        raise TypeError(f"{what}.{k} must be a numpy array, got {type(v).__name__}")
-                    _checks.check_like(np.ascontiguousarray(v), params[key], f"{what}.{k}",
-                                       writeable=False)
-                    copied[k] = np.array(v, order="C", copy=True)
-            state = state_type(**copied)
-            state.check(params[key], what)
-            states[int(key)] = state
-        return groups, states
+        checkpoint.load_state_dict(self, state_dict)
 
     def save(self, path):
-        """Write state_dict() to an .npz file (numbers and arrays only, loadable without pickle)."""
-        flat = {}
-        for key, value in _flatten(self.state_dict()):
-            flat[key] = np.asarray(value)
-        with open(path, "wb") as f:
-            np.savez(f, **flat)
+        """Write state_dict() to an .npz file (numbers and arrays only, loadable without
+        pickle), atomically: a temporary file in the same folder replaces `path` once written."""
+        checkpoint.save(self, path)
 
     def load(self, path):
-        """load_state_dict() from a file written by save(); never unpickles."""
-        with np.load(path, allow_pickle=False) as z:
-            flat = {k: z[k] for k in z.files}
-        self.load_state_dict(_unflatten(flat))
+        """load_state_dict() from a file written by save(); never unpickles.  An unreadable
+        file raises ValueError("not a fastopt checkpoint: <path>: <reason>")."""
+        checkpoint.load(self, path)
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -245,54 +167,6 @@ class Optimizer:
             hp = ", ".join(f"{k}={v}" for k, v in g.items() if k != "params")
             lines.append(f"  group {i}: {len(g['params'])} params, {hp}")
         return "\n".join(lines + [")"])
-
-
-def _scalar(v):
-    if isinstance(v, np.ndarray) and v.shape == ():
-        return v[()]
-    return v
-
-
-def _flatten(d):
-    yield "optimizer", d["optimizer"]
-    yield "version", d["version"]
-    yield "n_groups", len(d["param_groups"])
-    for i, g in enumerate(d["param_groups"]):
-        for k, v in g.items():
-            yield f"param_groups/{i}/{k}", np.asarray(v, dtype=np.int64) if k == "params" else v
-    for i, s in d["state"].items():
-        for k, v in s.items():
-            yield f"state/{i}/{k}", v
-
-
-def _unflatten(flat):
-    """The inverse of _flatten; shapes and types are checked later by load_state_dict."""
-    try:
-        d = {"optimizer": str(flat.pop("optimizer")), "version": int(flat.pop("version"))}
-        groups = [{} for _ in range(int(flat.pop("n_groups")))]
-        state = {}
-        for key, value in flat.items():
-            parts = key.split("/")
-            if len(parts) != 3 or parts[0] not in ("param_groups", "state"):
-                raise ValueError(f"unexpected entry {key!r}")
-            if parts[0] == "param_groups":
-                groups[int(parts[1])][parts[2]] = _from_array(parts[2], value)
-            else:
-                state.setdefault(int(parts[1]), {})[parts[2]] = value
-    except (KeyError, IndexError, ValueError, TypeError) as e:
-        raise ValueError(f"not a fastopt checkpoint: {e}") from None
-    if d["version"] != STATE_DICT_VERSION:
-        raise ValueError(f"checkpoint version {d['version']}, expected {STATE_DICT_VERSION}")
-    d["param_groups"], d["state"] = groups, state
-    return d
-
-
-def _from_array(name, value):
-    if name == "params":
-        return value.tolist()
-    if value.shape == ():
-        return value.item()
-    return tuple(value.tolist())
 
 
 def _parse_groups(params):
