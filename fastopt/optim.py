@@ -8,7 +8,6 @@ updates any parameter.  The classes are made from the rule registry (fastopt.rul
 entry: each is `Optimizer` with its rule, signature and docstring.
 """
 import inspect
-import threading
 
 import numpy as np
 
@@ -48,7 +47,7 @@ class Optimizer:
         self.param_groups = [ParamGroup({**self.defaults, **g}) for g in groups]
         self.state = {}
         self._plan = None
-        self._lock = threading.Lock()  # serializes step and the checkpoint functions
+        self._lock = _kernels.StepLock()  # serializes step and the checkpoint functions
 
     @property
     def state_type(self):
@@ -70,11 +69,12 @@ class Optimizer:
         """Update every parameter in place from `grads` (one array per parameter, same shape and
         dtype, C-contiguous).  Nothing is changed if any input is invalid.  Calls from several
         threads are serialized (one lock per optimizer)."""
+        plan = self._plan
+        if plan is not None and plan.run_locked(self._lock, self.param_groups, self.state, grads):
+            return
         with self._lock:
             plan = self._plan
             if plan is not None:
-                if plan.run(self.param_groups, self.state, grads):
-                    return
                 if plan.refresh(self.param_groups, self._group_hyper) and \
                         plan.run(self.param_groups, self.state, grads):
                     return
