@@ -8,6 +8,8 @@ hyperparameters) before it writes anything, then runs the C kernel with the GIL 
 Formulas (g is the gradient after maximize and L2 weight decay, t = state.step after the
 increment) are in each function's docstring and in the README.
 """
+import numpy as np
+
 from fastopt import _checks, _kernels
 from fastopt.state import (AdadeltaState, AdagradState, AdaMaxState, AdamState, NadamState,
                            RMSpropState, SGDState)
@@ -80,11 +82,12 @@ class Rule:
 
     def update(self, param, grad, state, hp):
         """One tensor's step through the typed-memoryview binding; everything already checked."""
+        arrays = [param, grad] + [None if name is None else getattr(state, name)
+                                  for name in self.slots(hp)]
+        # as plain ndarrays: a subclass may keep two dimensions through reshape(-1) (np.matrix)
+        flat = [None if a is None else np.asarray(a).reshape(-1) for a in arrays]
         state.step += 1
-        buffers = [None if name is None else getattr(state, name).reshape(-1)
-                   for name in self.slots(hp)]
-        getattr(_kernels, self.kernel)(param.reshape(-1), grad.reshape(-1), *buffers,
-                                       self.kernel_args(hp, state.step))
+        getattr(_kernels, self.kernel)(*flat, self.kernel_args(hp, state.step))
 
 
 def _common(**extra):
