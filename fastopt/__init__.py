@@ -6,6 +6,15 @@ state, hyperparameters).  Every rule is described once, in fastopt.rules (and
 csrc/fastopt.h for the C side).
 """
 import os as _os
+from importlib.util import find_spec as _find_spec
+
+if _find_spec("fastopt._kernels") is None:  # a source tree without its built extension
+    raise ImportError(
+        f"fastopt's compiled extension (fastopt._kernels) is not in {_os.path.dirname(__file__)}: "
+        "a source checkout without a build was found first on sys.path (python -m and python -c "
+        "put the current folder there) instead of an installed fastopt. Install it with "
+        "`pip install .` and run the tests as `pytest` from the checkout's root, or build in "
+        "place with `python setup.py build_ext --inplace`.")
 
 from fastopt import functional, init, optim, rules, state
 from fastopt.config import get_num_threads, isa, set_num_threads, show_config

@@ -1,5 +1,6 @@
 """The speed machinery: every ISA and thread count gives the same bits, the many-tensor step
 equals per-tensor calls, steps do not allocate, the fast path notices every change."""
+import collections
 import json
 import os
 import subprocess
@@ -188,8 +189,47 @@ def test_plain_dict_groups_and_other_sequences_still_work():
     opt.param_groups[0] = {**opt.param_groups[0]}     # a plain dict replaces the group
     opt.step((np.ones(8),))
     opt.param_groups[0]["lr"] = 0.25
-    opt.step([np.ones(8).view(np.matrix).A.reshape(8)])
+    opt.step(collections.UserList([np.ones(8)]))     # neither list nor tuple: the general path
     np.testing.assert_allclose(p, 1 - 0.5 - 0.25)
+
+
+class Sub(np.ndarray):
+    """A trivial ndarray subclass."""
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ndarray_subclass_grads_give_the_plain_array_step(dtype):
+    """The plan takes exact ndarrays only; subclassed grads go the per-tensor way (where
+    np.matrix keeps two dimensions through reshape(-1)) and must give the same step."""
+    rng = np.random.default_rng(5)
+    shapes = [(3, 4), (2, 3, 2), (5,)]
+    init = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    ours, plain = [p.copy() for p in init], [p.copy() for p in init]
+    opt = fastopt.Adam(ours, lr=0.1, amsgrad=True)
+    reference_opt = fastopt.Adam(plain, lr=0.1, amsgrad=True)
+    for step in range(4):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        subclassed = [np.asmatrix(grads[0]), grads[1].view(Sub), grads[2].view(Sub)]
+        assert [type(g) for g in subclassed] == [np.matrix, Sub, Sub]
+        opt.step(grads if step == 2 else subclassed)   # on and off the plan
+        reference_opt.step(grads)
+    for a, b, a0 in zip(ours, plain, init):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, a0)
+    assert [s.step for s in opt.state.values()] == [4, 4, 4]
+
+    # the functional API, with a subclassed parameter too (its state buffers inherit the class)
+    for param_type in (np.ndarray, np.matrix):
+        p, q = np.asarray(init[0]).view(param_type).copy(), init[0].copy()
+        p_state, q_state = fastopt.AdamState.new(p), fastopt.AdamState.new(q)
+        for _ in range(3):
+            g = rng.standard_normal(q.shape).astype(dtype)
+            fastopt.functional.adam(p, np.asmatrix(g), p_state, lr=0.1, amsgrad=True)
+            fastopt.functional.adam(q, g, q_state, lr=0.1, amsgrad=True)
+        assert type(p) is param_type
+        np.testing.assert_array_equal(np.asarray(p), q)
+        assert not np.array_equal(q, init[0]) and p_state.step == 3
 
 
 def test_flat_params_one_call_equals_separate_tensors():
@@ -219,10 +259,33 @@ def test_flat_params_one_call_equals_separate_tensors():
         fastopt.FlatParams.from_arrays([np.ones(2), np.ones(2, np.float32)])
 
 
+def config_line(out, key):
+    """The value printed after `key:` by show_config()."""
+    values = [line.split(":", 1)[1].split()[0] for line in out.splitlines()
+              if line.strip().startswith(key + ":")]
+    assert len(values) == 1, out
+    return values[0]
+
+
 def test_show_config(capsys):
-    fastopt.show_config()
-    out = capsys.readouterr().out
-    assert fastopt.isa() in out and "threads" in out and "-ffp-contract=off" in out
+    before = fastopt.get_num_threads()
+    try:
+        for n in (5, 1):
+            fastopt.set_num_threads(n)
+            fastopt.show_config()
+            out = capsys.readouterr().out
+            assert config_line(out, "threads") == str(n)
+            assert config_line(out, "kernels") == fastopt.isa()
+    finally:
+        fastopt.set_num_threads(before)
+    assert fastopt.isa() in ISAS
+    assert "-ffp-contract=off" in out.split("build flags:")[1].splitlines()[0]
+    # what the environment asks for, printed by a fresh process
+    res = subprocess.run([sys.executable, "-c", "import fastopt; fastopt.show_config()"],
+                         env={**CHILD_ENV, "FASTOPT_ISA": "baseline", "FASTOPT_NUM_THREADS": "3"},
+                         capture_output=True, text=True, check=True, cwd=HERE)
+    assert config_line(res.stdout, "kernels") == "baseline"
+    assert config_line(res.stdout, "threads") == "3"
 
 
 def test_fast_path_keeps_a_state_with_an_unused_buffer():

@@ -1,0 +1,169 @@
+"""Every function of fastopt.functional against the float64 references (tests/reference.py),
+in both dtypes, with the options that change its formula; bad hyperparameters change nothing."""
+import re
+
+import numpy as np
+import pytest
+
+import fastopt
+import reference
+from fastopt import functional as F
+
+STEPS = 20
+SHAPES = [(7, 5), (33,)]  # odd sizes: no size is a multiple of a SIMD width
+
+# The README's defaults, written out here so that a wrong default in fastopt shows up
+README_DEFAULTS = {
+    "sgd": dict(lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0),
+    "adagrad": dict(lr=0.01, eps=1e-8, weight_decay=0.0, initial_accumulator_value=0.0),
+    "adadelta": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0),
+    "rmsprop": dict(lr=1e-3, rho=0.9, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False),
+    "adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False),
+    "adamw": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False),
+    "adamax": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+    "nadam": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+    # the SGD shorthands: lr has no default
+    "momentum": dict(momentum=0.9, nesterov=False, weight_decay=0.0),
+    "nag": dict(momentum=0.9, nesterov=True, weight_decay=0.0),
+}
+REFERENCE = {"momentum": "sgd", "nag": "sgd"}
+
+STATES = {"sgd": fastopt.SGDState, "adagrad": fastopt.AdagradState,
+          "adadelta": fastopt.AdadeltaState, "rmsprop": fastopt.RMSpropState,
+          "adam": fastopt.AdamState, "adamw": fastopt.AdamState, "adamax": fastopt.AdaMaxState,
+          "nadam": fastopt.NadamState, "momentum": fastopt.SGDState, "nag": fastopt.SGDState}
+
+# (function, hyperparameters, the state buffers they need): every option of every function
+CASES = [
+    ("sgd", dict(), ()),
+    ("sgd", dict(lr=0.05, weight_decay=0.1, maximize=True), ()),
+    ("sgd", dict(lr=0.05, momentum=0.9), ("momentum_buffer",)),
+    ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), ("momentum_buffer",)),
+    ("adagrad", dict(lr=0.05), ("sum",)),
+    ("adagrad", dict(lr=0.05, weight_decay=0.1, initial_accumulator_value=0.1, maximize=True),
+     ("sum",)),
+    ("adadelta", dict(), ("square_avg", "acc_delta")),
+    ("adadelta", dict(lr=0.5, rho=0.95, eps=1e-5, weight_decay=0.1, maximize=True),
+     ("square_avg", "acc_delta")),
+    ("rmsprop", dict(lr=0.01), ("square_avg",)),
+    ("rmsprop", dict(lr=0.01, centered=True), ("square_avg", "grad_avg")),
+    ("rmsprop", dict(lr=0.01, momentum=0.5, weight_decay=0.1, maximize=True),
+     ("square_avg", "momentum_buffer")),
+    ("rmsprop", dict(lr=0.01, rho=0.8, centered=True, momentum=0.5),
+     ("square_avg", "grad_avg", "momentum_buffer")),
+    ("adam", dict(), ("m", "v")),
+    ("adam", dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, maximize=True),
+     ("m", "v")),
+    ("adam", dict(lr=0.01, amsgrad=True), ("m", "v", "max_v")),
+    ("adam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True), ("m", "v")),
+    ("adamw", dict(), ("m", "v")),
+    ("adamw", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True), ("m", "v", "max_v")),
+    ("adamax", dict(), ("m", "u")),
+    ("adamax", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, maximize=True), ("m", "u")),
+    ("nadam", dict(), ("m", "v")),
+    ("nadam", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, maximize=True), ("m", "v")),
+    ("momentum", dict(lr=0.05), ("momentum_buffer",)),
+    ("nag", dict(lr=0.05, momentum=0.8, weight_decay=0.01, maximize=True), ("momentum_buffer",)),
+]
+
+
+def case_id(case):
+    name, hp, _ = case
+    return "-".join([name] + [f"{k}={v}" for k, v in hp.items()])
+
+
+def new_state(name, param, hp):
+    if name == "adagrad":  # the accumulator's start is the state's, not the call's
+        return fastopt.AdagradState.new(param, fill=hp.get("initial_accumulator_value", 0.0))
+    return STATES[name].new(param)
+
+
+def reference_step(name, theta, grad, state, hp):
+    kwargs = {**README_DEFAULTS[name], **hp}
+    if kwargs.pop("decoupled_weight_decay", False):
+        kwargs["decoupled"] = True
+    return getattr(reference, REFERENCE.get(name, name))(theta, grad, state, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_reference(case, dtype):
+    name, hp, needed = case
+    rng = np.random.default_rng(sum(map(ord, case_id(case))))
+    for shape in SHAPES:
+        init = rng.standard_normal(shape).astype(dtype)
+        param = init.copy()
+        state = new_state(name, param, hp)
+        ref, ref_state = init.astype(np.float64), {}
+        for _ in range(STEPS):
+            grad = rng.standard_normal(shape).astype(dtype)
+            getattr(F, name)(param, grad, state, **hp)
+            ref = reference_step(name, ref, grad.astype(np.float64), ref_state, hp)
+        assert param.dtype == dtype and param.shape == shape and state.step == STEPS
+        assert sorted(state.buffers()) == sorted(needed)
+        for buf in state.buffers().values():
+            assert buf.dtype == dtype and buf.shape == shape
+        if dtype == np.float64:
+            np.testing.assert_allclose(param, ref, rtol=1e-12, atol=1e-12)
+        else:
+            # float32 keeps ~7 digits per step: compare the distance travelled, which a formula
+            # error would change, at a tolerance far below one step's size (as test_rules.py)
+            moved, ref_moved = param.astype(np.float64) - init, ref - init
+            scale = np.abs(ref_moved).max()
+            assert scale > 0
+            np.testing.assert_allclose(moved, ref_moved, rtol=0, atol=2e-4 * scale + 2e-6)
+
+
+def test_cases_cover_every_function():
+    assert {c[0] for c in CASES} == set(STATES) == {
+        n for n in dir(F) if not n.startswith("_") and n.islower() and callable(getattr(F, n))
+        and n not in ("check_state", "step_one")}
+
+
+# (function, bad hyperparameters, error, a word the message must contain)
+BAD = [
+    ("sgd", dict(lr=-0.1), ValueError, "lr"),
+    ("sgd", dict(momentum=-0.5), ValueError, "momentum"),
+    ("sgd", dict(nesterov=True), ValueError, "nesterov"),
+    ("sgd", dict(weight_decay=float("nan")), ValueError, "weight_decay"),
+    ("sgd", dict(maximize="yes"), TypeError, "maximize"),
+    ("adagrad", dict(eps=-1e-8), ValueError, "eps"),
+    ("adagrad", dict(lr=float("inf")), ValueError, "lr"),
+    ("adagrad", dict(initial_accumulator_value=-1.0), ValueError, "initial_accumulator_value"),
+    ("adadelta", dict(rho=1.0), ValueError, "rho"),
+    ("adadelta", dict(lr="1.0"), TypeError, "lr"),
+    ("rmsprop", dict(rho=-0.1), ValueError, "rho"),
+    ("rmsprop", dict(momentum=-1.0, centered=True), ValueError, "momentum"),
+    ("rmsprop", dict(centered=1), TypeError, "centered"),
+    ("adam", dict(betas=(0.9, 1.0)), ValueError, "betas"),
+    ("adam", dict(betas=(0.9,)), TypeError, "betas"),
+    ("adam", dict(lr=-1e-3, amsgrad=True), ValueError, "lr"),
+    ("adam", dict(amsgrad="no"), TypeError, "amsgrad"),
+    ("adamw", dict(weight_decay=-0.01), ValueError, "weight_decay"),
+    ("adamw", dict(lr=-1.0, amsgrad=True), ValueError, "lr"),
+    ("adamax", dict(betas=(-0.1, 0.9)), ValueError, "betas"),
+    ("adamax", dict(eps=float("nan")), ValueError, "eps"),
+    ("nadam", dict(betas=(0.9, 1.5)), ValueError, "betas"),
+    ("nadam", dict(weight_decay=-1.0), ValueError, "weight_decay"),
+]
+
+
+@pytest.mark.parametrize("name, hp, error, word", BAD,
+                         ids=[f"{b[0]}-{'-'.join(b[1])}" for b in BAD])
+def test_bad_hyperparameter_changes_nothing(name, hp, error, word):
+    rng = np.random.default_rng(3)
+    param = rng.standard_normal((4, 3)).astype(np.float32)
+    grad = rng.standard_normal((4, 3)).astype(np.float32)
+    state = new_state(name, param, {})
+    for _ in range(2):  # a state with history, whose buffers a bad call must not touch
+        getattr(F, name)(param, grad, state)
+    before = (param.copy(), grad.copy(), state.step,
+              {k: v.copy() for k, v in state.buffers().items()})
+    with pytest.raises(error, match=re.escape(word)):
+        getattr(F, name)(param, grad, state, **hp)
+    np.testing.assert_array_equal(param, before[0], strict=True)
+    np.testing.assert_array_equal(grad, before[1], strict=True)
+    assert state.step == before[2] == 2
+    assert state.buffers().keys() == before[3].keys()  # no buffer created (max_v, ...)
+    for k, v in before[3].items():
+        np.testing.assert_array_equal(state.buffers()[k], v, strict=True)
