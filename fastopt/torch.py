@@ -582,3 +582,9 @@ for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam):
     _cls.__doc__ = (f"torch.optim.{_cls.__name__}, with its step in fastopt's C kernels "
                     "(see fastopt.torch).\n\n" + (getattr(torch.optim, _cls.__name__).__doc__ or ""))
 del _cls
+
+
+# each parameter stepped by its own hook as soon as its gradient is ready (fastopt/torch_in_backward.py)
+from fastopt.torch_in_backward import InBackwardOptimizer, step_in_backward  # noqa: E402
+
+__all__ += ["step_in_backward", "InBackwardOptimizer"]
