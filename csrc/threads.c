@@ -24,7 +24,7 @@
 
 #define FO_CHUNK ((size_t)16384)        /* elements per claimed piece */
 /* Below this many elements a call stays on the calling thread: waking a sleeping worker costs
- * tens of microseconds on a VM, about what Adam takes for this many float32 elements. */
+ * tens of microseconds on a VM, about what a two-buffer rule takes for this many float32 elements. */
 #define FO_PARALLEL_MIN ((size_t)131072)
 #define FO_MAX_THREADS 256
 #define FO_MIN_BACKOFF 4
