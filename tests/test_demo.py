@@ -1,5 +1,4 @@
 """The demo: its functions' gradients, each rule on Beale's function, the MLP, the command."""
-import time
 
 import numpy as np
 import pytest
@@ -76,9 +75,7 @@ def test_mlp_loss_falls_for_every_rule():
 
 
 def test_command_writes_valid_pictures(tmp_path, capsys):
-    started = time.perf_counter()
     assert demo.main(["--out", str(tmp_path), "--steps", "80", "--mlp-steps", "60"]) == 0
-    assert time.perf_counter() - started < 60
     out = capsys.readouterr().out
     assert str(tmp_path) in out and "Adadelta" in out
     files = sorted(p.name for p in tmp_path.iterdir())
