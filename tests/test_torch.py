@@ -282,6 +282,7 @@ def run_example(tmp_path, steps, *args):
         [os.path.dirname(os.path.dirname(ft.__file__)), os.environ.get("PYTHONPATH", "")])}
     if "lo" in dict(socket.if_nameindex()).values():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the loopback, whatever the hostname says
+    name = " ".join(["examples/ddp_train.py", *args])
     for attempt in range(1, ATTEMPTS + 1):
         folder = tmp_path / f"attempt{attempt}"
         folder.mkdir()
@@ -306,13 +307,12 @@ def run_example(tmp_path, steps, *args):
         if proc.returncode == 0 and not timed_out:
             return torch.load(out), torch.load(f"{out}.1")
         reason = retry_reason(proc.returncode, timed_out, log, finished)
-        assert reason is not None, f"exit status {proc.returncode}:\n{log[-4000:]}"
-        message = (f"examples/ddp_train.py {' '.join(args)}: attempt {attempt} of {ATTEMPTS} "
-                   f"{reason}; its output ends:\n{log[-1500:]}")
+        assert reason is not None, f"{name}: exit status {proc.returncode}:\n{log[-4000:]}"
+        message = (f"{name}: attempt {attempt} of {ATTEMPTS} {reason}; "
+                   f"its output ends:\n{log[-1500:]}")
         print(message, file=sys.stderr)
         warnings.warn(message, RuntimeWarning)
-    pytest.fail(f"examples/ddp_train.py {' '.join(args)}: all {ATTEMPTS} attempts failed; "
-                f"the last {reason}")
+    pytest.fail(f"{name}: all {ATTEMPTS} attempts failed; the last {reason}")
 
 
 @pytest.mark.parametrize("zero", [False, True], ids=["DDP", "DDP+ZeroRedundancyOptimizer"])
