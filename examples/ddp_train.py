@@ -9,7 +9,8 @@ batch.  --out FILE writes the final parameters (rank 0: FILE, rank 1: FILE.1, ..
 tests compare with a single-process run on the whole batches.
 """
 import argparse
-import os
+import gc
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -42,16 +43,7 @@ def batches(steps, batch):
         yield spirals(batch, seed=step)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=64, help="global batch, split across ranks")
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--zero", action="store_true", help="shard optimizer state (ZeRO-1)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-
-    dist.init_process_group("gloo")
+def train(args):
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     fastopt.set_num_threads(1)  # one core per rank
@@ -75,7 +67,31 @@ def main():
     if args.out:
         path = args.out if rank == 0 else f"{args.out}.{rank}"
         torch.save([p.detach().clone() for p in model.module.parameters()], path)
-    dist.destroy_process_group()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=64, help="global batch, split across ranks")
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--zero", action="store_true", help="shard optimizer state (ZeRO-1)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds a collective may wait for the other ranks before it raises")
+    args = ap.parse_args()
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
+    try:
+        train(args)
+        # DDP's reducer must not be the last owner of the process group: the owner that lets
+        # it go runs its destructor, which joins gloo's worker threads.  The reducer does that
+        # holding the GIL, while a worker may need the GIL to free the last allreduce (which
+        # keeps the Python context backward() stashed): the two wait for each other forever
+        # (1 exit in 6 hung on this project's VMs).  So the model goes first, here, and
+        # destroy_process_group() lets the group go without holding the GIL.
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
