@@ -108,7 +108,8 @@ def make_iterations(case, lr=1e-4):
                 p.register_post_accumulate_grad_hook(hook)
             opt = None
             optimizers = list(per_param.values())
-        iterations[variant] = _iteration(model, opt, x, y, loss_fn, in_backward="in-backward" in variant)
+        iterations[variant] = _iteration(model, opt, x, y, loss_fn,
+                                         in_backward="in-backward" in variant)
         stepped[variant] = optimizers
     return iterations, stepped
 
@@ -169,7 +170,8 @@ def _time_rounds(fns, stepped, rounds, calls):
 
 
 def _spread(values):
-    return float(np.median(values)), float(np.percentile(values, 25)), float(np.percentile(values, 75))
+    return (float(np.median(values)), float(np.percentile(values, 25)),
+            float(np.percentile(values, 75)))
 
 
 def run(quick=False, rounds=None, print_fn=print, threads=None):
