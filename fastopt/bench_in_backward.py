@@ -1,7 +1,7 @@
 """Optimizer in backward, timed: a whole training iteration (forward + backward + step) of
 CPU models, float32, with the step after backward and with the step in backward.
 
-    python -m fastopt.bench_in_backward [--quick] [--rounds N] [--json FILE]
+    python -m fastopt.bench_in_backward [--quick] [--rounds N] [--threads N] [--json FILE]
 
 Variants, each on its own copy of the model (same initial weights):
   fwd+bwd only               zero_grad + forward + backward, no step (the floor)
@@ -13,11 +13,13 @@ Variants, each on its own copy of the model (same initial weights):
 
 The variants are timed in interleaved rounds (the order rotates each round), so drift on a
 shared machine hits all alike; each row gives the median time per iteration and its spread
-(25th-75th percentile of the rounds), and the ratio to the same implementation's ordinary
-step is the median of per-round ratios.  A separate set of rounds times the optimizer work
-alone (one `step()` after backward, or the sum of the per-parameter steps inside backward),
-with step pre/post hooks.  The load average is printed before and after: on a shared
-machine, compare within one run only.
+(25th-75th percentile of the rounds), in wall time and in CPU time of the process, and the
+ratio to the same implementation's ordinary step is the median of per-round ratios.  The same
+rounds also time the optimizer work alone (one `step()` after backward, or the sum of the
+per-parameter steps inside backward) with step pre/post hooks, and the rest of the
+iteration.  The load average is printed before and after: on a shared machine compare within
+one run only, and prefer `--threads 1` and the CPU-time columns (two threads on two busy
+cores measure torch's OpenMP workers waiting for each other more than the step).
 """
 import argparse
 import json
@@ -106,7 +108,8 @@ def make_iterations(case, lr=1e-4):
                 p.register_post_accumulate_grad_hook(hook)
             opt = None
             optimizers = list(per_param.values())
-        iterations[variant] = _iteration(model, opt, x, y, loss_fn, in_backward="in-backward" in variant)
+        iterations[variant] = _iteration(model, opt, x, y, loss_fn,
+                                         in_backward="in-backward" in variant)
         stepped[variant] = optimizers
     return iterations, stepped
 
@@ -127,44 +130,48 @@ def _iteration(model, opt, x, y, loss_fn, in_backward):
     return iteration
 
 
-def _time_rounds(fns, rounds, calls):
-    samples = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            time.sleep(0.01)  # let the previous variant's spinning OpenMP threads settle
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fns[name]()
-            samples[name].append((time.perf_counter() - t0) / calls)
-    return samples
-
-
-def _step_seconds(fns, stepped, rounds):
-    """Median seconds per iteration spent inside the optimizers' step()s."""
-    spent = {name: 0.0 for name in fns}
+def _time_rounds(fns, stepped, rounds, calls):
+    """Per round and variant: wall and CPU seconds (all the process's threads) per iteration,
+    and wall and CPU seconds of it inside the optimizers' step()s (timed by step pre/post
+    hooks, about a microsecond per step() call)."""
+    clocks = (time.perf_counter, time.process_time)
+    spent = {name: [0.0, 0.0] for name in fns}
     handles = []
     for name, optimizers in stepped.items():
         for opt in optimizers:
-            start = {}
+            start = [0.0, 0.0]
 
             def pre(o, args, kwargs, start=start):
-                start[0] = time.perf_counter()
+                start[0], start[1] = clocks[0](), clocks[1]()
 
             def post(o, args, kwargs, start=start, name=name):
-                spent[name] += time.perf_counter() - start[0]
+                spent[name][0] += clocks[0]() - start[0]
+                spent[name][1] += clocks[1]() - start[1]
             handles += [opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)]
-    per_round = {name: [] for name in fns}
+    samples = {name: {"wall": [], "cpu": [], "step_wall": [], "step_cpu": []} for name in fns}
+    names = list(fns)
     try:
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                spent[name] = 0.0
-                fn()
-                per_round[name].append(spent[name])
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                time.sleep(0.01)  # let the previous variant's spinning OpenMP threads settle
+                spent[name] = [0.0, 0.0]
+                wall, cpu = clocks[0](), clocks[1]()
+                for _ in range(calls):
+                    fns[name]()
+                out = samples[name]
+                out["wall"].append((clocks[0]() - wall) / calls)
+                out["cpu"].append((clocks[1]() - cpu) / calls)
+                out["step_wall"].append(spent[name][0] / calls)
+                out["step_cpu"].append(spent[name][1] / calls)
     finally:
         for h in handles:
             h.remove()
-    return {name: float(np.median(v)) for name, v in per_round.items()}
+    return {name: {k: np.array(v) * 1e3 for k, v in d.items()} for name, d in samples.items()}
+
+
+def _spread(values):
+    return (float(np.median(values)), float(np.percentile(values, 25)),
+            float(np.percentile(values, 75)))
 
 
 def run(quick=False, rounds=None, print_fn=print, threads=None):
@@ -185,8 +192,8 @@ def run(quick=False, rounds=None, print_fn=print, threads=None):
              f"on {os.cpu_count()} CPUs")
     for case_name, case in model_cases(quick).items():
         fns, stepped = make_iterations(case)
-        n_params = len(list(stepped["fastopt.torch"][0].param_groups[0]["params"]))
-        n_elems = sum(p.numel() for p in stepped["fastopt.torch"][0].param_groups[0]["params"])
+        params = stepped["fastopt.torch"][0].param_groups[0]["params"]
+        n_params, n_elems = len(params), sum(p.numel() for p in params)
         for fn in fns.values():  # warm up: optimizer states, allocator
             fn()
             fn()
@@ -194,45 +201,57 @@ def run(quick=False, rounds=None, print_fn=print, threads=None):
         fns["fastopt.torch"]()
         one = time.perf_counter() - t0
         calls = max(1, int(0.15 / max(one, 1e-6)))  # ~0.15 s per sample
-        samples = _time_rounds(fns, rounds, calls)
-        step_s = _step_seconds(fns, stepped, max(3, rounds // 3))
+        samples = _time_rounds(fns, stepped, rounds, calls)
         print_fn(f"\n{case_name}: {n_params} tensors, {n_elems / 1e6:.2f}M parameters; "
-                 f"{calls} iteration(s) per sample")
-        print_fn(f"{'variant':<27}{'ms/iter':>9}{'p25-p75':>16}{'step ms':>9}"
-                 f"{'in-bwd/ordinary (p25-p75)':>30}")
+                 f"{calls} iteration(s) per sample; ms per iteration, median (p25-p75)")
+        print_fn(f"{'variant':<26}{'wall ms':>23}{'CPU ms':>23}{'step':>8}{'rest':>8}"
+                 f"{'ratio wall':>23}{'ratio CPU':>23}{'step':>7}")
         for variant in VARIANTS:
-            s = np.array(samples[variant]) * 1e3
+            d = samples[variant]
             row = dict(case=case_name, variant=variant, tensors=n_params, elements=n_elems,
-                       rounds=rounds, calls_per_sample=calls, ms=float(np.median(s)),
-                       ms_p25=float(np.percentile(s, 25)), ms_p75=float(np.percentile(s, 75)),
-                       ms_min=float(s.min()), ms_max=float(s.max()),
-                       step_ms=step_s[variant] * 1e3 if variant != "fwd+bwd only" else None)
-            ratio_text = ""
+                       rounds=rounds, calls_per_sample=calls)
+            for key in ("wall", "cpu"):
+                row[f"{key}_ms"], row[f"{key}_ms_p25"], row[f"{key}_ms_p75"] = _spread(d[key])
+            row["step_cpu_ms"] = float(np.median(d["step_cpu"])) if stepped[variant] else None
+            row["step_wall_ms"] = float(np.median(d["step_wall"])) if stepped[variant] else None
+            row["rest_cpu_ms"] = float(np.median(d["cpu"] - d["step_cpu"]))
+            text = (f"{variant:<26}{_fmt(row['wall_ms'], row['wall_ms_p25'], row['wall_ms_p75'])}"
+                    f"{_fmt(row['cpu_ms'], row['cpu_ms_p25'], row['cpu_ms_p75'])}"
+                    f"{'' if row['step_cpu_ms'] is None else format(row['step_cpu_ms'], '.2f'):>8}"
+                    f"{row['rest_cpu_ms']:>8.1f}")
             if variant in PAIRS:
-                ratios = np.array(samples[variant]) / np.array(samples[PAIRS[variant]])
-                row.update(ratio=float(np.median(ratios)), ratio_p25=float(np.percentile(ratios, 25)),
-                           ratio_p75=float(np.percentile(ratios, 75)))
-                ratio_text = (f"{row['ratio']:.3f}x ({row['ratio_p25']:.3f}-"
-                              f"{row['ratio_p75']:.3f})")
-            step_text = "" if row["step_ms"] is None else f"{row['step_ms']:.2f}"
-            print_fn(f"{variant:<27}{row['ms']:>9.2f}{row['ms_p25']:>8.2f}-{row['ms_p75']:<7.2f}"
-                     f"{step_text:>9}{ratio_text:>30}")
+                base = samples[PAIRS[variant]]
+                for key in ("wall", "cpu"):
+                    row[f"ratio_{key}"], row[f"ratio_{key}_p25"], row[f"ratio_{key}_p75"] = \
+                        _spread(d[key] / base[key])
+                    text += _fmt(row[f"ratio_{key}"], row[f"ratio_{key}_p25"],
+                                 row[f"ratio_{key}_p75"], "x", 3)
+                row["step_cpu_ratio"] = float(np.median(d["step_cpu"] / base["step_cpu"]))
+                text += f"{row['step_cpu_ratio']:>6.2f}x"
+            print_fn(text)
             rows.append(row)
-        del fns, stepped
+        del fns, stepped, samples
     load_after = os.getloadavg()
     print_fn(f"\nload average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
-    print_fn("ratio < 1: the in-backward iteration is faster than the same optimizer stepping "
-             "after backward; step ms: time inside the optimizer step(s) per iteration "
-             "(separate rounds, with step hooks)")
+    print_fn("wall: elapsed time; CPU: CPU time of all the process's threads (what the work "
+             "costs, whoever else holds the cores; spinning OpenMP workers count too); step: CPU "
+             "ms inside the optimizer step() calls (one after backward, or one per parameter "
+             "inside it); rest: CPU ms of the rest (forward, backward, zero_grad).  ratio: "
+             "in-backward / the same optimizer stepping after backward, median (p25-p75) of "
+             "per-round ratios, < 1: in-backward is faster; step: the same for the step CPU ms")
     for row in rows:
         row["load_before"], row["load_after"] = load_before, load_after
     return rows
 
 
+def _fmt(median, p25, p75, unit="", digits=1):
+    return f"{median:.{digits}f}{unit} ({p25:.{digits}f}-{p75:.{digits}f})".rjust(23)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastopt.bench_in_backward",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="two models, 4 rounds")
+    ap.add_argument("--quick", action="store_true", help="two models, 4 rounds (about a minute)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the rows to this file")

@@ -92,7 +92,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     """The per-parameter optimizers run by step_in_backward, seen as one optimizer."""
 
     def __init__(self, params, optimizer_class, **optimizer_kwargs):
-        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        if not (isinstance(optimizer_class, type)
+                and issubclass(optimizer_class, torch.optim.Optimizer)):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, not "
                             f"{optimizer_class!r}")
         entries = _parse_params(params)  # [(name or None, param, overrides)]
