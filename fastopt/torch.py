@@ -67,11 +67,6 @@ def _check_param(p, where):
                          "and would lose the update on a copy")
 
 
-def _span(t):
-    start = t.data_ptr()
-    return start, start + t.numel() * t.element_size()
-
-
 # ---- hyperparameter ranges -------------------------------------------------------------------
 # Each entry: (group key, index in it or None, torch's wording of the error, the test, the range in words).  The
 # ranges are torch's constructor checks made finite, narrowed where the kernels need it, so a
@@ -160,7 +155,7 @@ class _Fastopt:
                     for i, p in enumerate(group["params"]):
                         state = self.state.get(p)
                         if state:
-                            self._check_state(index, i, group, p, state, self.slots(hp))
+                            self._state_pointers(index, i, group, p, state, self.slots(hp))
             except BaseException:
                 self.state, self.param_groups = before
                 raise
@@ -185,57 +180,74 @@ class _Fastopt:
 
     def _hyperparameters(self, index, group):
         """The group's hyperparameters as plain floats and bools, after checking every one."""
-        where = f"{type(self).__name__}: param group {index}"
         for flag in _UNSUPPORTED_FLAGS:
             if group.get(flag):
-                raise ValueError(f"{where}: {flag}=True is not supported by fastopt.torch (CPU "
-                                 "kernels outside autograd); use torch.optim for it")
+                raise ValueError(f"{type(self).__name__}: param group {index}: {flag}=True is not "
+                                 "supported by fastopt.torch (CPU kernels outside autograd); use "
+                                 "torch.optim for it")
         hp = {}
         for key, position, wording, test, rule in self.ranges:
             value = group[key] if position is None else group[key][position]
-            field = f"group[{key!r}]" + ("" if position is None else f"[{position}]")
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ValueError(f"{where}: Tensor {key}{'' if position is None else f'[{position}]'} "
-                                     f"must be 1-element ({field} has {value.numel()})")
-                value = value.item()  # read once per step; the kernels take a double
-            if isinstance(value, bool) or not isinstance(value, Real):
-                raise TypeError(f"{where}: {field} must be a number, not {type(value).__name__}")
-            value = float(value)
-            if not test(value):
-                raise ValueError(f"{where}: {wording}: {value} ({field} must be {rule})")
+            if type(value) is not float or not test(value):  # the usual case costs one test
+                value = self._number(index, key, position, wording, test, rule, value)
             if position is None:
                 hp[key] = value
+            elif position == 0:
+                hp[key] = (value,)
             else:
-                hp.setdefault(key, [None, None])[position] = value
+                hp[key] += (value,)
         for flag in self.flags:
             hp[flag] = bool(group.get(flag, False))
-        self._check_combination(where, hp)
+        self._check_combination(index, hp)
         hp["fused"] = bool(group.get("fused"))
         return hp
 
-    def _check_combination(self, where, hp):
+    def _number(self, index, key, position, wording, test, rule, value):
+        """A hyperparameter that is not a plain valid float: a 0-d tensor, an int, or an error."""
+        where = f"{type(self).__name__}: param group {index}"
+        field = f"group[{key!r}]" + ("" if position is None else f"[{position}]")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                name = key if position is None else f"{key}[{position}]"
+                raise ValueError(f"{where}: Tensor {name} must be 1-element ({field} has "
+                                 f"{value.numel()})")
+            value = value.item()  # read once per step; the kernels take a double
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{where}: {field} must be a number, not {type(value).__name__}")
+        value = float(value)
+        if not test(value):
+            raise ValueError(f"{where}: {wording}: {value} ({field} must be {rule})")
+        return value
+
+    def _check_combination(self, index, hp):
         pass
 
-    def _check_state(self, index, i, group, p, state, slots):
+    def _where(self, index, group, i):
+        return f"{type(self).__name__}: param group {index}, {_param_name(group, i)}"
+
+    def _state_pointers(self, index, i, group, p, state, slots):
+        """Checks a parameter's existing state; returns the addresses of the buffers the kernel
+        will write in place (a strided buffer is replaced by a fresh contiguous copy)."""
+        pointers = []
         for name in slots:
             buffer = state.get(name) if name is not None else None
             if buffer is None:
                 continue  # created on this step
             if not isinstance(buffer, torch.Tensor) or buffer.dtype != p.dtype \
-                    or buffer.shape != p.shape or buffer.device != p.device \
+                    or buffer.shape != p.shape or not buffer.is_cpu \
                     or buffer.layout != torch.strided:
-                raise ValueError(
-                    f"{type(self).__name__}: param group {index}, {_param_name(group, i)}: state "
-                    f"{name!r} is {_describe(buffer)}; it must be a dense tensor like its "
-                    f"parameter ({_describe(p)})")
+                raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
+                                 f"{_describe(buffer)}; it must be a dense tensor like its "
+                                 f"parameter ({_describe(p)})")
+            if buffer.is_contiguous():
+                pointers.append(buffer.data_ptr())
         for name in self.counters:
             counter = state.get(name)
             if counter is not None and not (isinstance(counter, torch.Tensor)
                                             and counter.numel() == 1):
-                raise ValueError(f"{type(self).__name__}: param group {index}, "
-                                 f"{_param_name(group, i)}: state {name!r} must be a 1-element "
-                                 f"tensor, not {_describe(counter)}")
+                raise ValueError(f"{self._where(index, group, i)}: state {name!r} must be a "
+                                 f"1-element tensor, not {_describe(counter)}")
+        return pointers
 
     def _prepare_group(self, index, group):
         """Checks one group for this step and returns (hyperparameters, members), members being
@@ -248,29 +260,32 @@ class _Fastopt:
             g = p.grad
             if g is None:
                 continue
-            where = f"{type(self).__name__}: param group {index}, {_param_name(group, i)}"
-            if p.dtype not in _KERNEL_DTYPES or p.device.type != "cpu" \
-                    or p.layout != torch.strided or not p.is_contiguous():
-                _check_param(p, where)
-            if g.is_sparse or g.layout != torch.strided:
-                raise TypeError(f"{where}: {type(self).__name__} does not support sparse "
-                                f"gradients ({g.layout})")
-            if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
-                raise TypeError(f"{where}: its gradient is {_describe(g)}; the parameter is "
-                                f"{_describe(p)}")
-            g = g.contiguous()
+            # a parameter's data can be replaced after construction (p.data = ...)
+            if p.dtype not in _KERNEL_DTYPES or not p.is_cpu or p.layout != torch.strided \
+                    or not p.is_contiguous():
+                _check_param(p, self._where(index, group, i))
+            if g.layout != torch.strided:
+                raise TypeError(f"{self._where(index, group, i)}: {type(self).__name__} does "
+                                f"not support sparse gradients ({g.layout})")
+            if g.dtype != p.dtype or g.shape != p.shape or not g.is_cpu:
+                raise TypeError(f"{self._where(index, group, i)}: its gradient is "
+                                f"{_describe(g)}; the parameter is {_describe(p)}")
+            if not g.is_contiguous():
+                g = g.contiguous()
             state = self.state.get(p) if keep else None  # .get: state is a defaultdict
-            spans = [_span(p), _span(g)]
+            pointers = [p.data_ptr(), g.data_ptr()]
             if state:
-                self._check_state(index, i, group, p, state, slots)
-                spans += [_span(state[name]) for name in slots
-                          if name is not None and state.get(name) is not None]
-            if p.numel():
-                for a in range(len(spans)):
-                    for b in range(a + 1, len(spans)):
-                        if spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]:
-                            raise ValueError(f"{where}: its gradient or a state buffer shares "
-                                             "memory with the parameter or another buffer")
+                pointers += self._state_pointers(index, i, group, p, state, slots)
+            # every buffer the kernel touches spans the same nbytes from its address: two
+            # overlap exactly when their addresses are closer than that
+            nbytes = p.numel() * p.element_size()
+            if nbytes:
+                pointers.sort()
+                for a, b in zip(pointers, pointers[1:]):
+                    if b - a < nbytes:
+                        raise ValueError(f"{self._where(index, group, i)}: its gradient or a "
+                                         "state buffer shares memory with the parameter or "
+                                         "another buffer")
             members.append((p, g, state))
         return hp, members
 
@@ -293,7 +308,11 @@ class _Fastopt:
         if not counters:
             return []
         torch._foreach_add_(counters, 1.0)
-        return [int(t) for t in torch.stack([c.reshape(()) for c in counters]).tolist()]
+        try:
+            values = torch.stack(counters).reshape(-1).tolist()
+        except RuntimeError:  # 0-d and 1-element counters mixed (old checkpoints)
+            values = [c.item() for c in counters]
+        return [int(t) for t in values]
 
     def batch_extra(self, state):
         return None
@@ -387,10 +406,11 @@ class SGD(_Fastopt, torch.optim.SGD):
     flags = ("maximize", "nesterov")
     counters = ()
 
-    def _check_combination(self, where, hp):
+    def _check_combination(self, index, hp):
         if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
-            raise ValueError(f"{where}: Nesterov momentum requires a momentum and zero dampening "
-                             f"(momentum={hp['momentum']}, dampening={hp['dampening']})")
+            raise ValueError(f"{type(self).__name__}: param group {index}: Nesterov momentum "
+                             "requires a momentum and zero dampening (momentum="
+                             f"{hp['momentum']}, dampening={hp['dampening']})")
 
     def slots(self, hp):
         return ("momentum_buffer",) if hp["momentum"] != 0 else (None,)
