@@ -42,6 +42,12 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from fastopt import _kernels
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    class DTensor:  # noqa: D101 - never instantiated: isinstance is always False
+        pass
+
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
 
 TORCH = _kernels.TORCH
@@ -49,6 +55,12 @@ TORCH = _kernels.TORCH
 _KERNEL_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
                   torch.complex64: torch.float32, torch.complex128: torch.float64}
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
+
+
+def _local(t):
+    """The tensor the kernels update: a DTensor's local shard (zero copy: it shares storage,
+    as FSDP2's sharded parameters do), else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _check_param(p, where):
@@ -62,7 +74,7 @@ def _check_param(p, where):
     if p.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"{where} has dtype {p.dtype}; fastopt.torch needs float32, float64, "
                         "complex64 or complex128")
-    if not p.is_contiguous():
+    if not _local(p).is_contiguous():
         raise ValueError(f"{where} is not contiguous; fastopt.torch updates parameters in place "
                          "and would lose the update on a copy")
 
@@ -155,7 +167,8 @@ class _Fastopt:
                     for i, p in enumerate(group["params"]):
                         state = self.state.get(p)
                         if state:
-                            self._state_pointers(index, i, group, p, state, self.slots(hp))
+                            self._state_pointers(index, i, group, p, _local(p), state,
+                                                 self.slots(hp))
             except BaseException:
                 self.state, self.param_groups = before
                 raise
@@ -225,7 +238,7 @@ class _Fastopt:
     def _where(self, index, group, i):
         return f"{type(self).__name__}: param group {index}, {_param_name(group, i)}"
 
-    def _state_pointers(self, index, i, group, p, state, slots):
+    def _state_pointers(self, index, i, group, p, local_p, state, slots):
         """Checks a parameter's existing state; returns the addresses of the buffers the kernel
         will write in place (a strided buffer is replaced by a fresh contiguous copy)."""
         pointers = []
@@ -239,8 +252,13 @@ class _Fastopt:
                 raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
                                  f"{_describe(buffer)}; it must be a dense tensor like its "
                                  f"parameter ({_describe(p)})")
-            if buffer.is_contiguous():
-                pointers.append(buffer.data_ptr())
+            local = _local(buffer)
+            if local.shape != local_p.shape:
+                raise ValueError(f"{self._where(index, group, i)}: state {name!r} is sharded "
+                                 f"as {tuple(local.shape)} here, its parameter as "
+                                 f"{tuple(local_p.shape)}")
+            if local.is_contiguous():
+                pointers.append(local.data_ptr())
         for name in self.counters:
             counter = state.get(name)
             if counter is not None and not (isinstance(counter, torch.Tensor)
@@ -251,7 +269,8 @@ class _Fastopt:
 
     def _prepare_group(self, index, group):
         """Checks one group for this step and returns (hyperparameters, members), members being
-        (param, contiguous grad, existing state or None) for every param with a gradient."""
+        (param, the tensor the kernel updates, its contiguous grad, existing state or None) for
+        every param with a gradient."""
         hp = self._hyperparameters(index, group)
         slots = self.slots(hp)
         keep = self.keeps_state(hp)
@@ -261,8 +280,9 @@ class _Fastopt:
             if g is None:
                 continue
             # a parameter's data can be replaced after construction (p.data = ...)
+            local_p = _local(p)
             if p.dtype not in _KERNEL_DTYPES or not p.is_cpu or p.layout != torch.strided \
-                    or not p.is_contiguous():
+                    or not local_p.is_contiguous():
                 _check_param(p, self._where(index, group, i))
             if g.layout != torch.strided:
                 raise TypeError(f"{self._where(index, group, i)}: {type(self).__name__} does "
@@ -270,15 +290,20 @@ class _Fastopt:
             if g.dtype != p.dtype or g.shape != p.shape or not g.is_cpu:
                 raise TypeError(f"{self._where(index, group, i)}: its gradient is "
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
-            if not g.is_contiguous():
-                g = g.contiguous()
+            local_g = _local(g)
+            if local_g.shape != local_p.shape:
+                raise TypeError(f"{self._where(index, group, i)}: its gradient is sharded as "
+                                f"{tuple(local_g.shape)} here, the parameter as "
+                                f"{tuple(local_p.shape)}")
+            if not local_g.is_contiguous():
+                local_g = local_g.contiguous()
             state = self.state.get(p) if keep else None  # .get: state is a defaultdict
-            pointers = [p.data_ptr(), g.data_ptr()]
+            pointers = [local_p.data_ptr(), local_g.data_ptr()]
             if state:
-                pointers += self._state_pointers(index, i, group, p, state, slots)
+                pointers += self._state_pointers(index, i, group, p, local_p, state, slots)
             # every buffer the kernel touches spans the same nbytes from its address: two
             # overlap exactly when their addresses are closer than that
-            nbytes = p.numel() * p.element_size()
+            nbytes = local_p.numel() * local_p.element_size()
             if nbytes:
                 pointers.sort()
                 for a, b in zip(pointers, pointers[1:]):
@@ -286,7 +311,7 @@ class _Fastopt:
                         raise ValueError(f"{self._where(index, group, i)}: its gradient or a "
                                          "state buffer shares memory with the parameter or "
                                          "another buffer")
-            members.append((p, g, state))
+            members.append((p, local_p, local_g, state))
         return hp, members
 
     # ---- the update ------------------------------------------------------------------------
@@ -325,39 +350,41 @@ class _Fastopt:
         slots = self.slots(hp)
         keep = self.keeps_state(hp)
         states = []
-        for p, _, state in members:
+        for p, _, _, state in members:
             if state is None:
                 state = self.state[p] if keep else {}
             if not state:
                 state.update(self.new_state(p, hp))
             states.append(state)
         steps = self.advance(states, hp)  # before the buffers appear: SGD reads their absence
-        for (p, _, _), state in zip(members, states):
+        for (p, _, _, _), state in zip(members, states):
             for name in slots:  # options switched on later, or a checkpoint's strided buffers
                 if name is not None:
                     if state.get(name) is None:
                         state[name] = _zeros(p)
-                    elif not state[name].is_contiguous():
+                    elif not _local(state[name]).is_contiguous():
                         state[name] = state[name].contiguous()
         batches = {}
-        for (p, g, _), state, t in zip(members, states, steps):
+        for (p, local_p, local_g, _), state, t in zip(members, states, steps):
             key = (_KERNEL_DTYPES[p.dtype], t, self.batch_extra(state))
-            batches.setdefault(key, []).append((p, g, state))
+            batches.setdefault(key, []).append((local_p, local_g, state))
         for (dtype, t, _), batch in batches.items():
             self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]))
 
     def _run_kernel(self, dtype, step, slots, batch, kernel_args):
         """One C call over a batch of (param, grad, state) of one real dtype and step number,
-        all validated; complex tensors go in as their real and imaginary parts."""
+        all validated, param and grad local (a DTensor's shard); complex tensors go in as their
+        real and imaginary parts."""
+        buffers = [None if name is None else [_local(s[name]) for _, _, s in batch]
+                   for name in slots]
         addresses = [[p.data_ptr() for p, _, _ in batch], [g.data_ptr() for _, g, _ in batch]]
-        addresses += [None if name is None else [s[name].data_ptr() for _, _, s in batch]
-                      for name in slots]
+        addresses += [None if b is None else [t.data_ptr() for t in b] for b in buffers]
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, _, _ in batch]
         _kernels.run_addresses(self.kernel, dtype == torch.float64, addresses, sizes,
                                kernel_args, step)
         # the kernels write memory directly: tell autograd, as an in-place op would
         written = [p for p, _, _ in batch]
-        written += [s[name] for _, _, s in batch for name in slots if name is not None]
+        written += [t for b in buffers if b is not None for t in b]
         torch.autograd.graph.increment_version(written)
 
 
