@@ -18,6 +18,9 @@ torch does (checked when the optimizer is built and when a group is added); anyt
 a clear error rather than a silent copy that would lose the update.  `foreach` and `fused` are
 accepted and ignored (fastopt is always fused); `capturable=True` and `differentiable=True` are
 rejected (CPU, no autograd through the step).  A 0-d tensor lr is read once per step.
+DTensor parameters (FSDP2's fully_shard) are updated through their local shard, zero copy, with
+their states DTensors placed like them, as torch.optim makes them; torch.distributed.checkpoint's
+get_optimizer_state_dict / set_optimizer_state_dict work (examples/fsdp2_train.py).
 
 A step validates every group's hyperparameters, every gradient and every state buffer before it
 changes any parameter, state buffer or step counter; the error names the group and the field,
@@ -29,9 +32,11 @@ Threads: each optimizer serializes step(), state_dict(), load_state_dict(), add_
 and zero_grad() with its own re-entrant lock, so threads sharing one optimizer lose no update,
 and different optimizers still step in parallel (the kernels release the GIL).  step(closure)
 runs the closure inside the lock: the gradients a step applies are the ones its own closure
-computed, at the parameters that step updates.  state_dict() returns copies of the state
-tensors taken under the lock (torch returns the live buffers, which a later step changes), so a
-checkpoint taken while another thread steps is all of one step.
+computed, at the parameters that step updates (a closure that waits for another thread using
+the same optimizer would deadlock).  state_dict() returns copies of the state tensors taken
+under the lock (torch returns the live buffers, which a later step changes, and which an
+optimizer that loads them would share), so a checkpoint taken while another thread steps is all
+of one step; the copy costs the state's memory once more while the dict is alive.
 """
 import math
 import threading
