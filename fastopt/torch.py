@@ -246,28 +246,31 @@ class _Fastopt:
     def _state_pointers(self, index, i, group, p, local_p, state, slots):
         """Checks a parameter's existing state; returns the addresses of the buffers the kernel
         will write in place (a strided buffer is replaced by a fresh contiguous copy)."""
+        dtype, shape, sharded = p.dtype, p.shape, local_p is not p
         pointers = []
         for name in slots:
             buffer = state.get(name) if name is not None else None
             if buffer is None:
                 continue  # created on this step
-            if not isinstance(buffer, torch.Tensor) or buffer.dtype != p.dtype \
-                    or buffer.shape != p.shape or not buffer.is_cpu \
-                    or buffer.layout != torch.strided:
+            if not isinstance(buffer, torch.Tensor) or buffer.dtype != dtype \
+                    or buffer.shape != shape or buffer.layout != torch.strided \
+                    or not buffer.is_cpu or isinstance(buffer, DTensor) != sharded:
                 raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
                                  f"{_describe(buffer)}; it must be a dense tensor like its "
                                  f"parameter ({_describe(p)})")
-            local = _local(buffer)
-            if local.shape != local_p.shape:
-                raise ValueError(f"{self._where(index, group, i)}: state {name!r} is sharded "
-                                 f"as {tuple(local.shape)} here, its parameter as "
-                                 f"{tuple(local_p.shape)}")
+            local = buffer
+            if sharded:
+                local = buffer.to_local()
+                if local.shape != local_p.shape:
+                    raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
+                                     f"sharded as {tuple(local.shape)} here, its parameter as "
+                                     f"{tuple(local_p.shape)}")
             if local.is_contiguous():
                 pointers.append(local.data_ptr())
         for name in self.counters:
             counter = state.get(name)
-            if counter is not None and not (isinstance(counter, torch.Tensor)
-                                            and counter.numel() == 1):
+            if counter is not None and (not isinstance(counter, torch.Tensor)
+                                        or counter.numel() != 1):
                 raise ValueError(f"{self._where(index, group, i)}: state {name!r} must be a "
                                  f"1-element tensor, not {_describe(counter)}")
         return pointers
@@ -279,27 +282,33 @@ class _Fastopt:
         hp = self._hyperparameters(index, group)
         slots = self.slots(hp)
         keep = self.keeps_state(hp)
+        strided = torch.strided
         members = []
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
+            sharded = isinstance(p, DTensor)
+            local_p = p.to_local() if sharded else p
+            dtype = p.dtype
             # a parameter's data can be replaced after construction (p.data = ...)
-            local_p = _local(p)
-            if p.dtype not in _KERNEL_DTYPES or not p.is_cpu or p.layout != torch.strided \
+            if dtype not in _KERNEL_DTYPES or p.layout != strided or not p.is_cpu \
                     or not local_p.is_contiguous():
                 _check_param(p, self._where(index, group, i))
-            if g.layout != torch.strided:
+            if g.layout != strided:
                 raise TypeError(f"{self._where(index, group, i)}: {type(self).__name__} does "
                                 f"not support sparse gradients ({g.layout})")
-            if g.dtype != p.dtype or g.shape != p.shape or not g.is_cpu:
+            if g.dtype != dtype or g.shape != p.shape or not g.is_cpu \
+                    or isinstance(g, DTensor) != sharded:
                 raise TypeError(f"{self._where(index, group, i)}: its gradient is "
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
-            local_g = _local(g)
-            if local_g.shape != local_p.shape:
-                raise TypeError(f"{self._where(index, group, i)}: its gradient is sharded as "
-                                f"{tuple(local_g.shape)} here, the parameter as "
-                                f"{tuple(local_p.shape)}")
+            local_g = g
+            if sharded:
+                local_g = g.to_local()
+                if local_g.shape != local_p.shape:
+                    raise TypeError(f"{self._where(index, group, i)}: its gradient is sharded "
+                                    f"as {tuple(local_g.shape)} here, the parameter as "
+                                    f"{tuple(local_p.shape)}")
             if not local_g.is_contiguous():
                 local_g = local_g.contiguous()
             state = self.state.get(p) if keep else None  # .get: state is a defaultdict
@@ -308,7 +317,7 @@ class _Fastopt:
                 pointers += self._state_pointers(index, i, group, p, local_p, state, slots)
             # every buffer the kernel touches spans the same nbytes from its address: two
             # overlap exactly when their addresses are closer than that
-            nbytes = local_p.numel() * local_p.element_size()
+            nbytes = local_p.nbytes
             if nbytes:
                 pointers.sort()
                 for a, b in zip(pointers, pointers[1:]):
