@@ -18,6 +18,9 @@ torch does (checked when the optimizer is built and when a group is added); anyt
 a clear error rather than a silent copy that would lose the update.  `foreach` and `fused` are
 accepted and ignored (fastopt is always fused); `capturable=True` and `differentiable=True` are
 rejected (CPU, no autograd through the step).  A 0-d tensor lr is read once per step.
+DTensor parameters (FSDP2's fully_shard) are updated through their local shard, zero copy, with
+their states DTensors placed like them, as torch.optim makes them; torch.distributed.checkpoint's
+get_optimizer_state_dict / set_optimizer_state_dict work (examples/fsdp2_train.py).
 
 A step validates every group's hyperparameters, every gradient and every state buffer before it
 changes any parameter, state buffer or step counter; the error names the group and the field,
@@ -29,9 +32,11 @@ Threads: each optimizer serializes step(), state_dict(), load_state_dict(), add_
 and zero_grad() with its own re-entrant lock, so threads sharing one optimizer lose no update,
 and different optimizers still step in parallel (the kernels release the GIL).  step(closure)
 runs the closure inside the lock: the gradients a step applies are the ones its own closure
-computed, at the parameters that step updates.  state_dict() returns copies of the state
-tensors taken under the lock (torch returns the live buffers, which a later step changes), so a
-checkpoint taken while another thread steps is all of one step.
+computed, at the parameters that step updates (a closure that waits for another thread using
+the same optimizer would deadlock).  state_dict() returns copies of the state tensors taken
+under the lock (torch returns the live buffers, which a later step changes, and which an
+optimizer that loads them would share), so a checkpoint taken while another thread steps is all
+of one step; the copy costs the state's memory once more while the dict is alive.
 """
 import math
 import threading
@@ -42,6 +47,12 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from fastopt import _kernels
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    class DTensor:  # noqa: D101 - never instantiated: isinstance is always False
+        pass
+
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
 
 TORCH = _kernels.TORCH
@@ -49,6 +60,12 @@ TORCH = _kernels.TORCH
 _KERNEL_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
                   torch.complex64: torch.float32, torch.complex128: torch.float64}
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
+
+
+def _local(t):
+    """The tensor the kernels update: a DTensor's local shard (zero copy: it shares storage,
+    as FSDP2's sharded parameters do), else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _check_param(p, where):
@@ -62,14 +79,9 @@ def _check_param(p, where):
     if p.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"{where} has dtype {p.dtype}; fastopt.torch needs float32, float64, "
                         "complex64 or complex128")
-    if not p.is_contiguous():
+    if not _local(p).is_contiguous():
         raise ValueError(f"{where} is not contiguous; fastopt.torch updates parameters in place "
                          "and would lose the update on a copy")
-
-
-def _span(t):
-    start = t.data_ptr()
-    return start, start + t.numel() * t.element_size()
 
 
 # ---- hyperparameter ranges -------------------------------------------------------------------
@@ -162,7 +174,8 @@ class _Fastopt:
                     for i, p in enumerate(group["params"]):
                         state = self.state.get(p)
                         if state:
-                            self._check_state(index, i, group, p, state, self.slots(hp))
+                            self._state_pointers(index, i, group, p, _local(p), state,
+                                                 self.slots(hp))
             except BaseException:
                 self.state, self.param_groups = before
                 raise
@@ -231,93 +244,134 @@ class _Fastopt:
 
     def _hyperparameters(self, index, group):
         """The group's hyperparameters as plain floats and bools, after checking every one."""
-        where = f"{type(self).__name__}: param group {index}"
         for flag in _UNSUPPORTED_FLAGS:
             if group.get(flag):
-                raise ValueError(f"{where}: {flag}=True is not supported by fastopt.torch (CPU "
-                                 "kernels outside autograd); use torch.optim for it")
+                raise ValueError(f"{type(self).__name__}: param group {index}: {flag}=True is not "
+                                 "supported by fastopt.torch (CPU kernels outside autograd); use "
+                                 "torch.optim for it")
         hp = {}
         for key, position, wording, test, rule in self.ranges:
             value = group[key] if position is None else group[key][position]
-            field = f"group[{key!r}]" + ("" if position is None else f"[{position}]")
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ValueError(f"{where}: Tensor {key}{'' if position is None else f'[{position}]'} "
-                                     f"must be 1-element ({field} has {value.numel()})")
-                value = value.item()  # read once per step; the kernels take a double
-            if isinstance(value, bool) or not isinstance(value, Real):
-                raise TypeError(f"{where}: {field} must be a number, not {type(value).__name__}")
-            value = float(value)
-            if not test(value):
-                raise ValueError(f"{where}: {wording}: {value} ({field} must be {rule})")
+            if type(value) is not float or not test(value):  # the usual case costs one test
+                value = self._number(index, key, position, wording, test, rule, value)
             if position is None:
                 hp[key] = value
+            elif position == 0:
+                hp[key] = (value,)
             else:
-                hp.setdefault(key, [None, None])[position] = value
+                hp[key] += (value,)
         for flag in self.flags:
             hp[flag] = bool(group.get(flag, False))
-        self._check_combination(where, hp)
+        self._check_combination(index, hp)
         hp["fused"] = bool(group.get("fused"))
         return hp
 
-    def _check_combination(self, where, hp):
+    def _number(self, index, key, position, wording, test, rule, value):
+        """A hyperparameter that is not a plain valid float: a 0-d tensor, an int, or an error."""
+        where = f"{type(self).__name__}: param group {index}"
+        field = f"group[{key!r}]" + ("" if position is None else f"[{position}]")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                name = key if position is None else f"{key}[{position}]"
+                raise ValueError(f"{where}: Tensor {name} must be 1-element ({field} has "
+                                 f"{value.numel()})")
+            value = value.item()  # read once per step; the kernels take a double
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{where}: {field} must be a number, not {type(value).__name__}")
+        value = float(value)
+        if not test(value):
+            raise ValueError(f"{where}: {wording}: {value} ({field} must be {rule})")
+        return value
+
+    def _check_combination(self, index, hp):
         pass
 
-    def _check_state(self, index, i, group, p, state, slots):
+    def _where(self, index, group, i):
+        return f"{type(self).__name__}: param group {index}, {_param_name(group, i)}"
+
+    def _state_pointers(self, index, i, group, p, local_p, state, slots):
+        """Checks a parameter's existing state; returns the addresses of the buffers the kernel
+        will write in place (a strided buffer is replaced by a fresh contiguous copy)."""
+        dtype, shape, sharded = p.dtype, p.shape, local_p is not p
+        pointers = []
         for name in slots:
             buffer = state.get(name) if name is not None else None
             if buffer is None:
                 continue  # created on this step
-            if not isinstance(buffer, torch.Tensor) or buffer.dtype != p.dtype \
-                    or buffer.shape != p.shape or buffer.device != p.device \
-                    or buffer.layout != torch.strided:
-                raise ValueError(
-                    f"{type(self).__name__}: param group {index}, {_param_name(group, i)}: state "
-                    f"{name!r} is {_describe(buffer)}; it must be a dense tensor like its "
-                    f"parameter ({_describe(p)})")
+            if not isinstance(buffer, torch.Tensor) or buffer.dtype != dtype \
+                    or buffer.shape != shape or buffer.layout != torch.strided \
+                    or not buffer.is_cpu or isinstance(buffer, DTensor) != sharded:
+                raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
+                                 f"{_describe(buffer)}; it must be a dense tensor like its "
+                                 f"parameter ({_describe(p)})")
+            local = buffer
+            if sharded:
+                local = buffer.to_local()
+                if local.shape != local_p.shape:
+                    raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
+                                     f"sharded as {tuple(local.shape)} here, its parameter as "
+                                     f"{tuple(local_p.shape)}")
+            if local.is_contiguous():
+                pointers.append(local.data_ptr())
         for name in self.counters:
             counter = state.get(name)
-            if counter is not None and not (isinstance(counter, torch.Tensor)
-                                            and counter.numel() == 1):
-                raise ValueError(f"{type(self).__name__}: param group {index}, "
-                                 f"{_param_name(group, i)}: state {name!r} must be a 1-element "
-                                 f"tensor, not {_describe(counter)}")
+            if counter is not None and (not isinstance(counter, torch.Tensor)
+                                        or counter.numel() != 1):
+                raise ValueError(f"{self._where(index, group, i)}: state {name!r} must be a "
+                                 f"1-element tensor, not {_describe(counter)}")
+        return pointers
 
     def _prepare_group(self, index, group):
         """Checks one group for this step and returns (hyperparameters, members), members being
-        (param, contiguous grad, existing state or None) for every param with a gradient."""
+        (param, the tensor the kernel updates, its contiguous grad, existing state or None) for
+        every param with a gradient."""
         hp = self._hyperparameters(index, group)
         slots = self.slots(hp)
         keep = self.keeps_state(hp)
+        strided = torch.strided
         members = []
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
-            where = f"{type(self).__name__}: param group {index}, {_param_name(group, i)}"
-            if p.dtype not in _KERNEL_DTYPES or p.device.type != "cpu" \
-                    or p.layout != torch.strided or not p.is_contiguous():
-                _check_param(p, where)
-            if g.is_sparse or g.layout != torch.strided:
-                raise TypeError(f"{where}: {type(self).__name__} does not support sparse "
-                                f"gradients ({g.layout})")
-            if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
-                raise TypeError(f"{where}: its gradient is {_describe(g)}; the parameter is "
-                                f"{_describe(p)}")
-            g = g.contiguous()
+            sharded = isinstance(p, DTensor)
+            local_p = p.to_local() if sharded else p
+            dtype = p.dtype
+            # a parameter's data can be replaced after construction (p.data = ...)
+            if dtype not in _KERNEL_DTYPES or p.layout != strided or not p.is_cpu \
+                    or not local_p.is_contiguous():
+                _check_param(p, self._where(index, group, i))
+            if g.layout != strided:
+                raise TypeError(f"{self._where(index, group, i)}: {type(self).__name__} does "
+                                f"not support sparse gradients ({g.layout})")
+            if g.dtype != dtype or g.shape != p.shape or not g.is_cpu \
+                    or isinstance(g, DTensor) != sharded:
+                raise TypeError(f"{self._where(index, group, i)}: its gradient is "
+                                f"{_describe(g)}; the parameter is {_describe(p)}")
+            local_g = g
+            if sharded:
+                local_g = g.to_local()
+                if local_g.shape != local_p.shape:
+                    raise TypeError(f"{self._where(index, group, i)}: its gradient is sharded "
+                                    f"as {tuple(local_g.shape)} here, the parameter as "
+                                    f"{tuple(local_p.shape)}")
+            if not local_g.is_contiguous():
+                local_g = local_g.contiguous()
             state = self.state.get(p) if keep else None  # .get: state is a defaultdict
-            spans = [_span(p), _span(g)]
+            pointers = [local_p.data_ptr(), local_g.data_ptr()]
             if state:
-                self._check_state(index, i, group, p, state, slots)
-                spans += [_span(state[name]) for name in slots
-                          if name is not None and state.get(name) is not None]
-            if p.numel():
-                for a in range(len(spans)):
-                    for b in range(a + 1, len(spans)):
-                        if spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]:
-                            raise ValueError(f"{where}: its gradient or a state buffer shares "
-                                             "memory with the parameter or another buffer")
-            members.append((p, g, state))
+                pointers += self._state_pointers(index, i, group, p, local_p, state, slots)
+            # every buffer the kernel touches spans the same nbytes from its address: two
+            # overlap exactly when their addresses are closer than that
+            nbytes = local_p.nbytes
+            if nbytes:
+                pointers.sort()
+                for a, b in zip(pointers, pointers[1:]):
+                    if b - a < nbytes:
+                        raise ValueError(f"{self._where(index, group, i)}: its gradient or a "
+                                         "state buffer shares memory with the parameter or "
+                                         "another buffer")
+            members.append((p, local_p, local_g, state))
         return hp, members
 
     # ---- the update ------------------------------------------------------------------------
@@ -339,7 +393,11 @@ class _Fastopt:
         if not counters:
             return []
         torch._foreach_add_(counters, 1.0)
-        return [int(t) for t in torch.stack([c.reshape(()) for c in counters]).tolist()]
+        try:
+            values = torch.stack(counters).reshape(-1).tolist()
+        except RuntimeError:  # 0-d and 1-element counters mixed (old checkpoints)
+            values = [c.item() for c in counters]
+        return [int(t) for t in values]
 
     def batch_extra(self, state):
         return None
@@ -352,39 +410,41 @@ class _Fastopt:
         slots = self.slots(hp)
         keep = self.keeps_state(hp)
         states = []
-        for p, _, state in members:
+        for p, _, _, state in members:
             if state is None:
                 state = self.state[p] if keep else {}
             if not state:
                 state.update(self.new_state(p, hp))
             states.append(state)
         steps = self.advance(states, hp)  # before the buffers appear: SGD reads their absence
-        for (p, _, _), state in zip(members, states):
+        for (p, _, _, _), state in zip(members, states):
             for name in slots:  # options switched on later, or a checkpoint's strided buffers
                 if name is not None:
                     if state.get(name) is None:
                         state[name] = _zeros(p)
-                    elif not state[name].is_contiguous():
+                    elif not _local(state[name]).is_contiguous():
                         state[name] = state[name].contiguous()
         batches = {}
-        for (p, g, _), state, t in zip(members, states, steps):
+        for (p, local_p, local_g, _), state, t in zip(members, states, steps):
             key = (_KERNEL_DTYPES[p.dtype], t, self.batch_extra(state))
-            batches.setdefault(key, []).append((p, g, state))
+            batches.setdefault(key, []).append((local_p, local_g, state))
         for (dtype, t, _), batch in batches.items():
             self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]))
 
     def _run_kernel(self, dtype, step, slots, batch, kernel_args):
         """One C call over a batch of (param, grad, state) of one real dtype and step number,
-        all validated; complex tensors go in as their real and imaginary parts."""
+        all validated, param and grad local (a DTensor's shard); complex tensors go in as their
+        real and imaginary parts."""
+        buffers = [None if name is None else [_local(s[name]) for _, _, s in batch]
+                   for name in slots]
         addresses = [[p.data_ptr() for p, _, _ in batch], [g.data_ptr() for _, g, _ in batch]]
-        addresses += [None if name is None else [s[name].data_ptr() for _, _, s in batch]
-                      for name in slots]
+        addresses += [None if b is None else [t.data_ptr() for t in b] for b in buffers]
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, _, _ in batch]
         _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
                                sizes, kernel_args)
         # the kernels write memory directly: tell autograd, as an in-place op would
         written = [p for p, _, _ in batch]
-        written += [s[name] for _, _, s in batch for name in slots if name is not None]
+        written += [t for b in buffers if b is not None for t in b]
         torch.autograd.graph.increment_version(written)
 
 
@@ -444,10 +504,11 @@ class SGD(_Fastopt, torch.optim.SGD):
     flags = ("maximize", "nesterov")
     counters = ()
 
-    def _check_combination(self, where, hp):
+    def _check_combination(self, index, hp):
         if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
-            raise ValueError(f"{where}: Nesterov momentum requires a momentum and zero dampening "
-                             f"(momentum={hp['momentum']}, dampening={hp['dampening']})")
+            raise ValueError(f"{type(self).__name__}: param group {index}: Nesterov momentum "
+                             "requires a momentum and zero dampening (momentum="
+                             f"{hp['momentum']}, dampening={hp['dampening']})")
 
     def slots(self, hp):
         return ("momentum_buffer",) if hp["momentum"] != 0 else (None,)

@@ -60,7 +60,7 @@ def config_id(config):
 
 
 def make_params(dtype):
-    """A 4-2-3 tanh MLP's parameters, the same for both implementations."""
+    """A 4-2-3 MLP's parameters, the same for both implementations."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(2, 4), (2,), (3, 2), (3,)]
     return [torch.randn(shape, generator=gen, dtype=dtype).requires_grad_() for shape in shapes]
@@ -73,7 +73,10 @@ def batch(step, dtype):
 
 def loss_of(params, x, y):
     w1, b1, w2, b2 = params
-    out = torch.tanh(x @ w1.T + b1) @ w2.T + b2
+    hidden = x @ w1.T + b1
+    # complex tanh has poles (at i*pi/2), near which the model, not the optimizer, would
+    # amplify rounding differences: the complex runs use a linear hidden layer
+    out = (hidden if hidden.is_complex() else torch.tanh(hidden)) @ w2.T + b2
     return (out - y).abs().pow(2).mean()  # real for complex parameters too
 
 
@@ -113,8 +116,8 @@ def worst_relative_error(reference, ours):
 
 # float32 runs: 10 steps of updates whose every element is rounded differently by the two
 # implementations (fastopt computes per-step scalars in double and never contracts into FMAs,
-# torch rounds each op in float32); measured worst case 5.6e-7 relative (NAdam, complex64):
-# the bound is 10 times that, about 40 float32 ulps
+# torch rounds each op in float32); measured worst case 6.9e-7 relative (a NAdam state,
+# complex64), 4.4e-7 for a parameter: the bound is 7 times that, about 40 float32 ulps
 TOLERANCE = {torch.float64: 1e-12, torch.complex128: 1e-12,
              torch.float32: 5e-6, torch.complex64: 5e-6}
 
