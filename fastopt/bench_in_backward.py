@@ -5,10 +5,10 @@ CPU models, float32, with the step after backward and with the step in backward.
 
 Variants, each on its own copy of the model (same initial weights):
   fwd+bwd only               zero_grad + forward + backward, no step (the floor)
-  fastopt.torch              fastopt.torch.Adam: zero_grad, backward, step()
-  fastopt.torch in-backward  step_in_backward(model, fastopt.torch.Adam)
-  torch fused                torch.optim.Adam(fused=True): zero_grad, backward, step()
-  torch fused in-backward    torch's recipe: one Adam([p], fused=True) per parameter, stepped
+  fastopt.torch              fastopt.torch.<RULE>: zero_grad, backward, step()
+  fastopt.torch in-backward  step_in_backward(model, fastopt.torch.<RULE>)
+  torch fused                torch.optim.<RULE>(fused=True): zero_grad, backward, step()
+  torch fused in-backward    torch's recipe: one <RULE>([p], fused=True) per parameter, stepped
                              and zero_grad()-ed by p.register_post_accumulate_grad_hook
 
 The variants are timed in interleaved rounds (the order rotates each round), so drift on a
@@ -28,6 +28,8 @@ import sys
 import time
 
 import numpy as np
+
+from fastopt.benchmark import IN_LOOP_RULE as RULE  # the rule the training-loop cases run
 
 VARIANTS = ["fwd+bwd only", "fastopt.torch", "fastopt.torch in-backward", "torch fused",
             "torch fused in-backward"]
@@ -90,16 +92,17 @@ def make_iterations(case, lr=1e-4):
             opt = None
             optimizers = []
         elif variant == "fastopt.torch":
-            opt = ft.Adam(model.parameters(), lr=lr)
+            opt = getattr(ft, RULE)(model.parameters(), lr=lr)
             optimizers = [opt]
         elif variant == "torch fused":
-            opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+            opt = getattr(torch.optim, RULE)(model.parameters(), lr=lr, fused=True)
             optimizers = [opt]
         elif variant == "fastopt.torch in-backward":
-            opt = step_in_backward(model, ft.Adam, lr=lr)
+            opt = step_in_backward(model, getattr(ft, RULE), lr=lr)
             optimizers = opt.optimizers
         else:  # torch's "fuse the optimizer step into the backward pass" recipe
-            per_param = {p: torch.optim.Adam([p], lr=lr, fused=True) for p in model.parameters()}
+            per_param = {p: getattr(torch.optim, RULE)([p], lr=lr, fused=True)
+                         for p in model.parameters()}
 
             def hook(p, per_param=per_param):
                 per_param[p].step()
@@ -185,7 +188,7 @@ def run(quick=False, rounds=None, print_fn=print, threads=None):
     rounds = rounds or (4 if quick else 15)
     rows = []
     load_before = os.getloadavg()
-    print_fn(f"optimizer in backward: forward + backward + Adam step, float32, torch "
+    print_fn(f"optimizer in backward: forward + backward + {RULE} step, float32, torch "
              f"{torch.__version__}, {torch.get_num_threads()} torch threads, "
              f"{fastopt.get_num_threads()} fastopt threads, {rounds} interleaved rounds")
     print_fn(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} "

@@ -26,6 +26,10 @@ TORCH_KW = {torch_name: {("alpha" if k == "rho" else k): v for k, v in kw.items(
             for _, kw, _, torch_name in RULES.values()}
 
 
+# the rule that the in-a-training-loop cases (fastopt.bench_in_backward) run
+IN_LOOP_RULE = "Adam"
+
+
 # ---- model parameter shapes (torchvision's ResNet-18 and ResNet-50, without running torch) ----
 
 def resnet_shapes(blocks, bottleneck):

@@ -203,11 +203,12 @@ class _Fastopt:
     def _make_plan(self, hps):
         """After a validated step: the engine's plan for the next ones (fastopt/_engine.pxi,
         ObjectPlan), which re-checks only what can change.  None where a group's values cannot
-        be compared cheaply (a tensor lr)."""
+        be compared cheaply (a tensor lr), and for DTensor parameters (FSDP2), whose shards the
+        validating path finds each step."""
         groups, written = [], []
         for group, hp in zip(self.param_groups, hps):
             key = _group_key(group)
-            if key is None:
+            if key is None or any(isinstance(p, DTensor) for p in group["params"]):
                 return None
             keep, slots = self.keeps_state(hp), self.slots(hp)
             members, by_key, n_with_grad = [], {}, 0
@@ -446,6 +447,12 @@ class _Fastopt:
         written = [p for p, _, _ in batch]
         written += [t for b in buffers if b is not None for t in b]
         torch.autograd.graph.increment_version(written)
+
+
+def _span(t):
+    """The bytes a dense tensor occupies: [start, end)."""
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
 
 
 def _group_key(group):

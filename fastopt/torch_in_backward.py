@@ -56,7 +56,7 @@ training loops take it unchanged:
 The parameters also carry torch's convention, `param._in_backward_optimizers` (read by
 `torch.distributed.optim._get_in_backward_optimizers(module)`), and the hooks are registered
 where `DistributedDataParallel` finds and replaces them with its own all-reduce-then-step
-hook.  `torch.distributed.optim._apply_optimizer_in_backward(fastopt.torch.Adam, params,
+hook.  `torch.distributed.optim._apply_optimizer_in_backward(fastopt.torch.AdamW, params,
 {"lr": 1e-3})` works as well; it returns nothing and has no remove().
 
 The hook calls the per-parameter optimizer's ordinary `step()`, so any speed-up of a
