@@ -59,14 +59,23 @@ def test_model(benchmark, rule, model, implementation):
 
 @pytest.mark.parametrize("implementation", ["fastopt.torch", "torch for-loop", "torch foreach",
                                             "torch fused"])
-@pytest.mark.parametrize("case", ["1.6e7", "ResNet-18"])
+@pytest.mark.parametrize("case", ["1.6e7", "ResNet-18", "ResNet-50"])
 @pytest.mark.parametrize("rule", ["Adam", "AdamW", "SGD", "Adagrad"])
 def test_torch_dropin(benchmark, rule, case, implementation):
     pytest.importorskip("torch")
     from fastopt.benchmark import dropin_runners
-    shapes = [(16_000_000,)] if case == "1.6e7" else MODELS["ResNet-18"]
+    shapes = [(16_000_000,)] if case == "1.6e7" else MODELS[case]
     benchmark.group = f"fastopt.torch {rule} {case}"
     runners = dropin_runners(RULES[rule][3], shapes, fastopt.get_num_threads())
     if implementation not in runners:
         pytest.skip(f"{implementation} not available for {rule}")
     benchmark(runners[implementation])
+
+
+@pytest.mark.parametrize("call", ["step", "step, lr changed", "functional", "step without lock"])
+def test_python_side_cost(benchmark, call):
+    """One tensor of 1e3 float32: the engine's cost around a ~0.3 us kernel (see
+    fastopt.benchmark.overhead_calls for what each call is)."""
+    from fastopt.benchmark import overhead_calls
+    benchmark.group = "Python-side cost per call, 1e3 float32"
+    benchmark(overhead_calls()[call])

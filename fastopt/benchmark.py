@@ -226,6 +226,60 @@ def busy_loop(stop):
             x += 1
 
 
+# ---- Python-side costs: what the engine adds around the kernel ----
+
+def overhead_calls():
+    """Calls on one tensor of 1e3 float32 elements (the kernel itself is ~0.3 us): a step, the
+    same with lr changed before every step (a schedule), the functional call, and the step
+    without the optimizer's lock and method call (the engine's plan called directly)."""
+    rule = fastopt.rules.BY_NAME[IN_LOOP_RULE]
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(1000).astype(np.float32)
+    g = (rng.standard_normal(1000) * 1e-3).astype(np.float32)
+    opt = getattr(fastopt, rule.name)([p.copy()])
+    opt.step([g])
+    plan, groups, state, grads = opt._plan, opt.param_groups, opt.state, [g]
+    scheduled = getattr(fastopt, rule.name)([p.copy()])
+    scheduled.step([g])
+    lrs, flip = (1e-3, 2e-3), [0]
+
+    def lr_changed():
+        flip[0] ^= 1
+        scheduled.param_groups[0]["lr"] = lrs[flip[0]]
+        scheduled.step([g])
+    q = p.copy()
+    st = getattr(fastopt, rule.state).new(q)
+    function = getattr(fastopt.functional, rule.function)
+    fns = {"step": lambda: opt.step(grads), "step, lr changed": lr_changed,
+           "functional": lambda: function(q, g, st, lr=1e-3),
+           "step without lock": lambda: plan.run(groups, state, grads)}
+    return fns
+
+
+def run_overheads(budget_s):
+    return time_side_by_side(overhead_calls(), budget_s, min_rounds=15)
+
+
+def run_torch_overheads(threads, budget_s, n=161):
+    """fastopt.torch's and torch fused's cost per tensor, from n tensors of 1 element against
+    1 tensor of 1 element: (t_n - t_1) / (n - 1), the per-tensor Python and bookkeeping cost."""
+    import torch
+    import fastopt.torch as ft
+    torch.set_num_threads(threads)
+    fns = {}
+    for label, make in (("fastopt.torch", lambda ts: getattr(ft, IN_LOOP_RULE)(ts, lr=1e-3)),
+                        ("torch fused", lambda ts: getattr(torch.optim, IN_LOOP_RULE)(ts, lr=1e-3, fused=True))):
+        for count in (1, n):
+            tensors = [torch.zeros(1, requires_grad=True) for _ in range(count)]
+            for t in tensors:
+                t.grad = torch.full((1,), 1e-3)
+            opt = make(tensors)
+            opt.step()
+            fns[(label, count)] = opt.step
+    t = time_side_by_side(fns, budget_s, min_rounds=15)
+    return {label: (t[(label, n)] - t[(label, 1)]) / (n - 1) for label in ("fastopt.torch", "torch fused")}
+
+
 # ---- the cases ----
 
 def run_case(rule, dtype, shapes, threads, budget_s, with_numpy=True):
@@ -284,10 +338,24 @@ def main(argv=None):
         sizes, rules, dtypes, budget = [1000, 10_000, 100_000, 1_000_000, 16_000_000, 64_000_000], list(RULES), [np.float32, np.float64], 1.0
     if args.rules:
         rules = args.rules.split(",")
+    results = []
     fastopt.show_config()
+    t = run_overheads(budget)
+    print(f"\nPython-side costs, {IN_LOOP_RULE}, one tensor of 1e3 float32 (us per call; ratio to "
+          "the step):")
+    for k, v in t.items():
+        print(f"  {k:<20} {v * 1e6:8.2f} us  {v / t['step']:5.2f}x")
+    print(f"  the lock: {(t['step'] - t['step without lock']) * 1e9:.0f} ns per step")
+    results.append(dict(label="overheads", times=t))
+    try:
+        per_tensor = run_torch_overheads(args.threads, budget)
+        print("  per tensor: " + ", ".join(f"{k} {v * 1e6:.3f} us" for k, v in per_tensor.items()))
+        results.append(dict(label="per-tensor", times=per_tensor))
+    except ImportError:
+        pass
+    print()
     print(LEGEND)
     print(HEADER)
-    results = []
 
     def report(r, label):
         r["label"] = label
@@ -330,8 +398,10 @@ def main(argv=None):
               f"{args.threads} threads: time / fastopt.torch's")
         print(f"{'rule':<13}{'case':>22} {'us/step':>11} {'t.loop':>8} {'t.fe':>8} {'t.fused':>8}")
         cases = {"1.6e7": [(16_000_000,)], "ResNet-18": MODELS["ResNet-18"]}
+        if not args.quick:
+            cases["ResNet-50"] = MODELS["ResNet-50"]
         for rule in (["Adam"] if args.quick else ["Adam", "AdamW", "SGD", "Adagrad"]):
-            for case, shapes in cases.items():
+            for case, shapes in cases.items():  # SGD with momentum 0.9 (RULES)
                 t = run_dropin(rule, shapes, args.threads, budget * 2)
                 ratio = lambda k: f"{t[k] / t['fastopt.torch']:7.2f}x" if k in t else "      –"  # noqa: E731
                 print(f"{rule:<13}{case:>22} {t['fastopt.torch'] * 1e6:>11.1f} {ratio('torch for-loop')} "
