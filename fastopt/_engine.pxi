@@ -501,9 +501,13 @@ cdef class _Table:
     cdef Py_ssize_t count
     cdef bint f64
     cdef list indices
+    cdef public list states, counters  # the front end's, for advancing its step counters
+    cdef public object step            # the step number the next run is
 
-    def __cinit__(self, bint f64, list indices, list sizes, list addresses):
+    def __cinit__(self, bint f64, list indices, list sizes, list addresses, list states=None,
+                  list counters=None, step=None):
         self.f64, self.indices, self.count = f64, indices, len(indices)
+        self.states, self.counters, self.step = states, counters, step
         cdef Py_ssize_t k, t
         self.n = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
         if self.n == NULL:
@@ -533,7 +537,7 @@ cdef class ObjectPlan:
     tensors): built by the front end after a fully validated step, it checks at C speed, on
     later steps, what can change (the same groups, hyperparameter values, state, parameters
     and their addresses; which parameters have a gradient; each gradient dense, contiguous, and
-    where it is), then asks the front end to advance its counters and give each batch's C
+    where it is; a sparse gradient is never contiguous), then asks the front end to advance its counters and give each batch's C
     fields, and makes one C call per batch.  run() returns False, having changed nothing, when
     anything differs: the front end then validates and plans again.
 
@@ -565,6 +569,7 @@ cdef class ObjectPlan:
             return False
         cdef Py_ssize_t gi, t
         cdef _Table table
+        cdef list grads = []  # per group: each with-grad member's gradient address
         for gi in range(len(self.groups)):
             group, hp, key, params_list, members, tables, keep = self.groups[gi]
             g = self.groups_list[gi]
@@ -572,39 +577,45 @@ cdef class ObjectPlan:
                 return False
             if len(params_list) != len(members):
                 return False
+            addresses = []
             for t in range(len(members)):
                 p, present, address, _, nbytes = members[t]
                 if params_list[t] is not p:
                     return False
                 grad = p.grad
-                if (grad is not None) != present:
-                    return False
                 if grad is None:
+                    if present:
+                        return False
                     continue
-                if grad.layout is not self.strided or not grad.is_contiguous() \
-                        or p.data_ptr() != address \
-                        or self.spans.hits(<size_t>grad.data_ptr(), <size_t>nbytes):
+                try:  # a sparse COO gradient says False; a CSR one raises
+                    dense = grad.is_contiguous()
+                except RuntimeError:
                     return False
-        # every gradient fits: record them, then step
+                if not present or not dense or p.data_ptr() != address:
+                    return False
+                at = grad.data_ptr()
+                if self.spans.hits(<size_t>at, <size_t>nbytes):
+                    return False
+                addresses.append(at)
+            grads.append(addresses)
+        # every gradient fits: this is the step
         cdef Hyper hyper
         cdef int status
         cdef Py_ssize_t n_bufs = 2 + len(self.rule.state)
         for gi in range(len(self.groups)):
-            group, hp, key, params_list, members, tables, keep = self.groups[gi]
-            with_grad = [m for m in members if m[1]]
-            for table in tables:
+            hp = self.groups[gi][1]
+            addresses = grads[gi]
+            for table in self.groups[gi][5]:
                 for t in range(table.count):
-                    table.ptrs[1][t] = <void *><uintptr_t>with_grad[<Py_ssize_t>table.indices[t]][0].grad.data_ptr()
-            states = [m[3] if keep else {} for m in with_grad]
-            steps = front.advance(states, hp)
-            for table in tables:
-                first = table.indices[0]
-                hyper = Hyper(self.rule, front.kernel_args(hp, steps[first], states[first]))
+                    table.ptrs[1][t] = <void *><uintptr_t>addresses[<Py_ssize_t>table.indices[t]]
+                step = front.advance_planned(hp, table.states, table.counters, table.step)
+                hyper = Hyper(self.rule, front.kernel_args(hp, step, table.states[0]))
                 with nogil:
                     status = _run(self.rule.id, table.f64, table.count, table.ptrs, n_bufs,
                                   table.n, hyper.data())
                 if status == FO_ERR_HYPERPARAM:
                     hyper.check()
                 _check(status)
+                table.step = front.planned_step_after(hp, step)
         self.mark_written(self.written)
         return True

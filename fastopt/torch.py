@@ -233,13 +233,21 @@ class _Fastopt:
                 addresses += [None if name is None else [m[3][name].data_ptr() for m in batch]
                               for name in slots]
                 sizes = [p.numel() * (2 if p.is_complex() else 1) for p, *_ in batch]
-                tables.append(_kernels._Table(dtype == torch.float64, indices, sizes, addresses))
+                states = [m[3] if keep else {} for m in batch]
+                counters = _gather_counters(states, self.counters)
+                if counters is None:
+                    return None
+                tables.append(_kernels._Table(dtype == torch.float64, indices, sizes, addresses,
+                                              states, counters, self.planned_step(states[0])))
+                # autograd is told about the parameters (what a graph may have saved); the
+                # state buffers are the optimizer's own
                 written += [p for p, *_ in batch]
-                written += [m[3][name] for m in batch for name in slots if name is not None]
             groups.append((group, hp, key, group["params"], members, tables, keep))
+        states_written = [t for *_, state, _ in (m for g in groups for m in g[4])
+                          if state for t in state.values() if isinstance(t, torch.Tensor)]
         return _kernels.ObjectPlan(_kernels.RULES[self.kernel], self, groups, torch.strided,
                                    torch.autograd.graph.increment_version, written,
-                                   [_span(t) for t in written])
+                                   [_span(t) for t in written + states_written])
 
     # ---- validation (changes nothing) -----------------------------------------------------
 
@@ -403,6 +411,21 @@ class _Fastopt:
     def batch_extra(self, state):
         return None
 
+    # the engine's plan advances a whole batch at once: its states share one step number
+    def planned_step(self, state):
+        """The step number the next step of this (already stepped) state will be."""
+        return int(state["step"]) + 1
+
+    def advance_planned(self, hp, states, counters, step):
+        """advance() for a batch whose states are all at step - 1 (the plan knows); counters
+        are the batch's counters gathered into one tensor each (_gather_counters), in the
+        order of self.counters.  Returns step."""
+        counters[0].add_(1.0)
+        return step
+
+    def planned_step_after(self, hp, step):
+        return step + 1
+
     def kernel_args(self, hp, step, state):
         raise NotImplementedError
 
@@ -443,10 +466,29 @@ class _Fastopt:
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, _, _ in batch]
         _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
                                sizes, kernel_args)
-        # the kernels write memory directly: tell autograd, as an in-place op would
-        written = [p for p, _, _ in batch]
-        written += [t for b in buffers if b is not None for t in b]
-        torch.autograd.graph.increment_version(written)
+        # the kernels write memory directly: tell autograd about the parameters, as an in-place
+        # op would (what a graph may have saved; the state buffers are the optimizer's own)
+        torch.autograd.graph.increment_version([p for p, _, _ in batch])
+
+
+def _gather_counters(states, names):
+    """[one tensor per counter name]: the batch's counters (torch's 0-d step tensors, NAdam's
+    mu_product) made views of one tensor each, so that a planned step advances a whole batch
+    with one op (a foreach op over 0-d CPU tensors costs ~1.5 us per tensor).  None if they
+    cannot be (missing in some states, not 1-element tensors, mixed dtypes)."""
+    gathered = []
+    for name in names:
+        values = [s.get(name) for s in states]
+        if all(v is None for v in values):
+            continue
+        if any(not isinstance(v, torch.Tensor) or v.numel() != 1 or v.dtype != values[0].dtype
+               or v.device.type != "cpu" for v in values):
+            return None
+        flat = torch.stack([v.reshape(()) for v in values])
+        for i, state in enumerate(states):
+            state[name] = flat[i]
+        gathered.append(flat)
+    return gathered
 
 
 def _span(t):
@@ -530,6 +572,15 @@ class SGD(_Fastopt, torch.optim.SGD):
         # step 1 (no buffer yet): torch seeds the buffer with g, dampening unused
         return [1 if s.get("momentum_buffer") is None else 2 for s in states]
 
+    def planned_step(self, state):
+        return 1 if state.get("momentum_buffer") is None else 2
+
+    def advance_planned(self, hp, states, counters, step):
+        return step  # no counters: 1 without a buffer (plain SGD), 2 once it exists
+
+    def planned_step_after(self, hp, step):
+        return 2 if self.keeps_state(hp) else 1
+
     def kernel_args(self, hp, step, state):
         return dict(_common(hp), momentum=hp["momentum"], dampening=hp["dampening"],
                     nesterov=hp["nesterov"], convention=TORCH, step=step)
@@ -612,6 +663,11 @@ class Adamax(_Fastopt, torch.optim.Adamax):
                     step=step)
 
 
+def _nadam_mu(hp, t):
+    """mu_t = beta1 (1 - 0.5 * 0.96^(t psi)); torch keeps the running product as a tensor."""
+    return hp["betas"][0] * (1.0 - 0.5 * 0.96 ** (t * hp["momentum_decay"]))
+
+
 class NAdam(_Fastopt, torch.optim.NAdam):
     kernel = "nadam"
     ranges = (_LR, _WEIGHT_DECAY, _EPS, *_BETAS,
@@ -631,9 +687,13 @@ class NAdam(_Fastopt, torch.optim.NAdam):
         for s, t in zip(states, steps):
             by_step.setdefault(t, []).append(s["mu_product"])
         for t, products in by_step.items():
-            # mu_t = beta1 (1 - 0.5 * 0.96^(t psi)); torch keeps the running product as a tensor
-            torch._foreach_mul_(products, hp["betas"][0] * (1.0 - 0.5 * 0.96 ** (t * hp["momentum_decay"])))
+            torch._foreach_mul_(products, _nadam_mu(hp, t))
         return steps
+
+    def advance_planned(self, hp, states, counters, step):
+        counters[0].add_(1.0)
+        counters[1].mul_(_nadam_mu(hp, step))
+        return step
 
     def batch_extra(self, state):
         return float(state["mu_product"])
