@@ -249,49 +249,53 @@ cdef class Plan:
         """After hyperparameters changed: writes the new values into the groups' Hypers.
         A change of `direct` keys only is converted and range-checked here; any other change
         goes through checked(k), the full validation of group k, which returns its Hyper (and
-        raises on a bad value).  Returns False, having changed nothing of this plan's groups
-        that were not valid, if the plan no longer fits (other groups or params, a value that
-        needs the full path's error, options that need other buffers)."""
+        raises on a bad value).  Returns False if the plan no longer fits (other groups or
+        params, a value that needs the full path's error, options that need other buffers)."""
         if groups is not self.groups or len(groups) != len(self.group_lists):
             return False
-        cdef Hyper old, new
-        cdef ParamGroup g
         cdef Py_ssize_t k
-        cdef double saved[64]
-        cdef unsigned uses, new_uses
         for k in range(len(groups)):
-            if type(groups[k]) is not ParamGroup:
+            g = groups[k]
+            if type(g) is not ParamGroup or g.get("params") is not self.group_lists[k]:
                 return False
-            g = <ParamGroup>groups[k]
-            if g.get("params") is not self.group_lists[k]:
+            if (<ParamGroup>g).version != self.versions[k] \
+                    and not self._refresh_group(k, <ParamGroup>g, checked):
                 return False
-            if g.version == self.versions[k]:
-                continue
-            old = self.hypers[k]
-            uses = old.uses
-            if g.changed <= self.direct:
-                memcpy(saved, old.storage, sizeof(saved))
-                for key in g.changed:
-                    value = g[key]
-                    if type(value) is not float and (type(value) is bool or not isinstance(value, numbers.Real)):
-                        memcpy(old.storage, saved, sizeof(saved))
-                        return False
-                    old.set_field(key, float(value))
-                if fo_check(old.rule.id, old.data(), &new_uses, NULL) != FO_OK or new_uses != uses:
-                    memcpy(old.storage, saved, sizeof(saved))  # the full path names the error
-                    return False
-            else:
-                new = checked(k)
-                if new.uses != uses:
-                    return False
-                memcpy(old.storage, new.storage, sizeof(old.storage))
-            g.changed.clear()
-            self.versions[k] = g.version
         return True
 
+    cdef int _refresh_group(self, Py_ssize_t k, ParamGroup g, object checked) except -1:
+        """Group k's changed values into its Hyper: 1, or 0 (the plan unchanged for this
+        group) if that needs the full path (checked None, or a value it must name)."""
+        cdef Hyper old = self.hypers[k], new
+        cdef unsigned uses = old.uses, new_uses
+        cdef double saved[64]
+        if g.changed <= self.direct:
+            memcpy(saved, old.storage, sizeof(saved))
+            offsets = old.rule.double_offsets
+            for key in g.changed:
+                value = g[key]
+                if type(value) is not float and (type(value) is bool or not isinstance(value, numbers.Real)):
+                    memcpy(old.storage, saved, sizeof(saved))
+                    return 0
+                (<double *>(<char *>old.storage + <Py_ssize_t>offsets[key]))[0] = value
+            if fo_check(old.rule.id, old.data(), &new_uses, NULL) != FO_OK or new_uses != uses:
+                memcpy(old.storage, saved, sizeof(saved))  # the full path names the error
+                return 0
+        else:
+            if checked is None:
+                return 0
+            new = checked(k)
+            if new.uses != uses:
+                return 0
+            memcpy(old.storage, new.storage, sizeof(old.storage))
+        g.changed.clear()
+        self.versions[k] = g.version
+        return 1
+
     def run(self, list groups, dict state, grads):
-        """One step, if nothing it was built from has changed and every grad is valid.
-        Returns False, having changed nothing, otherwise."""
+        """One step, if nothing it was built from has changed (changed `direct` values, a
+        schedule's lr, are written into the plan on the way) and every grad is valid.
+        Returns False, having changed no parameter or state, otherwise."""
         if groups is not self.groups or state is not self.state:
             return False
         cdef Py_ssize_t k, n_groups = len(groups)
@@ -304,8 +308,10 @@ cdef class Plan:
         for k in range(n_groups):
             g = groups[k]
             lst = self.group_lists[k]
-            if type(g) is not ParamGroup or (<ParamGroup>g).version != self.versions[k] \
-                    or g.get("params") is not lst:
+            if type(g) is not ParamGroup or g.get("params") is not lst:
+                return False
+            if (<ParamGroup>g).version != self.versions[k] \
+                    and not self._refresh_group(k, <ParamGroup>g, None):
                 return False
         cdef list params = []
         for lst in self.group_lists:

@@ -50,6 +50,7 @@ cdef class CRule:
     cdef readonly dict fields       # name -> (fo_field_type, offset)
     cdef readonly size_t params_size
     cdef readonly Py_ssize_t step_offset  # of the `step` field, -1 if the rule has none
+    cdef readonly dict double_offsets     # name -> offset of each double field
 
     def __repr__(self):
         return f"<C rule {self.name}: state {self.state}, fields {tuple(self.fields)}>"
@@ -70,6 +71,7 @@ cdef dict _read_rules():
                     for k in range(info.n_fields)}
         r.params_size = info.params_size
         r.step_offset = r.fields["step"][1] if "step" in r.fields else -1
+        r.double_offsets = {name: f[1] for name, f in r.fields.items() if f[0] == FO_FIELD_DOUBLE}
         if r.params_size > MAX_PARAMS_SIZE or 2 + info.n_state > FO_MAX_BUFFERS:
             raise ImportError(f"fastopt: C rule {r.name} does not fit the bindings")
         rules[r.name] = r
