@@ -22,9 +22,13 @@ static int passed, failed;
         }                                                                                      \
     } while (0)
 
-enum { SGD, ADAGRAD, ADADELTA, RMSPROP, ADAM, ADAMAX, NADAM, N_RULES };
-static const char *const RULE_NAMES[N_RULES] = {"sgd", "adagrad", "adadelta", "rmsprop",
-                                                 "adam", "adamax", "nadam"};
+/* the header's rule ids (FO_RULES); a rule without a case below fails test_rule_table */
+enum {
+    SGD = FO_RULE_sgd, ADAGRAD = FO_RULE_adagrad, ADADELTA = FO_RULE_adadelta,
+    RMSPROP = FO_RULE_rmsprop, ADAM = FO_RULE_adam, ADAMAX = FO_RULE_adamax, NADAM = FO_RULE_nadam,
+    N_RULES = FO_N_RULES
+};
+#define RULE_NAMES(rule) (fo_describe(rule)->name)
 enum { N_BUFS = 5 }; /* param, grad, up to three state buffers */
 
 static unsigned long lcg = 1;
@@ -103,6 +107,38 @@ static void test_errors(void)
     printf("isa %s, %d threads\n", fo_isa(), fo_get_num_threads());
 }
 
+/* The generic entry: the rule table, errors that name the field, storage types, rule ids. */
+static void test_generic(void)
+{
+    CHECK(7 == N_RULES, "every rule of FO_RULES has a case here (%d rules)", (int)N_RULES);
+    for (int rule = 0; rule < N_RULES; rule++) {
+        const fo_rule_info *info = fo_describe(rule);
+        CHECK(info && info->n_state >= 1 && info->n_fields >= 3, "fo_describe(%d)", rule);
+    }
+    CHECK(fo_describe(N_RULES) == NULL && fo_describe(-1) == NULL, "fo_describe out of range");
+    fo_adam_params hp = adam_hp(1);
+    fo_error err;
+    unsigned uses = 0;
+    CHECK(fo_check(FO_RULE_adam, &hp, &uses, &err) == FO_OK && uses == 7u, "adam uses m, v, max_v");
+    hp.beta2 = 1.5;
+    CHECK(fo_check(FO_RULE_adam, &hp, &uses, &err) == FO_ERR_HYPERPARAM &&
+              strcmp(err.field, "beta2") == 0 && strstr(err.requirement, "[0, 1)"),
+          "fo_check names beta2");
+    hp.beta2 = 0.999;
+    float p[4] = {1, 2, 3, 4}, g[4] = {1, 1, 1, 1}, m[4] = {0}, v[4] = {0}, vmax[4] = {0};
+    float *pp = p, *mp = m, *vp = v, *vmaxp = vmax;
+    const float *gp = g;
+    size_t n = 4;
+    fo_batch batch = {1, &n, {(void *const *)&pp, (void *const *)&gp, (void *const *)&mp,
+                              (void *const *)&vp, (void *const *)&vmaxp}, {0}};
+    batch.dtype[3] = FO_FLOAT64;
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, &err) == FO_ERR_DTYPE, "mixed storage types refused");
+    CHECK(p[0] == 1 && m[0] == 0, "a refused call wrote nothing");
+    batch.dtype[3] = FO_FLOAT32;
+    CHECK(fo_step(FO_N_RULES, &batch, &hp, &err) == FO_ERR_RULE, "unknown rule");
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, &err) == FO_OK && p[0] < 1, "fo_step steps");
+}
+
 int main(void)
 {
     static const size_t sizes[] = {0, 1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129,
@@ -117,6 +153,7 @@ int main(void)
         test_threads_f64(rule, 200003);
     }
     test_errors();
+    test_generic();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }
