@@ -3,17 +3,13 @@ and distributed training (DDP, ZeroRedundancyOptimizer) in 2 processes."""
 import copy
 import importlib.util
 import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import warnings
 
 import pytest
 
 torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
+import torchrun  # noqa: E402
+from torchrun import retry_reason  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,10 +204,6 @@ def test_version_counter_moves_like_an_in_place_update():
 # seconds; a healthy run takes 5-30 s on this project's 2 vCPUs (the longer with a load of 10),
 # and longer than the example's gloo timeout (60 s), so that a stuck collective raises first
 RUN_TIMEOUT = 90
-ATTEMPTS = 3
-# what a worker's exception says when gloo's communication failed, not the training
-COMMUNICATION_ERRORS = ("gloo", "DistBackendError", "DistNetworkError", "DistStoreError",
-                        "Connection closed by peer", "Connection reset by peer")
 
 
 def load_example():
@@ -221,98 +213,15 @@ def load_example():
     return module
 
 
-def kill_tree(pid):
-    """SIGKILL `pid`, its process group and every process below it.  torchrun starts each
-    worker in a session of its own, out of reach of its group; they are found through their
-    parents in /proc while torchrun still lives."""
-    children = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    below, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            below.append(child)
-            todo.append(child)
-    for target, kill in [*((p, os.kill) for p in below), (pid, os.killpg)]:
-        try:
-            kill(target, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def worker_exceptions(log):
-    """The last line of every exception the workers printed (torchrun prefixes `[rankN]: `)."""
-    return re.findall(r"^\[rank\d+\]: ([A-Za-z_][\w.]*(?:Error|Exception)\b.*)$", log, re.M)
-
-
-def retry_reason(returncode, timed_out, log, finished):
-    """Why a failed run may be tried again, or None for a real failure (or a success).
-
-    Retried: a run that hung, one whose only errors are gloo's, and one that aborted after
-    both ranks had written their results (at teardown).  Never retried: an exception in the
-    training, wrong numbers (checked by the caller), a crash before the results were written."""
-    if timed_out:
-        return f"hung (no exit within {RUN_TIMEOUT} s)"
-    if returncode == 0:
-        return None
-    errors = worker_exceptions(log)
-    if errors:
-        if all(any(word in e for word in COMMUNICATION_ERRORS) for e in errors):
-            return f"failed in gloo: {errors[0]}"
-        return None
-    if finished:
-        return f"aborted at teardown, after training (exit status {returncode})"
-    return None
-
-
 def run_example(tmp_path, steps, *args):
-    """examples/ddp_train.py under torchrun, 2 ranks; returns rank 0's and rank 1's params.
-
-    gloo on these VMs has hung at teardown (see the example's comment on it); a run that hangs
-    or aborts that way is killed and tried again, up to ATTEMPTS runs, each retry reported as a
-    warning and on stderr."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(os.path.dirname(ft.__file__)), os.environ.get("PYTHONPATH", "")])}
-    if "lo" in dict(socket.if_nameindex()).values():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the loopback, whatever the hostname says
-    name = " ".join(["examples/ddp_train.py", *args])
-    for attempt in range(1, ATTEMPTS + 1):
-        folder = tmp_path / f"attempt{attempt}"
-        folder.mkdir()
-        out = folder / "params.pt"
-        # --standalone: torchrun binds a free port itself, no race with another process for it
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(ROOT, "examples", "ddp_train.py"), "--steps", str(steps),
-               "--out", str(out), *args]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, cwd=folder, start_new_session=True)
-        timed_out = False
-        try:
-            log, _ = proc.communicate(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            if proc.returncode is None:  # hung, or interrupted: leave no process behind
-                kill_tree(proc.pid)
-        if timed_out:
-            log, _ = proc.communicate()
-        finished = out.exists() and (folder / "params.pt.1").exists()
-        if proc.returncode == 0 and not timed_out:
-            return torch.load(out), torch.load(f"{out}.1")
-        reason = retry_reason(proc.returncode, timed_out, log, finished)
-        assert reason is not None, f"{name}: exit status {proc.returncode}:\n{log[-4000:]}"
-        message = (f"{name}: attempt {attempt} of {ATTEMPTS} {reason}; "
-                   f"its output ends:\n{log[-1500:]}")
-        print(message, file=sys.stderr)
-        warnings.warn(message, RuntimeWarning)
-    pytest.fail(f"{name}: all {ATTEMPTS} attempts failed; the last {reason}")
+    """examples/ddp_train.py under torchrun, 2 ranks (tests/torchrun.py: killed and retried
+    when gloo hangs or fails); returns rank 0's and rank 1's params."""
+    return torchrun.run_example(
+        tmp_path, "ddp_train.py",
+        lambda folder: ["--steps", str(steps), "--out", str(folder / "params.pt"), *args],
+        lambda folder: (torch.load(folder / "params.pt"), torch.load(folder / "params.pt.1")),
+        RUN_TIMEOUT,
+        finished=lambda folder: (folder / "params.pt").exists() and (folder / "params.pt.1").exists())
 
 
 @pytest.mark.parametrize("zero", [False, True], ids=["DDP", "DDP+ZeroRedundancyOptimizer"])
@@ -356,6 +265,6 @@ torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ], ids=["python-error", "python-error-and-peer-lost", "gloo-timeout", "teardown-abort",
         "crash-in-training"])
 def test_only_hangs_and_gloo_failures_are_retried(log, finished, retried):
-    assert (retry_reason(1, False, log + TORCHRUN_TAIL, finished) is not None) == retried
-    assert retry_reason(-9, True, log, finished) is not None  # a hang, whatever it printed
-    assert retry_reason(0, False, log, True) is None
+    assert (retry_reason(1, False, log + TORCHRUN_TAIL, finished, RUN_TIMEOUT) is not None) == retried
+    assert retry_reason(-9, True, log, finished, RUN_TIMEOUT) is not None  # a hang, whatever it printed
+    assert retry_reason(0, False, log, True, RUN_TIMEOUT) is None
