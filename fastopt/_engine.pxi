@@ -157,7 +157,7 @@ cdef class Batch:
         with nogil:
             status = _run(self.rule.id, self.f64, self.count, self.ptrs, self.n_bufs,
                           self.sizes, hp)
-        _check(status)
+        _raise_for(status, self.hyper)
         self.step = next_step
         for s in self.states:
             s.step = next_step
@@ -405,7 +405,7 @@ def run_single(CRule rule, Hyper hyper, type state_type, object param, object gr
     cdef bint f64 = typ == cnp.NPY_FLOAT64
     with nogil:
         status = _run(rule.id, f64, 1, ptrs, n_bufs, &n, hp)
-    _check(status)
+    _raise_for(status, hyper)
     state.step = next_step
     return True
 
@@ -437,9 +437,7 @@ def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields)
                 ptrs[k][t] = <void *><uintptr_t>addresses[k][t]
         with nogil:
             status = _run(rule.id, f64, count, ptrs, n_bufs, n, hyper.data())
-        if status == FO_ERR_HYPERPARAM:
-            hyper.check()
-        _check(status)
+        _raise_for(status, hyper)
     finally:
         free(n)
         for k in range(8):
@@ -619,9 +617,7 @@ cdef class ObjectPlan:
                 with nogil:
                     status = _run(self.rule.id, table.f64, table.count, table.ptrs, n_bufs,
                                   table.n, hyper.data())
-                if status == FO_ERR_HYPERPARAM:
-                    hyper.check()
-                _check(status)
+                _raise_for(status, hyper)
                 table.step = front.planned_step_after(hp, step)
         self.mark_written(self.written)
         return True

@@ -145,16 +145,17 @@ cdef class Hyper:
                      for k, name in enumerate(self.rule.state))
 
 
-cdef int _run(int rule, bint f64, size_t count, void ***ptrs, int n_bufs, size_t *n,
-              void *hp) noexcept nogil:
-    cdef fo_batch b
-    cdef int k
-    b.count = count
-    b.n = n
-    for k in range(8):
-        b.buffers[k] = ptrs[k] if k < n_bufs else NULL
-        b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
-    return fo_step(rule, &b, hp, NULL)
+cdef inline int _run(int rule, bint f64, size_t count, void ***ptrs, int n_bufs, size_t *n,
+                     void *hp) noexcept nogil:
+    """fo_step over pointer tables of one dtype (_typed, of _kernels.pxd)."""
+    return _typed(rule, FO_FLOAT64 if f64 else FO_FLOAT32, count, ptrs, n_bufs, n, hp)
+
+
+cdef int _raise_for(int status, Hyper hyper) except -1:
+    """A call's status as an exception; a refused hyperparameter is named by hyper.check()."""
+    if status == FO_ERR_HYPERPARAM:
+        hyper.check()
+    return _check(status)
 
 
 cdef inline void *_data_or_null(object a):
@@ -205,19 +206,9 @@ cdef class PlainBinding:
         cdef size_t n = len(param)
         cdef bint f64 = dtype.itemsize == 8
         cdef int status
-        cdef fo_error err
-        cdef fo_batch b
-        b.count = 1
-        b.n = &n
-        for k in range(8):
-            b.buffers[k] = ptrs[k] if k < n_bufs else NULL
-            b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
         with nogil:
-            status = fo_step(rule.id, &b, hp.data(), &err)
-        if status == FO_ERR_HYPERPARAM:
-            field = err.field.decode()
-            raise HyperparameterError(field, err.requirement.decode(), hp.get(field))
-        _check(status)
+            status = _run(rule.id, f64, 1, ptrs, n_bufs, &n, hp.data())
+        _raise_for(status, hp)
 
 
 for _rule in RULES.values():
