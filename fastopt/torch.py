@@ -62,6 +62,15 @@ _KERNEL_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
 
 
+def _local_like(t, local_p, error, what):
+    """t's local shard (t itself unless a DTensor), which must be shaped like its parameter's."""
+    local = _local(t)
+    if local.shape != local_p.shape:
+        raise error(f"{what} sharded as {tuple(local.shape)} here, its parameter as "
+                    f"{tuple(local_p.shape)}")
+    return local
+
+
 def _local(t):
     """The tensor the kernels update: a DTensor's local shard (zero copy: it shares storage,
     as FSDP2's sharded parameters do), else the tensor itself."""
@@ -313,13 +322,8 @@ class _Fastopt:
                 raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
                                  f"{_describe(buffer)}; it must be a dense tensor like its "
                                  f"parameter ({_describe(p)})")
-            local = buffer
-            if sharded:
-                local = buffer.to_local()
-                if local.shape != local_p.shape:
-                    raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
-                                     f"sharded as {tuple(local.shape)} here, its parameter as "
-                                     f"{tuple(local_p.shape)}")
+            local = _local_like(buffer, local_p, ValueError,
+                                f"{self._where(index, group, i)}: state {name!r} is")
             if local.is_contiguous():
                 pointers.append(local.data_ptr())
         for name in self.counters:
@@ -357,13 +361,8 @@ class _Fastopt:
                     or isinstance(g, DTensor) != sharded:
                 raise TypeError(f"{self._where(index, group, i)}: its gradient is "
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
-            local_g = g
-            if sharded:
-                local_g = g.to_local()
-                if local_g.shape != local_p.shape:
-                    raise TypeError(f"{self._where(index, group, i)}: its gradient is sharded "
-                                    f"as {tuple(local_g.shape)} here, the parameter as "
-                                    f"{tuple(local_p.shape)}")
+            local_g = _local_like(g, local_p, TypeError,
+                                  f"{self._where(index, group, i)}: its gradient is")
             if not local_g.is_contiguous():
                 local_g = local_g.contiguous()
             state = self.state.get(p) if keep else None  # .get: state is a defaultdict
