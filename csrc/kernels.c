@@ -233,33 +233,23 @@ static int typed_step(int rule, int dtype, size_t count, void *const *const *buf
 /* a single tensor: buffer k is the one-element table holding its pointer */
 #define FO_ONE_BUF(name) (void *const *)&name,
 #define FO_MANY_BUF(name) (void *const *)name,
-#define FO_TYPED_DEFINITIONS(rule, ...)                                                        \
-    FO_TYPED_SIGNATURE_ONE(rule, float, f32, __VA_ARGS__)                                      \
+#define FO_TYPED_FOR(rule, T, sfx, dtype, ...)                                                 \
+    FO_TYPED_SIGNATURE_ONE(rule, T, sfx, __VA_ARGS__)                                          \
     {                                                                                          \
         void *const *const b[] = {(void *const *)&param, (void *const *)&grad,                 \
                                   FO_MAP(FO_ONE_BUF, __VA_ARGS__)};                            \
-        return typed_step(FO_RULE_##rule, FO_FLOAT32, 1, b, FO_COUNT(b), &n, hp);              \
+        return typed_step(FO_RULE_##rule, dtype, 1, b, FO_COUNT(b), &n, hp);                   \
     }                                                                                          \
-    FO_TYPED_SIGNATURE_ONE(rule, double, f64, __VA_ARGS__)                                     \
-    {                                                                                          \
-        void *const *const b[] = {(void *const *)&param, (void *const *)&grad,                 \
-                                  FO_MAP(FO_ONE_BUF, __VA_ARGS__)};                            \
-        return typed_step(FO_RULE_##rule, FO_FLOAT64, 1, b, FO_COUNT(b), &n, hp);              \
-    }                                                                                          \
-    FO_TYPED_SIGNATURE_MANY(rule, float, f32, __VA_ARGS__)                                     \
+    FO_TYPED_SIGNATURE_MANY(rule, T, sfx, __VA_ARGS__)                                         \
     {                                                                                          \
         if (count && (!param || !grad)) return FO_ERR_NULL;                                    \
         void *const *const b[] = {(void *const *)param, (void *const *)grad,                   \
                                   FO_MAP(FO_MANY_BUF, __VA_ARGS__)};                           \
-        return typed_step(FO_RULE_##rule, FO_FLOAT32, count, b, FO_COUNT(b), n, hp);           \
-    }                                                                                          \
-    FO_TYPED_SIGNATURE_MANY(rule, double, f64, __VA_ARGS__)                                    \
-    {                                                                                          \
-        if (count && (!param || !grad)) return FO_ERR_NULL;                                    \
-        void *const *const b[] = {(void *const *)param, (void *const *)grad,                   \
-                                  FO_MAP(FO_MANY_BUF, __VA_ARGS__)};                           \
-        return typed_step(FO_RULE_##rule, FO_FLOAT64, count, b, FO_COUNT(b), n, hp);           \
+        return typed_step(FO_RULE_##rule, dtype, count, b, FO_COUNT(b), n, hp);                \
     }
+#define FO_TYPED_DEFINITIONS(rule, ...)                                                        \
+    FO_TYPED_FOR(rule, float, f32, FO_FLOAT32, __VA_ARGS__)                                    \
+    FO_TYPED_FOR(rule, double, f64, FO_FLOAT64, __VA_ARGS__)
 FO_RULES(FO_TYPED_DEFINITIONS)
 
 /* ---- the bandwidth ceiling ------------------------------------------------------------------ */

@@ -410,40 +410,6 @@ def run_single(CRule rule, Hyper hyper, type state_type, object param, object gr
     return True
 
 
-def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields):
-    """One C call over raw buffer addresses (fastopt.torch, whose tensors are not numpy
-    arrays): addresses[k] lists buffer k's address for every tensor (param, grad, then the
-    rule's state buffers; None for an unused one), fields the hyperparameter struct's."""
-    cdef Hyper hyper = Hyper(rule, fields)
-    cdef Py_ssize_t count = len(sizes), k, t
-    cdef int n_bufs = len(addresses)
-    cdef size_t *n = <size_t *>calloc(max(count, 1), sizeof(size_t))
-    cdef void **ptrs[8]
-    cdef int status
-    for k in range(8):
-        ptrs[k] = NULL
-    try:
-        if n == NULL:
-            raise MemoryError()
-        for t in range(count):
-            n[t] = sizes[t]
-        for k in range(n_bufs):
-            if addresses[k] is None:
-                continue
-            ptrs[k] = <void **>calloc(max(count, 1), sizeof(void *))
-            if ptrs[k] == NULL:
-                raise MemoryError()
-            for t in range(count):
-                ptrs[k][t] = <void *><uintptr_t>addresses[k][t]
-        with nogil:
-            status = _run(rule.id, f64, count, ptrs, n_bufs, n, hyper.data())
-        _raise_for(status, hyper)
-    finally:
-        free(n)
-        for k in range(8):
-            free(ptrs[k])
-
-
 cdef class ParamGroup(dict):
     """A param group: a dict whose `version` counts its changes and `changed` names the keys
     changed since the plan last read them, so a step can tell cheaply what needs checking."""
@@ -499,10 +465,12 @@ cdef class ParamGroup(dict):
 
 
 cdef class _Table:
-    """One batch's C pointer tables, built once: buffer k of tensor t at ptrs[k][t]."""
+    """One batch's C pointer tables, built once: buffer k of tensor t at ptrs[k][t]
+    (addresses[k], None for an unused state buffer; the grads' may be filled later)."""
     cdef void **ptrs[8]
     cdef size_t *n
     cdef Py_ssize_t count
+    cdef int n_bufs
     cdef bint f64
     cdef list indices
     cdef public list states, counters  # the front end's, for advancing its step counters
@@ -518,17 +486,25 @@ cdef class _Table:
             raise MemoryError()
         for k in range(8):
             self.ptrs[k] = NULL
-        for k in range(len(addresses)):
-            if k != 1 and addresses[k] is None:
+        self.n_bufs = len(addresses)
+        for k in range(self.n_bufs):
+            if k != 1 and addresses[k] is None:  # the grads' table always exists
                 continue
             self.ptrs[k] = <void **>calloc(max(self.count, 1), sizeof(void *))
             if self.ptrs[k] == NULL:
                 raise MemoryError()
-            for t in range(self.count):
-                if k != 1:
+            if addresses[k] is not None:
+                for t in range(self.count):
                     self.ptrs[k][t] = <void *><uintptr_t>addresses[k][t]
         for t in range(self.count):
             self.n[t] = sizes[t]
+
+    cdef int run(self, CRule rule, Hyper hyper) except -1:
+        cdef int status
+        with nogil:
+            status = _run(rule.id, self.f64, self.count, self.ptrs, self.n_bufs, self.n,
+                          hyper.data())
+        return _raise_for(status, hyper)
 
     def __dealloc__(self):
         free(self.n)
@@ -603,9 +579,6 @@ cdef class ObjectPlan:
                 addresses.append(at)
             grads.append(addresses)
         # every gradient fits: this is the step
-        cdef Hyper hyper
-        cdef int status
-        cdef Py_ssize_t n_bufs = 2 + len(self.rule.state)
         for gi in range(len(self.groups)):
             hp = self.groups[gi][1]
             addresses = grads[gi]
@@ -613,11 +586,14 @@ cdef class ObjectPlan:
                 for t in range(table.count):
                     table.ptrs[1][t] = <void *><uintptr_t>addresses[<Py_ssize_t>table.indices[t]]
                 step = front.advance_planned(hp, table.states, table.counters, table.step)
-                hyper = Hyper(self.rule, front.kernel_args(hp, step, table.states[0]))
-                with nogil:
-                    status = _run(self.rule.id, table.f64, table.count, table.ptrs, n_bufs,
-                                  table.n, hyper.data())
-                _raise_for(status, hyper)
+                table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])))
                 table.step = front.planned_step_after(hp, step)
         self.mark_written(self.written)
         return True
+
+
+def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields):
+    """One C call over raw buffer addresses (fastopt.torch's validating path: its tensors are
+    not numpy arrays): addresses[k] lists buffer k's address for every tensor (param, grad,
+    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's."""
+    _Table(f64, list(range(len(sizes))), sizes, addresses).run(rule, Hyper(rule, fields))
