@@ -74,17 +74,11 @@ def nonnegative(name, x):
     return x
 
 
-def unit_interval(name, x):
-    x = real(name, x)
-    if not 0.0 <= x < 1.0:
-        raise ValueError(f"Invalid {name}: {x} (must be in [0, 1))")
-    return x
-
-
 def betas(x):
     if not isinstance(x, (tuple, list, np.ndarray)) or len(x) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {x!r}")
-    return (unit_interval("beta1 (betas[0])", x[0]), unit_interval("beta2 (betas[1])", x[1]))
+    # the range, [0, 1), is the C rule's to check (it names beta1 or beta2)
+    return (real("beta1 (betas[0])", x[0]), real("beta2 (betas[1])", x[1]))
 
 
 def flag(name, x):

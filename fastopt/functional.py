@@ -12,6 +12,8 @@ weight decay, t = state.step after the increment).
 """
 import inspect
 
+from numpy import ndarray as _ndarray
+
 from fastopt import _checks, _kernels
 from fastopt.rules import REQUIRED, RULES
 from fastopt.state import STATE_TYPES
@@ -60,8 +62,6 @@ def _function(rule):
     function.__doc__ = (f"{rule.name} on one parameter (state: {rule.state}).\n{rule.doc}")
     return function
 
-
-from numpy import ndarray as _ndarray  # noqa: E402
 
 for _rule in RULES:
     globals()[_rule.function] = _function(_rule)
