@@ -15,6 +15,7 @@ within one implementation and across the two, and writes the differences as JSON
 """
 import argparse
 import copy
+import gc
 import json
 from datetime import timedelta
 
@@ -150,6 +151,10 @@ def main():
             loss = train(model, opt, args.steps, torch.float32)
             if dist.get_rank() == 0:
                 print(f"{args.optimizer}: loss after {args.steps} steps {loss:.4f}", flush=True)
+            del model, opt
+        # the models and their collectives' Python objects go before the process group, so
+        # that gloo's threads are not torn down at interpreter exit (see examples/ddp_train.py)
+        gc.collect()
     finally:
         dist.barrier()
         dist.destroy_process_group()

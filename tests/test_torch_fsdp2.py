@@ -22,7 +22,8 @@ def run_check(tmp_path):
     when gloo hangs or fails); returns its report."""
     return torchrun.run_example(
         tmp_path, "fsdp2_train.py", lambda folder: ["--check", str(folder / "report.json")],
-        lambda folder: json.loads((folder / "report.json").read_text()), RUN_TIMEOUT)
+        lambda folder: json.loads((folder / "report.json").read_text()), RUN_TIMEOUT,
+        finished=lambda folder: (folder / "report.json").exists())
 
 
 def test_fsdp2_training_and_checkpoints_match_torch(tmp_path):
