@@ -1,39 +1,58 @@
 /*
- * threads.c -- fo_run: one call's tensors, split across a small pool of the library's threads.
+ * threads.c -- fo_run: one call's tensors, split across threads.
  *
- * The work is cut into pieces of about FO_CHUNK elements that the caller and the workers claim
- * from a shared cursor, so the split is by elements (bytes), not by tensor, and a worker that
- * the OS schedules late simply finds nothing left: the call then costs what one thread costs,
- * it never waits on a sleeping worker.  Workers block on a condition variable, never spin.
- * One job runs at a time; a caller that finds the pool busy (another thread's step) runs its
- * job alone.  Every element is updated independently, so any split gives identical results.
+ * The elements of all the call's tensors form one range that the threads claim pieces of from
+ * a shared atomic cursor: up to FO_MAX_PIECE elements at first, fewer near the end (guided), so
+ * the split is by bytes, not by tensor, a thread that starts late finds less to do, and at the
+ * end no thread holds more than a short piece.  Every element is updated independently, so any
+ * split, hence any thread count, gives bit-identical results.
  *
- * On a loaded machine a worker can be preempted in the middle of a piece, and the caller must
- * then wait for the OS to run it again (milliseconds).  When the caller's wait at the end of a
- * job is a large part of the job, the next large calls run on the caller alone, for a number
- * of calls that doubles while this keeps happening (up to FO_MAX_BACKOFF), then threads are
- * tried again: a busy machine costs about single-thread speed, never a collapse.
+ * Who runs the pieces.  In a training loop the step comes right after the forward and backward
+ * passes, whose thread pool keeps spinning on the other cores for a while (torch's OpenMP
+ * workers ~10 ms here); a thread of our own then has to win a core from them, and mostly does
+ * not.  So when the process has GNU OpenMP loaded (torch's libgomp.so.1, or any library's), the
+ * pieces run in a parallel region of that runtime, on those same, already spinning workers.  It
+ * is found with dlopen(RTLD_NOLOAD): nothing is linked against it, nothing is loaded, and a
+ * process without it (numpy alone, C programs) uses the library's own pool.  Never in a forked
+ * child: libgomp's workers do not survive fork and a parallel region there can hang.
+ *
+ * The own pool: workers spin for FO_SPIN_NS after their last piece, polling for the next job
+ * and calling sched_yield() between polls so a neighbour waiting for the core gets it, then
+ * sleep on a condition variable.  That is 1 ms of a core at most per call, against ~10 ms for
+ * libgomp's default and ~100 ms for OpenBLAS's pthread workers on this machine.
+ *
+ * Back-off: when a worker is preempted mid-piece the caller has to wait for it.  When that
+ * wait made a call slower than the caller alone would have been (at the caller's own rate in
+ * that call), the next FO_MIN_BACKOFF large calls run on the caller alone, a number that
+ * doubles while it keeps happening, up to FO_MAX_BACKOFF, and is reset by the first threaded
+ * call that is faster than the caller alone.  Counted in calls, not time: a training loop
+ * calls once per iteration, far apart.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
 #include "internal.h"
 
-#define FO_CHUNK ((size_t)16384)        /* elements per claimed piece */
+/* weak: no -ldl needed where dlopen is not in libc (glibc < 2.34); a Python process has it */
+#pragma weak dlopen
+#pragma weak dlsym
+
 /* Below this many elements a call stays on the calling thread: waking a sleeping worker costs
  * tens of microseconds on a VM, about what Adam takes for this many float32 elements. */
 #define FO_PARALLEL_MIN ((size_t)131072)
+#define FO_MAX_PIECE ((size_t)16384) /* ~0.5 MB of Adam's float32 streams per claim */
+#define FO_MIN_PIECE ((size_t)2048)  /* the pieces the end of a call is cut into */
 #define FO_MAX_THREADS 256
-#define FO_MIN_BACKOFF 4
-#define FO_MAX_BACKOFF 1024
-#define FO_MAX_PIECES 32
-
-typedef struct {
-    size_t tensor, at, n;
-} piece;
+#define FO_SPIN_NS 1000000L         /* how long an idle worker polls before it sleeps */
+#define FO_CALLER_SPIN_NS 50000L    /* how long the caller polls for a late worker before it sleeps */
+#define FO_MIN_BACKOFF 2
+#define FO_MAX_BACKOFF 64
 
 typedef struct {
     fo_span_fn span;
@@ -42,22 +61,29 @@ typedef struct {
     int n_bufs;
     const size_t *n;
     const void *scalars;
-    size_t tensor, at;  /* the cursor: next element to hand out */
-    size_t chunk;       /* elements per claim */
-    int free_slots;     /* workers that may still join */
+    size_t total, per_thread_share;
+    _Atomic size_t cursor; /* the next element (of all tensors, in order) to hand out */
+    atomic_int slots;      /* workers that may still join */
+    pthread_t caller;
+    double caller_done;    /* when the caller found nothing left (OpenMP path) */
+    size_t caller_elements;
 } job;
 
 static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake, done;
-    job *job;
-    int busy;      /* a job is running */
-    int in_flight; /* workers inside a job */
-    int started;   /* workers created */
+    _Atomic(job *) job;     /* the job open to workers, NULL when none */
+    atomic_uint generation; /* bumped whenever a job is posted */
+    atomic_int inside;      /* workers that may be touching the posted job */
+    atomic_int caller_sleeping;
+    atomic_int helpers;     /* workers the latest job asked for: only those spin */
+    int sleepers, busy, started;
     int solo_left; /* large calls still to run on the caller alone (back-off) */
     int backoff;   /* the length of the next back-off */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          0, 0, 0, 0, 0, FO_MIN_BACKOFF};
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+          .done = PTHREAD_COND_INITIALIZER, .backoff = FO_MIN_BACKOFF};
+
+static int n_threads; /* 0 until first use */
 
 static double now(void)
 {
@@ -66,7 +92,14 @@ static double now(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int n_threads; /* 0 until first use */
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 static int default_threads(void)
 {
@@ -98,85 +131,165 @@ int fo_set_num_threads(int n)
     return FO_OK;
 }
 
-/* Under pool.lock: hand out up to FO_CHUNK elements, possibly from several small tensors. */
-static int claim(job *j, piece *out)
-{
-    int k = 0;
-    size_t budget = j->chunk;
-    while (j->tensor < j->count && budget > 0 && k < FO_MAX_PIECES) {
-        const size_t left = j->n[j->tensor] - j->at;
-        const size_t take = left < budget ? left : budget;
-        if (take) out[k++] = (piece){j->tensor, j->at, take};
-        budget -= take;
-        j->at += take;
-        if (j->at == j->n[j->tensor]) {
-            j->tensor++;
-            j->at = 0;
-        }
-    }
-    return k;
-}
-
-static void run_piece(const job *j, const piece *p)
+static void run_piece(const job *j, size_t t, size_t at, size_t n)
 {
     void *b[FO_MAX_BUFFERS];
-    for (int k = 0; k < j->n_bufs; k++) b[k] = j->bufs[k] ? j->bufs[k][p->tensor] : NULL;
-    j->span(b, p->at, p->n, j->scalars);
+    for (int k = 0; k < j->n_bufs; k++) b[k] = j->bufs[k] ? j->bufs[k][t] : NULL;
+    j->span(b, at, n, j->scalars);
 }
 
-/* Under pool.lock on entry and exit: claim and run pieces until the job is exhausted. */
-static void work(job *j)
+/* Claim and run pieces until none are left; returns how many elements this thread updated. */
+static size_t work(job *j)
 {
-    piece pieces[FO_MAX_PIECES];
-    int k;
-    while ((k = claim(j, pieces)) > 0) {
-        pthread_mutex_unlock(&pool.lock);
-        for (int i = 0; i < k; i++) run_piece(j, &pieces[i]);
-        pthread_mutex_lock(&pool.lock);
+    size_t t = 0, base = 0, done = 0; /* base: where tensor t starts in the whole range */
+    for (;;) {
+        size_t at = atomic_load_explicit(&j->cursor, memory_order_relaxed), take;
+        do {
+            if (at >= j->total) return done;
+            const size_t left = j->total - at;
+            size_t piece = left / j->per_thread_share; /* guided: a share of what is left */
+            piece = piece > FO_MAX_PIECE ? FO_MAX_PIECE : piece < FO_MIN_PIECE ? FO_MIN_PIECE : piece;
+            take = piece < left ? piece : left;
+        } while (!atomic_compare_exchange_weak(&j->cursor, &at, at + take));
+        done += take;
+        while (take) { /* the piece may cover the end of one tensor and the start of others */
+            while (base + j->n[t] <= at) base += j->n[t++];
+            const size_t off = at - base, here = j->n[t] - off < take ? j->n[t] - off : take;
+            run_piece(j, t, off, here);
+            at += here;
+            take -= here;
+        }
     }
 }
 
-static void *worker(void *unused)
+static void run_alone(const job *j)
 {
-    (void)unused;
-    pthread_mutex_lock(&pool.lock);
+    for (size_t t = 0; t < j->count; t++)
+        if (j->n[t]) run_piece(j, t, 0, j->n[t]);
+}
+
+/* Under pool.lock, after a parallel call: back off if the threads made it slower than the
+ * caller alone would have been at its own rate, recover at the first call they made faster. */
+static void judge(const job *j, double start, double caller_done, double end)
+{
+    const double waited = end - caller_done, worked = caller_done - start;
+    const size_t mine = j->caller_elements ? j->caller_elements : 1;
+    const double alone = worked * (double)j->total / (double)mine;
+    if (waited > 50e-6 && end - start > alone) {
+        pool.solo_left = pool.backoff;
+        pool.backoff = pool.backoff < FO_MAX_BACKOFF ? 2 * pool.backoff : FO_MAX_BACKOFF;
+    } else if (end - start < alone) {
+        pool.backoff = FO_MIN_BACKOFF;
+    }
+}
+
+/* ---- GNU OpenMP, where the process already has it ---------------------------------------- */
+
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+static gomp_parallel_fn gomp_parallel;
+static double gomp_next_look;
+static int gomp_forbidden; /* set in a forked child */
+
+/* Under pool.lock.  A library loaded later (import torch after the first step) is noticed at
+ * the next look, twice a second at most. */
+static gomp_parallel_fn find_gomp(void)
+{
+#ifdef RTLD_NOLOAD
+    if (gomp_parallel || gomp_forbidden || !dlopen || !dlsym) return gomp_parallel;
+    const double t = now();
+    if (t < gomp_next_look) return NULL;
+    gomp_next_look = t + 0.5;
+    void *lib = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD); /* kept open: never unloaded */
+    if (lib) gomp_parallel = (gomp_parallel_fn)dlsym(lib, "GOMP_parallel");
+#endif
+    return gomp_parallel;
+}
+
+static void gomp_body(void *arg)
+{
+    job *j = arg;
+    const size_t done = work(j);
+    if (pthread_equal(pthread_self(), j->caller)) {
+        j->caller_elements = done;
+        j->caller_done = now();
+    }
+}
+
+/* ---- the own pool -------------------------------------------------------------------------- */
+
+/* Poll for a job newer than `seen` for up to FO_SPIN_NS; 0 if none came. */
+static int spin_for_job(unsigned seen)
+{
+    const double until = now() + 1e-9 * FO_SPIN_NS;
     for (;;) {
-        while (!pool.job || pool.job->free_slots == 0 || pool.job->tensor >= pool.job->count)
-            pthread_cond_wait(&pool.wake, &pool.lock);
-        job *j = pool.job;
-        j->free_slots--;
-        pool.in_flight++;
-        work(j);
-        if (--pool.in_flight == 0) pthread_cond_signal(&pool.done);
+        for (int i = 0; i < 256; i++) {
+            if (atomic_load_explicit(&pool.generation, memory_order_acquire) != seen) return 1;
+            cpu_relax();
+        }
+        if (now() > until) return 0;
+        sched_yield();
+    }
+}
+
+static void *worker(void *arg)
+{
+    const int id = (int)(intptr_t)arg;
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "fastopt-worker");
+#endif
+    unsigned seen = atomic_load(&pool.generation);
+    for (;;) {
+        /* only the workers the last job used spin; the others (after a lower thread count) sleep */
+        if (id >= atomic_load(&pool.helpers) || !spin_for_job(seen)) {
+            pthread_mutex_lock(&pool.lock);
+            pool.sleepers++;
+            while (atomic_load(&pool.generation) == seen || id >= atomic_load(&pool.helpers))
+                pthread_cond_wait(&pool.wake, &pool.lock);
+            pool.sleepers--;
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = atomic_load(&pool.generation);
+        /* count in before looking at the job: the caller waits for `inside` to drop to 0 after
+         * closing the job, so a job seen here stays alive until this worker counts out */
+        atomic_fetch_add(&pool.inside, 1);
+        job *j = atomic_load(&pool.job);
+        if (j && atomic_fetch_sub(&j->slots, 1) > 0) work(j);
+        if (atomic_fetch_sub(&pool.inside, 1) == 1 && atomic_load(&pool.caller_sleeping)) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
+        }
     }
     return NULL;
 }
 
 static void reset_after_fork(void)
 {
-    /* the child has no workers; the pool starts again empty */
+    /* the child has none of the parent's threads: our pool starts again empty, and libgomp's
+     * pool (which still counts its lost workers) is not used at all */
     pthread_mutex_init(&pool.lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
-    pool.job = NULL;
-    pool.busy = pool.in_flight = pool.started = pool.solo_left = 0;
+    atomic_store(&pool.job, NULL);
+    atomic_store(&pool.inside, 0);
+    atomic_store(&pool.caller_sleeping, 0);
+    atomic_store(&pool.helpers, 0);
+    pool.sleepers = pool.busy = pool.started = 0;
+    pool.solo_left = 0;
     pool.backoff = FO_MIN_BACKOFF;
+    gomp_forbidden = 1;
+    gomp_parallel = NULL;
 }
 
 /* Under pool.lock: make sure `want` workers exist; returns how many do. */
 static int ensure_workers(int want)
 {
-    static int atfork_registered;
-    if (!atfork_registered) {
-        pthread_atfork(NULL, NULL, reset_after_fork);
-        atfork_registered = 1;
-    }
     while (pool.started < want) {
         pthread_t t;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        const int failed = pthread_create(&t, &attr, worker, NULL);
+        const int failed = pthread_create(&t, &attr, worker, (void *)(intptr_t)pool.started);
         pthread_attr_destroy(&attr);
         if (failed) break;
         pool.started++;
@@ -184,49 +297,81 @@ static int ensure_workers(int want)
     return pool.started < want ? pool.started : want;
 }
 
+/* Called with pool.lock held and pool.busy set; returns with pool.lock held. */
+static void run_on_own_pool(job *j, int helpers)
+{
+    atomic_store(&pool.helpers, helpers);
+    atomic_store(&j->slots, helpers);
+    atomic_store(&pool.job, j);
+    atomic_fetch_add(&pool.generation, 1);
+    if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+
+    const double start = now();
+    j->caller_elements = work(j);
+    const double finished = now();
+    atomic_store(&pool.job, NULL); /* no worker joins from here on */
+    /* a worker still in a piece: poll a little (yielding, in case it waits for this very
+     * core), then sleep, which frees this core for it */
+    while (atomic_load(&pool.inside) > 0 && now() < finished + 1e-9 * FO_CALLER_SPIN_NS) {
+        for (int i = 0; i < 64; i++) cpu_relax();
+        sched_yield();
+    }
+    pthread_mutex_lock(&pool.lock);
+    if (atomic_load(&pool.inside) > 0) {
+        atomic_store(&pool.caller_sleeping, 1);
+        while (atomic_load(&pool.inside) > 0) pthread_cond_wait(&pool.done, &pool.lock);
+        atomic_store(&pool.caller_sleeping, 0);
+    }
+    judge(j, start, finished, now());
+}
+
 void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs, const size_t *n,
             const void *scalars)
 {
-    job j = {span, count, bufs, n_bufs, n, scalars, 0, 0, 0, 0};
-    size_t total = 0;
-    for (size_t t = 0; t < count; t++) total += n[t];
-
-    int helpers = 0;
-    if (total >= FO_PARALLEL_MIN) {
-        pthread_mutex_lock(&pool.lock);
-        if (!n_threads) n_threads = default_threads();
-        if (pool.solo_left > 0 && !pool.busy) pool.solo_left--;
-        else if (!pool.busy && n_threads > 1) {
-            j.chunk = FO_CHUNK;
-            const size_t pieces = (total + j.chunk - 1) / j.chunk;
-            const int wanted = (int)((size_t)(n_threads - 1) < pieces - 1 ? (size_t)(n_threads - 1) : pieces - 1);
-            helpers = ensure_workers(wanted);
-            if (helpers > 0) {
-                pool.busy = 1;
-                j.free_slots = helpers;
-                pool.job = &j;
-                pthread_cond_broadcast(&pool.wake);
-            }
-        }
-        if (!helpers) pthread_mutex_unlock(&pool.lock);
-    }
-    if (!helpers) { /* one thread: straight through, no locking */
-        for (size_t t = 0; t < count; t++)
-            if (n[t]) run_piece(&j, &(piece){t, 0, n[t]});
+    job j = {.span = span, .count = count, .bufs = bufs, .n_bufs = n_bufs, .n = n, .scalars = scalars};
+    for (size_t t = 0; t < count; t++) j.total += n[t];
+    if (j.total < FO_PARALLEL_MIN) {
+        run_alone(&j);
         return;
     }
-    const double start = now();
-    work(&j); /* the caller works too, and alone if no worker wakes in time */
-    const double finished = now();
-    while (pool.in_flight > 0) pthread_cond_wait(&pool.done, &pool.lock);
-    const double waited = now() - finished;
-    if (waited > 20e-6 && waited > 0.2 * (finished - start)) { /* a worker was held up */
-        pool.solo_left = pool.backoff;
-        pool.backoff = pool.backoff < FO_MAX_BACKOFF ? 2 * pool.backoff : FO_MAX_BACKOFF;
-    } else {
-        pool.backoff = FO_MIN_BACKOFF;
+    pthread_mutex_lock(&pool.lock);
+    static int atfork_registered;
+    if (!atfork_registered) {
+        pthread_atfork(NULL, NULL, reset_after_fork);
+        atfork_registered = 1;
     }
-    pool.job = NULL;
+    if (!n_threads) n_threads = default_threads();
+    const size_t pieces = (j.total + FO_MAX_PIECE - 1) / FO_MAX_PIECE;
+    const int threads = (size_t)n_threads < pieces ? n_threads : (int)pieces;
+    /* one job at a time: a call that finds the pool busy (another thread's step) runs alone */
+    if (pool.busy || threads < 2 || pool.solo_left > 0) {
+        if (!pool.busy && threads >= 2) pool.solo_left--;
+        pthread_mutex_unlock(&pool.lock);
+        run_alone(&j);
+        return;
+    }
+    pool.busy = 1;
+    j.per_thread_share = 4 * (size_t)threads;
+    const gomp_parallel_fn gomp = find_gomp();
+    if (gomp) {
+        pthread_mutex_unlock(&pool.lock);
+        j.caller = pthread_self();
+        const double start = now();
+        gomp(gomp_body, &j, (unsigned)threads, 0);
+        const double end = now();
+        pthread_mutex_lock(&pool.lock);
+        judge(&j, start, j.caller_done, end); /* the calling thread is always in the team */
+    } else {
+        const int helpers = ensure_workers(threads - 1);
+        if (helpers > 0) {
+            run_on_own_pool(&j, helpers); /* returns with the lock held */
+        } else {
+            pthread_mutex_unlock(&pool.lock);
+            run_alone(&j);
+            pthread_mutex_lock(&pool.lock);
+        }
+    }
     pool.busy = 0;
     pthread_mutex_unlock(&pool.lock);
 }

@@ -279,6 +279,8 @@ def main(argv=None):
     ap.add_argument("--rules", default=None, help="comma-separated subset of " + ",".join(RULES))
     ap.add_argument("--threads", type=int, default=fastopt.get_num_threads())
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--no-loop", action="store_true", help="skip the training-loop cases (alone: "
+                    "python -m fastopt.bench_loop)")
     args = ap.parse_args(argv)
 
     fastopt.set_num_threads(args.threads)
@@ -289,9 +291,12 @@ def main(argv=None):
     if args.rules:
         rules = args.rules.split(",")
     fastopt.show_config()
+    results = []
+    if not args.no_loop:  # the step where users run it leads; the isolated ceilings follow
+        from fastopt import bench_loop
+        results.append(dict(loop=bench_loop.run(args.threads, args.quick)))
     print(LEGEND)
     print(HEADER)
-    results = []
 
     def report(r, label):
         r["label"] = label
