@@ -10,11 +10,13 @@
  * Who runs the pieces.  In a training loop the step comes right after the forward and backward
  * passes, whose thread pool keeps spinning on the other cores for a while (torch's OpenMP
  * workers ~10 ms here); a thread of our own then has to win a core from them, and mostly does
- * not.  So when the process has GNU OpenMP loaded (torch's libgomp.so.1, or any library's), the
- * pieces run in a parallel region of that runtime, on those same, already spinning workers.  It
- * is found with dlopen(RTLD_NOLOAD): nothing is linked against it, nothing is loaded, and a
- * process without it (numpy alone, C programs) uses the library's own pool.  Never in a forked
- * child: libgomp's workers do not survive fork and a parallel region there can hang.
+ * not.  So when the process has GNU OpenMP loaded (torch's libgomp, or any library's), the
+ * pieces run in a parallel region of that runtime (GOMP_parallel, its stable entry point), on
+ * those same, already spinning workers.  It is looked up among the loaded objects: nothing is
+ * linked against it, nothing is loaded, and a process without it (numpy alone, C programs) uses
+ * the library's own pool.  Linking with -fopenmp instead would load a runtime into every
+ * process and, imported before torch, hand torch our libgomp in place of its own.  Never in a
+ * forked child: libgomp's workers do not survive fork and a parallel region there can hang.
  *
  * The own pool: workers spin for FO_SPIN_NS after their last piece, polling for the next job
  * and calling sched_yield() between polls so a neighbour waiting for the core gets it, then
@@ -30,11 +32,15 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <limits.h>
+#include <link.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include "internal.h"
@@ -190,16 +196,36 @@ static gomp_parallel_fn gomp_parallel;
 static double gomp_next_look;
 static int gomp_forbidden; /* set in a forked child */
 
+#ifdef __linux__
+/* Wheels often carry libgomp under a renamed soname (auditwheel: libgomp-<hash>.so.1), so the
+ * loaded objects are searched by file name; torch's copy is preferred when there are several,
+ * since its workers are the ones a training loop keeps spinning. */
+static int note_gomp(struct dl_phdr_info *info, size_t size, void *found)
+{
+    (void)size;
+    const char *path = info->dlpi_name, *slash = path ? strrchr(path, '/') : NULL;
+    const char *file = slash ? slash + 1 : path;
+    char *best = found;
+    if (!file || strncmp(file, "libgomp", 7) != 0) return 0;
+    if (!best[0] || (strstr(path, "torch") && !strstr(best, "torch")))
+        snprintf(best, PATH_MAX, "%s", path);
+    return 0;
+}
+#endif
+
 /* Under pool.lock.  A library loaded later (import torch after the first step) is noticed at
  * the next look, twice a second at most. */
 static gomp_parallel_fn find_gomp(void)
 {
-#ifdef RTLD_NOLOAD
+#if defined(__linux__) && defined(RTLD_NOLOAD)
     if (gomp_parallel || gomp_forbidden || !dlopen || !dlsym) return gomp_parallel;
     const double t = now();
     if (t < gomp_next_look) return NULL;
     gomp_next_look = t + 0.5;
-    void *lib = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD); /* kept open: never unloaded */
+    static char path[PATH_MAX];
+    path[0] = 0;
+    dl_iterate_phdr(note_gomp, path);
+    void *lib = path[0] ? dlopen(path, RTLD_LAZY | RTLD_NOLOAD) : NULL; /* kept open: never unloaded */
     if (lib) gomp_parallel = (gomp_parallel_fn)dlsym(lib, "GOMP_parallel");
 #endif
     return gomp_parallel;

@@ -15,7 +15,8 @@ iteration, for every implementation in the same run:
 
 Implementations alternate iteration by iteration (the order rotates every round), so drift on
 a shared machine hits all alike; times are medians, with the 25th-75th percentiles, and each
-ratio is also computed per block of rounds to show its spread.
+ratio is also computed per block of rounds to show its spread, and over the "quiet" rounds
+alone: those in which no implementation's heavy work was slowed by other processes.
 """
 import math
 import os
@@ -37,12 +38,13 @@ def _load():
         return "?"
 
 
-def time_in_loop(cases, rounds, pause_s=0.0, blocks=5):
+def time_in_loop(cases, rounds, pause_s=0.0):
     """cases: {name: (before, step)}.  Every round runs each case's before() then step() once,
-    in an order that rotates every round.  Returns {name: {'step': [...], 'iteration': [...]}}
-    in seconds; `iteration` is before() + step() (a pause between them is not counted)."""
+    in an order that rotates every round.  Returns {name: {'before': [...], 'step': [...],
+    'iteration': [...]}} in seconds, one entry per round; `iteration` is before() + step() (a
+    pause between them is not counted)."""
     names = list(cases)
-    samples = {name: {"step": [], "iteration": []} for name in names}
+    samples = {name: {"before": [], "step": [], "iteration": []} for name in names}
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
@@ -55,21 +57,37 @@ def time_in_loop(cases, rounds, pause_s=0.0, blocks=5):
             t2 = time.perf_counter()
             step()
             t3 = time.perf_counter()
+            samples[name]["before"].append(t1 - t0)
             samples[name]["step"].append(t3 - t2)
             samples[name]["iteration"].append((t1 - t0) + (t3 - t2))
     return samples
 
 
-def summarize(samples, blocks=5):
-    """Medians, quartiles, and the spread of ratios between cases over blocks of rounds."""
+def quiet_rounds(samples, slack=1.2):
+    """The rounds in which no case's forward/backward (or matmuls) ran over `slack` times its
+    10th percentile: those that other processes on a shared machine left alone.  Both the
+    heavy work and the step use every core, so a round that slowed the one usually hit both."""
+    keep = None
+    for s in samples.values():
+        before = np.asarray(s["before"])
+        ok = before <= slack * np.percentile(before, 10)
+        keep = ok if keep is None else keep & ok
+    return keep
+
+
+def summarize(samples, blocks=5, rounds=None):
+    """Medians, quartiles, and the medians over blocks of rounds (for the spread of ratios);
+    `rounds`: a mask of the rounds to use (all by default)."""
     out = {}
     for name, s in samples.items():
         out[name] = {}
-        for kind, xs in s.items():
-            xs = np.asarray(xs)
+        for kind in ("step", "iteration"):
+            xs = np.asarray(s[kind])
+            if rounds is not None:
+                xs = xs[rounds]
             out[name][kind] = dict(median=float(np.median(xs)), p25=float(np.percentile(xs, 25)),
                                    p75=float(np.percentile(xs, 75)), n=int(xs.size),
-                                   blocks=[float(np.median(b)) for b in np.array_split(xs, blocks)])
+                                   blocks=[float(np.median(b)) for b in np.array_split(xs, min(blocks, xs.size))])
     return out
 
 
@@ -188,10 +206,34 @@ def _print_table(summary, pause_summary):
         print(line)
 
 
-def _print_ratio(summary, other, mine, kind, what):
-    r, lo, hi = ratio(summary, other, mine, kind)
-    print(f"  {what}: {r:.2f}x  (per block of rounds: {lo:.2f}-{hi:.2f})")
-    return r
+def _print_ratios(summaries, lines):
+    """lines: (other, mine, kind, what); each ratio over all rounds and over the quiet ones."""
+    quiet = summaries.get("quiet")
+    for other, mine, kind, what in lines:
+        r, lo, hi = ratio(summaries["all"], other, mine, kind)
+        text = f"  {what}: {r:.2f}x (blocks of rounds {lo:.2f}-{hi:.2f})"
+        if quiet:
+            q, qlo, qhi = ratio(quiet, other, mine, kind)
+            text += f"; quiet rounds {q:.2f}x ({qlo:.2f}-{qhi:.2f})"
+        print(text)
+
+
+def _measure(cases, rounds, pause):
+    for before, step in cases.values():  # warm up: first steps build state and plans
+        for _ in range(2):
+            before()
+            step()
+    samples = time_in_loop(cases, rounds)
+    quiet = quiet_rounds(samples)
+    out = {"all": summarize(samples), "rounds": rounds, "quiet_rounds": int(quiet.sum())}
+    if quiet.sum() >= 5:
+        out["quiet"] = summarize(samples, rounds=quiet)
+    if pause:
+        out["pause"] = summarize(time_in_loop(cases, max(5, rounds // 3), pause_s=0.01))
+    _print_table(out["all"], out.get("pause"))
+    print(f"  quiet rounds (no case's heavy work over 1.2x its 10th percentile): "
+          f"{out['quiet_rounds']} of {rounds}")
+    return out
 
 
 def run(threads=None, quick=False, pause=None, seed=0):
@@ -201,7 +243,7 @@ def run(threads=None, quick=False, pause=None, seed=0):
     pause = (not quick) if pause is None else pause
     results = {"threads": threads}
     print(f"In a training loop: the step right after the iteration's heavy work, {threads} threads "
-          "(medians [25th-75th percentiles])")
+          "(medians [25th-75th percentiles]; ratios: the other's time / fastopt's)")
     try:
         try:
             import torch  # noqa: F401
@@ -209,42 +251,27 @@ def run(threads=None, quick=False, pause=None, seed=0):
             print("  torch loop: skipped (no torch)")
         else:
             cases, n_params = torch_loop_cases(threads, seed)
-            rounds = 24 if quick else 120
-            for before, step in cases.values():  # warm up: first steps build state and plans
-                for _ in range(2):
-                    before()
-                    step()
+            rounds = 30 if quick else 150
             print(f"torch loop: MLP {'-'.join(map(str, MLP_WIDTHS))} ({n_params / 1e6:.2f}M "
                   f"parameters), batch {BATCH}, Adam float32, {rounds} interleaved iterations "
                   f"each; load average {_load()}")
-            summary = summarize(time_in_loop(cases, rounds))
-            pause_summary = summarize(time_in_loop(cases, rounds // 3, pause_s=0.01)) if pause else None
-            _print_table(summary, pause_summary)
-            _print_ratio(summary, "torch fused", "fastopt.torch", "step",
-                         "step after backward, torch fused / fastopt.torch")
-            _print_ratio(summary, "torch foreach", "fastopt.torch", "step",
-                         "step after backward, torch foreach / fastopt.torch")
-            _print_ratio(summary, "torch fused", "fastopt.torch", "iteration",
-                         "whole iteration, torch fused / fastopt.torch")
-            results["torch"] = dict(summary=summary, pause=pause_summary, n_params=n_params)
+            results["torch"] = m = _measure(cases, rounds, pause)
+            m["n_params"] = n_params
+            _print_ratios(m, [
+                ("torch fused", "fastopt.torch", "step", "step after backward, torch fused / fastopt.torch"),
+                ("torch foreach", "fastopt.torch", "step", "step after backward, torch foreach / fastopt.torch"),
+                ("torch fused", "fastopt.torch", "iteration", "whole iteration, torch fused / fastopt.torch")])
         cases, n = numpy_loop_cases(threads, seed)
-        rounds = 12 if quick else 60
-        for before, step in cases.values():
-            for _ in range(2):
-                before()
-                step()
+        rounds = 14 if quick else 60
         many = f"fastopt {threads} threads"
         print(f"numpy loop: two {MATMUL_N}x{MATMUL_N} float32 weights, np.dot of {MATMUL_N}x{MATMUL_N} "
               f"inputs with each, then Adam; {rounds} interleaved iterations each; load average {_load()}")
-        summary = summarize(time_in_loop(cases, rounds))
-        pause_summary = summarize(time_in_loop(cases, rounds // 2, pause_s=0.01)) if pause else None
-        _print_table(summary, pause_summary)
-        _print_ratio(summary, "fastopt 1 thread", many, "step",
-                     f"step after matmuls, 1 thread / {threads} threads")
-        _print_ratio(summary, "numpy", many, "step", f"step after matmuls, numpy / fastopt {threads} threads")
-        _print_ratio(summary, "fastopt 1 thread", many, "iteration",
-                     f"whole iteration, 1 thread / {threads} threads")
-        results["numpy"] = dict(summary=summary, pause=pause_summary, elements=n)
+        results["numpy"] = m = _measure(cases, rounds, pause)
+        m["elements"] = n
+        _print_ratios(m, [
+            ("fastopt 1 thread", many, "step", f"step after matmuls, fastopt 1 thread / {threads} threads"),
+            ("numpy", many, "step", f"step after matmuls, numpy / fastopt {threads} threads"),
+            ("fastopt 1 thread", many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")])
     finally:
         fastopt.set_num_threads(saved)
     print(flush=True)
