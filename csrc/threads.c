@@ -23,12 +23,15 @@
  * sleep on a condition variable.  That is 1 ms of a core at most per call, against ~10 ms for
  * libgomp's default and ~100 ms for OpenBLAS's pthread workers on this machine.
  *
- * Back-off: when a worker is preempted mid-piece the caller has to wait for it.  When that
- * wait made a call slower than the caller alone would have been (at the caller's own rate in
- * that call), the next FO_MIN_BACKOFF large calls run on the caller alone, a number that
- * doubles while it keeps happening, up to FO_MAX_BACKOFF, and is reset by the first threaded
- * call that is faster than the caller alone.  Counted in calls, not time: a training loop
- * calls once per iteration, far apart.
+ * Whether threads pay is measured, not assumed.  Under a competing load two threads can be
+ * slower than one: a worker preempted in the middle of a piece makes the caller wait, a
+ * preempted caller makes the call wait.  So every large call's time per element is kept, per
+ * span function (each rule and dtype has its own record), for the threaded calls and the calls
+ * run alone, and the faster way is used, with the other tried now and then to keep its record
+ * current: after FO_MIN_PROBE calls at first, then at intervals that double while the choice
+ * holds, up to every FO_MAX_PROBE calls, and shrink back when it changes.  A quiet machine pays
+ * one call in FO_MAX_PROBE at one-thread speed; a loaded one gets the faster way within a few
+ * calls.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -56,9 +59,10 @@
 #define FO_MIN_PIECE ((size_t)2048)  /* the pieces the end of a call is cut into */
 #define FO_MAX_THREADS 256
 #define FO_SPIN_NS 1000000L         /* how long an idle worker polls before it sleeps */
-#define FO_CALLER_SPIN_NS 50000L    /* how long the caller polls for a late worker before it sleeps */
-#define FO_MIN_BACKOFF 2
-#define FO_MAX_BACKOFF 64
+#define FO_CALLER_SPIN_NS 20000L    /* how long the caller polls for a late worker before it sleeps */
+#define FO_MIN_PROBE 4
+#define FO_MAX_PROBE 64
+#define FO_VERDICTS 8
 
 typedef struct {
     fo_span_fn span;
@@ -70,9 +74,6 @@ typedef struct {
     size_t total, per_thread_share;
     _Atomic size_t cursor; /* the next element (of all tensors, in order) to hand out */
     atomic_int slots;      /* workers that may still join */
-    pthread_t caller;
-    double caller_done;    /* when the caller found nothing left (OpenMP path) */
-    size_t caller_elements;
 } job;
 
 static struct {
@@ -84,10 +85,29 @@ static struct {
     atomic_int caller_sleeping;
     atomic_int helpers;     /* workers the latest job asked for: only those spin */
     int sleepers, busy, started;
-    int solo_left; /* large calls still to run on the caller alone (back-off) */
-    int backoff;   /* the length of the next back-off */
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
-          .done = PTHREAD_COND_INITIALIZER, .backoff = FO_MIN_BACKOFF};
+          .done = PTHREAD_COND_INITIALIZER};
+
+/* Whether threads pay, per span function (rule and dtype); under pool.lock. */
+enum { THREADED, ALONE };
+typedef struct {
+    fo_span_fn span;
+    double rate[2];    /* seconds per element, averaged over the latest calls of each way */
+    int way;           /* the faster way so far */
+    int calls_to_probe, interval;
+} verdict;
+static verdict verdicts[FO_VERDICTS];
+static int verdicts_used;
+
+static verdict *verdict_for(fo_span_fn span)
+{
+    for (int i = 0; i < FO_VERDICTS; i++)
+        if (verdicts[i].span == span) return &verdicts[i];
+    verdict *v = &verdicts[verdicts_used++ % FO_VERDICTS];
+    *v = (verdict){.span = span, .way = THREADED, .calls_to_probe = FO_MIN_PROBE,
+                   .interval = FO_MIN_PROBE};
+    return v;
+}
 
 static int n_threads; /* 0 until first use */
 
@@ -144,20 +164,19 @@ static void run_piece(const job *j, size_t t, size_t at, size_t n)
     j->span(b, at, n, j->scalars);
 }
 
-/* Claim and run pieces until none are left; returns how many elements this thread updated. */
-static size_t work(job *j)
+/* Claim and run pieces until none are left. */
+static void work(job *j)
 {
-    size_t t = 0, base = 0, done = 0; /* base: where tensor t starts in the whole range */
+    size_t t = 0, base = 0; /* base: where tensor t starts in the whole range */
     for (;;) {
         size_t at = atomic_load_explicit(&j->cursor, memory_order_relaxed), take;
         do {
-            if (at >= j->total) return done;
+            if (at >= j->total) return;
             const size_t left = j->total - at;
             size_t piece = left / j->per_thread_share; /* guided: a share of what is left */
             piece = piece > FO_MAX_PIECE ? FO_MAX_PIECE : piece < FO_MIN_PIECE ? FO_MIN_PIECE : piece;
             take = piece < left ? piece : left;
         } while (!atomic_compare_exchange_weak(&j->cursor, &at, at + take));
-        done += take;
         while (take) { /* the piece may cover the end of one tensor and the start of others */
             while (base + j->n[t] <= at) base += j->n[t++];
             const size_t off = at - base, here = j->n[t] - off < take ? j->n[t] - off : take;
@@ -174,19 +193,26 @@ static void run_alone(const job *j)
         if (j->n[t]) run_piece(j, t, 0, j->n[t]);
 }
 
-/* Under pool.lock, after a parallel call: back off if the threads made it slower than the
- * caller alone would have been at its own rate, recover at the first call they made faster. */
-static void judge(const job *j, double start, double caller_done, double end)
+/* Under pool.lock: the way the next call of `v` runs. */
+static int choose(verdict *v)
 {
-    const double waited = end - caller_done, worked = caller_done - start;
-    const size_t mine = j->caller_elements ? j->caller_elements : 1;
-    const double alone = worked * (double)j->total / (double)mine;
-    if (waited > 50e-6 && end - start > alone) {
-        pool.solo_left = pool.backoff;
-        pool.backoff = pool.backoff < FO_MAX_BACKOFF ? 2 * pool.backoff : FO_MAX_BACKOFF;
-    } else if (end - start < alone) {
-        pool.backoff = FO_MIN_BACKOFF;
+    return --v->calls_to_probe > 0 ? v->way : !v->way;
+}
+
+/* Under pool.lock, after a call run `way` took `seconds`. */
+static void record(verdict *v, int way, const job *j, double seconds)
+{
+    const double rate = seconds / (double)j->total;
+    v->rate[way] = v->rate[way] > 0 ? 0.5 * (v->rate[way] + rate) : rate;
+    if (way == v->way) return;
+    /* a probe: switch if the other way is faster by more than the noise of one call */
+    if (v->rate[way] < 0.97 * v->rate[v->way]) {
+        v->way = way;
+        v->interval = FO_MIN_PROBE;
+    } else if (v->interval < FO_MAX_PROBE) {
+        v->interval *= 2;
     }
+    v->calls_to_probe = v->interval;
 }
 
 /* ---- GNU OpenMP, where the process already has it ---------------------------------------- */
@@ -233,12 +259,7 @@ static gomp_parallel_fn find_gomp(void)
 
 static void gomp_body(void *arg)
 {
-    job *j = arg;
-    const size_t done = work(j);
-    if (pthread_equal(pthread_self(), j->caller)) {
-        j->caller_elements = done;
-        j->caller_done = now();
-    }
+    work(arg);
 }
 
 /* ---- the own pool -------------------------------------------------------------------------- */
@@ -301,8 +322,8 @@ static void reset_after_fork(void)
     atomic_store(&pool.caller_sleeping, 0);
     atomic_store(&pool.helpers, 0);
     pool.sleepers = pool.busy = pool.started = 0;
-    pool.solo_left = 0;
-    pool.backoff = FO_MIN_BACKOFF;
+    verdicts_used = 0;
+    for (int i = 0; i < FO_VERDICTS; i++) verdicts[i] = (verdict){0};
     gomp_forbidden = 1;
     gomp_parallel = NULL;
 }
@@ -333,23 +354,19 @@ static void run_on_own_pool(job *j, int helpers)
     if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
 
-    const double start = now();
-    j->caller_elements = work(j);
+    work(j);
     const double finished = now();
     atomic_store(&pool.job, NULL); /* no worker joins from here on */
-    /* a worker still in a piece: poll a little (yielding, in case it waits for this very
-     * core), then sleep, which frees this core for it */
-    while (atomic_load(&pool.inside) > 0 && now() < finished + 1e-9 * FO_CALLER_SPIN_NS) {
+    /* a worker still in a piece: poll for about one short piece's time, then sleep, which
+     * frees this core for it (sched_yield would hand it to any other process instead) */
+    while (atomic_load(&pool.inside) > 0 && now() < finished + 1e-9 * FO_CALLER_SPIN_NS)
         for (int i = 0; i < 64; i++) cpu_relax();
-        sched_yield();
-    }
     pthread_mutex_lock(&pool.lock);
     if (atomic_load(&pool.inside) > 0) {
         atomic_store(&pool.caller_sleeping, 1);
         while (atomic_load(&pool.inside) > 0) pthread_cond_wait(&pool.done, &pool.lock);
         atomic_store(&pool.caller_sleeping, 0);
     }
-    judge(j, start, finished, now());
 }
 
 void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs, const size_t *n,
@@ -371,33 +388,30 @@ void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
     const size_t pieces = (j.total + FO_MAX_PIECE - 1) / FO_MAX_PIECE;
     const int threads = (size_t)n_threads < pieces ? n_threads : (int)pieces;
     /* one job at a time: a call that finds the pool busy (another thread's step) runs alone */
-    if (pool.busy || threads < 2 || pool.solo_left > 0) {
-        if (!pool.busy && threads >= 2) pool.solo_left--;
+    if (pool.busy || threads < 2) {
         pthread_mutex_unlock(&pool.lock);
         run_alone(&j);
         return;
     }
-    pool.busy = 1;
+    verdict *v = verdict_for(span);
+    const int way = choose(v);
+    pool.busy = 1; /* also keeps other callers off `v` until this call's time is in */
     j.per_thread_share = 4 * (size_t)threads;
-    const gomp_parallel_fn gomp = find_gomp();
+    const gomp_parallel_fn gomp = way == THREADED ? find_gomp() : NULL;
+    const int helpers = way == THREADED && !gomp ? ensure_workers(threads - 1) : 0;
+    const double start = now();
     if (gomp) {
         pthread_mutex_unlock(&pool.lock);
-        j.caller = pthread_self();
-        const double start = now();
         gomp(gomp_body, &j, (unsigned)threads, 0);
-        const double end = now();
         pthread_mutex_lock(&pool.lock);
-        judge(&j, start, j.caller_done, end); /* the calling thread is always in the team */
+    } else if (helpers > 0) {
+        run_on_own_pool(&j, helpers); /* returns with the lock held */
     } else {
-        const int helpers = ensure_workers(threads - 1);
-        if (helpers > 0) {
-            run_on_own_pool(&j, helpers); /* returns with the lock held */
-        } else {
-            pthread_mutex_unlock(&pool.lock);
-            run_alone(&j);
-            pthread_mutex_lock(&pool.lock);
-        }
+        pthread_mutex_unlock(&pool.lock);
+        run_alone(&j);
+        pthread_mutex_lock(&pool.lock);
     }
+    if (way == ALONE || gomp || helpers > 0) record(v, way, &j, now() - start);
     pool.busy = 0;
     pthread_mutex_unlock(&pool.lock);
 }
