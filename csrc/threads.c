@@ -29,9 +29,10 @@
  * span function (each rule and dtype has its own record), for the threaded calls and the calls
  * run alone, and the faster way is used, with the other tried now and then to keep its record
  * current: after FO_MIN_PROBE calls at first, then at intervals that double while the choice
- * holds, up to every FO_MAX_PROBE calls, and shrink back when it changes.  A quiet machine pays
- * one call in FO_MAX_PROBE at one-thread speed; a loaded one gets the faster way within a few
- * calls.
+ * holds, up to every FO_MAX_PROBE calls, and shrink back when it changes; and at once after a
+ * threaded call in which the caller waited for a late worker for over a quarter of the call,
+ * unless a probe has already shown that threads pay even so.  A quiet machine pays one call in
+ * FO_MAX_PROBE at one-thread speed; a loaded one gets the faster way within a few calls.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -74,6 +75,8 @@ typedef struct {
     size_t total, per_thread_share;
     _Atomic size_t cursor; /* the next element (of all tensors, in order) to hand out */
     atomic_int slots;      /* workers that may still join */
+    pthread_t caller;
+    double caller_done;    /* when the caller found nothing left to claim */
 } job;
 
 static struct {
@@ -95,6 +98,7 @@ typedef struct {
     double rate[2];    /* seconds per element, averaged over the latest calls of each way */
     int way;           /* the faster way so far */
     int calls_to_probe, interval;
+    int confirmed;     /* a probe has confirmed `way` since it was last chosen */
 } verdict;
 static verdict verdicts[FO_VERDICTS];
 static int verdicts_used;
@@ -199,18 +203,27 @@ static int choose(verdict *v)
     return --v->calls_to_probe > 0 ? v->way : !v->way;
 }
 
-/* Under pool.lock, after a call run `way` took `seconds`. */
-static void record(verdict *v, int way, const job *j, double seconds)
+/* Under pool.lock, after a call run `way` took `seconds`, of which the caller spent `waited`
+ * waiting for late workers at the end. */
+static void record(verdict *v, int way, const job *j, double seconds, double waited)
 {
     const double rate = seconds / (double)j->total;
     v->rate[way] = v->rate[way] > 0 ? 0.5 * (v->rate[way] + rate) : rate;
-    if (way == v->way) return;
+    if (way == v->way) {
+        /* a worker preempted mid-piece: compare with the caller alone at once, unless a probe
+         * has already shown that threads pay even so */
+        if (way == THREADED && !v->confirmed && waited > 50e-6 && waited > 0.25 * seconds)
+            v->calls_to_probe = 1;
+        return;
+    }
     /* a probe: switch if the other way is faster by more than the noise of one call */
     if (v->rate[way] < 0.97 * v->rate[v->way]) {
         v->way = way;
         v->interval = FO_MIN_PROBE;
-    } else if (v->interval < FO_MAX_PROBE) {
-        v->interval *= 2;
+        v->confirmed = 0;
+    } else {
+        v->interval = v->interval < FO_MAX_PROBE ? 2 * v->interval : FO_MAX_PROBE;
+        v->confirmed = 1;
     }
     v->calls_to_probe = v->interval;
 }
@@ -259,7 +272,9 @@ static gomp_parallel_fn find_gomp(void)
 
 static void gomp_body(void *arg)
 {
-    work(arg);
+    job *j = arg;
+    work(j);
+    if (pthread_equal(pthread_self(), j->caller)) j->caller_done = now();
 }
 
 /* ---- the own pool -------------------------------------------------------------------------- */
@@ -355,7 +370,7 @@ static void run_on_own_pool(job *j, int helpers)
     pthread_mutex_unlock(&pool.lock);
 
     work(j);
-    const double finished = now();
+    const double finished = j->caller_done = now();
     atomic_store(&pool.job, NULL); /* no worker joins from here on */
     /* a worker still in a piece: poll for about one short piece's time, then sleep, which
      * frees this core for it (sched_yield would hand it to any other process instead) */
@@ -399,6 +414,7 @@ void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
     j.per_thread_share = 4 * (size_t)threads;
     const gomp_parallel_fn gomp = way == THREADED ? find_gomp() : NULL;
     const int helpers = way == THREADED && !gomp ? ensure_workers(threads - 1) : 0;
+    j.caller = pthread_self();
     const double start = now();
     if (gomp) {
         pthread_mutex_unlock(&pool.lock);
@@ -411,7 +427,9 @@ void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
         run_alone(&j);
         pthread_mutex_lock(&pool.lock);
     }
-    if (way == ALONE || gomp || helpers > 0) record(v, way, &j, now() - start);
+    const double end = now();
+    if (way == ALONE || gomp || helpers > 0) /* (the calling thread is always in the team) */
+        record(v, way, &j, end - start, j.caller_done > 0 ? end - j.caller_done : 0);
     pool.busy = 0;
     pthread_mutex_unlock(&pool.lock);
 }
