@@ -61,7 +61,7 @@
 #define FO_MAX_THREADS 256
 #define FO_SPIN_NS 1000000L         /* how long an idle worker polls before it sleeps */
 #define FO_CALLER_SPIN_NS 20000L    /* how long the caller polls for a late worker before it sleeps */
-#define FO_MIN_PROBE 4
+#define FO_MIN_PROBE 8
 #define FO_MAX_PROBE 64
 #define FO_VERDICTS 8
 
