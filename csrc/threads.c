@@ -77,6 +77,7 @@ typedef struct {
     atomic_int slots;      /* workers that may still join */
     pthread_t caller;
     double caller_done;    /* when the caller found nothing left to claim */
+    atomic_int caller_cpu; /* where the caller ran its latest piece (-1: unknown) */
 } job;
 
 static struct {
@@ -168,11 +169,29 @@ static void run_piece(const job *j, size_t t, size_t at, size_t n)
     j->span(b, at, n, j->scalars);
 }
 
-/* Claim and run pieces until none are left. */
-static void work(job *j)
+static int current_cpu(void)
+{
+#ifdef __linux__
+    return sched_getcpu();
+#else
+    return -1;
+#endif
+}
+
+/* Claim and run pieces until none are left.  A helper that finds itself on the caller's core
+ * (the scheduler woke it there because the other cores were busy, e.g. with another pool's
+ * spinning workers) leaves the rest to the caller: two threads taking turns on one core only
+ * add their switches to one thread's time. */
+static void work(job *j, int is_caller)
 {
     size_t t = 0, base = 0; /* base: where tensor t starts in the whole range */
     for (;;) {
+        if (is_caller) {
+            atomic_store_explicit(&j->caller_cpu, current_cpu(), memory_order_relaxed);
+        } else {
+            const int cpu = current_cpu();
+            if (cpu >= 0 && cpu == atomic_load_explicit(&j->caller_cpu, memory_order_relaxed)) return;
+        }
         size_t at = atomic_load_explicit(&j->cursor, memory_order_relaxed), take;
         do {
             if (at >= j->total) return;
@@ -273,8 +292,9 @@ static gomp_parallel_fn find_gomp(void)
 static void gomp_body(void *arg)
 {
     job *j = arg;
-    work(j);
-    if (pthread_equal(pthread_self(), j->caller)) j->caller_done = now();
+    const int is_caller = pthread_equal(pthread_self(), j->caller);
+    work(j, is_caller);
+    if (is_caller) j->caller_done = now();
 }
 
 /* ---- the own pool -------------------------------------------------------------------------- */
@@ -315,7 +335,7 @@ static void *worker(void *arg)
          * closing the job, so a job seen here stays alive until this worker counts out */
         atomic_fetch_add(&pool.inside, 1);
         job *j = atomic_load(&pool.job);
-        if (j && atomic_fetch_sub(&j->slots, 1) > 0) work(j);
+        if (j && atomic_fetch_sub(&j->slots, 1) > 0) work(j, 0);
         if (atomic_fetch_sub(&pool.inside, 1) == 1 && atomic_load(&pool.caller_sleeping)) {
             pthread_mutex_lock(&pool.lock);
             pthread_cond_signal(&pool.done);
@@ -369,7 +389,7 @@ static void run_on_own_pool(job *j, int helpers)
     if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
 
-    work(j);
+    work(j, 1);
     const double finished = j->caller_done = now();
     atomic_store(&pool.job, NULL); /* no worker joins from here on */
     /* a worker still in a piece: poll for about one short piece's time, then sleep, which
@@ -415,6 +435,7 @@ void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
     const gomp_parallel_fn gomp = way == THREADED ? find_gomp() : NULL;
     const int helpers = way == THREADED && !gomp ? ensure_workers(threads - 1) : 0;
     j.caller = pthread_self();
+    atomic_store(&j.caller_cpu, current_cpu());
     const double start = now();
     if (gomp) {
         pthread_mutex_unlock(&pool.lock);
