@@ -30,9 +30,11 @@
  * run alone, and the faster way is used, with the other tried now and then to keep its record
  * current: after FO_MIN_PROBE calls at first, then at intervals that double while the choice
  * holds, up to every FO_MAX_PROBE calls, and shrink back when it changes; and at once after a
- * threaded call in which the caller waited for a late worker for over a quarter of the call,
- * unless a probe has already shown that threads pay even so.  A quiet machine pays one call in
- * FO_MAX_PROBE at one-thread speed; a loaded one gets the faster way within a few calls.
+ * call slower than the other way's latest, or a threaded call in which the caller waited for a
+ * late worker for over a quarter of the call (unless a probe has shown that threads pay even
+ * so).  Where threads pay, that costs one call in FO_MAX_PROBE at one-thread speed; where they
+ * do not, the faster way is found within a few calls, and probes are frequent only where the
+ * two ways are close, so they cost little.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -227,14 +229,17 @@ static int choose(verdict *v)
 static void record(verdict *v, int way, const job *j, double seconds, double waited)
 {
     const double rate = seconds / (double)j->total;
-    v->rate[way] = v->rate[way] > 0 ? 0.5 * (v->rate[way] + rate) : rate;
     if (way == v->way) {
-        /* a worker preempted mid-piece: compare with the caller alone at once, unless a probe
-         * has already shown that threads pay even so */
-        if (way == THREADED && !v->confirmed && waited > 50e-6 && waited > 0.25 * seconds)
+        /* probe the other way at once after a call slower than the other way's latest, or
+         * (threads) one in which a preempted worker held the caller up, unless a probe has
+         * shown that threads pay even so */
+        if ((v->rate[!way] > 0 && rate > v->rate[!way]) ||
+            (way == THREADED && !v->confirmed && waited > 50e-6 && waited > 0.25 * seconds))
             v->calls_to_probe = 1;
+        v->rate[way] = v->rate[way] > 0 ? 0.5 * (v->rate[way] + rate) : rate;
         return;
     }
+    v->rate[way] = v->rate[way] > 0 ? 0.5 * (v->rate[way] + rate) : rate;
     /* a probe: switch if the other way is faster by more than the noise of one call */
     if (v->rate[way] < 0.97 * v->rate[v->way]) {
         v->way = way;
