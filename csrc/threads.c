@@ -1,39 +1,71 @@
 /*
- * threads.c -- fo_run: one call's tensors, split across a small pool of the library's threads.
+ * threads.c -- fo_run: one call's tensors, split across threads.
  *
- * The work is cut into pieces of about FO_CHUNK elements that the caller and the workers claim
- * from a shared cursor, so the split is by elements (bytes), not by tensor, and a worker that
- * the OS schedules late simply finds nothing left: the call then costs what one thread costs,
- * it never waits on a sleeping worker.  Workers block on a condition variable, never spin.
- * One job runs at a time; a caller that finds the pool busy (another thread's step) runs its
- * job alone.  Every element is updated independently, so any split gives identical results.
+ * The elements of all the call's tensors form one range that the threads claim pieces of from
+ * a shared atomic cursor: up to FO_MAX_PIECE elements at first, fewer near the end (guided), so
+ * the split is by bytes, not by tensor, a thread that starts late finds less to do, and at the
+ * end no thread holds more than a short piece.  Every element is updated independently, so any
+ * split, hence any thread count, gives bit-identical results.
  *
- * On a loaded machine a worker can be preempted in the middle of a piece, and the caller must
- * then wait for the OS to run it again (milliseconds).  When the caller's wait at the end of a
- * job is a large part of the job, the next large calls run on the caller alone, for a number
- * of calls that doubles while this keeps happening (up to FO_MAX_BACKOFF), then threads are
- * tried again: a busy machine costs about single-thread speed, never a collapse.
+ * Who runs the pieces.  In a training loop the step comes right after the forward and backward
+ * passes, whose thread pool keeps spinning on the other cores for a while (torch's OpenMP
+ * workers ~10 ms here); a thread of our own then has to win a core from them, and mostly does
+ * not.  So when the process has GNU OpenMP loaded (torch's libgomp, or any library's), the
+ * pieces run in a parallel region of that runtime (GOMP_parallel, its stable entry point), on
+ * those same, already spinning workers.  It is looked up among the loaded objects: nothing is
+ * linked against it, nothing is loaded, and a process without it (numpy alone, C programs) uses
+ * the library's own pool.  Linking with -fopenmp instead would load a runtime into every
+ * process and, imported before torch, hand torch our libgomp in place of its own.  Never in a
+ * forked child: libgomp's workers do not survive fork and a parallel region there can hang.
+ *
+ * The own pool: workers spin for FO_SPIN_NS after their last piece, polling for the next job
+ * and calling sched_yield() between polls so a neighbour waiting for the core gets it, then
+ * sleep on a condition variable.  That is 1 ms of a core at most per call, against ~10 ms for
+ * libgomp's default and ~100 ms for OpenBLAS's pthread workers on this machine.
+ *
+ * Whether threads pay is measured, not assumed.  Under a competing load two threads can be
+ * slower than one: a worker preempted in the middle of a piece makes the caller wait, a
+ * preempted caller makes the call wait.  So every large call's time per element is kept, per
+ * span function (each rule and dtype has its own record), for the threaded calls and the calls
+ * run alone, and the faster way is used, with the other tried now and then to keep its record
+ * current: after FO_MIN_PROBE calls at first, then at intervals that double while the choice
+ * holds, up to every FO_MAX_PROBE calls, and shrink back when it changes; and at once after a
+ * call slower than the other way's latest, or a threaded call in which the caller waited for a
+ * late worker for over a quarter of the call (unless a probe has shown that threads pay even
+ * so).  Where threads pay, that costs one call in FO_MAX_PROBE at one-thread speed; where they
+ * do not, the faster way is found within a few calls, and probes are frequent only where the
+ * two ways are close, so they cost little.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
+#include <limits.h>
+#include <link.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include "internal.h"
 
-#define FO_CHUNK ((size_t)16384)        /* elements per claimed piece */
+/* weak: no -ldl needed where dlopen is not in libc (glibc < 2.34); a Python process has it */
+#pragma weak dlopen
+#pragma weak dlsym
+
 /* Below this many elements a call stays on the calling thread: waking a sleeping worker costs
  * tens of microseconds on a VM, about what a two-buffer rule takes for this many float32 elements. */
 #define FO_PARALLEL_MIN ((size_t)131072)
+#define FO_MAX_PIECE ((size_t)16384) /* ~0.5 MB of Adam's float32 streams per claim */
+#define FO_MIN_PIECE ((size_t)2048)  /* the pieces the end of a call is cut into */
 #define FO_MAX_THREADS 256
-#define FO_MIN_BACKOFF 4
-#define FO_MAX_BACKOFF 1024
-#define FO_MAX_PIECES 32
-
-typedef struct {
-    size_t tensor, at, n;
-} piece;
+#define FO_SPIN_NS 1000000L         /* how long an idle worker polls before it sleeps */
+#define FO_CALLER_SPIN_NS 20000L    /* how long the caller polls for a late worker before it sleeps */
+#define FO_MIN_PROBE 8
+#define FO_MAX_PROBE 64
+#define FO_VERDICTS 8
 
 typedef struct {
     fo_span_fn span;
@@ -42,22 +74,49 @@ typedef struct {
     int n_bufs;
     const size_t *n;
     const void *scalars;
-    size_t tensor, at;  /* the cursor: next element to hand out */
-    size_t chunk;       /* elements per claim */
-    int free_slots;     /* workers that may still join */
+    size_t total, per_thread_share;
+    _Atomic size_t cursor; /* the next element (of all tensors, in order) to hand out */
+    atomic_int slots;      /* workers that may still join */
+    pthread_t caller;
+    double caller_done;    /* when the caller found nothing left to claim */
+    atomic_int caller_cpu; /* where the caller ran its latest piece (-1: unknown) */
 } job;
 
 static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake, done;
-    job *job;
-    int busy;      /* a job is running */
-    int in_flight; /* workers inside a job */
-    int started;   /* workers created */
-    int solo_left; /* large calls still to run on the caller alone (back-off) */
-    int backoff;   /* the length of the next back-off */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          0, 0, 0, 0, 0, FO_MIN_BACKOFF};
+    _Atomic(job *) job;     /* the job open to workers, NULL when none */
+    atomic_uint generation; /* bumped whenever a job is posted */
+    atomic_int inside;      /* workers that may be touching the posted job */
+    atomic_int caller_sleeping;
+    atomic_int helpers;     /* workers the latest job asked for: only those spin */
+    int sleepers, busy, started;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+          .done = PTHREAD_COND_INITIALIZER};
+
+/* Whether threads pay, per span function (rule and dtype); under pool.lock. */
+enum { THREADED, ALONE };
+typedef struct {
+    fo_span_fn span;
+    double rate[2];    /* seconds per element, averaged over the latest calls of each way */
+    int way;           /* the faster way so far */
+    int calls_to_probe, interval;
+    int confirmed;     /* a probe has confirmed `way` since it was last chosen */
+} verdict;
+static verdict verdicts[FO_VERDICTS];
+static int verdicts_used;
+
+static verdict *verdict_for(fo_span_fn span)
+{
+    for (int i = 0; i < FO_VERDICTS; i++)
+        if (verdicts[i].span == span) return &verdicts[i];
+    verdict *v = &verdicts[verdicts_used++ % FO_VERDICTS];
+    *v = (verdict){.span = span, .way = THREADED, .calls_to_probe = FO_MIN_PROBE,
+                   .interval = FO_MIN_PROBE};
+    return v;
+}
+
+static int n_threads; /* 0 until first use */
 
 static double now(void)
 {
@@ -66,7 +125,14 @@ static double now(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int n_threads; /* 0 until first use */
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 static int default_threads(void)
 {
@@ -98,85 +164,219 @@ int fo_set_num_threads(int n)
     return FO_OK;
 }
 
-/* Under pool.lock: hand out up to FO_CHUNK elements, possibly from several small tensors. */
-static int claim(job *j, piece *out)
-{
-    int k = 0;
-    size_t budget = j->chunk;
-    while (j->tensor < j->count && budget > 0 && k < FO_MAX_PIECES) {
-        const size_t left = j->n[j->tensor] - j->at;
-        const size_t take = left < budget ? left : budget;
-        if (take) out[k++] = (piece){j->tensor, j->at, take};
-        budget -= take;
-        j->at += take;
-        if (j->at == j->n[j->tensor]) {
-            j->tensor++;
-            j->at = 0;
-        }
-    }
-    return k;
-}
-
-static void run_piece(const job *j, const piece *p)
+static void run_piece(const job *j, size_t t, size_t at, size_t n)
 {
     void *b[FO_MAX_BUFFERS];
-    for (int k = 0; k < j->n_bufs; k++) b[k] = j->bufs[k] ? j->bufs[k][p->tensor] : NULL;
-    j->span(b, p->at, p->n, j->scalars);
+    for (int k = 0; k < j->n_bufs; k++) b[k] = j->bufs[k] ? j->bufs[k][t] : NULL;
+    j->span(b, at, n, j->scalars);
 }
 
-/* Under pool.lock on entry and exit: claim and run pieces until the job is exhausted. */
-static void work(job *j)
+static int current_cpu(void)
 {
-    piece pieces[FO_MAX_PIECES];
-    int k;
-    while ((k = claim(j, pieces)) > 0) {
-        pthread_mutex_unlock(&pool.lock);
-        for (int i = 0; i < k; i++) run_piece(j, &pieces[i]);
-        pthread_mutex_lock(&pool.lock);
+#ifdef __linux__
+    return sched_getcpu();
+#else
+    return -1;
+#endif
+}
+
+/* Claim and run pieces until none are left.  A helper that finds itself on the caller's core
+ * (the scheduler woke it there because the other cores were busy, e.g. with another pool's
+ * spinning workers) leaves the rest to the caller: two threads taking turns on one core only
+ * add their switches to one thread's time. */
+static void work(job *j, int is_caller)
+{
+    size_t t = 0, base = 0; /* base: where tensor t starts in the whole range */
+    for (;;) {
+        if (is_caller) {
+            atomic_store_explicit(&j->caller_cpu, current_cpu(), memory_order_relaxed);
+        } else {
+            const int cpu = current_cpu();
+            if (cpu >= 0 && cpu == atomic_load_explicit(&j->caller_cpu, memory_order_relaxed)) return;
+        }
+        size_t at = atomic_load_explicit(&j->cursor, memory_order_relaxed), take;
+        do {
+            if (at >= j->total) return;
+            const size_t left = j->total - at;
+            size_t piece = left / j->per_thread_share; /* guided: a share of what is left */
+            piece = piece > FO_MAX_PIECE ? FO_MAX_PIECE : piece < FO_MIN_PIECE ? FO_MIN_PIECE : piece;
+            take = piece < left ? piece : left;
+        } while (!atomic_compare_exchange_weak(&j->cursor, &at, at + take));
+        while (take) { /* the piece may cover the end of one tensor and the start of others */
+            while (base + j->n[t] <= at) base += j->n[t++];
+            const size_t off = at - base, here = j->n[t] - off < take ? j->n[t] - off : take;
+            run_piece(j, t, off, here);
+            at += here;
+            take -= here;
+        }
     }
 }
 
-static void *worker(void *unused)
+static void run_alone(const job *j)
 {
-    (void)unused;
-    pthread_mutex_lock(&pool.lock);
+    for (size_t t = 0; t < j->count; t++)
+        if (j->n[t]) run_piece(j, t, 0, j->n[t]);
+}
+
+/* Under pool.lock: the way the next call of `v` runs. */
+static int choose(verdict *v)
+{
+    return --v->calls_to_probe > 0 ? v->way : !v->way;
+}
+
+/* Under pool.lock, after a call run `way` took `seconds`, of which the caller spent `waited`
+ * waiting for late workers at the end. */
+static void record(verdict *v, int way, const job *j, double seconds, double waited)
+{
+    const double rate = seconds / (double)j->total;
+    if (way == v->way) {
+        /* probe the other way at once after a call slower than the other way's latest, or
+         * (threads) one in which a preempted worker held the caller up, unless a probe has
+         * shown that threads pay even so */
+        if ((v->rate[!way] > 0 && rate > v->rate[!way]) ||
+            (way == THREADED && !v->confirmed && waited > 50e-6 && waited > 0.25 * seconds))
+            v->calls_to_probe = 1;
+        v->rate[way] = v->rate[way] > 0 ? 0.5 * (v->rate[way] + rate) : rate;
+        return;
+    }
+    v->rate[way] = v->rate[way] > 0 ? 0.5 * (v->rate[way] + rate) : rate;
+    /* a probe: switch if the other way is faster by more than the noise of one call */
+    if (v->rate[way] < 0.97 * v->rate[v->way]) {
+        v->way = way;
+        v->interval = FO_MIN_PROBE;
+        v->confirmed = 0;
+    } else {
+        v->interval = v->interval < FO_MAX_PROBE ? 2 * v->interval : FO_MAX_PROBE;
+        v->confirmed = 1;
+    }
+    v->calls_to_probe = v->interval;
+}
+
+/* ---- GNU OpenMP, where the process already has it ---------------------------------------- */
+
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+static gomp_parallel_fn gomp_parallel;
+static double gomp_next_look;
+static int gomp_forbidden; /* set in a forked child */
+
+#ifdef __linux__
+/* Wheels often carry libgomp under a renamed soname (auditwheel: libgomp-<hash>.so.1), so the
+ * loaded objects are searched by file name; torch's copy is preferred when there are several,
+ * since its workers are the ones a training loop keeps spinning. */
+static int note_gomp(struct dl_phdr_info *info, size_t size, void *found)
+{
+    (void)size;
+    const char *path = info->dlpi_name, *slash = path ? strrchr(path, '/') : NULL;
+    const char *file = slash ? slash + 1 : path;
+    char *best = found;
+    if (!file || strncmp(file, "libgomp", 7) != 0) return 0;
+    if (!best[0] || (strstr(path, "torch") && !strstr(best, "torch")))
+        snprintf(best, PATH_MAX, "%s", path);
+    return 0;
+}
+#endif
+
+/* Under pool.lock.  A library loaded later (import torch after the first step) is noticed at
+ * the next look, twice a second at most. */
+static gomp_parallel_fn find_gomp(void)
+{
+#if defined(__linux__) && defined(RTLD_NOLOAD)
+    if (gomp_parallel || gomp_forbidden || !dlopen || !dlsym) return gomp_parallel;
+    const double t = now();
+    if (t < gomp_next_look) return NULL;
+    gomp_next_look = t + 0.5;
+    static char path[PATH_MAX];
+    path[0] = 0;
+    dl_iterate_phdr(note_gomp, path);
+    void *lib = path[0] ? dlopen(path, RTLD_LAZY | RTLD_NOLOAD) : NULL; /* kept open: never unloaded */
+    if (lib) gomp_parallel = (gomp_parallel_fn)dlsym(lib, "GOMP_parallel");
+#endif
+    return gomp_parallel;
+}
+
+static void gomp_body(void *arg)
+{
+    job *j = arg;
+    const int is_caller = pthread_equal(pthread_self(), j->caller);
+    work(j, is_caller);
+    if (is_caller) j->caller_done = now();
+}
+
+/* ---- the own pool -------------------------------------------------------------------------- */
+
+/* Poll for a job newer than `seen` for up to FO_SPIN_NS; 0 if none came. */
+static int spin_for_job(unsigned seen)
+{
+    const double until = now() + 1e-9 * FO_SPIN_NS;
     for (;;) {
-        while (!pool.job || pool.job->free_slots == 0 || pool.job->tensor >= pool.job->count)
-            pthread_cond_wait(&pool.wake, &pool.lock);
-        job *j = pool.job;
-        j->free_slots--;
-        pool.in_flight++;
-        work(j);
-        if (--pool.in_flight == 0) pthread_cond_signal(&pool.done);
+        for (int i = 0; i < 256; i++) {
+            if (atomic_load_explicit(&pool.generation, memory_order_acquire) != seen) return 1;
+            cpu_relax();
+        }
+        if (now() > until) return 0;
+        sched_yield();
+    }
+}
+
+static void *worker(void *arg)
+{
+    const int id = (int)(intptr_t)arg;
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "fastopt-worker");
+#endif
+    unsigned seen = atomic_load(&pool.generation);
+    for (;;) {
+        /* only the workers the last job used spin; the others (after a lower thread count) sleep */
+        if (id >= atomic_load(&pool.helpers) || !spin_for_job(seen)) {
+            pthread_mutex_lock(&pool.lock);
+            pool.sleepers++;
+            while (atomic_load(&pool.generation) == seen || id >= atomic_load(&pool.helpers))
+                pthread_cond_wait(&pool.wake, &pool.lock);
+            pool.sleepers--;
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = atomic_load(&pool.generation);
+        /* count in before looking at the job: the caller waits for `inside` to drop to 0 after
+         * closing the job, so a job seen here stays alive until this worker counts out */
+        atomic_fetch_add(&pool.inside, 1);
+        job *j = atomic_load(&pool.job);
+        if (j && atomic_fetch_sub(&j->slots, 1) > 0) work(j, 0);
+        if (atomic_fetch_sub(&pool.inside, 1) == 1 && atomic_load(&pool.caller_sleeping)) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
+        }
     }
     return NULL;
 }
 
 static void reset_after_fork(void)
 {
-    /* the child has no workers; the pool starts again empty */
+    /* the child has none of the parent's threads: our pool starts again empty, and libgomp's
+     * pool (which still counts its lost workers) is not used at all */
     pthread_mutex_init(&pool.lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
-    pool.job = NULL;
-    pool.busy = pool.in_flight = pool.started = pool.solo_left = 0;
-    pool.backoff = FO_MIN_BACKOFF;
+    atomic_store(&pool.job, NULL);
+    atomic_store(&pool.inside, 0);
+    atomic_store(&pool.caller_sleeping, 0);
+    atomic_store(&pool.helpers, 0);
+    pool.sleepers = pool.busy = pool.started = 0;
+    verdicts_used = 0;
+    for (int i = 0; i < FO_VERDICTS; i++) verdicts[i] = (verdict){0};
+    gomp_forbidden = 1;
+    gomp_parallel = NULL;
 }
 
 /* Under pool.lock: make sure `want` workers exist; returns how many do. */
 static int ensure_workers(int want)
 {
-    static int atfork_registered;
-    if (!atfork_registered) {
-        pthread_atfork(NULL, NULL, reset_after_fork);
-        atfork_registered = 1;
-    }
     while (pool.started < want) {
         pthread_t t;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        const int failed = pthread_create(&t, &attr, worker, NULL);
+        const int failed = pthread_create(&t, &attr, worker, (void *)(intptr_t)pool.started);
         pthread_attr_destroy(&attr);
         if (failed) break;
         pool.started++;
@@ -184,49 +384,78 @@ static int ensure_workers(int want)
     return pool.started < want ? pool.started : want;
 }
 
+/* Called with pool.lock held and pool.busy set; returns with pool.lock held. */
+static void run_on_own_pool(job *j, int helpers)
+{
+    atomic_store(&pool.helpers, helpers);
+    atomic_store(&j->slots, helpers);
+    atomic_store(&pool.job, j);
+    atomic_fetch_add(&pool.generation, 1);
+    if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+
+    work(j, 1);
+    const double finished = j->caller_done = now();
+    atomic_store(&pool.job, NULL); /* no worker joins from here on */
+    /* a worker still in a piece: poll for about one short piece's time, then sleep, which
+     * frees this core for it (sched_yield would hand it to any other process instead) */
+    while (atomic_load(&pool.inside) > 0 && now() < finished + 1e-9 * FO_CALLER_SPIN_NS)
+        for (int i = 0; i < 64; i++) cpu_relax();
+    pthread_mutex_lock(&pool.lock);
+    if (atomic_load(&pool.inside) > 0) {
+        atomic_store(&pool.caller_sleeping, 1);
+        while (atomic_load(&pool.inside) > 0) pthread_cond_wait(&pool.done, &pool.lock);
+        atomic_store(&pool.caller_sleeping, 0);
+    }
+}
+
 void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs, const size_t *n,
             const void *scalars)
 {
-    job j = {span, count, bufs, n_bufs, n, scalars, 0, 0, 0, 0};
-    size_t total = 0;
-    for (size_t t = 0; t < count; t++) total += n[t];
-
-    int helpers = 0;
-    if (total >= FO_PARALLEL_MIN) {
-        pthread_mutex_lock(&pool.lock);
-        if (!n_threads) n_threads = default_threads();
-        if (pool.solo_left > 0 && !pool.busy) pool.solo_left--;
-        else if (!pool.busy && n_threads > 1) {
-            j.chunk = FO_CHUNK;
-            const size_t pieces = (total + j.chunk - 1) / j.chunk;
-            const int wanted = (int)((size_t)(n_threads - 1) < pieces - 1 ? (size_t)(n_threads - 1) : pieces - 1);
-            helpers = ensure_workers(wanted);
-            if (helpers > 0) {
-                pool.busy = 1;
-                j.free_slots = helpers;
-                pool.job = &j;
-                pthread_cond_broadcast(&pool.wake);
-            }
-        }
-        if (!helpers) pthread_mutex_unlock(&pool.lock);
-    }
-    if (!helpers) { /* one thread: straight through, no locking */
-        for (size_t t = 0; t < count; t++)
-            if (n[t]) run_piece(&j, &(piece){t, 0, n[t]});
+    job j = {.span = span, .count = count, .bufs = bufs, .n_bufs = n_bufs, .n = n, .scalars = scalars};
+    for (size_t t = 0; t < count; t++) j.total += n[t];
+    if (j.total < FO_PARALLEL_MIN) {
+        run_alone(&j);
         return;
     }
-    const double start = now();
-    work(&j); /* the caller works too, and alone if no worker wakes in time */
-    const double finished = now();
-    while (pool.in_flight > 0) pthread_cond_wait(&pool.done, &pool.lock);
-    const double waited = now() - finished;
-    if (waited > 20e-6 && waited > 0.2 * (finished - start)) { /* a worker was held up */
-        pool.solo_left = pool.backoff;
-        pool.backoff = pool.backoff < FO_MAX_BACKOFF ? 2 * pool.backoff : FO_MAX_BACKOFF;
-    } else {
-        pool.backoff = FO_MIN_BACKOFF;
+    pthread_mutex_lock(&pool.lock);
+    static int atfork_registered;
+    if (!atfork_registered) {
+        pthread_atfork(NULL, NULL, reset_after_fork);
+        atfork_registered = 1;
     }
-    pool.job = NULL;
+    if (!n_threads) n_threads = default_threads();
+    const size_t pieces = (j.total + FO_MAX_PIECE - 1) / FO_MAX_PIECE;
+    const int threads = (size_t)n_threads < pieces ? n_threads : (int)pieces;
+    /* one job at a time: a call that finds the pool busy (another thread's step) runs alone */
+    if (pool.busy || threads < 2) {
+        pthread_mutex_unlock(&pool.lock);
+        run_alone(&j);
+        return;
+    }
+    verdict *v = verdict_for(span);
+    const int way = choose(v);
+    pool.busy = 1; /* also keeps other callers off `v` until this call's time is in */
+    j.per_thread_share = 4 * (size_t)threads;
+    const gomp_parallel_fn gomp = way == THREADED ? find_gomp() : NULL;
+    const int helpers = way == THREADED && !gomp ? ensure_workers(threads - 1) : 0;
+    j.caller = pthread_self();
+    atomic_store(&j.caller_cpu, current_cpu());
+    const double start = now();
+    if (gomp) {
+        pthread_mutex_unlock(&pool.lock);
+        gomp(gomp_body, &j, (unsigned)threads, 0);
+        pthread_mutex_lock(&pool.lock);
+    } else if (helpers > 0) {
+        run_on_own_pool(&j, helpers); /* returns with the lock held */
+    } else {
+        pthread_mutex_unlock(&pool.lock);
+        run_alone(&j);
+        pthread_mutex_lock(&pool.lock);
+    }
+    const double end = now();
+    if (way == ALONE || gomp || helpers > 0) /* (the calling thread is always in the team) */
+        record(v, way, &j, end - start, j.caller_done > 0 ? end - j.caller_done : 0);
     pool.busy = 0;
     pthread_mutex_unlock(&pool.lock);
 }

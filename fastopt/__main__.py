@@ -16,7 +16,7 @@ def main(argv=None):
         return 0
     print(__doc__.strip())
     print("  demo [--out DIR] [--steps N] [--mlp-steps N]   pictures of every rule at work\n"
-          "  bench [--quick] [--rules NAME,NAME] [--threads N] [--json FILE]\n"
+          "  bench [--quick] [--rules NAME,NAME] [--threads N] [--json FILE] [--no-loop]\n"
           "  config   print the instruction set, threads and build flags")
     return 0 if argv in ([], ["-h"], ["--help"]) else 2
 

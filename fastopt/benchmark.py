@@ -329,6 +329,8 @@ def main(argv=None):
     ap.add_argument("--rules", default=None, help="comma-separated subset of " + ",".join(RULES))
     ap.add_argument("--threads", type=int, default=fastopt.get_num_threads())
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--no-loop", action="store_true", help="skip the training-loop cases (alone: "
+                    "python -m fastopt.bench_loop)")
     args = ap.parse_args(argv)
 
     fastopt.set_num_threads(args.threads)
@@ -340,6 +342,9 @@ def main(argv=None):
         rules = args.rules.split(",")
     results = []
     fastopt.show_config()
+    if not args.no_loop:  # the step where users run it leads; the isolated ceilings follow
+        from fastopt import bench_loop
+        results.append(dict(loop=bench_loop.run(args.threads, args.quick)))
     t = run_overheads(budget)
     print(f"\nPython-side costs, {IN_LOOP_RULE}, one tensor of 1e3 float32 (us per call; ratio to "
           "the step):")

@@ -1,0 +1,289 @@
+"""The optimizer step where users run it: right after a training iteration's heavy work.
+
+In isolation an optimizer step has the machine to itself.  In a training loop it runs right
+after the forward and backward passes (torch: OpenMP) or after BLAS matmuls (numpy: OpenBLAS),
+whose worker threads keep spinning on the cores for a while after their last parallel region
+(torch's ~8 ms, numpy's OpenBLAS up to ~100 ms on this machine), and a step that needs a
+second core has to get it from them.  These cases time the step at that point, and the whole
+iteration, for every implementation in the same run:
+
+- torch loop: a 2048-2048-2048-10 MLP (8.41M parameters), batch 256, Adam, float32 --
+  `fastopt.torch.Adam` against torch.optim.Adam with `fused=True` and the default (foreach).
+- numpy loop: two 2048x2048 float32 weights whose gradients come out of an `np.dot` of
+  2048x2048 inputs right before the step -- fastopt.Adam with N threads, with 1 thread, and a
+  plain in-place numpy Adam.
+
+Implementations alternate iteration by iteration (the order rotates every round), so drift on
+a shared machine hits all alike; times are medians, with the 25th-75th percentiles, and each
+ratio is also computed per block of rounds to show its spread, and over the "quiet" rounds
+alone: those in which no implementation's heavy work was slowed by other processes.
+"""
+import math
+import os
+import time
+
+import numpy as np
+
+import fastopt
+
+MLP_WIDTHS = (2048, 2048, 2048, 10)
+BATCH = 256
+MATMUL_N = 2048
+
+
+def _load():
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def time_in_loop(cases, rounds, pause_s=0.0):
+    """cases: {name: (before, step)}.  Every round runs each case's before() then step() once,
+    in an order that rotates every round.  Returns {name: {'before': [...], 'step': [...],
+    'iteration': [...]}} in seconds, one entry per round; `iteration` is before() + step() (a
+    pause between them is not counted)."""
+    names = list(cases)
+    samples = {name: {"before": [], "step": [], "iteration": []} for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            before, step = cases[name]
+            t0 = time.perf_counter()
+            before()
+            t1 = time.perf_counter()
+            if pause_s:
+                time.sleep(pause_s)
+            t2 = time.perf_counter()
+            step()
+            t3 = time.perf_counter()
+            samples[name]["before"].append(t1 - t0)
+            samples[name]["step"].append(t3 - t2)
+            samples[name]["iteration"].append((t1 - t0) + (t3 - t2))
+    return samples
+
+
+def quiet_rounds(samples, slack=1.2):
+    """The rounds in which no case's forward/backward (or matmuls) ran over `slack` times its
+    10th percentile: those that other processes on a shared machine left alone.  Both the
+    heavy work and the step use every core, so a round that slowed the one usually hit both."""
+    keep = None
+    for s in samples.values():
+        before = np.asarray(s["before"])
+        ok = before <= slack * np.percentile(before, 10)
+        keep = ok if keep is None else keep & ok
+    return keep
+
+
+def summarize(samples, blocks=5, rounds=None):
+    """Medians, quartiles, and the medians over blocks of rounds (for the spread of ratios);
+    `rounds`: a mask of the rounds to use (all by default)."""
+    out = {}
+    for name, s in samples.items():
+        out[name] = {}
+        for kind in ("step", "iteration"):
+            xs = np.asarray(s[kind])
+            if rounds is not None:
+                xs = xs[rounds]
+            out[name][kind] = dict(median=float(np.median(xs)), p25=float(np.percentile(xs, 25)),
+                                   p75=float(np.percentile(xs, 75)), n=int(xs.size),
+                                   blocks=[float(np.median(b)) for b in np.array_split(xs, min(blocks, xs.size))])
+    return out
+
+
+def ratio(summary, other, mine, kind):
+    """other's median time / mine, and its min..max over blocks (>1: `mine` is faster)."""
+    a, b = summary[other][kind], summary[mine][kind]
+    per_block = [x / y for x, y in zip(a["blocks"], b["blocks"])]
+    return a["median"] / b["median"], min(per_block), max(per_block)
+
+
+# ---- the torch loop ----
+
+def torch_loop_cases(threads, seed=0):
+    import torch
+    import fastopt.torch as ft
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, MLP_WIDTHS[0], generator=gen)
+    y = torch.randint(0, MLP_WIDTHS[-1], (BATCH,), generator=gen)
+
+    def model():
+        torch.manual_seed(seed)
+        layers = []
+        for a, b in zip(MLP_WIDTHS[:-1], MLP_WIDTHS[1:]):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        return torch.nn.Sequential(*layers[:-1])
+
+    cases = {}
+    for name, make in (("torch fused", lambda p: torch.optim.Adam(p, lr=1e-4, fused=True)),
+                       ("torch foreach", lambda p: torch.optim.Adam(p, lr=1e-4, foreach=True)),
+                       ("fastopt.torch", lambda p: ft.Adam(p, lr=1e-4))):
+        net = model()
+        opt = make(net.parameters())
+
+        def forward_backward(net=net, opt=opt):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+
+        cases[name] = (forward_backward, opt.step)
+    n_params = sum(p.numel() for p in net.parameters())
+    return cases, n_params
+
+
+# ---- the numpy loop ----
+
+def numpy_adam(params, grads, lr=1e-4, b1=0.9, b2=0.999, eps=1e-8):
+    """Adam in place with numpy ufuncs and preallocated temporaries."""
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    tmp = [np.empty_like(p) for p in params]
+    tmp2 = [np.empty_like(p) for p in params]
+    t = [0]
+
+    def step():
+        t[0] += 1
+        c1, c2 = 1 - b1 ** t[0], 1 - b2 ** t[0]
+        for p, g, m_, v_, a, b in zip(params, grads, m, v, tmp, tmp2):
+            m_ *= b1
+            np.multiply(g, 1 - b1, out=a)
+            m_ += a
+            v_ *= b2
+            np.multiply(g, g, out=a)
+            a *= 1 - b2
+            v_ += a
+            np.sqrt(v_, out=a)
+            a *= 1 / math.sqrt(c2)
+            a += eps
+            np.multiply(m_, lr / c1, out=b)
+            np.divide(b, a, out=b)
+            p -= b
+    return step
+
+
+def numpy_loop_cases(threads, seed=0):
+    rng = np.random.default_rng(seed)
+    inputs = (rng.standard_normal((MATMUL_N, MATMUL_N)) / MATMUL_N).astype(np.float32)
+    init = [(rng.standard_normal((MATMUL_N, MATMUL_N)) * 0.02).astype(np.float32) for _ in range(2)]
+
+    def make(kind):
+        params = [w.copy() for w in init]
+        grads = [np.empty_like(w) for w in init]
+
+        def matmuls():  # the gradients come out of BLAS right before the step
+            for w, g in zip(params, grads):
+                np.dot(inputs, w, out=g)
+
+        if kind == "numpy":
+            return matmuls, numpy_adam(params, grads)
+        opt = fastopt.Adam(params, lr=1e-4)
+        n = threads if kind == "many" else 1
+
+        def step():
+            fastopt.set_num_threads(n)
+            opt.step(grads)
+        return matmuls, step
+
+    cases = {f"fastopt {threads} threads": make("many"), "fastopt 1 thread": make("one"),
+             "numpy": make("numpy")}
+    return cases, 2 * MATMUL_N * MATMUL_N
+
+
+# ---- reporting ----
+
+def _ms(s):
+    return f"{s['median'] * 1e3:8.2f} ms [{s['p25'] * 1e3:6.2f}-{s['p75'] * 1e3:6.2f}]"
+
+
+def _print_table(summary, pause_summary):
+    print(f"  {'':<20}{'step right after':>29}{'whole iteration':>31}"
+          + (f"{'step after 10 ms pause':>31}" if pause_summary else ""))
+    for name, s in summary.items():
+        line = f"  {name:<20}{_ms(s['step']):>29}{_ms(s['iteration']):>31}"
+        if pause_summary:
+            line += f"{_ms(pause_summary[name]['step']):>31}"
+        print(line)
+
+
+def _print_ratios(summaries, lines):
+    """lines: (other, mine, kind, what); each ratio over all rounds and over the quiet ones."""
+    quiet = summaries.get("quiet")
+    for other, mine, kind, what in lines:
+        r, lo, hi = ratio(summaries["all"], other, mine, kind)
+        text = f"  {what}: {r:.2f}x (blocks of rounds {lo:.2f}-{hi:.2f})"
+        if quiet:
+            q, qlo, qhi = ratio(quiet, other, mine, kind)
+            text += f"; quiet rounds {q:.2f}x ({qlo:.2f}-{qhi:.2f})"
+        print(text)
+
+
+def _measure(cases, rounds, pause):
+    for before, step in cases.values():  # warm up: first steps build state and plans
+        for _ in range(2):
+            before()
+            step()
+    samples = time_in_loop(cases, rounds)
+    quiet = quiet_rounds(samples)
+    out = {"all": summarize(samples), "rounds": rounds, "quiet_rounds": int(quiet.sum())}
+    if quiet.sum() >= 5:
+        out["quiet"] = summarize(samples, rounds=quiet)
+    if pause:
+        out["pause"] = summarize(time_in_loop(cases, max(5, rounds // 3), pause_s=0.01))
+    _print_table(out["all"], out.get("pause"))
+    print(f"  quiet rounds (no case's heavy work over 1.2x its 10th percentile): "
+          f"{out['quiet_rounds']} of {rounds}")
+    return out
+
+
+def run(threads=None, quick=False, pause=None, seed=0):
+    """Both loops; prints their tables and returns the summaries."""
+    threads = threads or fastopt.get_num_threads()
+    saved = fastopt.get_num_threads()
+    pause = (not quick) if pause is None else pause
+    results = {"threads": threads}
+    print(f"In a training loop: the step right after the iteration's heavy work, {threads} threads "
+          "(medians [25th-75th percentiles]; ratios: the other's time / fastopt's)")
+    try:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("  torch loop: skipped (no torch)")
+        else:
+            cases, n_params = torch_loop_cases(threads, seed)
+            rounds = 30 if quick else 150
+            print(f"torch loop: MLP {'-'.join(map(str, MLP_WIDTHS))} ({n_params / 1e6:.2f}M "
+                  f"parameters), batch {BATCH}, Adam float32, {rounds} interleaved iterations "
+                  f"each; load average {_load()}")
+            results["torch"] = m = _measure(cases, rounds, pause)
+            m["n_params"] = n_params
+            _print_ratios(m, [
+                ("torch fused", "fastopt.torch", "step", "step after backward, torch fused / fastopt.torch"),
+                ("torch foreach", "fastopt.torch", "step", "step after backward, torch foreach / fastopt.torch"),
+                ("torch fused", "fastopt.torch", "iteration", "whole iteration, torch fused / fastopt.torch")])
+        cases, n = numpy_loop_cases(threads, seed)
+        rounds = 14 if quick else 60
+        many = f"fastopt {threads} threads"
+        print(f"numpy loop: two {MATMUL_N}x{MATMUL_N} float32 weights, np.dot of {MATMUL_N}x{MATMUL_N} "
+              f"inputs with each, then Adam; {rounds} interleaved iterations each; load average {_load()}")
+        results["numpy"] = m = _measure(cases, rounds, pause)
+        m["elements"] = n
+        _print_ratios(m, [
+            ("fastopt 1 thread", many, "step", f"step after matmuls, fastopt 1 thread / {threads} threads"),
+            ("numpy", many, "step", f"step after matmuls, numpy / fastopt {threads} threads"),
+            ("fastopt 1 thread", many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")])
+    finally:
+        fastopt.set_num_threads(saved)
+    print(flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--pause", action="store_true", help="also time the step after a 10 ms pause")
+    a = ap.parse_args()
+    run(a.threads, a.quick, pause=a.pause or None)
