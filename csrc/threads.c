@@ -58,7 +58,7 @@
 /* Below this many elements a call stays on the calling thread: waking a sleeping worker costs
  * tens of microseconds on a VM, about what a two-buffer rule takes for this many float32 elements. */
 #define FO_PARALLEL_MIN ((size_t)131072)
-#define FO_MAX_PIECE ((size_t)16384) /* ~0.5 MB of Adam's float32 streams per claim */
+#define FO_MAX_PIECE ((size_t)16384) /* ~0.5 MB of a two-state rule's float32 streams per claim */
 #define FO_MIN_PIECE ((size_t)2048)  /* the pieces the end of a call is cut into */
 #define FO_MAX_THREADS 256
 #define FO_SPIN_NS 1000000L         /* how long an idle worker polls before it sleeps */

@@ -7,24 +7,25 @@ whose worker threads keep spinning on the cores for a while after their last par
 second core has to get it from them.  These cases time the step at that point, and the whole
 iteration, for every implementation in the same run:
 
-- torch loop: a 2048-2048-2048-10 MLP (8.41M parameters), batch 256, Adam, float32 --
-  `fastopt.torch.Adam` against torch.optim.Adam with `fused=True` and the default (foreach).
+- torch loop: a 2048-2048-2048-10 MLP (8.41M parameters), batch 256, float32, the rule
+  `benchmark.IN_LOOP_RULE` -- fastopt.torch's class against torch.optim's with `fused=True` and
+  the default (foreach).
 - numpy loop: two 2048x2048 float32 weights whose gradients come out of an `np.dot` of
-  2048x2048 inputs right before the step -- fastopt.Adam with N threads, with 1 thread, and a
-  plain in-place numpy Adam.
+  2048x2048 inputs right before the step -- the same rule in fastopt with N threads, with 1
+  thread, and in plain in-place numpy.
 
 Implementations alternate iteration by iteration (the order rotates every round), so drift on
 a shared machine hits all alike; times are medians, with the 25th-75th percentiles, and each
 ratio is also computed per block of rounds to show its spread, and over the "quiet" rounds
 alone: those in which no implementation's heavy work was slowed by other processes.
 """
-import math
 import os
 import time
 
 import numpy as np
 
 import fastopt
+from fastopt.benchmark import IN_LOOP_RULE, numpy_runner
 
 MLP_WIDTHS = (2048, 2048, 2048, 10)
 BATCH = 256
@@ -117,9 +118,10 @@ def torch_loop_cases(threads, seed=0):
         return torch.nn.Sequential(*layers[:-1])
 
     cases = {}
-    for name, make in (("torch fused", lambda p: torch.optim.Adam(p, lr=1e-4, fused=True)),
-                       ("torch foreach", lambda p: torch.optim.Adam(p, lr=1e-4, foreach=True)),
-                       ("fastopt.torch", lambda p: ft.Adam(p, lr=1e-4))):
+    torch_class, fastopt_class = getattr(torch.optim, IN_LOOP_RULE), getattr(ft, IN_LOOP_RULE)
+    for name, make in (("torch fused", lambda p: torch_class(p, lr=1e-4, fused=True)),
+                       ("torch foreach", lambda p: torch_class(p, lr=1e-4, foreach=True)),
+                       ("fastopt.torch", lambda p: fastopt_class(p, lr=1e-4))):
         net = model()
         opt = make(net.parameters())
 
@@ -133,34 +135,6 @@ def torch_loop_cases(threads, seed=0):
 
 
 # ---- the numpy loop ----
-
-def numpy_adam(params, grads, lr=1e-4, b1=0.9, b2=0.999, eps=1e-8):
-    """Adam in place with numpy ufuncs and preallocated temporaries."""
-    m = [np.zeros_like(p) for p in params]
-    v = [np.zeros_like(p) for p in params]
-    tmp = [np.empty_like(p) for p in params]
-    tmp2 = [np.empty_like(p) for p in params]
-    t = [0]
-
-    def step():
-        t[0] += 1
-        c1, c2 = 1 - b1 ** t[0], 1 - b2 ** t[0]
-        for p, g, m_, v_, a, b in zip(params, grads, m, v, tmp, tmp2):
-            m_ *= b1
-            np.multiply(g, 1 - b1, out=a)
-            m_ += a
-            v_ *= b2
-            np.multiply(g, g, out=a)
-            a *= 1 - b2
-            v_ += a
-            np.sqrt(v_, out=a)
-            a *= 1 / math.sqrt(c2)
-            a += eps
-            np.multiply(m_, lr / c1, out=b)
-            np.divide(b, a, out=b)
-            p -= b
-    return step
-
 
 def numpy_loop_cases(threads, seed=0):
     rng = np.random.default_rng(seed)
@@ -176,8 +150,8 @@ def numpy_loop_cases(threads, seed=0):
                 np.dot(inputs, w, out=g)
 
         if kind == "numpy":
-            return matmuls, numpy_adam(params, grads)
-        opt = fastopt.Adam(params, lr=1e-4)
+            return matmuls, numpy_runner(IN_LOOP_RULE, params, grads)
+        opt = getattr(fastopt, IN_LOOP_RULE)(params, lr=1e-4)
         n = threads if kind == "many" else 1
 
         def step():
@@ -253,7 +227,7 @@ def run(threads=None, quick=False, pause=None, seed=0):
             cases, n_params = torch_loop_cases(threads, seed)
             rounds = 30 if quick else 150
             print(f"torch loop: MLP {'-'.join(map(str, MLP_WIDTHS))} ({n_params / 1e6:.2f}M "
-                  f"parameters), batch {BATCH}, Adam float32, {rounds} interleaved iterations "
+                  f"parameters), batch {BATCH}, {IN_LOOP_RULE} float32, {rounds} interleaved iterations "
                   f"each; load average {_load()}")
             results["torch"] = m = _measure(cases, rounds, pause)
             m["n_params"] = n_params
@@ -265,7 +239,7 @@ def run(threads=None, quick=False, pause=None, seed=0):
         rounds = 14 if quick else 60
         many = f"fastopt {threads} threads"
         print(f"numpy loop: two {MATMUL_N}x{MATMUL_N} float32 weights, np.dot of {MATMUL_N}x{MATMUL_N} "
-              f"inputs with each, then Adam; {rounds} interleaved iterations each; load average {_load()}")
+              f"inputs with each, then {IN_LOOP_RULE}; {rounds} interleaved iterations each; load average {_load()}")
         results["numpy"] = m = _measure(cases, rounds, pause)
         m["elements"] = n
         _print_ratios(m, [
