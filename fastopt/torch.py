@@ -711,6 +711,67 @@ for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam):
 del _cls
 
 
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    """torch.nn.utils.clip_grad_norm_, same signature and result, as one multi-threaded C
+    reduction over all gradients (fastopt's fo_norm, in double with a fixed summation order)
+    and, when the factor is below 1, one multi-threaded C scaling pass.
+
+    total_norm = (sum over every gradient element of |g|^p)^(1/p) (p = norm_type; inf: the max
+    of |g|; 0: torch's count of gradients with a nonzero element), returned as a 0-d tensor of
+    the gradients' dtype (float64 if any is); then g <- g min(1, max_norm / (total_norm + 1e-6)),
+    the factor computed as torch computes it.  error_if_nonfinite: RuntimeError (torch's) if the
+    total norm is inf or NaN, before any gradient changes.  `foreach` is accepted and ignored.
+    Gradients that are not dense contiguous float32/float64 CPU tensors, and negative norm
+    types, are handed to torch's own function."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        parameters = list(parameters)
+    p = float(norm_type)
+    gathered = (_kernels.gather_grads(parameters, torch.Tensor, torch.float32, torch.float64)
+                if p >= 0.0 else None)
+    if gathered is None:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type,
+                                              error_if_nonfinite, foreach)
+    max_norm = float(max_norm)
+    tables, grads = gathered[:2], gathered[2]
+    if not grads:
+        return torch.tensor(0.0)
+    total, nonzero_tensors = (-math.inf if math.isinf(p) else 0.0), 0
+    for f64, (addresses, sizes) in enumerate(tables):
+        if not addresses:
+            continue
+        per_tensor, sum_, _ = _kernels.norms(addresses, sizes, p, bool(f64))
+        if math.isinf(p):
+            total = sum_ if math.isnan(sum_) or sum_ > total else total
+        else:
+            total += sum_
+        nonzero_tensors += sum(1 for x in per_tensor if x != 0.0)
+    if p == 0.0:  # torch: the 0-"norm" of the per-tensor counts
+        total = float(nonzero_tensors)
+    elif p == 2.0:
+        total = math.sqrt(total)
+    elif not math.isinf(p) and p != 1.0:
+        total = total ** (1.0 / p)
+    total_norm = torch.tensor(total, dtype=torch.float64 if tables[1][0] else torch.float32)
+    if error_if_nonfinite and not math.isfinite(total_norm.item()):
+        raise RuntimeError(
+            f"The total norm of order {p} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite "
+            "norm anyway, set `error_if_nonfinite=False`")
+    factor = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0).item()
+    if factor != 1.0:  # (multiplying by 1 changes no bit)
+        for f64, (addresses, sizes) in enumerate(tables):
+            if addresses:
+                _kernels.scale(addresses, sizes, factor, bool(f64))
+        torch.autograd.graph.increment_version(grads)
+    return total_norm
+
+
+__all__ += ["clip_grad_norm_"]
+
+
 # each parameter stepped by its own hook as soon as its gradient is ready (fastopt/torch_in_backward.py)
 from fastopt.torch_in_backward import InBackwardOptimizer, step_in_backward  # noqa: E402
 

@@ -121,7 +121,7 @@ def test_total_norm_is_identical_for_any_thread_count(rng):
             opt = fastopt.SGD([p.copy() for p in params], lr=0.1)
             for _ in range(3):  # the validating path, then planned steps
                 norms.add(opt.step(grads, compute_norm=True).total_norm)
-            norms.add(_kernels.norms([(g.ctypes.data, g.size) for g in grads], 2.0, False)[1] ** 0.5)
+            norms.add(_kernels.norms([g.ctypes.data for g in grads], [g.size for g in grads], 2.0, False)[1] ** 0.5)
     finally:
         fastopt.set_num_threads(before)
     assert len(norms) == 1
@@ -132,7 +132,7 @@ def test_total_norm_is_identical_for_any_thread_count(rng):
 def test_the_reduction_pass_for_every_norm_type(dtype, rng):
     arrays = [rng.standard_normal(n).astype(dtype) for n in (1, 4095, 4097, 20000, 0)]
     arrays[2][::7] = 0
-    pairs = [(a.ctypes.data, a.size) for a in arrays]
+    pairs = [a.ctypes.data for a in arrays], [a.size for a in arrays]
     f64 = dtype == np.float64
     as64 = [a.astype(np.float64) for a in arrays]
     for p, per, combine in [
@@ -140,19 +140,19 @@ def test_the_reduction_pass_for_every_norm_type(dtype, rng):
             (3.5, lambda a: (np.abs(a) ** 3.5).sum(), sum),
             (0.0, lambda a: float(np.count_nonzero(a)), sum),
             (np.inf, lambda a: np.abs(a).max(initial=0.0), max)]:
-        sums, total, nonfinite = _kernels.norms(pairs, p, f64)
+        sums, total, nonfinite = _kernels.norms(*pairs, p, f64)
         expected = [per(a) for a in as64]
         np.testing.assert_allclose(sums, expected, rtol=1e-12)
         assert total == pytest.approx(combine(expected), rel=1e-12)
         assert nonfinite is False
     for bad, p in [(np.inf, 2.0), (np.nan, 2.0), (np.nan, np.inf), (np.inf, np.inf), (np.inf, 1.0)]:
         arrays[3][1234] = bad
-        sums, total, nonfinite = _kernels.norms(pairs, p, f64)
+        sums, total, nonfinite = _kernels.norms(*pairs, p, f64)
         assert nonfinite is True
         assert np.isnan(total) if np.isnan(bad) else total == np.inf
         arrays[3][1234] = 0.5
     with pytest.raises(ValueError):
-        _kernels.norms(pairs, -1.0, f64)
+        _kernels.norms(*pairs, -1.0, f64)
 
 
 @pytest.mark.parametrize("kwargs", [
