@@ -68,6 +68,8 @@ cdef class Batch:
     cdef double *scratch    # the reduction's per-tensor results
     cdef Hyper hyper
     cdef Py_ssize_t step_offset  # of the struct's `step` field, or -1
+    cdef Schedule schedule       # the group's lr schedule, or None
+    cdef Py_ssize_t lr_offset    # of the struct's `lr` field, where the schedule's value goes
     cdef int64_t step
     cdef list params, states, indices, buffers
     cdef readonly tuple slots
@@ -157,6 +159,11 @@ cdef class Batch:
             self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>g)
         return True
 
+    def set_schedule(self, Schedule schedule):
+        """lr = schedule(step) written into the struct before every C call."""
+        self.schedule = schedule
+        self.lr_offset = self.rule.double_offsets["lr"]
+
     cdef int reduce_into(self, StepOptions options) except -1:
         """The reduction pass over this batch's gradients (taken by take_grads)."""
         return options.add(self.f64, self.count, self.ptrs[1], self.sizes, self.index,
@@ -169,6 +176,8 @@ cdef class Batch:
         cdef const fo_step_options *opt = &options.c if options is not None else NULL
         if self.step_offset >= 0:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
+        if self.schedule is not None:
+            (<double *>(<char *>hp + self.lr_offset))[0] = self.schedule.at(next_step)
         with nogil:
             status = _run_with(self.rule.id, self.f64, self.count, self.ptrs, self.n_bufs,
                                self.sizes, hp, opt)
@@ -237,7 +246,7 @@ cdef class Plan:
     direct: the hyperparameters that are one C field each, of the same name, holding a real
     number (lr, eps, ...): a change to them is written straight into the group's Hyper.
     """
-    cdef list groups, group_lists, batches, params, hypers, versions
+    cdef list groups, group_lists, batches, params, hypers, versions, scheduled
     cdef dict state
     cdef frozenset direct
     cdef _Spans written
@@ -246,6 +255,7 @@ cdef class Plan:
         self.groups = groups
         self.group_lists = [g["params"] for g in groups]
         self.versions = [getattr(g, "version", -1) for g in groups]
+        self.scheduled = [type(g.get("lr")) is Schedule for g in groups]
         self.params = [p for g in groups for p in g["params"]]
         self.state = state
         self.batches = batches
@@ -284,6 +294,8 @@ cdef class Plan:
         cdef Hyper old = self.hypers[k], new
         cdef unsigned uses = old.uses, new_uses
         cdef double saved[64]
+        if "lr" in g.changed and (self.scheduled[k] or type(g.get("lr")) is Schedule):
+            return 0  # a schedule set or replaced: the batches are built again
         if g.changed <= self.direct:
             memcpy(saved, old.storage, sizeof(saved))
             offsets = old.rule.double_offsets

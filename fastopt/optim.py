@@ -155,6 +155,8 @@ class Optimizer:
                 batch = _kernels.Batch(self.rule.crule, [params[j] for j in indices],
                                        [self.state[j] for j in indices], indices, hyper, step)
                 batch.group_index = group_index
+                if isinstance(hp["lr"], _kernels.Schedule):
+                    batch.set_schedule(hp["lr"])
                 batches.append(batch)
         plan = _kernels.Plan(self.param_groups, self.state, batches, hypers, self.rule.direct)
         if all(isinstance(g, ParamGroup) for g in self.param_groups):
