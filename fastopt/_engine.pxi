@@ -68,6 +68,9 @@ cdef class Batch:
     cdef double *scratch    # the reduction's per-tensor results
     cdef Hyper hyper
     cdef Py_ssize_t step_offset  # of the struct's `step` field, or -1
+    cdef void **ema              # per tensor its state's EMA buffer (set_ema), or NULL
+    cdef double ema_decay
+    cdef list emas
     cdef Schedule schedule       # the group's lr schedule, or None
     cdef Py_ssize_t lr_offset    # of the struct's `lr` field, where the schedule's value goes
     cdef int64_t step
@@ -117,6 +120,7 @@ cdef class Batch:
         free(self.sizes)
         free(self.index)
         free(self.scratch)
+        free(self.ema)
         for k in range(8):
             free(self.ptrs[k])
 
@@ -133,6 +137,11 @@ cdef class Batch:
             s = self.states[t]
             if state.get(i) is not s or s.step != self.step:
                 return False
+            if self.ema != NULL:
+                e = s.ema
+                if e is not self.emas[t] or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>e) \
+                        or cnp.PyArray_DATA(<cnp.ndarray>e) != self.ema[t]:
+                    return False
             bufs = self.buffers[t]
             for k, name in enumerate(self.rule.state):
                 b = getattr(s, name)
@@ -159,6 +168,17 @@ cdef class Batch:
             self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>g)
         return True
 
+    def set_ema(self, double decay):
+        """Update each state's `ema` buffer in the same pass as the rule."""
+        cdef Py_ssize_t t
+        self.emas = [s.ema for s in self.states]
+        self.ema = <void **>calloc(max(self.count, 1), sizeof(void *))
+        if self.ema == NULL:
+            raise MemoryError()
+        for t in range(self.count):
+            self.ema[t] = cnp.PyArray_DATA(<cnp.ndarray>self.emas[t])
+        self.ema_decay = decay
+
     def set_schedule(self, Schedule schedule):
         """lr = schedule(step) written into the struct before every C call."""
         self.schedule = schedule
@@ -173,7 +193,13 @@ cdef class Batch:
         cdef int status
         cdef int64_t next_step = self.step + 1
         cdef void *hp = self.hyper.data()
+        cdef fo_step_options with_ema
         cdef const fo_step_options *opt = &options.c if options is not None else NULL
+        if self.ema != NULL:
+            with_ema.grad_multiplier = options.c.grad_multiplier if options is not None else 1.0
+            with_ema.ema = self.ema
+            with_ema.ema_decay = self.ema_decay
+            opt = &with_ema
         if self.step_offset >= 0:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
         if self.schedule is not None:
