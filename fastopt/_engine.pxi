@@ -566,11 +566,13 @@ cdef class _Table:
         for t in range(self.count):
             self.n[t] = sizes[t]
 
-    cdef int run(self, CRule rule, Hyper hyper) except -1:
+    cdef int run(self, CRule rule, Hyper hyper, double grad_multiplier=1.0) except -1:
         cdef int status
+        cdef fo_step_options opt
+        opt.grad_multiplier, opt.ema, opt.ema_decay = grad_multiplier, NULL, 0.0
         with nogil:
-            status = _run(rule.id, self.f64, self.count, self.ptrs, self.n_bufs, self.n,
-                          hyper.data())
+            status = _run_with(rule.id, self.f64, self.count, self.ptrs, self.n_bufs, self.n,
+                               hyper.data(), &opt if grad_multiplier != 1.0 else NULL)
         return _raise_for(status, hyper)
 
     def __dealloc__(self):
@@ -609,8 +611,9 @@ cdef class ObjectPlan:
         self.mark_written = mark_written
         self.written = written
 
-    def run(self, front, key_of):
-        """One step, or False (nothing changed) if the plan no longer fits."""
+    def run(self, front, key_of, double grad_multiplier=1.0):
+        """One step, or False (nothing changed) if the plan no longer fits.  grad_multiplier:
+        every gradient is multiplied by it first (GradScaler's unscaling), in the C call."""
         if front.param_groups is not self.groups_list or front.state is not self.state \
                 or len(self.groups_list) != len(self.groups):
             return False
@@ -653,14 +656,18 @@ cdef class ObjectPlan:
                 for t in range(table.count):
                     table.ptrs[1][t] = <void *><uintptr_t>addresses[<Py_ssize_t>table.indices[t]]
                 step = front.advance_planned(hp, table.states, table.counters, table.step)
-                table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])))
+                table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])),
+                          grad_multiplier)
                 table.step = front.planned_step_after(hp, step)
         self.mark_written(self.written)
         return True
 
 
-def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields):
+def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields,
+                  double grad_multiplier=1.0):
     """One C call over raw buffer addresses (fastopt.torch's validating path: its tensors are
     not numpy arrays): addresses[k] lists buffer k's address for every tensor (param, grad,
-    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's."""
-    _Table(f64, list(range(len(sizes))), sizes, addresses).run(rule, Hyper(rule, fields))
+    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's;
+    every gradient multiplied by grad_multiplier first."""
+    _Table(f64, list(range(len(sizes))), sizes, addresses).run(rule, Hyper(rule, fields),
+                                                               grad_multiplier)

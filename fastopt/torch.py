@@ -130,6 +130,10 @@ class _Fastopt:
     kernel = ""
     ranges = (_LR, _WEIGHT_DECAY)
     flags = ("maximize",)
+    # torch.amp.GradScaler's fused protocol: it sets grad_scale and found_inf (0-d tensors) on
+    # the optimizer instead of unscaling; step() skips on found_inf and unscales inside the
+    # update's C call (the multiplier 1 / grad_scale folded into the rule's scalars)
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, *args, **kwargs):
         for flag in _UNSUPPORTED_FLAGS:
@@ -197,15 +201,22 @@ class _Fastopt:
                 # inside the lock: the step applies exactly the gradients its closure computed
                 with torch.enable_grad():
                     loss = closure()
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is not None and float(found_inf) != 0.0:
+                return loss  # as torch's fused step: nothing changes, step counts included
+            grad_scale = getattr(self, "grad_scale", None)
+            multiplier = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+            if not math.isfinite(multiplier) or multiplier < 0.0:
+                raise ValueError(f"grad_scale must be finite and > 0, got {float(grad_scale)}")
             plan = self.__dict__.get("_plan")
-            if plan is not None and plan.run(self, _group_key):
+            if plan is not None and plan.run(self, _group_key, multiplier):
                 return loss
             # everything is validated before anything changes
             work = [self._prepare_group(index, group)
                     for index, group in enumerate(self.param_groups)]
             for hp, members in work:
                 if members:
-                    self._step_group(hp, members)
+                    self._step_group(hp, members, multiplier)
             self._plan = self._make_plan([hp for hp, _ in work])
             return loss
 
@@ -428,7 +439,7 @@ class _Fastopt:
     def kernel_args(self, hp, step, state):
         raise NotImplementedError
 
-    def _step_group(self, hp, members):
+    def _step_group(self, hp, members, multiplier=1.0):
         """Creates missing state, advances the counters and updates one validated group."""
         slots = self.slots(hp)
         keep = self.keeps_state(hp)
@@ -452,9 +463,10 @@ class _Fastopt:
             key = (_KERNEL_DTYPES[p.dtype], t, self.batch_extra(state))
             batches.setdefault(key, []).append((local_p, local_g, state))
         for (dtype, t, _), batch in batches.items():
-            self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]))
+            self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]),
+                             multiplier)
 
-    def _run_kernel(self, dtype, step, slots, batch, kernel_args):
+    def _run_kernel(self, dtype, step, slots, batch, kernel_args, multiplier=1.0):
         """One C call over a batch of (param, grad, state) of one real dtype and step number,
         all validated, param and grad local (a DTensor's shard); complex tensors go in as their
         real and imaginary parts."""
@@ -464,7 +476,7 @@ class _Fastopt:
         addresses += [None if b is None else [t.data_ptr() for t in b] for b in buffers]
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, _, _ in batch]
         _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                               sizes, kernel_args)
+                               sizes, kernel_args, multiplier)
         # the kernels write memory directly: tell autograd about the parameters, as an in-place
         # op would (what a graph may have saved; the state buffers are the optimizer's own)
         torch.autograd.graph.increment_version([p for p, _, _ in batch])
