@@ -176,7 +176,7 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
  * FO_ERR_HYPERPARAM (err->field "p") for p < 0 or NaN; FO_ERR_DTYPE, FO_ERR_NULL as fo_step.
  */
 #define FO_NORM_BLOCK 4096
-#define FO_NORM_LANES 16
+#define FO_NORM_LANES 32
 int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, double *total,
             int *nonfinite, fo_error *err);
 
