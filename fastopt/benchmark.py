@@ -412,6 +412,9 @@ def main(argv=None):
                 print(f"{rule:<13}{case:>22} {t['fastopt.torch'] * 1e6:>11.1f} {ratio('torch for-loop')} "
                       f"{ratio('torch foreach')} {ratio('torch fused')}", flush=True)
                 results.append(dict(rule=rule, label=case, dropin=True, times=t))
+    # the whole training step: clipping, the reduction pass, GradScaler, schedules (issue 13)
+    from fastopt import bench_step
+    results.append(dict(training_step=bench_step.run(args.threads, args.quick, budget)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
