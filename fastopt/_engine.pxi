@@ -512,35 +512,67 @@ cdef class _Table:
             free(self.ptrs[k])
 
 
+cdef class _Member:
+    """One parameter of a planned group: what the plan expects of it, and where its gradient's
+    address goes (slot `slot` of `table`'s gradient pointers; no table without a gradient)."""
+    cdef object param
+    cdef bint has_grad
+    cdef uintptr_t address
+    cdef size_t nbytes
+    cdef _Table table
+    cdef Py_ssize_t slot
+
+
 cdef class ObjectPlan:
     """The engine's planned step for parameters that are not numpy arrays (fastopt.torch's
     tensors): built by the front end after a fully validated step, it checks at C speed, on
     later steps, what can change (the same groups, hyperparameter values, state, parameters
     and their addresses; which parameters have a gradient; each gradient dense, contiguous, and
-    where it is; a sparse gradient is never contiguous), then asks the front end to advance its counters and give each batch's C
-    fields, and makes one C call per batch.  run() returns False, having changed nothing, when
-    anything differs: the front end then validates and plans again.
+    where it is; a sparse gradient is never contiguous), then asks the front end to advance its
+    counters and give each batch's C fields, and makes one C call per batch.  run() returns
+    False, having changed nothing, when anything differs: the front end then validates and
+    plans again.
 
-    front: the optimizer (param_groups, state, advance(states, hp), kernel_args(hp, t, state));
+    front: the optimizer (param_groups, state, advance_planned, kernel_args, planned_step_after);
     groups: per param group (group dict, hp, key values, params list, members [(param, has
-    grad, address, state)], batches [_Table], keeps_state); mark_written(written): tells
-    autograd which tensors the kernels wrote.
+    grad, address, state, bytes)], batches [_Table] whose indices count the members with a
+    gradient, keeps_state); mark_written(written): tells autograd which tensors the kernels
+    wrote.
     """
     cdef CRule rule
-    cdef object groups_list, state, strided, mark_written, written
-    cdef list groups
+    cdef object groups_list, state, mark_written, written
+    cdef list groups, members
     cdef _Spans spans
 
-    def __cinit__(self, CRule rule, front, list groups, strided, mark_written, list written,
+    def __cinit__(self, CRule rule, front, list groups, mark_written, list written,
                   list written_spans):
         self.rule = rule
         self.spans = _Spans(written_spans)
         self.groups_list = front.param_groups
         self.state = front.state
         self.groups = groups
-        self.strided = strided
         self.mark_written = mark_written
         self.written = written
+        self.members = [self._members(g[4], g[5]) for g in groups]
+
+    @staticmethod
+    def _members(list described, list tables):
+        cdef _Table table
+        cdef _Member m
+        cdef Py_ssize_t t
+        where = {}  # a gradient's position among the group's gradients -> (table, slot)
+        for table in tables:
+            for t in range(table.count):
+                where[table.indices[t]] = (table, t)
+        members, with_grad = [], 0
+        for p, has_grad, address, _, nbytes in described:
+            m = _Member()
+            m.param, m.has_grad, m.address, m.nbytes = p, has_grad, address, nbytes
+            if has_grad:
+                m.table, m.slot = where[with_grad]
+                with_grad += 1
+            members.append(m)
+        return members
 
     def run(self, front, key_of):
         """One step, or False (nothing changed) if the plan no longer fits."""
@@ -549,42 +581,42 @@ cdef class ObjectPlan:
             return False
         cdef Py_ssize_t gi, t
         cdef _Table table
-        cdef list grads = []  # per group: each with-grad member's gradient address
+        cdef _Member m
+        cdef list members, params_list
+        cdef uintptr_t at
+        # every check first; a gradient's address goes straight into its table, which only a
+        # complete pass of checks lets run
         for gi in range(len(self.groups)):
-            group, hp, key, params_list, members, tables, keep = self.groups[gi]
+            group, _, key, params_list, _, _, _ = self.groups[gi]
             g = self.groups_list[gi]
             if g is not group or g["params"] is not params_list or key_of(g) != key:
                 return False
+            members = self.members[gi]
             if len(params_list) != len(members):
                 return False
-            addresses = []
             for t in range(len(members)):
-                p, present, address, _, nbytes = members[t]
+                m = members[t]
+                p = m.param
                 if params_list[t] is not p:
                     return False
                 grad = p.grad
                 if grad is None:
-                    if present:
+                    if m.has_grad:
                         return False
                     continue
                 try:  # a sparse COO gradient says False; a CSR one raises
-                    dense = grad.is_contiguous()
+                    if not m.has_grad or not grad.is_contiguous() or p.data_ptr() != m.address:
+                        return False
                 except RuntimeError:
                     return False
-                if not present or not dense or p.data_ptr() != address:
-                    return False
                 at = grad.data_ptr()
-                if self.spans.hits(<size_t>at, <size_t>nbytes):
+                if self.spans.hits(<size_t>at, m.nbytes):
                     return False
-                addresses.append(at)
-            grads.append(addresses)
+                m.table.ptrs[1][m.slot] = <void *>at
         # every gradient fits: this is the step
         for gi in range(len(self.groups)):
             hp = self.groups[gi][1]
-            addresses = grads[gi]
             for table in self.groups[gi][5]:
-                for t in range(table.count):
-                    table.ptrs[1][t] = <void *><uintptr_t>addresses[<Py_ssize_t>table.indices[t]]
                 step = front.advance_planned(hp, table.states, table.counters, table.step)
                 table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])))
                 table.step = front.planned_step_after(hp, step)

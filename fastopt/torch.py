@@ -254,7 +254,7 @@ class _Fastopt:
             groups.append((group, hp, key, group["params"], members, tables, keep))
         states_written = [t for *_, state, _ in (m for g in groups for m in g[4])
                           if state for t in state.values() if isinstance(t, torch.Tensor)]
-        return _kernels.ObjectPlan(_kernels.RULES[self.kernel], self, groups, torch.strided,
+        return _kernels.ObjectPlan(_kernels.RULES[self.kernel], self, groups,
                                    torch.autograd.graph.increment_version, written,
                                    [_span(t) for t in written + states_written])
 
