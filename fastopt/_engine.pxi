@@ -512,6 +512,21 @@ cdef class _Table:
             free(self.ptrs[k])
 
 
+cdef bint _same_values(dict group, tuple key):
+    """Does a param group still hold key's (name, value) pairs, and nothing else but its params?
+    (Identity first: a value nobody reassigned is the same object.)"""
+    if len(group) != len(key) + 1:
+        return False
+    for name, value in key:
+        now = group.get(name, _MISSING)
+        if now is not value and (type(now) is not type(value) or now != value):
+            return False
+    return True
+
+
+cdef object _MISSING = object()
+
+
 cdef class _Member:
     """One parameter of a planned group: what the plan expects of it, and where its gradient's
     address goes (slot `slot` of `table`'s gradient pointers; no table without a gradient)."""
@@ -541,7 +556,7 @@ cdef class ObjectPlan:
     """
     cdef CRule rule
     cdef object groups_list, state, mark_written, written
-    cdef list groups, members
+    cdef list groups, members, hps, keys
     cdef _Spans spans
 
     def __cinit__(self, CRule rule, front, list groups, mark_written, list written,
@@ -554,6 +569,8 @@ cdef class ObjectPlan:
         self.mark_written = mark_written
         self.written = written
         self.members = [self._members(g[4], g[5]) for g in groups]
+        self.hps = [g[1] for g in groups]
+        self.keys = [g[2] for g in groups]
 
     @staticmethod
     def _members(list described, list tables):
@@ -575,7 +592,10 @@ cdef class ObjectPlan:
         return members
 
     def run(self, front, key_of):
-        """One step, or False (nothing changed) if the plan no longer fits."""
+        """One step, or False (nothing changed) if the plan no longer fits.  A group whose
+        values changed (an lr schedule) is re-checked by front.refreshed_hyperparameters(index,
+        group, hp), which raises for an invalid value or returns None when the change reaches
+        the plan's tables (another state buffer); the tables stay otherwise."""
         if front.param_groups is not self.groups_list or front.state is not self.state \
                 or len(self.groups_list) != len(self.groups):
             return False
@@ -587,10 +607,16 @@ cdef class ObjectPlan:
         # every check first; a gradient's address goes straight into its table, which only a
         # complete pass of checks lets run
         for gi in range(len(self.groups)):
-            group, _, key, params_list, _, _, _ = self.groups[gi]
+            group, _, _, params_list, _, _, _ = self.groups[gi]
             g = self.groups_list[gi]
-            if g is not group or g["params"] is not params_list or key_of(g) != key:
+            if g is not group or g["params"] is not params_list:
                 return False
+            if not _same_values(g, self.keys[gi]):
+                key = key_of(g)
+                hp = front.refreshed_hyperparameters(gi, g, self.hps[gi]) if key else None
+                if hp is None:
+                    return False
+                self.hps[gi], self.keys[gi] = hp, key
             members = self.members[gi]
             if len(params_list) != len(members):
                 return False
@@ -615,7 +641,7 @@ cdef class ObjectPlan:
                 m.table.ptrs[1][m.slot] = <void *>at
         # every gradient fits: this is the step
         for gi in range(len(self.groups)):
-            hp = self.groups[gi][1]
+            hp = self.hps[gi]
             for table in self.groups[gi][5]:
                 step = front.advance_planned(hp, table.states, table.counters, table.step)
                 table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])))
