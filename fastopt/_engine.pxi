@@ -64,6 +64,8 @@ cdef class Batch:
     cdef int n_bufs
     cdef void **ptrs[8]
     cdef size_t *sizes
+    cdef Py_ssize_t *index  # each tensor's parameter index (indices), for the reduction pass
+    cdef double *scratch    # the reduction's per-tensor results
     cdef Hyper hyper
     cdef Py_ssize_t step_offset  # of the struct's `step` field, or -1
     cdef int64_t step
@@ -82,6 +84,10 @@ cdef class Batch:
         self.step = step
         self.step_offset = rule.step_offset
         self.sizes = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
+        self.index = <Py_ssize_t *>calloc(max(self.count, 1), sizeof(Py_ssize_t))
+        self.scratch = <double *>calloc(max(self.count, 1), sizeof(double))
+        if self.index == NULL or self.scratch == NULL:
+            raise MemoryError()
         cdef Py_ssize_t k, t
         for k in range(self.n_bufs):
             used = k < 2 or self.slots[k - 2] is not None
@@ -98,6 +104,7 @@ cdef class Batch:
             a = params[t]
             self.ptrs[0][t] = cnp.PyArray_DATA(a)
             self.sizes[t] = cnp.PyArray_SIZE(a)
+            self.index[t] = indices[t]
             bufs = [getattr(states[t], name) for name in rule.state]
             self.buffers.append(bufs)
             for k, b in enumerate(bufs):
@@ -106,6 +113,8 @@ cdef class Batch:
 
     def __dealloc__(self):
         free(self.sizes)
+        free(self.index)
+        free(self.scratch)
         for k in range(8):
             free(self.ptrs[k])
 
@@ -148,15 +157,21 @@ cdef class Batch:
             self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>g)
         return True
 
-    cdef int run(self) except -1:
+    cdef int reduce_into(self, StepOptions options) except -1:
+        """The reduction pass over this batch's gradients (taken by take_grads)."""
+        return options.add(self.f64, self.count, self.ptrs[1], self.sizes, self.index,
+                           self.scratch)
+
+    cdef int run(self, StepOptions options=None) except -1:
         cdef int status
         cdef int64_t next_step = self.step + 1
         cdef void *hp = self.hyper.data()
+        cdef const fo_step_options *opt = &options.c if options is not None else NULL
         if self.step_offset >= 0:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
         with nogil:
-            status = _run(self.rule.id, self.f64, self.count, self.ptrs, self.n_bufs,
-                          self.sizes, hp)
+            status = _run_with(self.rule.id, self.f64, self.count, self.ptrs, self.n_bufs,
+                               self.sizes, hp, opt)
         _raise_for(status, self.hyper)
         self.step = next_step
         for s in self.states:
@@ -292,10 +307,11 @@ cdef class Plan:
         self.versions[k] = g.version
         return 1
 
-    def run(self, list groups, dict state, grads):
+    def run(self, list groups, dict state, grads, StepOptions options=None):
         """One step, if nothing it was built from has changed (changed `direct` values, a
         schedule's lr, are written into the plan on the way) and every grad is valid.
-        Returns False, having changed no parameter or state, otherwise."""
+        Returns False, having changed no parameter or state, otherwise.  options: the
+        reduction pass first, then the update with its multiplier, or nothing (skipped)."""
         if groups is not self.groups or state is not self.state:
             return False
         cdef Py_ssize_t k, n_groups = len(groups)
@@ -322,28 +338,41 @@ cdef class Plan:
         for b in self.batches:
             if not b.unchanged(params, state) or not b.take_grads(grads, self):
                 return False
+        if options is not None and not self._reduce(options):
+            return True  # skipped: nothing changed
         for b in self.batches:
-            b.run()
+            b.run(options)
         return True
 
+    cdef bint _reduce(self, StepOptions options) except -1:
+        """The reduction pass over the taken grads, if the options need one; True if the
+        update goes ahead."""
+        cdef Batch b
+        options.start()
+        if options.reduce:
+            for b in self.batches:
+                b.reduce_into(options)
+        return options.finish()
 
-    def run_locked(self, StepLock lock, list groups, dict state, grads):
+
+    def run_locked(self, StepLock lock, list groups, dict state, grads, StepOptions options=None):
         """run() holding `lock` (the optimizer's), taken and released here at C cost."""
         lock.acquire()
         try:
-            return self.run(groups, state, grads)
+            return self.run(groups, state, grads, options)
         finally:
             PyThread_release_lock(lock.lock)
 
-    def run_validated(self, grads):
+    def run_validated(self, grads, StepOptions options=None):
         """One step with grads that the caller has validated completely (plain arrays: views
-        of any ndarray subclass), whatever the groups are (plain dicts included)."""
+        of any ndarray subclass), whatever the groups are (plain dicts included).  options:
+        as run(), their reduction pass already made (StepOptions.add_arrays, finish)."""
         cdef Batch b
         for b in self.batches:
             if not b.take_grads(grads, self):
                 raise RuntimeError("fastopt: a validated step was refused by the engine")
         for b in self.batches:
-            b.run()
+            b.run(options)
 
 
 cdef tuple _span(cnp.ndarray a):
