@@ -55,6 +55,8 @@ const char *fo_strerror(int status)
     case FO_ERR_OVERLAP: return "a buffer that is written overlaps another buffer";
     case FO_ERR_RULE: return "no such rule";
     case FO_ERR_DTYPE: return "unsupported storage type";
+    case FO_ERR_INDEX: return "a row index is negative or out of range, or the rows do not tile the tensor";
+    case FO_ERR_MEMORY: return "out of memory";
     default: return "unknown fastopt status";
     }
 }
@@ -204,16 +206,24 @@ int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
         if (!bufs[used[i]]) return FO_ERR_NULL;
 
     const size_t elem_size = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
+    int any_rows = 0;
     for (size_t t = 0; t < count; t++) {
         void *written[FO_MAX_BUFFERS];
         int n_written = 0;
         for (int i = 0; i < n_used; i++)
             if (used[i] != 1) written[n_written++] = bufs[used[i]][t];
-        const int tensor_status = check_tensor(batch->n[t], elem_size, bufs[1][t], written, n_written);
+        const int has_rows = batch->rows && batch->rows[t].indices;
+        const int tensor_status =
+            has_rows ? fo_check_rows(&batch->rows[t], batch->n[t], elem_size, bufs[1][t], written,
+                                     n_written)
+                     : check_tensor(batch->n[t], elem_size, bufs[1][t], written, n_written);
         if (tensor_status != FO_OK) return tensor_status;
+        any_rows |= has_rows;
     }
-    fo_run(fo_active()->span[rule][dtype == FO_FLOAT64 ? FO_F64 : FO_F32], count, bufs, n_bufs,
-           batch->n, scalars);
+    const fo_span_fn span = fo_active()->span[rule][dtype == FO_FLOAT64 ? FO_F64 : FO_F32];
+    if (any_rows)
+        return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, dtype, scalars);
+    fo_run(span, count, bufs, n_bufs, batch->n, scalars);
     return FO_OK;
 }
 
