@@ -54,7 +54,8 @@ except ImportError:  # a torch built without distributed
     class DTensor:  # noqa: D101 - never instantiated: isinstance is always False
         pass
 
-__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
+__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
+           "SparseAdam"]
 
 TORCH = _kernels.TORCH
 # a parameter's dtype -> the real dtype the kernels see (complex: its real and imaginary parts)
@@ -221,7 +222,9 @@ class _Fastopt:
                 for hp, members in work:
                     if members:
                         self._step_group(hp, members)
-                self._plan = self._make_plan([hp for hp, _ in work])
+                # a step with rows takes this validating path every time (no plan to build)
+                rows = any(isinstance(m[2], _Rows) for _, members in work for m in members)
+                self._plan = None if rows else self._make_plan([hp for hp, _ in work])
                 return loss
             finally:
                 torch._C._set_grad_enabled(grad_mode)
@@ -381,19 +384,28 @@ class _Fastopt:
             if dtype not in _KERNEL_DTYPES or p.layout != strided or not p.is_cpu \
                     or not local_p.is_contiguous():
                 _check_param(p, self._where(index, group, i))
-            if g.layout != strided:
+            sparse = g.layout == torch.sparse_coo and not sharded and not p.is_complex()
+            if g.layout != strided and (not sparse or self.sparse_grads(hp) is None):
                 raise TypeError(f"{self._where(index, group, i)}: {type(self).__name__} does "
                                 f"not support sparse gradients ({g.layout})")
+            if not sparse:
+                self.check_dense_grad()
             if g.dtype != dtype or g.shape != p.shape or not g.is_cpu \
                     or isinstance(g, DTensor) != sharded:
                 raise TypeError(f"{self._where(index, group, i)}: its gradient is "
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
-            local_g = _local_like(g, local_p, TypeError,
-                                  f"{self._where(index, group, i)}: its gradient is")
-            if not local_g.is_contiguous():
+            if sparse:
+                self.check_sparse_grad(hp)
+                local_g = _Rows.of(g) if self.sparse_grads(hp) == "rows" else g.to_dense()
+            else:
+                local_g = _local_like(g, local_p, TypeError,
+                                      f"{self._where(index, group, i)}: its gradient is")
+            if not isinstance(local_g, _Rows) and not local_g.is_contiguous():
                 local_g = local_g.contiguous()
             state = self.state.get(p) if keep else None  # .get: state is a defaultdict
-            pointers = [local_p.data_ptr(), local_g.data_ptr()]
+            pointers = [local_p.data_ptr()]
+            if not isinstance(local_g, _Rows):  # rows: the C layer checks their overlaps
+                pointers.append(local_g.data_ptr())
             if state:
                 pointers += self._state_pointers(index, i, group, p, local_p, state, slots)
             # every buffer the kernel touches spans the same nbytes from its address: two
@@ -415,6 +427,18 @@ class _Fastopt:
 
     def slots(self, hp):
         raise NotImplementedError
+
+    def sparse_grads(self, hp):
+        """How a sparse COO gradient is taken: None (refused, as torch refuses it), "rows"
+        (only the touched rows and their state are updated, fastopt's row batch), or "dense"
+        (torch's result is the dense update: the gradient is made dense)."""
+        return None
+
+    def check_sparse_grad(self, hp):
+        """Raise torch's error where torch refuses a sparse gradient with these options."""
+
+    def check_dense_grad(self):
+        """Raise torch's error where torch refuses a dense gradient (SparseAdam)."""
 
     def keeps_state(self, hp):
         return True
@@ -487,14 +511,47 @@ class _Fastopt:
         real and imaginary parts."""
         buffers = [None if name is None else [_local(s[name]) for _, _, s in batch]
                    for name in slots]
-        addresses = [[p.data_ptr() for p, _, _ in batch], [g.data_ptr() for _, g, _ in batch]]
+        addresses = [[p.data_ptr() for p, _, _ in batch],
+                     [(g.values if isinstance(g, _Rows) else g).data_ptr() for _, g, _ in batch]]
         addresses += [None if b is None else [t.data_ptr() for t in b] for b in buffers]
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, _, _ in batch]
+        rows = [g.address() if isinstance(g, _Rows) else None for _, g, _ in batch]
         _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                               sizes, kernel_args)
+                               sizes, kernel_args, rows)
         # the kernels write memory directly: tell autograd about the parameters, as an in-place
         # op would (what a graph may have saved; the state buffers are the optimizer's own)
         torch.autograd.graph.increment_version([p for p, _, _ in batch])
+
+
+class _Rows:
+    """A sparse COO gradient as the kernels take it (fastopt.h, "Sparse rows"): the parameter
+    as rows along its sparse dimensions, 1-D int64 row indices and their values, contiguous.
+    Zero copy for what nn.Embedding(sparse=True) / EmbeddingBag produce (one sparse
+    dimension, contiguous indices and values); duplicates are summed by the kernels."""
+    __slots__ = ("indices", "values", "row_len")
+
+    def __init__(self, indices, values, row_len):
+        self.indices, self.values, self.row_len = indices, values, row_len
+
+    @classmethod
+    def of(cls, g):
+        indices, values = g._indices(), g._values()
+        sparse_dims = indices.shape[0]
+        if sparse_dims == 1:
+            rows = indices[0]
+        else:  # several sparse dimensions: rows numbered in C order over them
+            rows = torch.zeros(indices.shape[1], dtype=torch.int64)
+            for d in range(sparse_dims):
+                rows.mul_(g.shape[d]).add_(indices[d])
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        if not values.is_contiguous():
+            values = values.contiguous()
+        row_len = math.prod(g.shape[sparse_dims:])
+        return cls(rows, values, row_len)
+
+    def address(self):
+        return (self.indices.data_ptr(), True, self.indices.numel(), self.row_len)
 
 
 def _gather_counters(states, names):
@@ -589,6 +646,16 @@ class SGD(_Fastopt, torch.optim.SGD):
     def slots(self, hp):
         return ("momentum_buffer",) if hp["momentum"] != 0 else (None,)
 
+    def sparse_grads(self, hp):
+        # torch's momentum buffer of a sparse gradient moves every row it ever touched: the
+        # dense update (kept in a dense buffer); plain SGD updates the touched rows only
+        return "dense" if hp["momentum"] != 0 else "rows"
+
+    def check_sparse_grad(self, hp):
+        if hp["weight_decay"] != 0:
+            raise RuntimeError("add(sparse, dense) is not supported. Use add(dense, sparse) "
+                               "instead.")  # torch's own error for weight decay
+
     def keeps_state(self, hp):
         return hp["momentum"] != 0  # as torch: plain SGD stores nothing
 
@@ -620,6 +687,13 @@ class Adagrad(_Fastopt, torch.optim.Adagrad):
 
     def slots(self, hp):
         return ("sum",)
+
+    def sparse_grads(self, hp):
+        return "rows"
+
+    def check_sparse_grad(self, hp):
+        if hp["weight_decay"] != 0:
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
 
     def new_state(self, p, hp):
         # as torch: the constructor's value, not the group's (torch never reads the group's)
@@ -690,6 +764,41 @@ class Adamax(_Fastopt, torch.optim.Adamax):
                     step=step)
 
 
+class SparseAdam(_Fastopt, torch.optim.SparseAdam):
+    # Adam on the rows a sparse gradient touches (torch's masked Adam): only those rows of the
+    # parameter and of exp_avg / exp_avg_sq change; the step count is the parameter's and
+    # advances at every step with a gradient.  torch's update is
+    # p -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps): Adam's kernel with
+    # eps / sqrt(1 - b2^t) in place of eps.
+    kernel = "adam"
+    ranges = (_LR, _EPS, *_BETAS)
+    counters = ()  # torch keeps SparseAdam's step as a Python int
+
+    def slots(self, hp):
+        return ("exp_avg", "exp_avg_sq", None)
+
+    def sparse_grads(self, hp):
+        return "rows"
+
+    def check_dense_grad(self):
+        raise RuntimeError("SparseAdam does not support dense gradients, please consider Adam "
+                           "instead")
+
+    def new_state(self, p, hp):
+        return {"step": 0}
+
+    def advance(self, states, hp):
+        for s in states:
+            s["step"] += 1
+        return [s["step"] for s in states]
+
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(lr=hp["lr"], weight_decay=0.0, maximize=hp["maximize"], beta1=beta1,
+                    beta2=beta2, eps=hp["eps"] / math.sqrt(1.0 - beta2 ** step), amsgrad=False,
+                    decoupled_weight_decay=False, convention=TORCH, step=step)
+
+
 def _nadam_mu(hp, t):
     """mu_t = beta1 (1 - 0.5 * 0.96^(t psi)); torch keeps the running product as a tensor."""
     return hp["betas"][0] * (1.0 - 0.5 * 0.96 ** (t * hp["momentum_decay"]))
@@ -733,7 +842,7 @@ class NAdam(_Fastopt, torch.optim.NAdam):
                     step=step)
 
 
-for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam):
+for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, SparseAdam):
     _cls.__doc__ = (f"torch.optim.{_cls.__name__}, with its step in fastopt's C kernels "
                     "(see fastopt.torch).\n\n" + (getattr(torch.optim, _cls.__name__).__doc__ or ""))
 del _cls
