@@ -81,6 +81,13 @@ def betas(x):
     return (real("beta1 (betas[0])", x[0]), real("beta2 (betas[1])", x[1]))
 
 
+def pair(name, x):
+    if not isinstance(x, (tuple, list, np.ndarray)) or len(x) != 2:
+        raise TypeError(f"{name} must be a pair of numbers, got {x!r}")
+    # the ranges are the C rule's to check
+    return (real(f"{name}[0]", x[0]), real(f"{name}[1]", x[1]))
+
+
 def flag(name, x):
     if not isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {x!r}")

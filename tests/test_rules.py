@@ -39,8 +39,7 @@ def run_both(cls, hp, dtype, rng, steps=STEPS):
         opt.step(grads)
         k = 0
         for group in opt.param_groups:
-            group_hp = {key: v for key, v in group.items()
-                        if key not in ("params", "decoupled_weight_decay")}
+            group_hp = reference_kwargs({key: v for key, v in group.items() if key != "params"})
             for _ in group["params"]:
                 ref_params[k] = ref_fn(ref_params[k], grads[k].astype(np.float64), ref_states[k],
                                        **group_hp)
