@@ -111,6 +111,10 @@ def lion(theta, grad, s, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=
     g = -grad if maximize else grad
     m = s.get("m", np.zeros_like(theta))
     c = b1 * m + (1 - b1) * g
+    # where c cancels to within float32 rounding of its terms, its sign in float32 is a coin
+    # toss: comparable() leaves those elements out of float32 comparisons
+    s["sign_by_rounding"] = s.get("sign_by_rounding", np.zeros(theta.shape, bool)) | \
+        (np.abs(c) <= 1e-5 * (np.abs(b1 * m) + np.abs((1 - b1) * g)))
     s["m"] = b2 * m + (1 - b2) * g
     return theta - lr * (np.sign(c) + weight_decay * theta)
 
@@ -158,6 +162,12 @@ def asgd(theta, grad, s, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0
     s["ax"] = theta.copy() if mu == 1 else s["ax"] + mu * (theta - s["ax"])
     s["t"] = t
     return theta
+
+
+def comparable(state, shape):
+    """The elements whose float32 result a float64 reference predicts: all, except where a
+    sign was decided by rounding (Lion)."""
+    return ~state.get("sign_by_rounding", np.zeros(shape, bool))
 
 
 # optimizer class name -> reference function
