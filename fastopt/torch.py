@@ -54,8 +54,8 @@ except ImportError:  # a torch built without distributed
     class DTensor:  # noqa: D101 - never instantiated: isinstance is always False
         pass
 
-__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
-           "SparseAdam"]
+__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
+           "Rprop", "ASGD", "Lion", "SparseAdam"]
 
 TORCH = _kernels.TORCH
 # a parameter's dtype -> the real dtype the kernels see (complex: its real and imaginary parts)
@@ -842,7 +842,149 @@ class NAdam(_Fastopt, torch.optim.NAdam):
                     step=step)
 
 
-for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, SparseAdam):
+class RAdam(_Fastopt, torch.optim.RAdam):
+    kernel = "radam"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS, *_BETAS)
+    flags = ("maximize", "decoupled_weight_decay")
+
+    def slots(self, hp):
+        return ("exp_avg", "exp_avg_sq")
+
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(_common(hp), beta1=beta1, beta2=beta2, eps=hp["eps"],
+                    decoupled_weight_decay=hp["decoupled_weight_decay"], step=step)
+
+
+def _open_unit(x):
+    return 0.0 < x < 1.0
+
+
+def _above_one(x):
+    return 1.0 < x < math.inf
+
+
+class Rprop(_Fastopt, torch.optim.Rprop):
+    kernel = "rprop"
+    ranges = (_LR, ("etas", 0, "Invalid eta values", _open_unit, "in (0, 1)"),
+              ("etas", 1, "Invalid eta values", _above_one, "finite and > 1"),
+              ("step_sizes", 0, "Invalid step_sizes value", *_NONNEG),
+              ("step_sizes", 1, "Invalid step_sizes value", *_NONNEG))
+
+    def _check_combination(self, index, hp):
+        low, high = hp["step_sizes"]
+        if low > high:
+            raise ValueError(f"{type(self).__name__}: param group {index}: Invalid step_sizes "
+                             f"value: ({low}, {high}) (the minimum is above the maximum)")
+
+    def slots(self, hp):
+        return ("prev", "step_size")
+
+    def new_state(self, p, hp):
+        # as torch: every element's step size starts at the group's lr (read only here)
+        lr = hp["lr"]
+        return {"step": _step_tensor(hp), "prev": _zeros(p),
+                "step_size": torch.full_like(p, complex(lr, lr) if p.is_complex() else lr,
+                                             memory_format=torch.preserve_format)}
+
+    def kernel_args(self, hp, step, state):
+        (eta_minus, eta_plus), (low, high) = hp["etas"], hp["step_sizes"]
+        return dict(lr=hp["lr"], eta_minus=eta_minus, eta_plus=eta_plus, step_size_min=low,
+                    step_size_max=high, maximize=hp["maximize"])
+
+
+def _asgd_next(hp, t):
+    """torch's eta and mu for the step after step t (computed with this step's lr)."""
+    lr = hp["lr"]
+    return lr / ((1 + hp["lambd"] * lr * t) ** hp["alpha"]), 1 / max(1, t - hp["t0"])
+
+
+class ASGD(_Fastopt, torch.optim.ASGD):
+    """A step runs with the eta and mu that torch keeps in the state (computed by the step
+    before, with its lr, in the state's dtype), then stores the next ones, as torch does; the
+    kernel's "step" handed around below is (t, eta, mu)."""
+
+    kernel = "asgd"
+    ranges = (_LR, _WEIGHT_DECAY, ("lambd", None, "Invalid lambd value", *_NONNEG),
+              ("alpha", None, "Invalid alpha value", lambda x: math.isfinite(x), "finite"),
+              ("t0", None, "Invalid t0 value", lambda x: math.isfinite(x), "finite"))
+    counters = ("step", "eta", "mu")
+
+    def slots(self, hp):
+        return ("ax",)
+
+    def new_state(self, p, hp):
+        dtype = _get_scalar_dtype()
+        return {"step": torch.zeros((), dtype=dtype), "eta": torch.tensor(hp["lr"], dtype=dtype),
+                "mu": torch.ones((), dtype=dtype)}
+
+    def advance(self, states, hp):
+        steps = super().advance(states, hp)
+        now = []
+        for state, t in zip(states, steps):
+            now.append((t, state["eta"].item(), state["mu"].item()))
+            eta, mu = _asgd_next(hp, t)
+            state["eta"].fill_(eta)
+            state["mu"].fill_(mu)
+        return now
+
+    def batch_extra(self, state):
+        return float(state["eta"]), float(state["mu"])
+
+    def advance_planned(self, hp, states, counters, step):
+        # a table's states share eta and mu (batch_extra keyed it; each step sets them alike)
+        now = (step, counters[1][0].item(), counters[2][0].item())
+        eta, mu = _asgd_next(hp, step)
+        counters[0].add_(1.0)
+        counters[1].fill_(eta)
+        counters[2].fill_(mu)
+        return now
+
+    def planned_step_after(self, hp, step):
+        return step[0] + 1
+
+    def kernel_args(self, hp, step, state):
+        t, eta, mu = step
+        return dict(_common(hp), lambd=hp["lambd"], alpha=hp["alpha"], t0=hp["t0"], eta=eta,
+                    mu=mu, convention=TORCH, step=t)
+
+
+class Lion(_Fastopt, torch.optim.Optimizer):
+    """Lion (Chen et al. 2023): c = b1 m + (1 - b1) g;  p <- p - lr (sign(c) + weight_decay p);
+    m <- b2 m + (1 - b2) g  (sign(0) = 0; decoupled decay; g = -grad when maximize).  State per
+    parameter: "step" and "exp_avg" (m), torch.optim's layout.  torch has no Lion: this is a
+    torch.optim.Optimizer with torch's conventions (param groups, add_param_group, zero_grad,
+    step(closure), state_dict, lr schedulers), its step in fastopt's kernel."""
+
+    kernel = "lion"
+    ranges = (_LR, _WEIGHT_DECAY, *_BETAS)
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
+                 maximize=False, foreach=None, differentiable=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable))
+
+    def slots(self, hp):
+        return ("exp_avg",)
+
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(_common(hp), beta1=beta1, beta2=beta2)
+
+
+for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam, Rprop, ASGD,
+             SparseAdam):
     _cls.__doc__ = (f"torch.optim.{_cls.__name__}, with its step in fastopt's C kernels "
                     "(see fastopt.torch).\n\n" + (getattr(torch.optim, _cls.__name__).__doc__ or ""))
 del _cls
