@@ -87,10 +87,9 @@ def test_python_side_cost(benchmark, call):
 def test_sparse_embedding(benchmark, rule, distribution, implementation):
     """A 1M x 64 nn.Embedding(sparse=True), 16,384 indices per step (fastopt.bench_sparse)."""
     pytest.importorskip("torch")
-    from fastopt.bench_sparse import TORCH_CASES, torch_runners
-    hp = {name: kw for name, kw, _ in TORCH_CASES}[rule]
+    from fastopt.bench_sparse import torch_runners
     benchmark.group = f"sparse {rule} {distribution}"
-    runners, _ = torch_runners(rule, distribution, fastopt.get_num_threads(), hp)
+    runners, _ = torch_runners(rule, distribution, fastopt.get_num_threads(), {})
     benchmark(runners[implementation])
 
 

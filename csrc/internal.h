@@ -34,9 +34,30 @@ typedef void (*fo_span_fn)(void *const *b, size_t at, size_t n, const void *scal
 
 enum { FO_F32, FO_F64 };
 
+/* The reduction pass (fo_norm): what to accumulate over each block of FO_NORM_BLOCK elements. */
+enum { FO_NORM_SQUARES, FO_NORM_ABS, FO_NORM_MAX, FO_NORM_NONZERO, FO_NORM_POWER };
+typedef struct {
+    int kind;
+    double p; /* FO_NORM_POWER's exponent */
+} fo_norm_scalars;
+
+/* The step's EMA of the weights, after the rule, on the same span of elements (fo_step_with). */
+typedef struct {
+    fo_span_fn rule_span;
+    const void *rule_scalars;
+    int ema_buffer; /* where the EMA buffer is among the span's buffers */
+    double decay;
+} fo_ema_scalars;
+
 typedef struct {
     const char *name;
     fo_span_fn span[FO_N_RULES][2];
+    /* the reduction: b[0] the buffer, b[1] the tensor's (double *) results, two per block
+     * (value, and a sum of x - x: NaN iff an element is inf or NaN); `at` a multiple of
+     * FO_NORM_BLOCK (fo_run_blocks) */
+    fo_span_fn norm[2];
+    fo_span_fn ema[2];   /* the rule's span, then the EMA (scalars: fo_ema_scalars) */
+    fo_span_fn scale[2]; /* b[0] *= factor (scalars: one double) */
 } fo_loops;
 
 extern const fo_loops fo_loops_baseline;
@@ -60,6 +81,10 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
  */
 void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
             const size_t *n, const void *scalars);
+/* fo_run whose spans start at multiples of `grain` within each tensor (and cover whole grains,
+ * the tensor's last one aside): blocks that each one thread sums, for fixed-order reductions. */
+void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
+                   const size_t *n, const void *scalars, size_t grain);
 
 /* Sparse rows (rows.c): check tensor t's rows (its n elements, its gradient rows at `values`,
  * the written buffers), then run `span` over the batch of touched rows and dense tensors. */
