@@ -254,11 +254,10 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     }
     const int which = dtype == FO_FLOAT64 ? FO_F64 : FO_F32;
     const fo_span_fn rule_span = fo_active()->span[rule][which];
-    /* the EMA wraps the rule's span: the same piece of each buffer, while it is in cache */
     const fo_ema_scalars ema = {rule_span, scalars, n_rule_bufs, has_ema ? opt->ema_decay : 0.0};
     const fo_span_fn span = has_ema ? fo_active()->ema[which] : rule_span;
     const void *span_scalars = has_ema ? (const void *)&ema : (const void *)scalars;
-    if (any_rows)
+    if (any_rows) /* the touched rows as the batch's tensors (rows.c) */
         return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, dtype, span_scalars);
     fo_run(span, count, bufs, n_bufs, batch->n, span_scalars);
     return FO_OK;

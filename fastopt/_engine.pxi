@@ -135,10 +135,10 @@ cdef class Batch:
     cdef int n_bufs
     cdef void **ptrs[8]
     cdef size_t *sizes
-    cdef Py_ssize_t *index  # each tensor's parameter index (indices), for the reduction pass
-    cdef double *scratch    # the reduction's per-tensor results
     cdef fo_rows *rows  # per tensor: its gradient's rows (indices NULL: dense)
     cdef bint any_rows
+    cdef Py_ssize_t *index  # each tensor's parameter index (indices), for the reduction pass
+    cdef double *scratch    # the reduction's per-tensor results
     cdef Hyper hyper
     cdef Py_ssize_t step_offset  # of the struct's `step` field, or -1
     cdef int64_t step
@@ -157,10 +157,10 @@ cdef class Batch:
         self.step = step
         self.step_offset = rule.step_offset
         self.sizes = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
+        self.rows = <fo_rows *>calloc(max(self.count, 1), sizeof(fo_rows))
         self.index = <Py_ssize_t *>calloc(max(self.count, 1), sizeof(Py_ssize_t))
         self.scratch = <double *>calloc(max(self.count, 1), sizeof(double))
-        self.rows = <fo_rows *>calloc(max(self.count, 1), sizeof(fo_rows))
-        if self.index == NULL or self.scratch == NULL or self.rows == NULL:
+        if self.rows == NULL or self.index == NULL or self.scratch == NULL:
             raise MemoryError()
         cdef Py_ssize_t k, t
         for k in range(self.n_bufs):
@@ -187,9 +187,9 @@ cdef class Batch:
 
     def __dealloc__(self):
         free(self.sizes)
+        free(self.rows)
         free(self.index)
         free(self.scratch)
-        free(self.rows)
         for k in range(8):
             free(self.ptrs[k])
 
@@ -261,7 +261,7 @@ cdef class Batch:
         cdef const fo_rows *rows = self.rows if self.any_rows else NULL
         with nogil:
             status = _run_with(self.rule.id, self.f64, self.count, self.ptrs, self.n_bufs,
-                               self.sizes, rows, hp, opt)
+                               self.sizes, hp, opt, rows)
         _raise_for(status, self.hyper)
         self.step = next_step
         for s in self.states:
@@ -428,6 +428,10 @@ cdef class Plan:
         for b in self.batches:
             if not b.unchanged(params, state) or not b.take_grads(grads, self):
                 return False
+        if options is not None and options.reduce:
+            for b in self.batches:
+                if b.any_rows:  # the reduction pass reads dense gradients only
+                    return False
         if options is not None and not self._reduce(options):
             return True  # skipped: nothing changed
         for b in self.batches:
@@ -463,6 +467,11 @@ cdef class Plan:
                 raise RuntimeError("fastopt: a validated step was refused by the engine")
         for b in self.batches:
             b.run(options)
+
+
+def reduces(StepOptions options):
+    """Whether the options need the reduction pass over the gradients (a norm, a check)."""
+    return options is not None and options.reduce
 
 
 cdef tuple _span(cnp.ndarray a):

@@ -216,9 +216,9 @@ def scale(list addresses, list sizes, double factor, bint f64):
 
 
 cdef inline int _run_with(int rule, bint f64, size_t count, void ***ptrs, int n_bufs, size_t *n,
-                          const fo_rows *rows, void *hp, const fo_step_options *opt) noexcept nogil:
-    """fo_step_with over pointer tables of one dtype (rows NULL: every gradient dense; opt
-    NULL: fo_step)."""
+                          void *hp, const fo_step_options *opt,
+                          const fo_rows *rows=NULL) noexcept nogil:
+    """fo_step_with over pointer tables of one dtype (opt NULL: fo_step; rows: see fo_batch)."""
     cdef fo_batch b
     cdef int k
     b.count, b.n, b.rows = count, n, rows

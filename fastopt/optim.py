@@ -80,8 +80,8 @@ class Optimizer:
              compute_norm=False):
         """Update every parameter in place from `grads` (one array per parameter, same shape and
         dtype, C-contiguous, or a fastopt.SparseGrad of its rows: see `sparse` above).  Nothing
-        is changed if any input is invalid.  Calls from several threads are serialized (one lock
-        per optimizer).
+        is changed if any input is invalid.  Calls from several
+        threads are serialized (one lock per optimizer).
 
         The training step's options (at most two passes over the gradients: a reduction when
         a norm or the finiteness check is needed, then the update, the factor folded into the
@@ -134,6 +134,10 @@ class Optimizer:
         for i, p in enumerate(params):
             _checks.check_param(p, f"params[{i}]")
         _checks.check_grads(grads, params)
+        if _kernels.reduces(options) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
+            raise ValueError("clip_norm, skip_nonfinite and compute_norm need dense gradients "
+                             "(their norm pass does not read a SparseGrad's rows); grad_scale "
+                             "works with a SparseGrad")
         written, names = list(params), [f"params[{i}]" for i in range(len(params))]
         state_type = self.state_type
         for i, p in enumerate(params):
