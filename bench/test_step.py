@@ -24,18 +24,18 @@ def test_clip_grad_norm(benchmark, case, implementation):
 
 @pytest.mark.parametrize("variant", ["plain step", "clip + skip_nonfinite"])
 def test_numpy_step_options(benchmark, variant):
-    benchmark.group = "numpy Adam ResNet-50, step options"
+    benchmark.group = "numpy ResNet-50, step options"
     benchmark(bench_step.numpy_step_runners(MODELS["ResNet-50"])[variant])
 
 
 @pytest.mark.parametrize("implementation", ["fastopt", "torch"])
 def test_grad_scaler(benchmark, implementation):
     pytest.importorskip("torch")
-    benchmark.group = "GradScaler + clip + Adam ResNet-50"
+    benchmark.group = "GradScaler + clip + step ResNet-50"
     benchmark(bench_step.grad_scaler_runners(MODELS["ResNet-50"], fastopt.get_num_threads())[implementation])
 
 
 @pytest.mark.parametrize("variant", ["fixed lr", "cosine schedule"])
 def test_schedule(benchmark, variant):
-    benchmark.group = "Adam 1e3, lr schedule"
+    benchmark.group = "1e3, lr schedule"
     benchmark(bench_step.schedule_runners()[variant])

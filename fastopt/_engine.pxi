@@ -12,6 +12,7 @@
 # run_single, the same checks for one tensor.
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
+from libc.stdint cimport int32_t
 
 
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
@@ -52,6 +53,76 @@ cdef class StepLock:
         return (StepLock, ())
 
 
+cdef class SparseGrad:
+    """A gradient given by rows, for a parameter with ndim >= 1 viewed as rows along axis 0:
+    `indices` a 1-D int32/int64 array of row numbers (any order, duplicates allowed: they are
+    summed, in the order given), `values` an array shaped (len(indices),) + param.shape[1:] in
+    the parameter's dtype, C-contiguous: values[j] is the gradient of row indices[j].  A step
+    with it updates the touched rows only (see the optimizers' `sparse` argument).  Both arrays
+    are used where they lie (no copy) and are checked against the parameter at each step."""
+    cdef readonly object indices, values
+
+    def __init__(self, indices, values):
+        if not isinstance(indices, cnp.ndarray) or not isinstance(values, cnp.ndarray):
+            raise TypeError("SparseGrad(indices, values) takes two numpy arrays, got "
+                            f"{type(indices).__name__} and {type(values).__name__}")
+        self.indices, self.values = indices, values
+
+    def __repr__(self):
+        return (f"SparseGrad(indices: {self.indices.shape[0] if self.indices.ndim else '?'} rows "
+                f"{self.indices.dtype}, values: {self.values.shape} {self.values.dtype})")
+
+    def __reduce__(self):
+        return (SparseGrad, (self.indices, self.values))
+
+
+cdef bint _rows_fit(SparseGrad g, cnp.ndarray a, fo_rows *rows):
+    """Whether g is a valid row gradient of `a` (what _checks.check_sparse_grad checks, indices
+    in range included); fills `rows` if so."""
+    if type(g.indices) is not cnp.ndarray or type(g.values) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray idx = <cnp.ndarray>g.indices, v = <cnp.ndarray>g.values
+    cdef int nd = cnp.PyArray_NDIM(a), ityp = cnp.PyArray_TYPE(idx)
+    if nd < 1 or cnp.PyArray_NDIM(idx) != 1 or not cnp.PyArray_ISNOTSWAPPED(idx) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(idx):
+        return False
+    if ityp == cnp.NPY_INT32:
+        rows.index_type = FO_INT32
+    elif ityp == cnp.NPY_INT64:
+        rows.index_type = FO_INT64
+    else:
+        return False
+    cdef size_t nnz = <size_t>cnp.PyArray_DIMS(idx)[0]
+    if cnp.PyArray_TYPE(v) != cnp.PyArray_TYPE(a) or not cnp.PyArray_ISNOTSWAPPED(v) \
+            or cnp.PyArray_NDIM(v) != nd or <size_t>cnp.PyArray_DIMS(v)[0] != nnz \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(v) \
+            or memcmp(cnp.PyArray_DIMS(v) + 1, cnp.PyArray_DIMS(a) + 1,
+                      (nd - 1) * sizeof(cnp.npy_intp)) != 0:
+        return False
+    cdef int64_t n_rows = cnp.PyArray_DIMS(a)[0]
+    cdef size_t j
+    cdef const int32_t *i32 = <const int32_t *>cnp.PyArray_DATA(idx)
+    cdef const int64_t *i64 = <const int64_t *>cnp.PyArray_DATA(idx)
+    cdef bint bad = False
+    with nogil:
+        if ityp == cnp.NPY_INT32:
+            for j in range(nnz):
+                if i32[j] < 0 or i32[j] >= n_rows:
+                    bad = True
+                    break
+        else:
+            for j in range(nnz):
+                if i64[j] < 0 or i64[j] >= n_rows:
+                    bad = True
+                    break
+    if bad:
+        return False
+    rows.indices = cnp.PyArray_DATA(idx)
+    rows.row_len = <size_t>(cnp.PyArray_SIZE(a) // n_rows) if n_rows > 0 else 0
+    rows.nnz = nnz if rows.row_len > 0 else 0  # rows of no elements: nothing to update
+    return True
+
+
 cdef class Batch:
     """Tensors of one param group, one dtype and one step count: one C call per step.
 
@@ -64,6 +135,8 @@ cdef class Batch:
     cdef int n_bufs
     cdef void **ptrs[8]
     cdef size_t *sizes
+    cdef fo_rows *rows  # per tensor: its gradient's rows (indices NULL: dense)
+    cdef bint any_rows
     cdef Py_ssize_t *index  # each tensor's parameter index (indices), for the reduction pass
     cdef double *scratch    # the reduction's per-tensor results
     cdef Hyper hyper
@@ -89,9 +162,10 @@ cdef class Batch:
         self.step = step
         self.step_offset = rule.step_offset
         self.sizes = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
+        self.rows = <fo_rows *>calloc(max(self.count, 1), sizeof(fo_rows))
         self.index = <Py_ssize_t *>calloc(max(self.count, 1), sizeof(Py_ssize_t))
         self.scratch = <double *>calloc(max(self.count, 1), sizeof(double))
-        if self.index == NULL or self.scratch == NULL:
+        if self.rows == NULL or self.index == NULL or self.scratch == NULL:
             raise MemoryError()
         cdef Py_ssize_t k, t
         for k in range(self.n_bufs):
@@ -118,6 +192,7 @@ cdef class Batch:
 
     def __dealloc__(self):
         free(self.sizes)
+        free(self.rows)
         free(self.index)
         free(self.scratch)
         free(self.ema)
@@ -159,9 +234,23 @@ cdef class Batch:
         """Check this batch's grads like check_like() would, and record their pointers."""
         cdef Py_ssize_t t
         cdef cnp.ndarray a
+        cdef SparseGrad sg
+        self.any_rows = False
         for t in range(self.count):
             g = grads[self.indices[t]]
             a = <cnp.ndarray>self.params[t]
+            if type(g) is SparseGrad:
+                sg = <SparseGrad>g
+                if not _rows_fit(sg, a, &self.rows[t]) \
+                        or plan.hits_written(<size_t>cnp.PyArray_DATA(<cnp.ndarray>sg.values),
+                                             <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>sg.values)) \
+                        or plan.hits_written(<size_t>cnp.PyArray_DATA(<cnp.ndarray>sg.indices),
+                                             <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>sg.indices)):
+                    return False
+                self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>sg.values)
+                self.any_rows = True
+                continue
+            self.rows[t].indices = NULL
             if not _grad_fits(g, a) or plan.hits_written(
                     <size_t>cnp.PyArray_DATA(<cnp.ndarray>g), <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>g)):
                 return False
@@ -204,9 +293,10 @@ cdef class Batch:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
         if self.schedule is not None:
             (<double *>(<char *>hp + self.lr_offset))[0] = self.schedule.at(next_step)
+        cdef const fo_rows *rows = self.rows if self.any_rows else NULL
         with nogil:
             status = _run_with(self.rule.id, self.f64, self.count, self.ptrs, self.n_bufs,
-                               self.sizes, hp, opt)
+                               self.sizes, hp, opt, rows)
         _raise_for(status, self.hyper)
         self.step = next_step
         for s in self.states:
@@ -376,6 +466,10 @@ cdef class Plan:
         for b in self.batches:
             if not b.unchanged(params, state) or not b.take_grads(grads, self):
                 return False
+        if options is not None and options.reduce:
+            for b in self.batches:
+                if b.any_rows:  # the reduction pass reads dense gradients only
+                    return False
         if options is not None and not self._reduce(options):
             return True  # skipped: nothing changed
         for b in self.batches:
@@ -411,6 +505,11 @@ cdef class Plan:
                 raise RuntimeError("fastopt: a validated step was refused by the engine")
         for b in self.batches:
             b.run(options)
+
+
+def reduces(StepOptions options):
+    """Whether the options need the reduction pass over the gradients (a norm, a check)."""
+    return options is not None and options.reduce
 
 
 cdef tuple _span(cnp.ndarray a):
@@ -536,6 +635,7 @@ cdef class _Table:
     (addresses[k], None for an unused state buffer; the grads' may be filled later)."""
     cdef void **ptrs[8]
     cdef size_t *n
+    cdef fo_rows *rows  # NULL, or per tensor its gradient's rows (indices NULL: dense)
     cdef Py_ssize_t count
     cdef int n_bufs
     cdef bint f64
@@ -544,13 +644,26 @@ cdef class _Table:
     cdef public object step            # the step number the next run is
 
     def __cinit__(self, bint f64, list indices, list sizes, list addresses, list states=None,
-                  list counters=None, step=None):
+                  list counters=None, step=None, list rows=None):
         self.f64, self.indices, self.count = f64, indices, len(indices)
         self.states, self.counters, self.step = states, counters, step
         cdef Py_ssize_t k, t
         self.n = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
         if self.n == NULL:
             raise MemoryError()
+        self.rows = NULL
+        if rows is not None and any(r is not None for r in rows):
+            # (indices address, int64?, nnz, row_len) per tensor with a row gradient
+            self.rows = <fo_rows *>calloc(max(self.count, 1), sizeof(fo_rows))
+            if self.rows == NULL:
+                raise MemoryError()
+            for t in range(self.count):
+                if rows[t] is not None:
+                    address, wide, nnz, row_len = rows[t]
+                    self.rows[t].indices = <const void *><uintptr_t>address
+                    self.rows[t].index_type = FO_INT64 if wide else FO_INT32
+                    self.rows[t].nnz = nnz
+                    self.rows[t].row_len = row_len
         for k in range(8):
             self.ptrs[k] = NULL
         self.n_bufs = len(addresses)
@@ -572,13 +685,40 @@ cdef class _Table:
         opt.grad_multiplier, opt.ema, opt.ema_decay = grad_multiplier, NULL, 0.0
         with nogil:
             status = _run_with(rule.id, self.f64, self.count, self.ptrs, self.n_bufs, self.n,
-                               hyper.data(), &opt if grad_multiplier != 1.0 else NULL)
+                               hyper.data(), &opt if grad_multiplier != 1.0 else NULL, self.rows)
         return _raise_for(status, hyper)
 
     def __dealloc__(self):
         free(self.n)
+        free(self.rows)
         for k in range(8):
             free(self.ptrs[k])
+
+
+cdef bint _same_values(dict group, tuple key):
+    """Does a param group still hold key's (name, value) pairs, and nothing else but its params?
+    (Identity first: a value nobody reassigned is the same object.)"""
+    if len(group) != len(key) + 1:
+        return False
+    for name, value in key:
+        now = group.get(name, _MISSING)
+        if now is not value and (type(now) is not type(value) or now != value):
+            return False
+    return True
+
+
+cdef object _MISSING = object()
+
+
+cdef class _Member:
+    """One parameter of a planned group: what the plan expects of it, and where its gradient's
+    address goes (slot `slot` of `table`'s gradient pointers; no table without a gradient)."""
+    cdef object param
+    cdef bint has_grad
+    cdef uintptr_t address
+    cdef size_t nbytes
+    cdef _Table table
+    cdef Py_ssize_t slot
 
 
 cdef class ObjectPlan:
@@ -586,75 +726,107 @@ cdef class ObjectPlan:
     tensors): built by the front end after a fully validated step, it checks at C speed, on
     later steps, what can change (the same groups, hyperparameter values, state, parameters
     and their addresses; which parameters have a gradient; each gradient dense, contiguous, and
-    where it is; a sparse gradient is never contiguous), then asks the front end to advance its counters and give each batch's C
-    fields, and makes one C call per batch.  run() returns False, having changed nothing, when
-    anything differs: the front end then validates and plans again.
+    where it is; a sparse gradient is never contiguous), then asks the front end to advance its
+    counters and give each batch's C fields, and makes one C call per batch.  run() returns
+    False, having changed nothing, when anything differs: the front end then validates and
+    plans again.
 
-    front: the optimizer (param_groups, state, advance(states, hp), kernel_args(hp, t, state));
+    front: the optimizer (param_groups, state, advance_planned, kernel_args, planned_step_after);
     groups: per param group (group dict, hp, key values, params list, members [(param, has
-    grad, address, state)], batches [_Table], keeps_state); mark_written(written): tells
-    autograd which tensors the kernels wrote.
+    grad, address, state, bytes)], batches [_Table] whose indices count the members with a
+    gradient, keeps_state); mark_written(written): tells autograd which tensors the kernels
+    wrote.
     """
     cdef CRule rule
-    cdef object groups_list, state, strided, mark_written, written
-    cdef list groups
+    cdef object groups_list, state, mark_written, written
+    cdef list groups, members, hps, keys
     cdef _Spans spans
 
-    def __cinit__(self, CRule rule, front, list groups, strided, mark_written, list written,
+    def __cinit__(self, CRule rule, front, list groups, mark_written, list written,
                   list written_spans):
         self.rule = rule
         self.spans = _Spans(written_spans)
         self.groups_list = front.param_groups
         self.state = front.state
         self.groups = groups
-        self.strided = strided
         self.mark_written = mark_written
         self.written = written
+        self.members = [self._members(g[4], g[5]) for g in groups]
+        self.hps = [g[1] for g in groups]
+        self.keys = [g[2] for g in groups]
+
+    @staticmethod
+    def _members(list described, list tables):
+        cdef _Table table
+        cdef _Member m
+        cdef Py_ssize_t t
+        where = {}  # a gradient's position among the group's gradients -> (table, slot)
+        for table in tables:
+            for t in range(table.count):
+                where[table.indices[t]] = (table, t)
+        members, with_grad = [], 0
+        for p, has_grad, address, _, nbytes in described:
+            m = _Member()
+            m.param, m.has_grad, m.address, m.nbytes = p, has_grad, address, nbytes
+            if has_grad:
+                m.table, m.slot = where[with_grad]
+                with_grad += 1
+            members.append(m)
+        return members
 
     def run(self, front, key_of, double grad_multiplier=1.0):
-        """One step, or False (nothing changed) if the plan no longer fits.  grad_multiplier:
+        """One step, or False (nothing changed) if the plan no longer fits.  A group whose
+        values changed (an lr schedule) is re-checked by front.refreshed_hyperparameters(index,
+        group, hp), which raises for an invalid value or returns None when the change reaches
+        the plan's tables (another state buffer); the tables stay otherwise.  grad_multiplier:
         every gradient is multiplied by it first (GradScaler's unscaling), in the C call."""
         if front.param_groups is not self.groups_list or front.state is not self.state \
                 or len(self.groups_list) != len(self.groups):
             return False
         cdef Py_ssize_t gi, t
         cdef _Table table
-        cdef list grads = []  # per group: each with-grad member's gradient address
+        cdef _Member m
+        cdef list members, params_list
+        cdef uintptr_t at
+        # every check first; a gradient's address goes straight into its table, which only a
+        # complete pass of checks lets run
         for gi in range(len(self.groups)):
-            group, hp, key, params_list, members, tables, keep = self.groups[gi]
+            group, _, _, params_list, _, _, _ = self.groups[gi]
             g = self.groups_list[gi]
-            if g is not group or g["params"] is not params_list or key_of(g) != key:
+            if g is not group or g["params"] is not params_list:
                 return False
+            if not _same_values(g, self.keys[gi]):
+                key = key_of(g)
+                hp = front.refreshed_hyperparameters(gi, g, self.hps[gi]) if key else None
+                if hp is None:
+                    return False
+                self.hps[gi], self.keys[gi] = hp, key
+            members = self.members[gi]
             if len(params_list) != len(members):
                 return False
-            addresses = []
             for t in range(len(members)):
-                p, present, address, _, nbytes = members[t]
+                m = members[t]
+                p = m.param
                 if params_list[t] is not p:
                     return False
                 grad = p.grad
                 if grad is None:
-                    if present:
+                    if m.has_grad:
                         return False
                     continue
                 try:  # a sparse COO gradient says False; a CSR one raises
-                    dense = grad.is_contiguous()
+                    if not m.has_grad or not grad.is_contiguous() or p.data_ptr() != m.address:
+                        return False
                 except RuntimeError:
                     return False
-                if not present or not dense or p.data_ptr() != address:
-                    return False
                 at = grad.data_ptr()
-                if self.spans.hits(<size_t>at, <size_t>nbytes):
+                if self.spans.hits(<size_t>at, m.nbytes):
                     return False
-                addresses.append(at)
-            grads.append(addresses)
+                m.table.ptrs[1][m.slot] = <void *>at
         # every gradient fits: this is the step
         for gi in range(len(self.groups)):
-            hp = self.groups[gi][1]
-            addresses = grads[gi]
+            hp = self.hps[gi]
             for table in self.groups[gi][5]:
-                for t in range(table.count):
-                    table.ptrs[1][t] = <void *><uintptr_t>addresses[<Py_ssize_t>table.indices[t]]
                 step = front.advance_planned(hp, table.states, table.counters, table.step)
                 table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])),
                           grad_multiplier)
@@ -664,10 +836,12 @@ cdef class ObjectPlan:
 
 
 def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields,
-                  double grad_multiplier=1.0):
+                  list rows=None, double grad_multiplier=1.0):
     """One C call over raw buffer addresses (fastopt.torch's validating path: its tensors are
     not numpy arrays): addresses[k] lists buffer k's address for every tensor (param, grad,
-    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's;
-    every gradient multiplied by grad_multiplier first."""
-    _Table(f64, list(range(len(sizes))), sizes, addresses).run(rule, Hyper(rule, fields),
-                                                               grad_multiplier)
+    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's.
+    rows: None, or per tensor None (a dense gradient) or (indices address, int64 (else int32),
+    nnz, row_len) for a gradient given as rows (fastopt.h, "Sparse rows"), its values at the
+    grad's address.  Every gradient is multiplied by grad_multiplier first."""
+    _Table(f64, list(range(len(sizes))), sizes, addresses, rows=rows).run(
+        rule, Hyper(rule, fields), grad_multiplier)

@@ -4,13 +4,13 @@ side by side in one run (interleaved rounds, medians; fastopt.benchmark.time_sid
 
   clip          fastopt.torch.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_, on
                 2,000 tensors of 1,000 elements and on the ResNet-50 gradient set (clipping)
-  numpy step    Adam on the ResNet-50 set: step(grads, clip_norm=, skip_nonfinite=True)
-                against the plain step (one extra read of the gradients: 4 of 28 bytes)
+  numpy step    the in-loop rule (fastopt.benchmark.IN_LOOP_RULE, a 7-stream rule) on the
+                ResNet-50 set: step(grads, clip_norm=, skip_nonfinite=True) against the plain
+                step (one extra read of the gradients: 4 of 28 bytes)
   GradScaler    scaler.unscale_ + clip_grad_norm_ + optimizer step + scaler.update on the
-                ResNet-50 set: fastopt.torch (its clip, Adam through the fused protocol)
-                against torch (its clip, fused Adam); the same numbers on both sides
-  schedule      an Adam step with lr=fastopt.schedules.cosine(...) against a fixed lr, 1e3
-                elements
+                ResNet-50 set: fastopt.torch (its clip, its optimizer through the fused
+                protocol) against torch (its clip, its fused optimizer); the same numbers
+  schedule      a step with lr=fastopt.schedules.cosine(...) against a fixed lr, 1e3 elements
 """
 import argparse
 import math
@@ -20,9 +20,11 @@ import numpy as np
 
 import fastopt
 from fastopt import schedules
-from fastopt.benchmark import MODELS, time_side_by_side
+from fastopt.benchmark import IN_LOOP_RULE, MODELS, RULES, time_side_by_side
 
 MANY_SMALL = [(1000,)] * 2000
+OPTIMIZER = getattr(fastopt, IN_LOOP_RULE)
+TORCH_NAME = RULES[IN_LOOP_RULE][3]
 
 
 def clip_runners(shapes, threads):
@@ -45,8 +47,8 @@ def numpy_step_runners(shapes):
     rng = np.random.default_rng(0)
     params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [(rng.standard_normal(s) * 1e-3).astype(np.float32) for s in shapes]
-    plain = fastopt.Adam([p.copy() for p in params], lr=1e-3)
-    full = fastopt.Adam([p.copy() for p in params], lr=1e-3)
+    plain = OPTIMIZER([p.copy() for p in params], lr=1e-3)
+    full = OPTIMIZER([p.copy() for p in params], lr=1e-3)
     limit = 0.5 * math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
     return {"plain step": lambda: plain.step(grads),
             "clip + skip_nonfinite": lambda: full.step(grads, clip_norm=limit, skip_nonfinite=True)}
@@ -59,8 +61,8 @@ def grad_scaler_runners(shapes, threads):
     g = torch.Generator().manual_seed(0)
     out = {}
     for label, make, clip in (
-            ("fastopt", lambda ps: ft.Adam(ps, lr=1e-3), ft.clip_grad_norm_),
-            ("torch", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+            ("fastopt", lambda ps: getattr(ft, TORCH_NAME)(ps, lr=1e-3), ft.clip_grad_norm_),
+            ("torch", lambda ps: getattr(torch.optim, TORCH_NAME)(ps, lr=1e-3, fused=True),
              torch.nn.utils.clip_grad_norm_)):
         params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
         for p in params:
@@ -85,8 +87,8 @@ def schedule_runners():
     rng = np.random.default_rng(0)
     p = rng.standard_normal(1000).astype(np.float32)
     g = (rng.standard_normal(1000) * 1e-3).astype(np.float32)
-    fixed = fastopt.Adam([p.copy()], lr=1e-3)
-    cosine = fastopt.Adam([p.copy()], lr=schedules.cosine(1e-3, 10 ** 9, warmup_steps=1000,
+    fixed = OPTIMIZER([p.copy()], lr=1e-3)
+    cosine = OPTIMIZER([p.copy()], lr=schedules.cosine(1e-3, 10 ** 9, warmup_steps=1000,
                                                           warmup_start_factor=0.01))
     return {"fixed lr": lambda: fixed.step([g]), "cosine schedule": lambda: cosine.step([g])}
 
@@ -119,13 +121,13 @@ def run(threads, quick=False, budget=1.0):
                  "fastopt", "torch", ">= 2.5x")
     shapes = resnet50 if not quick else MODELS["ResNet-18"]
     name = "ResNet-50" if not quick else "ResNet-18"
-    show(f"numpy Adam, clip + skip, {name}", time_side_by_side(numpy_step_runners(shapes), budget * 2),
+    show(f"numpy {IN_LOOP_RULE}, clip + skip, {name}", time_side_by_side(numpy_step_runners(shapes), budget * 2),
          "clip + skip_nonfinite", "plain step", "<= 1.25x", reverse=True)
     if have_torch:
-        show(f"GradScaler + clip + Adam, {name}",
+        show(f"GradScaler + clip + {IN_LOOP_RULE}, {name}",
              time_side_by_side(grad_scaler_runners(shapes, threads), budget * 2),
              "fastopt", "torch", ">= 1.3x")
-    show("Adam 1e3, cosine schedule", time_side_by_side(schedule_runners(), budget, min_rounds=15),
+    show(f"{IN_LOOP_RULE} 1e3, cosine schedule", time_side_by_side(schedule_runners(), budget, min_rounds=15),
          "cosine schedule", "fixed lr", "<= 1.2x", reverse=True)
     return rows
 

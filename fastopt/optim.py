@@ -22,13 +22,22 @@ class Optimizer:
     """Base class.  params: a list of arrays, or of dicts {"params": [...], <hyperparameter>: ...}
     (param groups, each overriding the optimizer's defaults).
 
+    sparse: how a step whose gradient is a fastopt.SparseGrad (rows along axis 0) treats the
+    rows it does not touch: "lazy" (the only mode so far) updates the touched rows alone, each
+    with the sum of its gradient rows, exactly as a dense step over that row would (its state
+    advances; the step count is the parameter's, which advances every step); untouched rows and
+    their state stay as they are.  A param group may carry its own "sparse".
+
     Attributes: param_groups (list of dicts; change hyperparameters there between steps),
     state (dict: global parameter index -> state object, created on a parameter's first step).
     """
 
     rule = None
 
-    def __init__(self, params, *, ema_decay=None, **defaults):
+    def __init__(self, params, sparse="lazy", *, ema_decay=None, **defaults):
+        # how a step with a SparseGrad treats the rows it does not touch (README, "Sparse
+        # rows"); a param group may override it with its own "sparse" key
+        self.sparse = _checks.sparse_mode("sparse", sparse)
         if ema_decay is not None:
             ema_decay = _checks.real("ema_decay", ema_decay)
             if not 0.0 <= ema_decay <= 1.0:
@@ -85,14 +94,17 @@ class Optimizer:
     def _group_hyperparameters(self, group, where):
         """(hyperparameters, Hyper) of a group, validated (the error names the group)."""
         try:
-            return self.rule.check({k: v for k, v in group.items() if k != "params"})
+            if "sparse" in group:
+                _checks.sparse_mode("sparse", group["sparse"])
+            return self.rule.check({k: v for k, v in group.items() if k not in ("params", "sparse")})
         except (TypeError, ValueError) as e:
             raise type(e)(f"{where}: {e}") from None
 
     def step(self, grads, *, grad_scale=1.0, clip_norm=None, skip_nonfinite=False,
              compute_norm=False):
         """Update every parameter in place from `grads` (one array per parameter, same shape and
-        dtype, C-contiguous).  Nothing is changed if any input is invalid.  Calls from several
+        dtype, C-contiguous, or a fastopt.SparseGrad of its rows: see `sparse` above).  Nothing
+        is changed if any input is invalid.  Calls from several
         threads are serialized (one lock per optimizer).
 
         The training step's options (at most two passes over the gradients: a reduction when
@@ -109,6 +121,9 @@ class Optimizer:
                 and skip_nonfinite is False and compute_norm is False:
             options, result = None, _kernels.PLAIN_RESULT
         else:
+            if any(isinstance(g, _kernels.SparseGrad) for g in grads):
+                raise TypeError("grad_scale, clip_norm, skip_nonfinite and compute_norm take "
+                                "dense gradients only, not fastopt.SparseGrad rows")
             options = _kernels.StepOptions(sum(len(g["params"]) for g in self.param_groups),
                                            grad_scale, clip_norm, skip_nonfinite, compute_norm)
         plan = self._plan
@@ -143,6 +158,10 @@ class Optimizer:
         for i, p in enumerate(params):
             _checks.check_param(p, f"params[{i}]")
         _checks.check_grads(grads, params)
+        if _kernels.reduces(options) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
+            raise ValueError("clip_norm, skip_nonfinite and compute_norm need dense gradients "
+                             "(their norm pass does not read a SparseGrad's rows); grad_scale "
+                             "works with a SparseGrad")
         written, names = list(params), [f"params[{i}]" for i in range(len(params))]
         state_type = self.state_type
         for i, p in enumerate(params):
@@ -155,10 +174,17 @@ class Optimizer:
                 for k, buf in state.buffers().items():
                     written.append(buf)
                     names.append(f"state[{i}].{k}")
-        _checks.check_no_overlap(written, names, list(grads),
-                                 [f"grads[{i}]" for i in range(len(grads))])
+        read, read_names = [], []
+        for i, g in enumerate(grads):
+            if isinstance(g, _kernels.SparseGrad):
+                read += [g.indices, g.values]
+                read_names += [f"grads[{i}].indices", f"grads[{i}].values"]
+            else:
+                read.append(g)
+                read_names.append(f"grads[{i}]")
+        _checks.check_no_overlap(written, names, read, read_names)
         # everything is valid: from here on nothing can fail
-        plain = [g.view(np.ndarray) for g in grads]
+        plain = [_plain(g) for g in grads]
         if options is not None and not options.reduce_arrays(plain):
             return  # skipped: no state is created either
         batches, hypers, i = [], [], 0
@@ -222,6 +248,13 @@ class Optimizer:
         return "\n".join(lines + [")"])
 
 
+def _plain(grad):
+    """A validated gradient as the engine takes it: plain ndarray views of any subclass."""
+    if isinstance(grad, _kernels.SparseGrad):
+        return _kernels.SparseGrad(grad.indices.view(np.ndarray), grad.values.view(np.ndarray))
+    return grad.view(np.ndarray)
+
+
 def _parse_groups(params):
     if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
         raise TypeError("params must be a list of arrays or of param-group dicts, "
@@ -251,6 +284,7 @@ def _optimizer_class(rule):
                 else inspect.Parameter.POSITIONAL_OR_KEYWORD)
         positional.append(inspect.Parameter(
             name, kind, default=inspect.Parameter.empty if default is REQUIRED else default))
+    positional.append(inspect.Parameter("sparse", inspect.Parameter.KEYWORD_ONLY, default="lazy"))
     positional.append(inspect.Parameter("ema_decay", inspect.Parameter.KEYWORD_ONLY, default=None))
     signature = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
                                   + positional)
