@@ -147,6 +147,76 @@ static void test_generic(void)
     CHECK(fo_step(FO_RULE_adam, &batch, &hp, &err) == FO_OK && p[0] < 1, "fo_step steps");
 }
 
+/* The step's options: the reduction pass (fo_norm: thread counts, per tensor, inf/NaN, norm
+ * types), the gradient multiplier every rule folds in, the EMA, and their refusals. */
+static void test_step_options(void)
+{
+    enum { A = 5000, B = 150001, C = 3 };
+    static float a[A], b[B], c[C];
+    for (int i = 0; i < A; i++) a[i] = (float)uniform();
+    for (int i = 0; i < B; i++) b[i] = (float)uniform();
+    for (int i = 0; i < C; i++) c[i] = (float)uniform();
+    float *data[3] = {a, b, c};
+    size_t n[3] = {A, B, C};
+    fo_batch batch = {3, n, {NULL, (void *const *)data}, {FO_FLOAT32, FO_FLOAT32}};
+    double expected[3] = {0, 0, 0};
+    for (int t = 0; t < 3; t++)
+        for (size_t i = 0; i < n[t]; i++) expected[t] += (double)data[t][i] * (double)data[t][i];
+    double first = 0, per[3];
+    int nonfinite = 1;
+    const int before = fo_get_num_threads(), threads[] = {1, 2, 8};
+    for (int k = 0; k < 3; k++) {
+        fo_set_num_threads(threads[k]);
+        double total = -1;
+        CHECK(fo_norm(&batch, 1, 2.0, per, &total, &nonfinite, NULL) == FO_OK && !nonfinite, "fo_norm");
+        if (k == 0) first = total;
+        CHECK(total == first, "the total is the same for %d threads", threads[k]);
+        for (int t = 0; t < 3; t++)
+            CHECK(fabs(per[t] - expected[t]) <= 1e-12 * expected[t], "tensor %d's sum of squares", t);
+    }
+    fo_set_num_threads(before);
+    double total, max_abs = 0;
+    for (size_t i = 0; i < B; i++) max_abs = fabs(b[i]) > max_abs ? fabs(b[i]) : max_abs;
+    CHECK(fo_norm(&batch, 1, INFINITY, per, &total, &nonfinite, NULL) == FO_OK && per[1] == max_abs,
+          "the max norm");
+    b[777] = NAN;
+    CHECK(fo_norm(&batch, 1, 2.0, NULL, &total, &nonfinite, NULL) == FO_OK && nonfinite, "NaN found");
+    CHECK(fo_norm(&batch, 1, INFINITY, NULL, &total, &nonfinite, NULL) == FO_OK && nonfinite &&
+              isnan(total), "NaN in the max");
+    b[777] = INFINITY;
+    CHECK(fo_norm(&batch, 1, 1.0, NULL, &total, &nonfinite, NULL) == FO_OK && nonfinite &&
+              isinf(total), "inf found");
+    fo_error err;
+    CHECK(fo_norm(&batch, 1, -1.0, NULL, &total, &nonfinite, &err) == FO_ERR_HYPERPARAM &&
+              strcmp(err.field, "p") == 0, "a negative p is refused");
+
+    /* the multiplier: every rule's step with it equals the step on pre-multiplied gradients */
+    double p1[4] = {1, 2, 3, 4}, p2[4] = {1, 2, 3, 4}, g[4] = {0.5, -1, 2, 0.25}, g2[4];
+    double m1[4] = {0}, v1[4] = {0}, m2[4] = {0}, v2[4] = {0}, ema[4] = {1, 2, 3, 4};
+    for (int i = 0; i < 4; i++) g2[i] = 0.25 * g[i];
+    fo_adam_params hp = adam_hp(1);
+    hp.amsgrad = 0;
+    CHECK(fo_adam_f64(p2, g2, m2, v2, NULL, 4, &hp) == FO_OK, "adam");
+    double *pp = p1, *mp = m1, *vp = v1, *ep = ema;
+    const double *gp = g;
+    size_t four = 4;
+    fo_batch one = {1, &four, {(void *const *)&pp, (void *const *)&gp, (void *const *)&mp,
+                               (void *const *)&vp}, {FO_FLOAT64, FO_FLOAT64, FO_FLOAT64, FO_FLOAT64}};
+    fo_step_options opt = {0.25, (void *const *)&ep, 0.9};
+    CHECK(fo_step_with(FO_RULE_adam, &one, &hp, &opt, NULL) == FO_OK, "fo_step_with");
+    CHECK(memcmp(p1, p2, sizeof p1) == 0 && memcmp(m1, m2, sizeof m1) == 0, "multiplier folded in");
+    for (int i = 0; i < 4; i++)
+        CHECK(ema[i] == 0.9 * (i + 1.0) + (1.0 - 0.9) * p1[i], "ema %d", i);
+    opt.grad_multiplier = NAN;
+    CHECK(fo_step_with(FO_RULE_adam, &one, &hp, &opt, &err) == FO_ERR_HYPERPARAM &&
+              strcmp(err.field, "grad_multiplier") == 0, "a NaN multiplier is refused");
+    opt.grad_multiplier = 1.0;
+    opt.ema_decay = 1.5;
+    CHECK(fo_step_with(FO_RULE_adam, &one, &hp, &opt, &err) == FO_ERR_HYPERPARAM &&
+              strcmp(err.field, "ema_decay") == 0, "an ema_decay above 1 is refused");
+    CHECK(memcmp(p1, p2, sizeof p1) == 0, "a refused call wrote nothing");
+}
+
 int main(void)
 {
     static const size_t sizes[] = {0, 1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129,
@@ -162,6 +232,7 @@ int main(void)
     }
     test_errors();
     test_generic();
+    test_step_options();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }
