@@ -291,9 +291,9 @@ cdef class Batch:
             opt = &with_ema
         if self.step_offset >= 0:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
+        cdef const fo_rows *rows = self.rows if self.any_rows else NULL
         if self.schedule is not None:
             (<double *>(<char *>hp + self.lr_offset))[0] = self.schedule.at(next_step)
-        cdef const fo_rows *rows = self.rows if self.any_rows else NULL
         with nogil:
             status = _run_with(self.rule.id, self.f64, self.count, self.ptrs, self.n_bufs,
                                self.sizes, hp, opt, rows)
@@ -839,9 +839,9 @@ def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields,
                   list rows=None, double grad_multiplier=1.0):
     """One C call over raw buffer addresses (fastopt.torch's validating path: its tensors are
     not numpy arrays): addresses[k] lists buffer k's address for every tensor (param, grad,
-    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's.
-    rows: None, or per tensor None (a dense gradient) or (indices address, int64 (else int32),
-    nnz, row_len) for a gradient given as rows (fastopt.h, "Sparse rows"), its values at the
-    grad's address.  Every gradient is multiplied by grad_multiplier first."""
+    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's;
+    every gradient multiplied by grad_multiplier first.  rows: None, or per tensor None (a
+    dense gradient) or (indices address, int64 (else int32), nnz, row_len) for a gradient given
+    as rows (fastopt.h, "Sparse rows"), its values at the grad's address."""
     _Table(f64, list(range(len(sizes))), sizes, addresses, rows=rows).run(
         rule, Hyper(rule, fields), grad_multiplier)

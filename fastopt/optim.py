@@ -34,7 +34,7 @@ class Optimizer:
 
     rule = None
 
-    def __init__(self, params, sparse="lazy", *, ema_decay=None, **defaults):
+    def __init__(self, params, *, sparse="lazy", ema_decay=None, **defaults):
         # how a step with a SparseGrad treats the rows it does not touch (README, "Sparse
         # rows"); a param group may override it with its own "sparse" key
         self.sparse = _checks.sparse_mode("sparse", sparse)

@@ -948,9 +948,9 @@ class ASGD(_Fastopt, torch.optim.ASGD):
         # a table's states share eta and mu (batch_extra keyed it; each step sets them alike)
         now = (step, counters[1][0].item(), counters[2][0].item())
         eta, mu = _asgd_next(hp, step)
-        counters[0].add_(1.0)
-        counters[1].fill_(eta)
-        counters[2].fill_(mu)
+        counters[0] += 1.0
+        counters[1].fill(eta)
+        counters[2].fill(mu)
         return now
 
     def planned_step_after(self, hp, step):

@@ -39,7 +39,8 @@ def test_every_rule_with_unscale_and_clip(case, dtype, rng):
     ref_params = [p.astype(np.float64) for p in init]
     ref_states = [{} for _ in init]
     ref_ema = [p.astype(np.float64) for p in init]  # the EMA starts as the parameter
-    group_hp = reference_kwargs({k: v for k, v in opt.param_groups[0].items() if k != "params"})
+    group_hp = reference_kwargs({k: v for k, v in opt.param_groups[0].items()
+                                 if k != "params" and k not in cls.rule.fixed})
     clipped = unclipped = 0
     for step in range(12):
         grad_scale = 8.0 if step % 3 else 1.0
