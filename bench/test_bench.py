@@ -81,3 +81,23 @@ def test_python_side_cost(benchmark, call):
     from fastopt.benchmark import overhead_calls
     benchmark.group = "Python-side cost per call, 1e3 float32"
     benchmark(overhead_calls()[call])
+
+
+@pytest.mark.parametrize("implementation", ["fastopt.torch", "torch"])
+@pytest.mark.parametrize("distribution", ["zipf", "uniform"])
+@pytest.mark.parametrize("rule", ["SparseAdam", "Adagrad", "SGD"])
+def test_sparse_embedding(benchmark, rule, distribution, implementation):
+    """A 1M x 64 nn.Embedding(sparse=True), 16,384 indices per step (fastopt.bench_sparse)."""
+    pytest.importorskip("torch")
+    from fastopt.bench_sparse import torch_runners
+    benchmark.group = f"sparse {rule} {distribution}"
+    runners, _ = torch_runners(rule, distribution, fastopt.get_num_threads(), {})
+    benchmark(runners[implementation])
+
+
+@pytest.mark.parametrize("implementation", ["SparseGrad", "dense"])
+@pytest.mark.parametrize("distribution", ["zipf", "uniform"])
+def test_sparse_numpy_adam(benchmark, distribution, implementation):
+    from fastopt.bench_sparse import numpy_runners
+    benchmark.group = f"sparse numpy Adam {distribution}"
+    benchmark(numpy_runners(distribution)[implementation])

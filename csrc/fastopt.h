@@ -113,7 +113,9 @@ enum fo_status {
     FO_ERR_HYPERPARAM = 2, /* a hyperparameter is NaN, infinite or out of its range */
     FO_ERR_OVERLAP = 3,    /* a buffer that is written overlaps another buffer of the call */
     FO_ERR_RULE = 4,       /* no such rule */
-    FO_ERR_DTYPE = 5       /* a storage type (or combination) the kernels do not have */
+    FO_ERR_DTYPE = 5,      /* a storage type (or combination) the kernels do not have */
+    FO_ERR_INDEX = 6,      /* a row index out of range, or rows that do not tile the tensor */
+    FO_ERR_MEMORY = 7      /* no memory for a row batch's tables */
 };
 
 enum fo_convention { FO_TEXTBOOK = 0, FO_TORCH = 1 };
@@ -153,12 +155,35 @@ typedef struct {
  * Each tensor's buffers must not overlap one another; overlaps between different tensors'
  * buffers are not checked (the Python layer does it once).
  */
+typedef struct fo_rows fo_rows;
 typedef struct {
     size_t count;
     const size_t *n;
     void *const *buffers[FO_MAX_BUFFERS];
     int dtype[FO_MAX_BUFFERS];
+    const fo_rows *rows; /* NULL (every gradient dense), or one entry per tensor: see below */
 } fo_batch;
+
+/*
+ * Sparse rows.  When batch->rows is set and rows[t].indices is not NULL, tensor t's gradient
+ * is given by rows: the tensor is viewed as n[t] / row_len rows of row_len elements, and
+ * buffers[1][t] holds nnz gradient rows (nnz x row_len, the batch's storage type), row j
+ * belonging to row indices[j] (FO_INT32 or FO_INT64, any order, duplicates allowed).
+ * Duplicates are summed in the order they appear in `indices` (a stable sort by row, then a
+ * sum in that order), so the result depends neither on the thread count nor on how the
+ * duplicates are interleaved with other rows.  Then every touched row takes one step of the
+ * rule with its summed gradient, exactly as a dense step over that row would (same loop, same
+ * per-step scalars); untouched rows and their state are not read or written ("lazy").
+ * Validation: 0 <= indices[j] < n[t] / row_len, row_len > 0 dividing n[t] (FO_ERR_INDEX),
+ * the gradient rows and the indices overlapping no written buffer (FO_ERR_OVERLAP).
+ */
+enum fo_index_type { FO_INT32 = 0, FO_INT64 = 1 };
+struct fo_rows {
+    const void *indices; /* nnz row indices; NULL: this tensor's gradient is dense */
+    int index_type;      /* fo_index_type */
+    size_t nnz;          /* gradient rows */
+    size_t row_len;      /* elements per row */
+};
 
 /* One step of `rule` over `batch`; hp points to the rule's fo_<rule>_params.  err may be NULL. */
 int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err);

@@ -55,6 +55,8 @@ const char *fo_strerror(int status)
     case FO_ERR_OVERLAP: return "a buffer that is written overlaps another buffer";
     case FO_ERR_RULE: return "no such rule";
     case FO_ERR_DTYPE: return "unsupported storage type";
+    case FO_ERR_INDEX: return "a row index is negative or out of range, or the rows do not tile the tensor";
+    case FO_ERR_MEMORY: return "out of memory";
     default: return "unknown fastopt status";
     }
 }
@@ -298,22 +300,36 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
         if (!bufs[used[i]]) return FO_ERR_NULL;
 
     const size_t elem_size = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
+    int any_rows = 0;
     for (size_t t = 0; t < count; t++) {
         void *written[FO_MAX_BUFFERS];
         int n_written = 0;
         for (int i = 0; i < n_used; i++)
             if (used[i] != 1) written[n_written++] = bufs[used[i]][t];
-        const int tensor_status = check_tensor(batch->n[t], elem_size, bufs[1][t], written, n_written);
+        const int has_rows = batch->rows && batch->rows[t].indices;
+        const int tensor_status =
+            has_rows ? fo_check_rows(&batch->rows[t], batch->n[t], elem_size, bufs[1][t], written,
+                                     n_written)
+                     : check_tensor(batch->n[t], elem_size, bufs[1][t], written, n_written);
         if (tensor_status != FO_OK) return tensor_status;
+        any_rows |= has_rows;
     }
     const int which = dtype == FO_FLOAT64 ? FO_F64 : FO_F32;
     const fo_span_fn rule_span = fo_active()->span[rule][which];
     const fo_ema_scalars ema = {rule_span, scalars, n_own, has_ema ? opt->ema_decay : 0.0};
     const fo_span_fn span = has_ema ? fo_active()->ema[which] : rule_span;
     const void *span_scalars = has_ema ? (const void *)&ema : (const void *)scalars;
-    if (tensor_passes[rule].scalar)
+    if (tensor_passes[rule].scalar) {
+        if (any_rows) { /* a norm over the touched rows is not the tensor's */
+            err->field = "rows";
+            err->requirement = "are not supported by this rule (its norms are per whole tensor)";
+            return FO_ERR_RULE;
+        }
         return run_with_tensor_pass(rule, which, count, bufs, n_rule_bufs, n_bufs, batch->n,
                                     scalars, span, span_scalars, err);
+    }
+    if (any_rows) /* the touched rows as the batch's tensors (rows.c) */
+        return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, dtype, span_scalars);
     fo_run(span, count, bufs, n_bufs, batch->n, span_scalars);
     return FO_OK;
 }

@@ -12,6 +12,7 @@
 # run_single, the same checks for one tensor.
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
+from libc.stdint cimport int32_t
 
 
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
@@ -52,6 +53,76 @@ cdef class StepLock:
         return (StepLock, ())
 
 
+cdef class SparseGrad:
+    """A gradient given by rows, for a parameter with ndim >= 1 viewed as rows along axis 0:
+    `indices` a 1-D int32/int64 array of row numbers (any order, duplicates allowed: they are
+    summed, in the order given), `values` an array shaped (len(indices),) + param.shape[1:] in
+    the parameter's dtype, C-contiguous: values[j] is the gradient of row indices[j].  A step
+    with it updates the touched rows only (see the optimizers' `sparse` argument).  Both arrays
+    are used where they lie (no copy) and are checked against the parameter at each step."""
+    cdef readonly object indices, values
+
+    def __init__(self, indices, values):
+        if not isinstance(indices, cnp.ndarray) or not isinstance(values, cnp.ndarray):
+            raise TypeError("SparseGrad(indices, values) takes two numpy arrays, got "
+                            f"{type(indices).__name__} and {type(values).__name__}")
+        self.indices, self.values = indices, values
+
+    def __repr__(self):
+        return (f"SparseGrad(indices: {self.indices.shape[0] if self.indices.ndim else '?'} rows "
+                f"{self.indices.dtype}, values: {self.values.shape} {self.values.dtype})")
+
+    def __reduce__(self):
+        return (SparseGrad, (self.indices, self.values))
+
+
+cdef bint _rows_fit(SparseGrad g, cnp.ndarray a, fo_rows *rows):
+    """Whether g is a valid row gradient of `a` (what _checks.check_sparse_grad checks, indices
+    in range included); fills `rows` if so."""
+    if type(g.indices) is not cnp.ndarray or type(g.values) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray idx = <cnp.ndarray>g.indices, v = <cnp.ndarray>g.values
+    cdef int nd = cnp.PyArray_NDIM(a), ityp = cnp.PyArray_TYPE(idx)
+    if nd < 1 or cnp.PyArray_NDIM(idx) != 1 or not cnp.PyArray_ISNOTSWAPPED(idx) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(idx):
+        return False
+    if ityp == cnp.NPY_INT32:
+        rows.index_type = FO_INT32
+    elif ityp == cnp.NPY_INT64:
+        rows.index_type = FO_INT64
+    else:
+        return False
+    cdef size_t nnz = <size_t>cnp.PyArray_DIMS(idx)[0]
+    if cnp.PyArray_TYPE(v) != cnp.PyArray_TYPE(a) or not cnp.PyArray_ISNOTSWAPPED(v) \
+            or cnp.PyArray_NDIM(v) != nd or <size_t>cnp.PyArray_DIMS(v)[0] != nnz \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(v) \
+            or memcmp(cnp.PyArray_DIMS(v) + 1, cnp.PyArray_DIMS(a) + 1,
+                      (nd - 1) * sizeof(cnp.npy_intp)) != 0:
+        return False
+    cdef int64_t n_rows = cnp.PyArray_DIMS(a)[0]
+    cdef size_t j
+    cdef const int32_t *i32 = <const int32_t *>cnp.PyArray_DATA(idx)
+    cdef const int64_t *i64 = <const int64_t *>cnp.PyArray_DATA(idx)
+    cdef bint bad = False
+    with nogil:
+        if ityp == cnp.NPY_INT32:
+            for j in range(nnz):
+                if i32[j] < 0 or i32[j] >= n_rows:
+                    bad = True
+                    break
+        else:
+            for j in range(nnz):
+                if i64[j] < 0 or i64[j] >= n_rows:
+                    bad = True
+                    break
+    if bad:
+        return False
+    rows.indices = cnp.PyArray_DATA(idx)
+    rows.row_len = <size_t>(cnp.PyArray_SIZE(a) // n_rows) if n_rows > 0 else 0
+    rows.nnz = nnz if rows.row_len > 0 else 0  # rows of no elements: nothing to update
+    return True
+
+
 cdef class Batch:
     """Tensors of one param group, one dtype and one step count: one C call per step.
 
@@ -64,10 +135,17 @@ cdef class Batch:
     cdef int n_bufs
     cdef void **ptrs[8]
     cdef size_t *sizes
+    cdef fo_rows *rows  # per tensor: its gradient's rows (indices NULL: dense)
+    cdef bint any_rows
     cdef Py_ssize_t *index  # each tensor's parameter index (indices), for the reduction pass
     cdef double *scratch    # the reduction's per-tensor results
     cdef Hyper hyper
     cdef Py_ssize_t step_offset  # of the struct's `step` field, or -1
+    cdef void **ema              # per tensor its state's EMA buffer (set_ema), or NULL
+    cdef double ema_decay
+    cdef list emas
+    cdef Schedule schedule       # the group's lr schedule, or None
+    cdef Py_ssize_t lr_offset    # of the struct's `lr` field, where the schedule's value goes
     cdef int64_t step
     cdef list params, states, indices, buffers
     cdef readonly tuple slots
@@ -84,9 +162,10 @@ cdef class Batch:
         self.step = step
         self.step_offset = rule.step_offset
         self.sizes = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
+        self.rows = <fo_rows *>calloc(max(self.count, 1), sizeof(fo_rows))
         self.index = <Py_ssize_t *>calloc(max(self.count, 1), sizeof(Py_ssize_t))
         self.scratch = <double *>calloc(max(self.count, 1), sizeof(double))
-        if self.index == NULL or self.scratch == NULL:
+        if self.rows == NULL or self.index == NULL or self.scratch == NULL:
             raise MemoryError()
         cdef Py_ssize_t k, t
         for k in range(self.n_bufs):
@@ -113,8 +192,10 @@ cdef class Batch:
 
     def __dealloc__(self):
         free(self.sizes)
+        free(self.rows)
         free(self.index)
         free(self.scratch)
+        free(self.ema)
         for k in range(8):
             free(self.ptrs[k])
 
@@ -131,6 +212,11 @@ cdef class Batch:
             s = self.states[t]
             if state.get(i) is not s or s.step != self.step:
                 return False
+            if self.ema != NULL:
+                e = s.ema
+                if e is not self.emas[t] or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>e) \
+                        or cnp.PyArray_DATA(<cnp.ndarray>e) != self.ema[t]:
+                    return False
             bufs = self.buffers[t]
             for k, name in enumerate(self.rule.state):
                 b = getattr(s, name)
@@ -148,14 +234,44 @@ cdef class Batch:
         """Check this batch's grads like check_like() would, and record their pointers."""
         cdef Py_ssize_t t
         cdef cnp.ndarray a
+        cdef SparseGrad sg
+        self.any_rows = False
         for t in range(self.count):
             g = grads[self.indices[t]]
             a = <cnp.ndarray>self.params[t]
+            if type(g) is SparseGrad:
+                sg = <SparseGrad>g
+                if not _rows_fit(sg, a, &self.rows[t]) \
+                        or plan.hits_written(<size_t>cnp.PyArray_DATA(<cnp.ndarray>sg.values),
+                                             <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>sg.values)) \
+                        or plan.hits_written(<size_t>cnp.PyArray_DATA(<cnp.ndarray>sg.indices),
+                                             <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>sg.indices)):
+                    return False
+                self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>sg.values)
+                self.any_rows = True
+                continue
+            self.rows[t].indices = NULL
             if not _grad_fits(g, a) or plan.hits_written(
                     <size_t>cnp.PyArray_DATA(<cnp.ndarray>g), <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>g)):
                 return False
             self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>g)
         return True
+
+    def set_ema(self, double decay):
+        """Update each state's `ema` buffer in the same pass as the rule."""
+        cdef Py_ssize_t t
+        self.emas = [s.ema for s in self.states]
+        self.ema = <void **>calloc(max(self.count, 1), sizeof(void *))
+        if self.ema == NULL:
+            raise MemoryError()
+        for t in range(self.count):
+            self.ema[t] = cnp.PyArray_DATA(<cnp.ndarray>self.emas[t])
+        self.ema_decay = decay
+
+    def set_schedule(self, Schedule schedule):
+        """lr = schedule(step) written into the struct before every C call."""
+        self.schedule = schedule
+        self.lr_offset = self.rule.double_offsets["lr"]
 
     cdef int reduce_into(self, StepOptions options) except -1:
         """The reduction pass over this batch's gradients (taken by take_grads)."""
@@ -166,12 +282,21 @@ cdef class Batch:
         cdef int status
         cdef int64_t next_step = self.step + 1
         cdef void *hp = self.hyper.data()
+        cdef fo_step_options with_ema
         cdef const fo_step_options *opt = &options.c if options is not None else NULL
+        if self.ema != NULL:
+            with_ema.grad_multiplier = options.c.grad_multiplier if options is not None else 1.0
+            with_ema.ema = self.ema
+            with_ema.ema_decay = self.ema_decay
+            opt = &with_ema
         if self.step_offset >= 0:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
+        cdef const fo_rows *rows = self.rows if self.any_rows else NULL
+        if self.schedule is not None:
+            (<double *>(<char *>hp + self.lr_offset))[0] = self.schedule.at(next_step)
         with nogil:
             status = _run_with(self.rule.id, self.f64, self.count, self.ptrs, self.n_bufs,
-                               self.sizes, hp, opt)
+                               self.sizes, hp, opt, rows)
         _raise_for(status, self.hyper)
         self.step = next_step
         for s in self.states:
@@ -237,7 +362,7 @@ cdef class Plan:
     direct: the hyperparameters that are one C field each, of the same name, holding a real
     number (lr, eps, ...): a change to them is written straight into the group's Hyper.
     """
-    cdef list groups, group_lists, batches, params, hypers, versions
+    cdef list groups, group_lists, batches, params, hypers, versions, scheduled
     cdef dict state
     cdef frozenset direct
     cdef _Spans written
@@ -246,6 +371,7 @@ cdef class Plan:
         self.groups = groups
         self.group_lists = [g["params"] for g in groups]
         self.versions = [getattr(g, "version", -1) for g in groups]
+        self.scheduled = [type(g.get("lr")) is Schedule for g in groups]
         self.params = [p for g in groups for p in g["params"]]
         self.state = state
         self.batches = batches
@@ -284,6 +410,8 @@ cdef class Plan:
         cdef Hyper old = self.hypers[k], new
         cdef unsigned uses = old.uses, new_uses
         cdef double saved[64]
+        if "lr" in g.changed and (self.scheduled[k] or type(g.get("lr")) is Schedule):
+            return 0  # a schedule set or replaced: the batches are built again
         if g.changed <= self.direct:
             memcpy(saved, old.storage, sizeof(saved))
             offsets = old.rule.double_offsets
@@ -338,6 +466,10 @@ cdef class Plan:
         for b in self.batches:
             if not b.unchanged(params, state) or not b.take_grads(grads, self):
                 return False
+        if options is not None and options.reduce:
+            for b in self.batches:
+                if b.any_rows:  # the reduction pass reads dense gradients only
+                    return False
         if options is not None and not self._reduce(options):
             return True  # skipped: nothing changed
         for b in self.batches:
@@ -373,6 +505,11 @@ cdef class Plan:
                 raise RuntimeError("fastopt: a validated step was refused by the engine")
         for b in self.batches:
             b.run(options)
+
+
+def reduces(StepOptions options):
+    """Whether the options need the reduction pass over the gradients (a norm, a check)."""
+    return options is not None and options.reduce
 
 
 cdef tuple _span(cnp.ndarray a):
@@ -498,6 +635,7 @@ cdef class _Table:
     (addresses[k], None for an unused state buffer; the grads' may be filled later)."""
     cdef void **ptrs[8]
     cdef size_t *n
+    cdef fo_rows *rows  # NULL, or per tensor its gradient's rows (indices NULL: dense)
     cdef Py_ssize_t count
     cdef int n_bufs
     cdef bint f64
@@ -506,13 +644,26 @@ cdef class _Table:
     cdef public object step            # the step number the next run is
 
     def __cinit__(self, bint f64, list indices, list sizes, list addresses, list states=None,
-                  list counters=None, step=None):
+                  list counters=None, step=None, list rows=None):
         self.f64, self.indices, self.count = f64, indices, len(indices)
         self.states, self.counters, self.step = states, counters, step
         cdef Py_ssize_t k, t
         self.n = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
         if self.n == NULL:
             raise MemoryError()
+        self.rows = NULL
+        if rows is not None and any(r is not None for r in rows):
+            # (indices address, int64?, nnz, row_len) per tensor with a row gradient
+            self.rows = <fo_rows *>calloc(max(self.count, 1), sizeof(fo_rows))
+            if self.rows == NULL:
+                raise MemoryError()
+            for t in range(self.count):
+                if rows[t] is not None:
+                    address, wide, nnz, row_len = rows[t]
+                    self.rows[t].indices = <const void *><uintptr_t>address
+                    self.rows[t].index_type = FO_INT64 if wide else FO_INT32
+                    self.rows[t].nnz = nnz
+                    self.rows[t].row_len = row_len
         for k in range(8):
             self.ptrs[k] = NULL
         self.n_bufs = len(addresses)
@@ -528,15 +679,18 @@ cdef class _Table:
         for t in range(self.count):
             self.n[t] = sizes[t]
 
-    cdef int run(self, CRule rule, Hyper hyper) except -1:
+    cdef int run(self, CRule rule, Hyper hyper, double grad_multiplier=1.0) except -1:
         cdef int status
+        cdef fo_step_options opt
+        opt.grad_multiplier, opt.ema, opt.ema_decay = grad_multiplier, NULL, 0.0
         with nogil:
-            status = _run(rule.id, self.f64, self.count, self.ptrs, self.n_bufs, self.n,
-                          hyper.data())
+            status = _run_with(rule.id, self.f64, self.count, self.ptrs, self.n_bufs, self.n,
+                               hyper.data(), &opt if grad_multiplier != 1.0 else NULL, self.rows)
         return _raise_for(status, hyper)
 
     def __dealloc__(self):
         free(self.n)
+        free(self.rows)
         for k in range(8):
             free(self.ptrs[k])
 
@@ -620,11 +774,12 @@ cdef class ObjectPlan:
             members.append(m)
         return members
 
-    def run(self, front, key_of):
+    def run(self, front, key_of, double grad_multiplier=1.0):
         """One step, or False (nothing changed) if the plan no longer fits.  A group whose
         values changed (an lr schedule) is re-checked by front.refreshed_hyperparameters(index,
         group, hp), which raises for an invalid value or returns None when the change reaches
-        the plan's tables (another state buffer); the tables stay otherwise."""
+        the plan's tables (another state buffer); the tables stay otherwise.  grad_multiplier:
+        every gradient is multiplied by it first (GradScaler's unscaling), in the C call."""
         if front.param_groups is not self.groups_list or front.state is not self.state \
                 or len(self.groups_list) != len(self.groups):
             return False
@@ -673,14 +828,20 @@ cdef class ObjectPlan:
             hp = self.hps[gi]
             for table in self.groups[gi][5]:
                 step = front.advance_planned(hp, table.states, table.counters, table.step)
-                table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])))
+                table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])),
+                          grad_multiplier)
                 table.step = front.planned_step_after(hp, step)
         self.mark_written(self.written)
         return True
 
 
-def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields):
+def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields,
+                  list rows=None, double grad_multiplier=1.0):
     """One C call over raw buffer addresses (fastopt.torch's validating path: its tensors are
     not numpy arrays): addresses[k] lists buffer k's address for every tensor (param, grad,
-    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's."""
-    _Table(f64, list(range(len(sizes))), sizes, addresses).run(rule, Hyper(rule, fields))
+    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's;
+    every gradient multiplied by grad_multiplier first.  rows: None, or per tensor None (a
+    dense gradient) or (indices address, int64 (else int32), nnz, row_len) for a gradient given
+    as rows (fastopt.h, "Sparse rows"), its values at the grad's address."""
+    _Table(f64, list(range(len(sizes))), sizes, addresses, rows=rows).run(
+        rule, Hyper(rule, fields), grad_multiplier)

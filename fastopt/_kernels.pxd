@@ -18,6 +18,8 @@ cdef extern from "fastopt.h" nogil:
         FO_ERR_OVERLAP
         FO_ERR_RULE
         FO_ERR_DTYPE
+        FO_ERR_INDEX
+        FO_ERR_MEMORY
     enum fo_convention:
         FO_TEXTBOOK
         FO_TORCH
@@ -49,11 +51,20 @@ cdef extern from "fastopt.h" nogil:
     ctypedef struct fo_error:
         const char *field
         const char *requirement
+    enum fo_index_type:
+        FO_INT32
+        FO_INT64
+    ctypedef struct fo_rows:
+        const void *indices
+        int index_type
+        size_t nnz
+        size_t row_len
     ctypedef struct fo_batch:
         size_t count
         const size_t *n
         void **buffers[8]
         int dtype[8]
+        const fo_rows *rows
     ctypedef struct fo_field:
         const char *name
         int type
@@ -138,16 +149,21 @@ cdef extern from "fastopt.h" nogil:
 # step(rule, batch, hp, err): fo_step; the typed functions below wrap it like fastopt.h's.
 cdef int step(int rule, const fo_batch *batch, const void *hp, fo_error *err) noexcept nogil
 
-cdef inline int _typed(int rule, int dtype, size_t count, void ***bufs, int n_bufs,
-                       const size_t *n, const void *hp) noexcept nogil:
+cdef inline int _typed_rows(int rule, int dtype, size_t count, void ***bufs, int n_bufs,
+                            const size_t *n, const fo_rows *rows, const void *hp) noexcept nogil:
     cdef fo_batch b
     cdef int k
     b.count = count
     b.n = n
+    b.rows = rows
     for k in range(8):
         b.buffers[k] = bufs[k] if k < n_bufs else NULL
         b.dtype[k] = dtype
     return step(rule, &b, hp, NULL)
+
+cdef inline int _typed(int rule, int dtype, size_t count, void ***bufs, int n_bufs,
+                       const size_t *n, const void *hp) noexcept nogil:
+    return _typed_rows(rule, dtype, count, bufs, n_bufs, n, NULL, hp)
 
 cdef inline int sgd_f32(float *param, const float *grad, float *momentum_buffer, size_t n, const fo_sgd_params *hp) noexcept nogil:
     cdef void **b[3]

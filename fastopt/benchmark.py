@@ -437,6 +437,8 @@ def main(argv=None):
                 print(f"{rule:<13}{case:>22} {t['fastopt.torch'] * 1e6:>11.1f} {ratio('torch for-loop')} "
                       f"{ratio('torch foreach')} {ratio('torch fused')}", flush=True)
                 results.append(dict(rule=rule, label=case, dropin=True, times=t))
+    from fastopt import bench_sparse  # embedding tables: the rows a batch touches
+    results += bench_sparse.run(args.threads, args.quick, budget)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

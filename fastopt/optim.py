@@ -22,13 +22,27 @@ class Optimizer:
     """Base class.  params: a list of arrays, or of dicts {"params": [...], <hyperparameter>: ...}
     (param groups, each overriding the optimizer's defaults).
 
+    sparse: how a step whose gradient is a fastopt.SparseGrad (rows along axis 0) treats the
+    rows it does not touch: "lazy" (the only mode so far) updates the touched rows alone, each
+    with the sum of its gradient rows, exactly as a dense step over that row would (its state
+    advances; the step count is the parameter's, which advances every step); untouched rows and
+    their state stay as they are.  A param group may carry its own "sparse".
+
     Attributes: param_groups (list of dicts; change hyperparameters there between steps),
     state (dict: global parameter index -> state object, created on a parameter's first step).
     """
 
     rule = None
 
-    def __init__(self, params, **defaults):
+    def __init__(self, params, *, sparse="lazy", ema_decay=None, **defaults):
+        # how a step with a SparseGrad treats the rows it does not touch (README, "Sparse
+        # rows"); a param group may override it with its own "sparse" key
+        self.sparse = _checks.sparse_mode("sparse", sparse)
+        if ema_decay is not None:
+            ema_decay = _checks.real("ema_decay", ema_decay)
+            if not 0.0 <= ema_decay <= 1.0:
+                raise ValueError(f"Invalid ema_decay: {ema_decay} (must be in [0, 1])")
+        self._ema_decay = ema_decay
         self.defaults = self.rule.check(defaults)[0]
         groups = _parse_groups(params)
         for i, g in enumerate(groups):
@@ -50,6 +64,25 @@ class Optimizer:
         self._lock = _kernels.StepLock()  # serializes step and the checkpoint functions
 
     @property
+    def ema_decay(self):
+        """None, or the decay d of the weights' moving average that every step updates after
+        the rule, in the same pass:  ema <- d ema + (1 - d) theta  (ema starts as the parameter
+        at its first step; kept in each state's `ema`, saved in checkpoints)."""
+        return self._ema_decay
+
+    def ema_arrays(self):
+        """The weights' moving averages in parameter order (the state's arrays themselves; a
+        copy of the parameter for one not stepped yet), e.g. to evaluate with."""
+        if self._ema_decay is None:
+            raise ValueError(f"{type(self).__name__} was made without ema_decay")
+        out = []
+        for i, p in enumerate(self.params):
+            state = self.state.get(i)
+            ema = getattr(state, "ema", None)
+            out.append(ema if ema is not None else np.array(p, order="C", copy=True))
+        return out
+
+    @property
     def state_type(self):
         return STATE_TYPES[self.rule.state]
 
@@ -61,14 +94,17 @@ class Optimizer:
     def _group_hyperparameters(self, group, where):
         """(hyperparameters, Hyper) of a group, validated (the error names the group)."""
         try:
-            return self.rule.check({k: v for k, v in group.items() if k != "params"})
+            if "sparse" in group:
+                _checks.sparse_mode("sparse", group["sparse"])
+            return self.rule.check({k: v for k, v in group.items() if k not in ("params", "sparse")})
         except (TypeError, ValueError) as e:
             raise type(e)(f"{where}: {e}") from None
 
     def step(self, grads, *, grad_scale=1.0, clip_norm=None, skip_nonfinite=False,
              compute_norm=False):
         """Update every parameter in place from `grads` (one array per parameter, same shape and
-        dtype, C-contiguous).  Nothing is changed if any input is invalid.  Calls from several
+        dtype, C-contiguous, or a fastopt.SparseGrad of its rows: see `sparse` above).  Nothing
+        is changed if any input is invalid.  Calls from several
         threads are serialized (one lock per optimizer).
 
         The training step's options (at most two passes over the gradients: a reduction when
@@ -81,10 +117,15 @@ class Optimizer:
         Returns a StepResult: total_norm (the L2 norm over all gradients after unscaling, in
         double with a fixed summation order; None unless clip_norm, skip_nonfinite or
         compute_norm) and skipped."""
+        if not self.rule.rows:  # before the plan, which takes rows as they come
+            _refuse_rows(self.rule, grads)
         if type(grad_scale) in (float, int) and grad_scale == 1.0 and clip_norm is None \
                 and skip_nonfinite is False and compute_norm is False:
             options, result = None, _kernels.PLAIN_RESULT
         else:
+            if isinstance(grads, (list, tuple)) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
+                raise TypeError("grad_scale, clip_norm, skip_nonfinite and compute_norm take "
+                                "dense gradients only, not fastopt.SparseGrad rows")
             options = _kernels.StepOptions(sum(len(g["params"]) for g in self.param_groups),
                                            grad_scale, clip_norm, skip_nonfinite, compute_norm)
         plan = self._plan
@@ -119,6 +160,12 @@ class Optimizer:
         for i, p in enumerate(params):
             _checks.check_param(p, f"params[{i}]")
         _checks.check_grads(grads, params)
+        if _kernels.reduces(options) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
+            raise ValueError("clip_norm, skip_nonfinite and compute_norm need dense gradients "
+                             "(their norm pass does not read a SparseGrad's rows); grad_scale "
+                             "works with a SparseGrad")
+        if not self.rule.rows:
+            _refuse_rows(self.rule, grads)
         written, names = list(params), [f"params[{i}]" for i in range(len(params))]
         state_type = self.state_type
         for i, p in enumerate(params):
@@ -131,10 +178,17 @@ class Optimizer:
                 for k, buf in state.buffers().items():
                     written.append(buf)
                     names.append(f"state[{i}].{k}")
-        _checks.check_no_overlap(written, names, list(grads),
-                                 [f"grads[{i}]" for i in range(len(grads))])
+        read, read_names = [], []
+        for i, g in enumerate(grads):
+            if isinstance(g, _kernels.SparseGrad):
+                read += [g.indices, g.values]
+                read_names += [f"grads[{i}].indices", f"grads[{i}].values"]
+            else:
+                read.append(g)
+                read_names.append(f"grads[{i}]")
+        _checks.check_no_overlap(written, names, read, read_names)
         # everything is valid: from here on nothing can fail
-        plain = [g.view(np.ndarray) for g in grads]
+        plain = [_plain(g) for g in grads]
         if options is not None and not options.reduce_arrays(plain):
             return  # skipped: no state is created either
         batches, hypers, i = [], [], 0
@@ -149,12 +203,18 @@ class Optimizer:
                 if state is None:
                     state = self.state[i] = self.new_state(p, hp)
                 state.add_missing(p, needed)
+                if self._ema_decay is not None and state.ema is None:
+                    state.ema = np.array(p, order="C", copy=True)
                 by_key.setdefault((p.dtype, state.step), []).append(i)
                 i += 1
             for (_, step), indices in by_key.items():
                 batch = _kernels.Batch(self.rule.crule, [params[j] for j in indices],
                                        [self.state[j] for j in indices], indices, hyper, step)
                 batch.group_index = group_index
+                if isinstance(hp["lr"], _kernels.Schedule):
+                    batch.set_schedule(hp["lr"])
+                if self._ema_decay is not None:
+                    batch.set_ema(self._ema_decay)
                 batches.append(batch)
         plan = _kernels.Plan(self.param_groups, self.state, batches, hypers, self.rule.direct)
         if all(isinstance(g, ParamGroup) for g in self.param_groups):
@@ -192,6 +252,19 @@ class Optimizer:
         return "\n".join(lines + [")"])
 
 
+def _plain(grad):
+    """A validated gradient as the engine takes it: plain ndarray views of any subclass."""
+    if isinstance(grad, _kernels.SparseGrad):
+        return _kernels.SparseGrad(grad.indices.view(np.ndarray), grad.values.view(np.ndarray))
+    return grad.view(np.ndarray)
+
+
+def _refuse_rows(rule, grads):
+    if isinstance(grads, (list, tuple)) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
+        raise TypeError(f"{rule.name} takes dense gradients, not fastopt.SparseGrad rows (its "
+                        "norms are over whole tensors)")
+
+
 def _parse_groups(params):
     if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
         raise TypeError("params must be a list of arrays or of param-group dicts, "
@@ -221,6 +294,8 @@ def _optimizer_class(rule):
                 else inspect.Parameter.POSITIONAL_OR_KEYWORD)
         positional.append(inspect.Parameter(
             name, kind, default=inspect.Parameter.empty if default is REQUIRED else default))
+    positional.append(inspect.Parameter("sparse", inspect.Parameter.KEYWORD_ONLY, default="lazy"))
+    positional.append(inspect.Parameter("ema_decay", inspect.Parameter.KEYWORD_ONLY, default=None))
     signature = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
                                   + positional)
 

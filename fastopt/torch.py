@@ -55,7 +55,7 @@ except ImportError:  # a torch built without distributed
         pass
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
-           "Rprop", "ASGD", "Lion", "LAMB", "LARS"]
+           "Rprop", "ASGD", "Lion", "LAMB", "LARS", "SparseAdam"]
 
 TORCH = _kernels.TORCH
 # a parameter's dtype -> the real dtype the kernels see (complex: its real and imaginary parts)
@@ -132,6 +132,10 @@ class _Fastopt:
     kernel = ""
     ranges = (_LR, _WEIGHT_DECAY)
     flags = ("maximize",)
+    # torch.amp.GradScaler's fused protocol: it sets grad_scale and found_inf (0-d tensors) on
+    # the optimizer instead of unscaling; step() skips on found_inf and unscales inside the
+    # update's C call (the multiplier 1 / grad_scale folded into the rule's scalars)
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, *args, **kwargs):
         for flag in _UNSUPPORTED_FLAGS:
@@ -210,19 +214,28 @@ class _Fastopt:
                 # inside the lock: the step applies exactly the gradients its closure computed
                 with torch.enable_grad():
                     loss = closure()
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is not None and float(found_inf) != 0.0:
+                return loss  # as torch's fused step: nothing changes, step counts included
+            grad_scale = getattr(self, "grad_scale", None)
+            multiplier = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+            if not math.isfinite(multiplier) or multiplier < 0.0:
+                raise ValueError(f"grad_scale must be finite and > 0, got {float(grad_scale)}")
             grad_mode = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)  # torch.no_grad() without its ~1 us of wrapping
             try:
                 plan = self.__dict__.get("_plan")
-                if plan is not None and plan.run(self, _group_key):
+                if plan is not None and plan.run(self, _group_key, multiplier):
                     return loss
                 # everything is validated before anything changes
                 work = [self._prepare_group(index, group)
                         for index, group in enumerate(self.param_groups)]
                 for hp, members in work:
                     if members:
-                        self._step_group(hp, members)
-                self._plan = self._make_plan([hp for hp, _ in work])
+                        self._step_group(hp, members, multiplier)
+                # a step with rows takes this validating path every time (no plan to build)
+                rows = any(isinstance(m[2], _Rows) for _, members in work for m in members)
+                self._plan = None if rows else self._make_plan([hp for hp, _ in work])
                 return loss
             finally:
                 torch._C._set_grad_enabled(grad_mode)
@@ -382,19 +395,28 @@ class _Fastopt:
             if dtype not in _KERNEL_DTYPES or p.layout != strided or not p.is_cpu \
                     or not local_p.is_contiguous():
                 _check_param(p, self._where(index, group, i))
-            if g.layout != strided:
+            sparse = g.layout == torch.sparse_coo and not sharded and not p.is_complex()
+            if g.layout != strided and (not sparse or self.sparse_grads(hp) is None):
                 raise TypeError(f"{self._where(index, group, i)}: {type(self).__name__} does "
                                 f"not support sparse gradients ({g.layout})")
+            if not sparse:
+                self.check_dense_grad()
             if g.dtype != dtype or g.shape != p.shape or not g.is_cpu \
                     or isinstance(g, DTensor) != sharded:
                 raise TypeError(f"{self._where(index, group, i)}: its gradient is "
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
-            local_g = _local_like(g, local_p, TypeError,
-                                  f"{self._where(index, group, i)}: its gradient is")
-            if not local_g.is_contiguous():
+            if sparse:
+                self.check_sparse_grad(hp)
+                local_g = _Rows.of(g) if self.sparse_grads(hp) == "rows" else g.to_dense()
+            else:
+                local_g = _local_like(g, local_p, TypeError,
+                                      f"{self._where(index, group, i)}: its gradient is")
+            if not isinstance(local_g, _Rows) and not local_g.is_contiguous():
                 local_g = local_g.contiguous()
             state = self.state.get(p) if keep else None  # .get: state is a defaultdict
-            pointers = [local_p.data_ptr(), local_g.data_ptr()]
+            pointers = [local_p.data_ptr()]
+            if not isinstance(local_g, _Rows):  # rows: the C layer checks their overlaps
+                pointers.append(local_g.data_ptr())
             if state:
                 pointers += self._state_pointers(index, i, group, p, local_p, state, slots)
             # every buffer the kernel touches spans the same nbytes from its address: two
@@ -416,6 +438,18 @@ class _Fastopt:
 
     def slots(self, hp):
         raise NotImplementedError
+
+    def sparse_grads(self, hp):
+        """How a sparse COO gradient is taken: None (refused, as torch refuses it), "rows"
+        (only the touched rows and their state are updated, fastopt's row batch), or "dense"
+        (torch's result is the dense update: the gradient is made dense)."""
+        return None
+
+    def check_sparse_grad(self, hp):
+        """Raise torch's error where torch refuses a sparse gradient with these options."""
+
+    def check_dense_grad(self):
+        """Raise torch's error where torch refuses a dense gradient (SparseAdam)."""
 
     def keeps_state(self, hp):
         return True
@@ -456,7 +490,7 @@ class _Fastopt:
     def kernel_args(self, hp, step, state):
         raise NotImplementedError
 
-    def _step_group(self, hp, members):
+    def _step_group(self, hp, members, multiplier=1.0):
         """Creates missing state, advances the counters and updates one validated group."""
         slots = self.slots(hp)
         keep = self.keeps_state(hp)
@@ -480,22 +514,56 @@ class _Fastopt:
             key = (_KERNEL_DTYPES[p.dtype], t, self.batch_extra(state))
             batches.setdefault(key, []).append((local_p, local_g, state))
         for (dtype, t, _), batch in batches.items():
-            self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]))
+            self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]),
+                             multiplier)
 
-    def _run_kernel(self, dtype, step, slots, batch, kernel_args):
+    def _run_kernel(self, dtype, step, slots, batch, kernel_args, multiplier=1.0):
         """One C call over a batch of (param, grad, state) of one real dtype and step number,
         all validated, param and grad local (a DTensor's shard); complex tensors go in as their
         real and imaginary parts."""
         buffers = [None if name is None else [_local(s[name]) for _, _, s in batch]
                    for name in slots]
-        addresses = [[p.data_ptr() for p, _, _ in batch], [g.data_ptr() for _, g, _ in batch]]
+        addresses = [[p.data_ptr() for p, _, _ in batch],
+                     [(g.values if isinstance(g, _Rows) else g).data_ptr() for _, g, _ in batch]]
         addresses += [None if b is None else [t.data_ptr() for t in b] for b in buffers]
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, _, _ in batch]
+        rows = [g.address() if isinstance(g, _Rows) else None for _, g, _ in batch]
         _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                               sizes, kernel_args)
+                               sizes, kernel_args, rows, multiplier)
         # the kernels write memory directly: tell autograd about the parameters, as an in-place
         # op would (what a graph may have saved; the state buffers are the optimizer's own)
         torch.autograd.graph.increment_version([p for p, _, _ in batch])
+
+
+class _Rows:
+    """A sparse COO gradient as the kernels take it (fastopt.h, "Sparse rows"): the parameter
+    as rows along its sparse dimensions, 1-D int64 row indices and their values, contiguous.
+    Zero copy for what nn.Embedding(sparse=True) / EmbeddingBag produce (one sparse
+    dimension, contiguous indices and values); duplicates are summed by the kernels."""
+    __slots__ = ("indices", "values", "row_len")
+
+    def __init__(self, indices, values, row_len):
+        self.indices, self.values, self.row_len = indices, values, row_len
+
+    @classmethod
+    def of(cls, g):
+        indices, values = g._indices(), g._values()
+        sparse_dims = indices.shape[0]
+        if sparse_dims == 1:
+            rows = indices[0]
+        else:  # several sparse dimensions: rows numbered in C order over them
+            rows = torch.zeros(indices.shape[1], dtype=torch.int64)
+            for d in range(sparse_dims):
+                rows.mul_(g.shape[d]).add_(indices[d])
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        if not values.is_contiguous():
+            values = values.contiguous()
+        row_len = math.prod(g.shape[sparse_dims:])
+        return cls(rows, values, row_len)
+
+    def address(self):
+        return (self.indices.data_ptr(), True, self.indices.numel(), self.row_len)
 
 
 def _gather_counters(states, names):
@@ -590,6 +658,16 @@ class SGD(_Fastopt, torch.optim.SGD):
     def slots(self, hp):
         return ("momentum_buffer",) if hp["momentum"] != 0 else (None,)
 
+    def sparse_grads(self, hp):
+        # torch's momentum buffer of a sparse gradient moves every row it ever touched: the
+        # dense update (kept in a dense buffer); plain SGD updates the touched rows only
+        return "dense" if hp["momentum"] != 0 else "rows"
+
+    def check_sparse_grad(self, hp):
+        if hp["weight_decay"] != 0:
+            raise RuntimeError("add(sparse, dense) is not supported. Use add(dense, sparse) "
+                               "instead.")  # torch's own error for weight decay
+
     def keeps_state(self, hp):
         return hp["momentum"] != 0  # as torch: plain SGD stores nothing
 
@@ -621,6 +699,13 @@ class Adagrad(_Fastopt, torch.optim.Adagrad):
 
     def slots(self, hp):
         return ("sum",)
+
+    def sparse_grads(self, hp):
+        return "rows"
+
+    def check_sparse_grad(self, hp):
+        if hp["weight_decay"] != 0:
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
 
     def new_state(self, p, hp):
         # as torch: the constructor's value, not the group's (torch never reads the group's)
@@ -689,6 +774,41 @@ class Adamax(_Fastopt, torch.optim.Adamax):
         beta1, beta2 = hp["betas"]
         return dict(_common(hp), beta1=beta1, beta2=beta2, eps=hp["eps"], convention=TORCH,
                     step=step)
+
+
+class SparseAdam(_Fastopt, torch.optim.SparseAdam):
+    # Adam on the rows a sparse gradient touches (torch's masked Adam): only those rows of the
+    # parameter and of exp_avg / exp_avg_sq change; the step count is the parameter's and
+    # advances at every step with a gradient.  torch's update is
+    # p -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps): Adam's kernel with
+    # eps / sqrt(1 - b2^t) in place of eps.
+    kernel = "adam"
+    ranges = (_LR, _EPS, *_BETAS)
+    counters = ()  # torch keeps SparseAdam's step as a Python int
+
+    def slots(self, hp):
+        return ("exp_avg", "exp_avg_sq", None)
+
+    def sparse_grads(self, hp):
+        return "rows"
+
+    def check_dense_grad(self):
+        raise RuntimeError("SparseAdam does not support dense gradients, please consider Adam "
+                           "instead")
+
+    def new_state(self, p, hp):
+        return {"step": 0}
+
+    def advance(self, states, hp):
+        for s in states:
+            s["step"] += 1
+        return [s["step"] for s in states]
+
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(lr=hp["lr"], weight_decay=0.0, maximize=hp["maximize"], beta1=beta1,
+                    beta2=beta2, eps=hp["eps"] / math.sqrt(1.0 - beta2 ** step), amsgrad=False,
+                    decoupled_weight_decay=False, convention=TORCH, step=step)
 
 
 def _nadam_mu(hp, t):
@@ -952,10 +1072,72 @@ class LARS(_WholeTensors, _Fastopt, torch.optim.Optimizer):
                     trust_coefficient=hp["trust_coefficient"])
 
 
-for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam, Rprop, ASGD):
+for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam, Rprop, ASGD,
+             SparseAdam):
     _cls.__doc__ = (f"torch.optim.{_cls.__name__}, with its step in fastopt's C kernels "
                     "(see fastopt.torch).\n\n" + (getattr(torch.optim, _cls.__name__).__doc__ or ""))
 del _cls
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    """torch.nn.utils.clip_grad_norm_, same signature and result, as one multi-threaded C
+    reduction over all gradients (fastopt's fo_norm, in double with a fixed summation order)
+    and, when the factor is below 1, one multi-threaded C scaling pass.
+
+    total_norm = (sum over every gradient element of |g|^p)^(1/p) (p = norm_type; inf: the max
+    of |g|; 0: torch's count of gradients with a nonzero element), returned as a 0-d tensor of
+    the gradients' dtype (float64 if any is); then g <- g min(1, max_norm / (total_norm + 1e-6)),
+    the factor computed as torch computes it.  error_if_nonfinite: RuntimeError (torch's) if the
+    total norm is inf or NaN, before any gradient changes.  `foreach` is accepted and ignored.
+    Gradients that are not dense contiguous float32/float64 CPU tensors, and negative norm
+    types, are handed to torch's own function."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        parameters = list(parameters)
+    p = float(norm_type)
+    gathered = (_kernels.gather_grads(parameters, torch.Tensor, torch.float32, torch.float64)
+                if p >= 0.0 else None)
+    if gathered is None:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type,
+                                              error_if_nonfinite, foreach)
+    max_norm = float(max_norm)
+    tables, grads = gathered[:2], gathered[2]
+    if not grads:
+        return torch.tensor(0.0)
+    total, nonzero_tensors = (-math.inf if math.isinf(p) else 0.0), 0
+    for f64, (addresses, sizes) in enumerate(tables):
+        if not addresses:
+            continue
+        per_tensor, sum_, _ = _kernels.norms(addresses, sizes, p, bool(f64))
+        if math.isinf(p):
+            total = sum_ if math.isnan(sum_) or sum_ > total else total
+        else:
+            total += sum_
+        nonzero_tensors += sum(1 for x in per_tensor if x != 0.0)
+    if p == 0.0:  # torch: the 0-"norm" of the per-tensor counts
+        total = float(nonzero_tensors)
+    elif p == 2.0:
+        total = math.sqrt(total)
+    elif not math.isinf(p) and p != 1.0:
+        total = total ** (1.0 / p)
+    total_norm = torch.tensor(total, dtype=torch.float64 if tables[1][0] else torch.float32)
+    if error_if_nonfinite and not math.isfinite(total_norm.item()):
+        raise RuntimeError(
+            f"The total norm of order {p} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite "
+            "norm anyway, set `error_if_nonfinite=False`")
+    factor = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0).item()
+    if factor != 1.0:  # (multiplying by 1 changes no bit)
+        for f64, (addresses, sizes) in enumerate(tables):
+            if addresses:
+                _kernels.scale(addresses, sizes, factor, bool(f64))
+        torch.autograd.graph.increment_version(grads)
+    return total_norm
+
+
+__all__ += ["clip_grad_norm_"]
 
 
 # each parameter stepped by its own hook as soon as its gradient is ready (fastopt/torch_in_backward.py)

@@ -159,7 +159,8 @@ def asgd(theta, grad, s, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0
     eta = lr / (1 + lambd * lr * (t - 1)) ** alpha
     mu = 1.0 if t == 1 else 1 / max(1, t - 1 - t0)
     theta = theta * (1 - lambd * eta) - eta * g
-    s["ax"] = theta.copy() if mu == 1 else s["ax"] + mu * (theta - s["ax"])
+    ax = s.get("ax", np.zeros_like(theta))
+    s["ax"] = theta.copy() if mu == 1 else ax + mu * (theta - ax)
     s["t"] = t
     return theta
 
