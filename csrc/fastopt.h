@@ -47,7 +47,11 @@ extern "C" {
     X(rmsprop, square_avg, grad_avg, momentum_buffer)                                          \
     X(adam, m, v, max_v)                                                                       \
     X(adamax, m, u)                                                                            \
-    X(nadam, m, v)
+    X(nadam, m, v)                                                                             \
+    X(lion, m)                                                                                 \
+    X(radam, m, v)                                                                             \
+    X(rprop, prev, step_size)                                                                  \
+    X(asgd, ax)
 
 /* Every rule starts from g = (maximize ? -grad : grad) + weight_decay * theta (L2), except
  * where a rule decouples the decay.  F(c, type, name) per field of fo_<rule>_params (c: context
@@ -77,6 +81,19 @@ extern "C" {
     F(c, double, momentum_decay) /* FO_TORCH only (psi) */                                        \
     F(c, double, mu_product)     /* FO_TORCH only: prod_{i<=step} mu_i, kept by the caller */     \
     F(c, int, decoupled_weight_decay) F(c, int, maximize) F(c, int, convention) F(c, int64_t, step)
+#define FO_FIELDS_lion(F, c) /* decay decoupled; no step: Lion has no bias correction */          \
+    F(c, double, lr) F(c, double, beta1) F(c, double, beta2) F(c, double, weight_decay) F(c, int, maximize)
+#define FO_FIELDS_radam(F, c)                                                                     \
+    F(c, double, lr) F(c, double, beta1) F(c, double, beta2) F(c, double, eps) F(c, double, weight_decay)     \
+    F(c, int, decoupled_weight_decay) F(c, int, maximize) F(c, int64_t, step)
+#define FO_FIELDS_rprop(F, c) /* no L2 term (torch's Rprop has none) */                          \
+    F(c, double, lr) /* the initial step_size: checked, the caller fills the buffer with it */    \
+    F(c, double, eta_minus) F(c, double, eta_plus) F(c, double, step_size_min)                     \
+    F(c, double, step_size_max) F(c, int, maximize)
+#define FO_FIELDS_asgd(F, c)                                                                      \
+    F(c, double, lr) F(c, double, lambd) F(c, double, alpha) F(c, double, t0) F(c, double, weight_decay) \
+    F(c, double, eta) F(c, double, mu) /* FO_TORCH only: the step's eta and mu, kept by the caller */ \
+    F(c, int, maximize) F(c, int, convention) F(c, int64_t, step)
 
 /* ---- status, conventions, storage types ---------------------------------------------------- */
 
@@ -241,7 +258,7 @@ const fo_rule_info *fo_describe(int rule);
  *                   const fo_adam_params *hp);     (max_v may be NULL unless amsgrad)
  * Optional buffers may be NULL when the options leave them unused: SGD's momentum_buffer when
  * momentum == 0, RMSprop's grad_avg unless centered and momentum_buffer when momentum == 0,
- * Adam's max_v unless amsgrad.
+ * Adam's max_v unless amsgrad.  Rprop's step_size must start at lr (the caller fills it).
  */
 #define FO_NARGS_(...) FO_NARGS_PICK_(__VA_ARGS__, 6, 5, 4, 3, 2, 1, 0)
 #define FO_NARGS_PICK_(a1, a2, a3, a4, a5, a6, n, ...) n

@@ -65,13 +65,6 @@ extern const fo_loops fo_loops_baseline;
 #define FO_X86 1
 extern const fo_loops fo_loops_avx2;
 extern const fo_loops fo_loops_avx512;
-/* Sparse rows (rows.c): check tensor t's rows (its n elements, its gradient rows at `values`,
- * the written buffers), then run `span` over the batch of touched rows and dense tensors. */
-int fo_check_rows(const fo_rows *rows, size_t n, size_t elem_size, const void *values,
-                  void *const *written, int n_written);
-int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
-                const size_t *n, const fo_rows *rows, int dtype, const void *scalars);
-
 #endif
 
 /*

@@ -129,6 +129,13 @@ def sparse_mode(name, x):
     return x
 
 
+def pair(name, x):
+    if not isinstance(x, (tuple, list, np.ndarray)) or len(x) != 2:
+        raise TypeError(f"{name} must be a pair of numbers, got {x!r}")
+    # the ranges are the C rule's to check
+    return (real(f"{name}[0]", x[0]), real(f"{name}[1]", x[1]))
+
+
 def flag(name, x):
     if not isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {x!r}")

@@ -38,6 +38,10 @@ cdef extern from "fastopt.h" nogil:
         FO_RULE_adam
         FO_RULE_adamax
         FO_RULE_nadam
+        FO_RULE_lion
+        FO_RULE_radam
+        FO_RULE_rprop
+        FO_RULE_asgd
         FO_N_RULES
 
     const char *fo_strerror(int status)
@@ -109,6 +113,20 @@ cdef extern from "fastopt.h" nogil:
     ctypedef struct fo_nadam_params:
         double lr, beta1, beta2, eps, weight_decay, momentum_decay, mu_product
         int decoupled_weight_decay, maximize, convention
+        int64_t step
+    ctypedef struct fo_lion_params:
+        double lr, beta1, beta2, weight_decay
+        int maximize
+    ctypedef struct fo_radam_params:
+        double lr, beta1, beta2, eps, weight_decay
+        int decoupled_weight_decay, maximize
+        int64_t step
+    ctypedef struct fo_rprop_params:
+        double lr, eta_minus, eta_plus, step_size_min, step_size_max
+        int maximize
+    ctypedef struct fo_asgd_params:
+        double lr, lambd, alpha, t0, weight_decay, eta, mu
+        int maximize, convention
         int64_t step
 
 
@@ -277,3 +295,83 @@ cdef inline int nadam_many_f64(size_t count, double **param, const double **grad
     cdef void **b[4]
     b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v]
     return _typed(FO_RULE_nadam, FO_FLOAT64, count, b, 4, n, hp)
+
+cdef inline int lion_f32(float *param, const float *grad, float *m, size_t n, const fo_lion_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m]
+    return _typed(FO_RULE_lion, FO_FLOAT32, 1, b, 3, &n, hp)
+
+cdef inline int lion_many_f32(size_t count, float **param, const float **grad, float **m, const size_t *n, const fo_lion_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>m]
+    return _typed(FO_RULE_lion, FO_FLOAT32, count, b, 3, n, hp)
+
+cdef inline int lion_f64(double *param, const double *grad, double *m, size_t n, const fo_lion_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m]
+    return _typed(FO_RULE_lion, FO_FLOAT64, 1, b, 3, &n, hp)
+
+cdef inline int lion_many_f64(size_t count, double **param, const double **grad, double **m, const size_t *n, const fo_lion_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>m]
+    return _typed(FO_RULE_lion, FO_FLOAT64, count, b, 3, n, hp)
+
+cdef inline int radam_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_radam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&v]
+    return _typed(FO_RULE_radam, FO_FLOAT32, 1, b, 4, &n, hp)
+
+cdef inline int radam_many_f32(size_t count, float **param, const float **grad, float **m, float **v, const size_t *n, const fo_radam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v]
+    return _typed(FO_RULE_radam, FO_FLOAT32, count, b, 4, n, hp)
+
+cdef inline int radam_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_radam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&v]
+    return _typed(FO_RULE_radam, FO_FLOAT64, 1, b, 4, &n, hp)
+
+cdef inline int radam_many_f64(size_t count, double **param, const double **grad, double **m, double **v, const size_t *n, const fo_radam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v]
+    return _typed(FO_RULE_radam, FO_FLOAT64, count, b, 4, n, hp)
+
+cdef inline int rprop_f32(float *param, const float *grad, float *prev, float *step_size, size_t n, const fo_rprop_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&prev, <void **>&step_size]
+    return _typed(FO_RULE_rprop, FO_FLOAT32, 1, b, 4, &n, hp)
+
+cdef inline int rprop_many_f32(size_t count, float **param, const float **grad, float **prev, float **step_size, const size_t *n, const fo_rprop_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>prev, <void **>step_size]
+    return _typed(FO_RULE_rprop, FO_FLOAT32, count, b, 4, n, hp)
+
+cdef inline int rprop_f64(double *param, const double *grad, double *prev, double *step_size, size_t n, const fo_rprop_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&prev, <void **>&step_size]
+    return _typed(FO_RULE_rprop, FO_FLOAT64, 1, b, 4, &n, hp)
+
+cdef inline int rprop_many_f64(size_t count, double **param, const double **grad, double **prev, double **step_size, const size_t *n, const fo_rprop_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>prev, <void **>step_size]
+    return _typed(FO_RULE_rprop, FO_FLOAT64, count, b, 4, n, hp)
+
+cdef inline int asgd_f32(float *param, const float *grad, float *ax, size_t n, const fo_asgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&ax]
+    return _typed(FO_RULE_asgd, FO_FLOAT32, 1, b, 3, &n, hp)
+
+cdef inline int asgd_many_f32(size_t count, float **param, const float **grad, float **ax, const size_t *n, const fo_asgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>ax]
+    return _typed(FO_RULE_asgd, FO_FLOAT32, count, b, 3, n, hp)
+
+cdef inline int asgd_f64(double *param, const double *grad, double *ax, size_t n, const fo_asgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&ax]
+    return _typed(FO_RULE_asgd, FO_FLOAT64, 1, b, 3, &n, hp)
+
+cdef inline int asgd_many_f64(size_t count, double **param, const double **grad, double **ax, const size_t *n, const fo_asgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>ax]
+    return _typed(FO_RULE_asgd, FO_FLOAT64, count, b, 3, n, hp)

@@ -29,6 +29,9 @@ TORCH_KW = {torch_name: {("alpha" if k == "rho" else k): v for k, v in kw.items(
 # the rule that the in-a-training-loop cases (fastopt.bench_in_backward) run
 IN_LOOP_RULE = "Adam"
 
+# pairs of rules timed side by side on 1.6e7 float32 elements: (rule, the rule it is compared with)
+PAIRS = [("Lion", "Adam")]  # one state buffer against two: 20 against 28 bytes per element
+
 
 # ---- model parameter shapes (torchvision's ResNet-18 and ResNet-50, without running torch) ----
 
@@ -127,6 +130,10 @@ def numpy_step(rule, p, g, state, t, tmp, tmp2):
             np.multiply(m, 1e-3 / (1 - b1 ** t), out=tmp2)
         np.divide(tmp2, tmp, out=tmp2)
         p -= tmp2
+
+
+# the rules numpy_step writes out (the others are compared with torch only)
+NUMPY_RULES = ("SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "AdaMax", "Nadam")
 
 
 def numpy_runner(rule, params, grads):
@@ -292,13 +299,25 @@ def run_case(rule, dtype, shapes, threads, budget_s, with_numpy=True):
     bytes_moved = streams * n * np.dtype(dtype).itemsize
     ceiling, ceiling_bytes = stream_runner(bytes_moved)
     fns = {"fastopt": lambda: opt.step(grads), "ceiling": ceiling}
-    if with_numpy:
+    if with_numpy and rule in NUMPY_RULES:
         fns["numpy"] = numpy_runner(rule, [p.copy() for p in params], grads)
     fns.update(torch_runners(torch_name, params, grads, threads))
     times = time_side_by_side(fns, budget_s)
     return dict(rule=rule, dtype=np.dtype(dtype).name, elements=n, tensors=len(shapes),
                 threads=threads, bytes=bytes_moved, times=times,
                 ceiling_gbs=ceiling_bytes / times.pop("ceiling") / 1e9)
+
+
+def run_pair(rule, other, n, threads, budget_s):
+    """Two rules on the same n float32 elements, timed in the same interleaved rounds."""
+    fns = {}
+    for name in (rule, other):
+        cls, kw, _, _ = RULES[name]
+        rng = np.random.default_rng(0)
+        params, grads = [rng.standard_normal(n).astype(np.float32)], [(rng.standard_normal(n) * 1e-3).astype(np.float32)]
+        opt = cls(params, **kw)
+        fns[name] = (lambda o, g: lambda: o.step(g))(opt, grads)
+    return time_side_by_side(fns, budget_s)
 
 
 def size_label(n):
@@ -374,11 +393,17 @@ def main(argv=None):
                 r = run_case(rule, dtype, [(n,)], args.threads, budget * (2 if big else 1),
                              with_numpy=n <= 16_000_000)
                 report(r, size_label(n))
-    model_rules = ["Adam"] if args.quick else ["Adam", "AdamW", "SGD", "Adagrad"]
+    model_rules = ["Adam"] if args.quick else rules
     models = {k: v for k, v in MODELS.items() if not (args.quick and k == "ResNet-50")}
     for model, shapes in models.items():
         for rule in model_rules:
             report(run_case(rule, np.float32, shapes, args.threads, budget * 2), model)
+    for rule, other in PAIRS:
+        if rule in rules and other in RULES and not args.quick:
+            t = run_pair(rule, other, 16_000_000, args.threads, budget * 2)
+            print(f"{rule} against {other}, 1.6e7 float32, side by side: {t[rule] * 1e6:.1f} us, "
+                  f"{t[other] * 1e6:.1f} us: {t[other] / t[rule]:.2f}x", flush=True)
+            results.append(dict(label=f"{rule} vs {other}", times=t))
     # a competing busy process on one core: threads must degrade, not collapse
     stop = multiprocessing.Event()
     hog = multiprocessing.Process(target=busy_loop, args=(stop,), daemon=True)
@@ -405,7 +430,7 @@ def main(argv=None):
         cases = {"1.6e7": [(16_000_000,)], "ResNet-18": MODELS["ResNet-18"]}
         if not args.quick:
             cases["ResNet-50"] = MODELS["ResNet-50"]
-        for rule in (["Adam"] if args.quick else ["Adam", "AdamW", "SGD", "Adagrad"]):
+        for rule in (["Adam"] if args.quick else [r for r in rules if RULES[r][3]]):
             for case, shapes in cases.items():  # SGD with momentum 0.9 (RULES)
                 t = run_dropin(rule, shapes, args.threads, budget * 2)
                 ratio = lambda k: f"{t[k] / t['fastopt.torch']:7.2f}x" if k in t else "      –"  # noqa: E731

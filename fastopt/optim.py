@@ -34,10 +34,15 @@ class Optimizer:
 
     rule = None
 
-    def __init__(self, params, sparse="lazy", **defaults):
+    def __init__(self, params, *, sparse="lazy", ema_decay=None, **defaults):
         # how a step with a SparseGrad treats the rows it does not touch (README, "Sparse
         # rows"); a param group may override it with its own "sparse" key
         self.sparse = _checks.sparse_mode("sparse", sparse)
+        if ema_decay is not None:
+            ema_decay = _checks.real("ema_decay", ema_decay)
+            if not 0.0 <= ema_decay <= 1.0:
+                raise ValueError(f"Invalid ema_decay: {ema_decay} (must be in [0, 1])")
+        self._ema_decay = ema_decay
         self.defaults = self.rule.check(defaults)[0]
         groups = _parse_groups(params)
         for i, g in enumerate(groups):
@@ -57,6 +62,25 @@ class Optimizer:
         self.state = {}
         self._plan = None
         self._lock = _kernels.StepLock()  # serializes step and the checkpoint functions
+
+    @property
+    def ema_decay(self):
+        """None, or the decay d of the weights' moving average that every step updates after
+        the rule, in the same pass:  ema <- d ema + (1 - d) theta  (ema starts as the parameter
+        at its first step; kept in each state's `ema`, saved in checkpoints)."""
+        return self._ema_decay
+
+    def ema_arrays(self):
+        """The weights' moving averages in parameter order (the state's arrays themselves; a
+        copy of the parameter for one not stepped yet), e.g. to evaluate with."""
+        if self._ema_decay is None:
+            raise ValueError(f"{type(self).__name__} was made without ema_decay")
+        out = []
+        for i, p in enumerate(self.params):
+            state = self.state.get(i)
+            ema = getattr(state, "ema", None)
+            out.append(ema if ema is not None else np.array(p, order="C", copy=True))
+        return out
 
     @property
     def state_type(self):
@@ -97,6 +121,9 @@ class Optimizer:
                 and skip_nonfinite is False and compute_norm is False:
             options, result = None, _kernels.PLAIN_RESULT
         else:
+            if any(isinstance(g, _kernels.SparseGrad) for g in grads):
+                raise TypeError("grad_scale, clip_norm, skip_nonfinite and compute_norm take "
+                                "dense gradients only, not fastopt.SparseGrad rows")
             options = _kernels.StepOptions(sum(len(g["params"]) for g in self.param_groups),
                                            grad_scale, clip_norm, skip_nonfinite, compute_norm)
         plan = self._plan
@@ -172,12 +199,18 @@ class Optimizer:
                 if state is None:
                     state = self.state[i] = self.new_state(p, hp)
                 state.add_missing(p, needed)
+                if self._ema_decay is not None and state.ema is None:
+                    state.ema = np.array(p, order="C", copy=True)
                 by_key.setdefault((p.dtype, state.step), []).append(i)
                 i += 1
             for (_, step), indices in by_key.items():
                 batch = _kernels.Batch(self.rule.crule, [params[j] for j in indices],
                                        [self.state[j] for j in indices], indices, hyper, step)
                 batch.group_index = group_index
+                if isinstance(hp["lr"], _kernels.Schedule):
+                    batch.set_schedule(hp["lr"])
+                if self._ema_decay is not None:
+                    batch.set_ema(self._ema_decay)
                 batches.append(batch)
         plan = _kernels.Plan(self.param_groups, self.state, batches, hypers, self.rule.direct)
         if all(isinstance(g, ParamGroup) for g in self.param_groups):
@@ -252,6 +285,7 @@ def _optimizer_class(rule):
         positional.append(inspect.Parameter(
             name, kind, default=inspect.Parameter.empty if default is REQUIRED else default))
     positional.append(inspect.Parameter("sparse", inspect.Parameter.KEYWORD_ONLY, default="lazy"))
+    positional.append(inspect.Parameter("ema_decay", inspect.Parameter.KEYWORD_ONLY, default=None))
     signature = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
                                   + positional)
 

@@ -54,8 +54,8 @@ except ImportError:  # a torch built without distributed
     class DTensor:  # noqa: D101 - never instantiated: isinstance is always False
         pass
 
-__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
-           "SparseAdam"]
+__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
+           "Rprop", "ASGD", "Lion", "SparseAdam"]
 
 TORCH = _kernels.TORCH
 # a parameter's dtype -> the real dtype the kernels see (complex: its real and imaginary parts)
@@ -132,6 +132,10 @@ class _Fastopt:
     kernel = ""
     ranges = (_LR, _WEIGHT_DECAY)
     flags = ("maximize",)
+    # torch.amp.GradScaler's fused protocol: it sets grad_scale and found_inf (0-d tensors) on
+    # the optimizer instead of unscaling; step() skips on found_inf and unscales inside the
+    # update's C call (the multiplier 1 / grad_scale folded into the rule's scalars)
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, *args, **kwargs):
         for flag in _UNSUPPORTED_FLAGS:
@@ -210,18 +214,25 @@ class _Fastopt:
                 # inside the lock: the step applies exactly the gradients its closure computed
                 with torch.enable_grad():
                     loss = closure()
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is not None and float(found_inf) != 0.0:
+                return loss  # as torch's fused step: nothing changes, step counts included
+            grad_scale = getattr(self, "grad_scale", None)
+            multiplier = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+            if not math.isfinite(multiplier) or multiplier < 0.0:
+                raise ValueError(f"grad_scale must be finite and > 0, got {float(grad_scale)}")
             grad_mode = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)  # torch.no_grad() without its ~1 us of wrapping
             try:
                 plan = self.__dict__.get("_plan")
-                if plan is not None and plan.run(self, _group_key):
+                if plan is not None and plan.run(self, _group_key, multiplier):
                     return loss
                 # everything is validated before anything changes
                 work = [self._prepare_group(index, group)
                         for index, group in enumerate(self.param_groups)]
                 for hp, members in work:
                     if members:
-                        self._step_group(hp, members)
+                        self._step_group(hp, members, multiplier)
                 # a step with rows takes this validating path every time (no plan to build)
                 rows = any(isinstance(m[2], _Rows) for _, members in work for m in members)
                 self._plan = None if rows else self._make_plan([hp for hp, _ in work])
@@ -479,7 +490,7 @@ class _Fastopt:
     def kernel_args(self, hp, step, state):
         raise NotImplementedError
 
-    def _step_group(self, hp, members):
+    def _step_group(self, hp, members, multiplier=1.0):
         """Creates missing state, advances the counters and updates one validated group."""
         slots = self.slots(hp)
         keep = self.keeps_state(hp)
@@ -503,9 +514,10 @@ class _Fastopt:
             key = (_KERNEL_DTYPES[p.dtype], t, self.batch_extra(state))
             batches.setdefault(key, []).append((local_p, local_g, state))
         for (dtype, t, _), batch in batches.items():
-            self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]))
+            self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]),
+                             multiplier)
 
-    def _run_kernel(self, dtype, step, slots, batch, kernel_args):
+    def _run_kernel(self, dtype, step, slots, batch, kernel_args, multiplier=1.0):
         """One C call over a batch of (param, grad, state) of one real dtype and step number,
         all validated, param and grad local (a DTensor's shard); complex tensors go in as their
         real and imaginary parts."""
@@ -517,7 +529,7 @@ class _Fastopt:
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, _, _ in batch]
         rows = [g.address() if isinstance(g, _Rows) else None for _, g, _ in batch]
         _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                               sizes, kernel_args, rows)
+                               sizes, kernel_args, rows, multiplier)
         # the kernels write memory directly: tell autograd about the parameters, as an in-place
         # op would (what a graph may have saved; the state buffers are the optimizer's own)
         torch.autograd.graph.increment_version([p for p, _, _ in batch])
@@ -842,10 +854,213 @@ class NAdam(_Fastopt, torch.optim.NAdam):
                     step=step)
 
 
-for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, SparseAdam):
+class RAdam(_Fastopt, torch.optim.RAdam):
+    kernel = "radam"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS, *_BETAS)
+    flags = ("maximize", "decoupled_weight_decay")
+
+    def slots(self, hp):
+        return ("exp_avg", "exp_avg_sq")
+
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(_common(hp), beta1=beta1, beta2=beta2, eps=hp["eps"],
+                    decoupled_weight_decay=hp["decoupled_weight_decay"], step=step)
+
+
+def _open_unit(x):
+    return 0.0 < x < 1.0
+
+
+def _above_one(x):
+    return 1.0 < x < math.inf
+
+
+class Rprop(_Fastopt, torch.optim.Rprop):
+    kernel = "rprop"
+    ranges = (_LR, ("etas", 0, "Invalid eta values", _open_unit, "in (0, 1)"),
+              ("etas", 1, "Invalid eta values", _above_one, "finite and > 1"),
+              ("step_sizes", 0, "Invalid step_sizes value", *_NONNEG),
+              ("step_sizes", 1, "Invalid step_sizes value", *_NONNEG))
+
+    def _check_combination(self, index, hp):
+        low, high = hp["step_sizes"]
+        if low > high:
+            raise ValueError(f"{type(self).__name__}: param group {index}: Invalid step_sizes "
+                             f"value: ({low}, {high}) (the minimum is above the maximum)")
+
+    def slots(self, hp):
+        return ("prev", "step_size")
+
+    def new_state(self, p, hp):
+        # as torch: every element's step size starts at the group's lr (read only here)
+        lr = hp["lr"]
+        return {"step": _step_tensor(hp), "prev": _zeros(p),
+                "step_size": torch.full_like(p, complex(lr, lr) if p.is_complex() else lr,
+                                             memory_format=torch.preserve_format)}
+
+    def kernel_args(self, hp, step, state):
+        (eta_minus, eta_plus), (low, high) = hp["etas"], hp["step_sizes"]
+        return dict(lr=hp["lr"], eta_minus=eta_minus, eta_plus=eta_plus, step_size_min=low,
+                    step_size_max=high, maximize=hp["maximize"])
+
+
+def _asgd_next(hp, t):
+    """torch's eta and mu for the step after step t (computed with this step's lr)."""
+    lr = hp["lr"]
+    return lr / ((1 + hp["lambd"] * lr * t) ** hp["alpha"]), 1 / max(1, t - hp["t0"])
+
+
+class ASGD(_Fastopt, torch.optim.ASGD):
+    """A step runs with the eta and mu that torch keeps in the state (computed by the step
+    before, with its lr, in the state's dtype), then stores the next ones, as torch does; the
+    kernel's "step" handed around below is (t, eta, mu)."""
+
+    kernel = "asgd"
+    ranges = (_LR, _WEIGHT_DECAY, ("lambd", None, "Invalid lambd value", *_NONNEG),
+              ("alpha", None, "Invalid alpha value", lambda x: math.isfinite(x), "finite"),
+              ("t0", None, "Invalid t0 value", lambda x: math.isfinite(x), "finite"))
+    counters = ("step", "eta", "mu")
+
+    def slots(self, hp):
+        return ("ax",)
+
+    def new_state(self, p, hp):
+        dtype = _get_scalar_dtype()
+        return {"step": torch.zeros((), dtype=dtype), "eta": torch.tensor(hp["lr"], dtype=dtype),
+                "mu": torch.ones((), dtype=dtype)}
+
+    def advance(self, states, hp):
+        steps = super().advance(states, hp)
+        now = []
+        for state, t in zip(states, steps):
+            now.append((t, state["eta"].item(), state["mu"].item()))
+            eta, mu = _asgd_next(hp, t)
+            state["eta"].fill_(eta)
+            state["mu"].fill_(mu)
+        return now
+
+    def batch_extra(self, state):
+        return float(state["eta"]), float(state["mu"])
+
+    def advance_planned(self, hp, states, counters, step):
+        # a table's states share eta and mu (batch_extra keyed it; each step sets them alike)
+        now = (step, counters[1][0].item(), counters[2][0].item())
+        eta, mu = _asgd_next(hp, step)
+        counters[0] += 1.0
+        counters[1].fill(eta)
+        counters[2].fill(mu)
+        return now
+
+    def planned_step_after(self, hp, step):
+        return step[0] + 1
+
+    def kernel_args(self, hp, step, state):
+        t, eta, mu = step
+        return dict(_common(hp), lambd=hp["lambd"], alpha=hp["alpha"], t0=hp["t0"], eta=eta,
+                    mu=mu, convention=TORCH, step=t)
+
+
+class Lion(_Fastopt, torch.optim.Optimizer):
+    """Lion (Chen et al. 2023): c = b1 m + (1 - b1) g;  p <- p - lr (sign(c) + weight_decay p);
+    m <- b2 m + (1 - b2) g  (sign(0) = 0; decoupled decay; g = -grad when maximize).  State per
+    parameter: "step" and "exp_avg" (m), torch.optim's layout.  torch has no Lion: this is a
+    torch.optim.Optimizer with torch's conventions (param groups, add_param_group, zero_grad,
+    step(closure), state_dict, lr schedulers), its step in fastopt's kernel."""
+
+    kernel = "lion"
+    ranges = (_LR, _WEIGHT_DECAY, *_BETAS)
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
+                 maximize=False, foreach=None, differentiable=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable))
+
+    def slots(self, hp):
+        return ("exp_avg",)
+
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(_common(hp), beta1=beta1, beta2=beta2)
+
+
+for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam, Rprop, ASGD,
+             SparseAdam):
     _cls.__doc__ = (f"torch.optim.{_cls.__name__}, with its step in fastopt's C kernels "
                     "(see fastopt.torch).\n\n" + (getattr(torch.optim, _cls.__name__).__doc__ or ""))
 del _cls
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    """torch.nn.utils.clip_grad_norm_, same signature and result, as one multi-threaded C
+    reduction over all gradients (fastopt's fo_norm, in double with a fixed summation order)
+    and, when the factor is below 1, one multi-threaded C scaling pass.
+
+    total_norm = (sum over every gradient element of |g|^p)^(1/p) (p = norm_type; inf: the max
+    of |g|; 0: torch's count of gradients with a nonzero element), returned as a 0-d tensor of
+    the gradients' dtype (float64 if any is); then g <- g min(1, max_norm / (total_norm + 1e-6)),
+    the factor computed as torch computes it.  error_if_nonfinite: RuntimeError (torch's) if the
+    total norm is inf or NaN, before any gradient changes.  `foreach` is accepted and ignored.
+    Gradients that are not dense contiguous float32/float64 CPU tensors, and negative norm
+    types, are handed to torch's own function."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        parameters = list(parameters)
+    p = float(norm_type)
+    gathered = (_kernels.gather_grads(parameters, torch.Tensor, torch.float32, torch.float64)
+                if p >= 0.0 else None)
+    if gathered is None:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type,
+                                              error_if_nonfinite, foreach)
+    max_norm = float(max_norm)
+    tables, grads = gathered[:2], gathered[2]
+    if not grads:
+        return torch.tensor(0.0)
+    total, nonzero_tensors = (-math.inf if math.isinf(p) else 0.0), 0
+    for f64, (addresses, sizes) in enumerate(tables):
+        if not addresses:
+            continue
+        per_tensor, sum_, _ = _kernels.norms(addresses, sizes, p, bool(f64))
+        if math.isinf(p):
+            total = sum_ if math.isnan(sum_) or sum_ > total else total
+        else:
+            total += sum_
+        nonzero_tensors += sum(1 for x in per_tensor if x != 0.0)
+    if p == 0.0:  # torch: the 0-"norm" of the per-tensor counts
+        total = float(nonzero_tensors)
+    elif p == 2.0:
+        total = math.sqrt(total)
+    elif not math.isinf(p) and p != 1.0:
+        total = total ** (1.0 / p)
+    total_norm = torch.tensor(total, dtype=torch.float64 if tables[1][0] else torch.float32)
+    if error_if_nonfinite and not math.isfinite(total_norm.item()):
+        raise RuntimeError(
+            f"The total norm of order {p} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite "
+            "norm anyway, set `error_if_nonfinite=False`")
+    factor = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0).item()
+    if factor != 1.0:  # (multiplying by 1 changes no bit)
+        for f64, (addresses, sizes) in enumerate(tables):
+            if addresses:
+                _kernels.scale(addresses, sizes, factor, bool(f64))
+        torch.autograd.graph.increment_version(grads)
+    return total_norm
+
+
+__all__ += ["clip_grad_norm_"]
 
 
 # each parameter stepped by its own hook as soon as its gradient is ready (fastopt/torch_in_backward.py)
