@@ -207,9 +207,9 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
         sort_len += r->nnz;  /* positions kept for the sum pass */
         most_nnz = r->nnz > most_nnz ? r->nnz : most_nnz;
     }
-    size_t scratch_elems = 0; /* bounded by the gradient rows, found while grouping */
+    size_t scratch_elems = 0; /* a summed row takes two gradient rows at least */
     for (size_t t = 0; t < count; t++)
-        if (rows[t].indices) scratch_elems += rows[t].nnz * rows[t].row_len;
+        if (rows[t].indices) scratch_elems += rows[t].nnz / 2 * rows[t].row_len;
     /* one allocation: row batch tables, sizes, sort arrays, summed rows */
     const int ahead = n_bufs < FO_MAX_BUFFERS; /* a slot left for the entry numbers */
     const size_t table_bytes = (size_t)(n_bufs + ahead) * entries * sizeof(void *);
