@@ -183,10 +183,24 @@ struct fo_rows {
     int index_type;      /* fo_index_type */
     size_t nnz;          /* gradient rows */
     size_t row_len;      /* elements per row */
+    /* sparse="exact": NULL ("lazy"), or per row of the tensor the step that last updated it
+     * (0: none), read and written by the call.  Before a touched row's update, the steps it
+     * missed (last_step[row] + 1 .. step - 1) are applied to it with a zero gradient, in
+     * closed form (the rule's catch-up map: see fo_check_exact), and last_step[row] becomes
+     * `step`.  With last_step set and indices NULL, every row is touched by a dense gradient
+     * (row_len must still divide n[t]). */
+    int64_t *last_step;
+    int64_t step; /* this step's number (>= 1), with last_step */
 };
 
 /* One step of `rule` over `batch`; hp points to the rule's fo_<rule>_params.  err may be NULL. */
 int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err);
+
+/* Whether `rule` with these hyperparameters has a closed form for the steps a row missed
+ * (fo_rows.last_step): FO_OK, or FO_ERR_HYPERPARAM with err naming the hyperparameter that
+ * rules it out (field "rule" when the rule has none at all).  Each rule's file documents its
+ * catch-up map (FO_CATCHUP). */
+int fo_check_exact(int rule, const void *hp, fo_error *err);
 
 /* Validate hyperparameters only: FO_OK, with bit k of *uses set when they use state buffer k
  * (uses may be NULL), or FO_ERR_HYPERPARAM with err filled. */

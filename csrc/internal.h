@@ -61,6 +61,19 @@ typedef struct {
 #define FO_TENSOR_RULES(X) X(lamb, 2) X(lars, 2)
 #define FO_MAX_SUMS 2
 
+/* sparse="exact" (fastopt.h, fo_rows.last_step): the rules whose steps with a zero gradient
+ * have a closed form (FO_CATCHUP_RULES, listed in rules/all.inc) each have a catch-up part,
+ * FO_CATCHUP(rule) in their prepare part, that fills the map below from the hyperparameters
+ * (or refuses them).  A missed step is linear in
+ * the parameter and its state: theta and one coupled buffer b mix by a 2 x 2 matrix, the other
+ * buffers are multiplied by a factor; k missed steps are that map's k-th power. */
+typedef struct {
+    int coupled;                  /* the buffer slot (>= 2) mixed with theta, 0: none */
+    double m[4];                  /* one missed step: theta <- m0 theta + m1 b; b <- m2 theta + m3 b */
+    double first[4];              /* the same for step 1 (torch seeds its momentum there) */
+    double decay[FO_MAX_BUFFERS]; /* one missed step: buffer k <- decay[k] buffer k */
+} fo_catchup;
+
 typedef struct {
     const char *name;
     fo_span_fn span[FO_N_RULES][2];
@@ -99,6 +112,7 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
 int fo_check_rows(const fo_rows *rows, size_t n, size_t elem_size, const void *values,
                   void *const *written, int n_written);
 int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
-                const size_t *n, const fo_rows *rows, int dtype, const void *scalars);
+                const size_t *n, const fo_rows *rows, int dtype, const void *scalars,
+                const fo_catchup *catchup);
 
 #endif

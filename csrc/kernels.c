@@ -107,6 +107,12 @@ static void gradient_terms_scaled(fo_gradient_options *options, int maximize, do
 #define FO_TENSOR(rule)                                                                        \
     static double rule##_tensor(const fo_##rule##_scalars *s, const double *sums)
 
+/* A rule's catch-up part (internal.h, FO_CATCHUP_RULES): c arrives as the identity map */
+#define FO_CATCHUP(rule)                                                                       \
+    static int rule##_catchup(const fo_##rule##_params *hp, fo_catchup *c, fo_error *err)
+#define FO_NO_CLOSED_FORM(cond, field_name)                                                    \
+    FO_REQUIRE(cond, field_name, "has no closed form for the steps a row missed (sparse=\"exact\")")
+
 #define FO_PART FO_PART_PREPARE
 #include "rules/all.inc"
 #undef FO_PART
@@ -156,6 +162,39 @@ static const struct {
     fo_tensor_fn scalar; /* NULL: the rule has no per-tensor pass */
     int n_sums;
 } tensor_passes[FO_N_RULES] = {FO_TENSOR_RULES(FO_TENSOR_ENTRY)};
+
+typedef int (*fo_catchup_fn)(const void *hp, fo_catchup *c, fo_error *err);
+#define FO_CATCHUP_TABLE(rule)                                                                 \
+    static int rule##_catchup_any(const void *hp, fo_catchup *c, fo_error *err)                \
+    {                                                                                          \
+        return rule##_catchup((const fo_##rule##_params *)hp, c, err);                         \
+    }
+FO_CATCHUP_RULES(FO_CATCHUP_TABLE)
+#define FO_CATCHUP_ENTRY(rule) [FO_RULE_##rule] = rule##_catchup_any,
+static const fo_catchup_fn catchups[FO_N_RULES] = {FO_CATCHUP_RULES(FO_CATCHUP_ENTRY)};
+
+/* The rule's catch-up map for hp (checked by the rule's prepare part already). */
+static int catchup_of(int rule, const void *hp, fo_catchup *c, fo_error *err)
+{
+    *c = (fo_catchup){0, {1.0, 0.0, 0.0, 1.0}, {1.0, 0.0, 0.0, 1.0}, {0}};
+    for (int k = 0; k < FO_MAX_BUFFERS; k++) c->decay[k] = 1.0;
+    if (!catchups[rule]) {
+        err->field = "rule";
+        err->requirement = "has no closed form for the steps a row missed (sparse=\"exact\")";
+        return FO_ERR_HYPERPARAM;
+    }
+    return catchups[rule](hp, c, err);
+}
+
+int fo_check_exact(int rule, const void *hp, fo_error *err)
+{
+    fo_error ignored;
+    if (!err) err = &ignored;
+    const int status = fo_check(rule, hp, NULL, err);
+    if (status != FO_OK) return status;
+    fo_catchup c;
+    return catchup_of(rule, hp, &c, err);
+}
 
 const fo_rule_info *fo_describe(int rule)
 {
@@ -300,19 +339,33 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
         if (!bufs[used[i]]) return FO_ERR_NULL;
 
     const size_t elem_size = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
-    int any_rows = 0;
+    int any_rows = 0, exact = 0;
     for (size_t t = 0; t < count; t++) {
         void *written[FO_MAX_BUFFERS];
         int n_written = 0;
         for (int i = 0; i < n_used; i++)
             if (used[i] != 1) written[n_written++] = bufs[used[i]][t];
         const int has_rows = batch->rows && batch->rows[t].indices;
-        const int tensor_status =
+        const int dense_rows = batch->rows && !has_rows && batch->rows[t].last_step;
+        int tensor_status =
             has_rows ? fo_check_rows(&batch->rows[t], batch->n[t], elem_size, bufs[1][t], written,
                                      n_written)
                      : check_tensor(batch->n[t], elem_size, bufs[1][t], written, n_written);
+        if (tensor_status == FO_OK && dense_rows && batch->n[t] &&
+            (batch->rows[t].row_len == 0 || batch->n[t] % batch->rows[t].row_len))
+            tensor_status = FO_ERR_INDEX;
         if (tensor_status != FO_OK) return tensor_status;
-        any_rows |= has_rows;
+        any_rows |= has_rows || dense_rows;
+        exact |= batch->rows && batch->rows[t].last_step != NULL;
+    }
+    fo_catchup catchup;
+    if (exact) {
+        FO_REQUIRE(n_bufs < FO_MAX_BUFFERS, "rows", "have no buffer slot left for sparse=\"exact\"");
+        const int status = catchup_of(rule, hp, &catchup, err);
+        if (status != FO_OK) return status;
+        for (size_t t = 0; t < count; t++)
+            FO_REQUIRE(!batch->rows[t].last_step || batch->rows[t].step >= 1, "step",
+                       "must be >= 1 with last_step");
     }
     const int which = dtype == FO_FLOAT64 ? FO_F64 : FO_F32;
     const fo_span_fn rule_span = fo_active()->span[rule][which];
@@ -329,7 +382,8 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
                                     scalars, span, span_scalars, err);
     }
     if (any_rows) /* the touched rows as the batch's tensors (rows.c) */
-        return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, dtype, span_scalars);
+        return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, dtype, span_scalars,
+                           exact ? &catchup : NULL);
     fo_run(span, count, bufs, n_bufs, batch->n, span_scalars);
     return FO_OK;
 }

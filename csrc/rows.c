@@ -133,6 +133,72 @@ static void sum_span(void *const *b, size_t at, size_t n, const void *scalars)
     s->sum(b[0], (const size_t *)b[1], (const size_t *)b[2], b[3], s->row_len, at, n);
 }
 
+/* ---- sparse="exact": the steps a row missed ---------------------------------------------------- */
+
+/* A row's catch-up: theta and the coupled buffer mixed by a 2 x 2 matrix, the other buffers
+ * scaled; the map of its k missed steps (internal.h, fo_catchup), computed once per row. */
+typedef struct {
+    double m[4];
+    double decay[FO_MAX_BUFFERS];
+} row_catchup;
+
+static void mat_mul(double *out, const double *a, const double *b) /* out = a b */
+{
+    const double r[4] = {a[0] * b[0] + a[1] * b[2], a[0] * b[1] + a[1] * b[3],
+                         a[2] * b[0] + a[3] * b[2], a[2] * b[1] + a[3] * b[3]};
+    memcpy(out, r, sizeof r);
+}
+
+/* The map of `missed` steps (>= 1), the first of them step 1 if from_start. */
+static void catchup_power(row_catchup *out, const fo_catchup *c, uint64_t missed, int from_start,
+                          int n_bufs)
+{
+    double power[4] = {1.0, 0.0, 0.0, 1.0}, base[4];
+    memcpy(base, c->m, sizeof base);
+    uint64_t k = from_start ? missed - 1 : missed;
+    for (int b = 0; b < n_bufs; b++) out->decay[b] = 1.0;
+    for (uint64_t e = k; e; e >>= 1) { /* power = m^k by squaring */
+        if (e & 1) mat_mul(power, power, base);
+        mat_mul(base, base, base);
+    }
+    if (from_start) mat_mul(power, power, c->first); /* step 1 first, then the others */
+    memcpy(out->m, power, sizeof power);
+    for (int b = 2; b < n_bufs; b++) {
+        double f = 1.0, x = c->decay[b];
+        for (uint64_t e = missed; e; e >>= 1) {
+            if (e & 1) f *= x;
+            x *= x;
+        }
+        out->decay[b] = f;
+    }
+}
+
+#define FO_CATCH_UP(T, name)                                                                   \
+    static void name(void *const *b, size_t at, size_t n, const row_catchup *c, int coupled,   \
+                     int n_bufs)                                                               \
+    {                                                                                          \
+        T *restrict p = (T *)b[0] + at;                                                        \
+        if (coupled) {                                                                         \
+            T *restrict q = (T *)b[coupled] + at;                                              \
+            for (size_t i = 0; i < n; i++) {                                                   \
+                const double theta = p[i], x = q[i];                                           \
+                p[i] = (T)(c->m[0] * theta + c->m[1] * x);                                     \
+                q[i] = (T)(c->m[2] * theta + c->m[3] * x);                                     \
+            }                                                                                  \
+        } else if (c->m[0] != 1.0) {                                                           \
+            for (size_t i = 0; i < n; i++) p[i] = (T)(c->m[0] * p[i]);                         \
+        }                                                                                      \
+        for (int k = 2; k < n_bufs; k++) {                                                     \
+            if (k == coupled || !b[k] || c->decay[k] == 1.0) continue;                          \
+            T *restrict x = (T *)b[k] + at;                                                    \
+            for (size_t i = 0; i < n; i++) x[i] = (T)(c->decay[k] * x[i]);                     \
+        }                                                                                      \
+    }
+FO_CATCH_UP(float, catch_up_f32)
+FO_CATCH_UP(double, catch_up_f64)
+typedef void (*catch_up_fn)(void *const *b, size_t at, size_t n, const row_catchup *c,
+                            int coupled, int n_bufs);
+
 /* ---- the row batch ---------------------------------------------------------------------------- */
 
 /* Touched rows lie anywhere in their buffers: each row's first cache lines are a miss (and a
@@ -155,6 +221,11 @@ typedef struct {
     const size_t *sum_of;
     void **const *sum_tables;
     sum_rows_fn sum;
+    /* sparse="exact": per entry its catch-up (NULL: none), applied to the piece before the
+     * rule's update */
+    const row_catchup *const *catchup_of;
+    catch_up_fn catch_up;
+    int coupled, n_rule_bufs;
 } row_ahead;
 
 static void row_ahead_span(void *const *b, size_t at, size_t n, const void *scalars)
@@ -180,6 +251,8 @@ static void row_ahead_span(void *const *b, size_t at, size_t n, const void *scal
             }
         }
     }
+    if (r->catchup_of && r->catchup_of[e])
+        r->catch_up(b, at, n, r->catchup_of[e], r->coupled, r->n_rule_bufs);
     r->span(b, at, n, r->scalars);
 }
 
@@ -192,15 +265,16 @@ static int strictly_increasing(const fo_rows *r)
 }
 
 int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
-                const size_t *n, const fo_rows *rows, int dtype, const void *scalars)
+                const size_t *n, const fo_rows *rows, int dtype, const void *scalars,
+                const fo_catchup *catchup)
 {
     const size_t elem = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
     /* sizes: entries of the row batch, sort scratch, rows summed */
     size_t entries = 0, sort_len = 0, most_nnz = 0;
     for (size_t t = 0; t < count; t++) {
         const fo_rows *r = &rows[t];
-        if (!r->indices) {
-            entries++;
+        if (!r->indices) { /* dense: itself, or each of its rows (exact) */
+            entries += r->last_step && n[t] ? n[t] / r->row_len : 1;
             continue;
         }
         entries += r->nnz;   /* at most: one per touched row */
@@ -217,7 +291,8 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
                          + 4 * entries * sizeof(void *) + entries * sizeof(size_t) /* sum batch */
                          + sort_len * sizeof(size_t)                      /* sorted positions */
                          + most_nnz * (2 * sizeof(uint64_t) + sizeof(size_t)) /* sort scratch */
-                         + scratch_elems * elem + 64;
+                         + scratch_elems * elem + 64
+                         + (catchup ? entries * (sizeof(void *) + sizeof(row_catchup)) : 0);
     char *mem = malloc(bytes);
     if (!mem) return FO_ERR_MEMORY;
     char *at = mem;
@@ -233,6 +308,8 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
     FO_TAKE(uint64_t, sort_rows_a, most_nnz);
     FO_TAKE(uint64_t, sort_rows_b, most_nnz);
     FO_TAKE(size_t, sort_pos_b, most_nnz);
+    FO_TAKE(const row_catchup *, catchup_of, catchup ? entries : 0);
+    FO_TAKE(row_catchup, catchups, catchup ? entries : 0);
     at = (char *)(((uintptr_t)at + 63) & ~(uintptr_t)63);
     char *scratch = at;
 #undef FO_TAKE
@@ -241,10 +318,39 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
         row_bufs[k] = k == n_bufs || bufs[k] ? table + (size_t)k * entries : NULL;
     for (int k = 0; k < 4; k++) sum_bufs[k] = sum_table + (size_t)k * entries;
 
-    size_t e = 0, d = 0, used_pos = 0, used_scratch = 0;
+    /* every buffer of the step; an EMA's (after the rule's) has decay 1: not caught up */
+    const int n_rule_bufs = n_bufs;
+    size_t e = 0, d = 0, used_pos = 0, used_scratch = 0, n_catchups = 0;
+/* entry e is row `row` of tensor t: its catch-up, and its last step now the step's */
+#define FO_ROW_CATCHUP(row)                                                                    \
+    do {                                                                                       \
+        if (!catchup) break;                                                                   \
+        catchup_of[e] = NULL;                                                                  \
+        if (!r->last_step) break;                                                              \
+        const int64_t last = r->last_step[row];                                                \
+        if (last < r->step - 1) {                                                              \
+            row_catchup *c = &catchups[n_catchups++];                                          \
+            catchup_power(c, catchup, (uint64_t)(r->step - 1 - (last > 0 ? last : 0)),         \
+                          last <= 0, n_rule_bufs);                                             \
+            catchup_of[e] = c;                                                                 \
+        }                                                                                      \
+        r->last_step[row] = r->step;                                                           \
+    } while (0)
     for (size_t t = 0; t < count; t++) {
         const fo_rows *r = &rows[t];
+        if (!r->indices && r->last_step) { /* a dense gradient, row by row (exact) */
+            const size_t row_bytes = r->row_len * elem;
+            for (size_t row = 0; n[t] && row < n[t] / r->row_len; row++) {
+                for (int k = 0; k < n_bufs; k++)
+                    if (bufs[k]) row_bufs[k][e] = (char *)bufs[k][t] + row * row_bytes;
+                FO_ROW_CATCHUP(row);
+                sum_of[e] = 0;
+                sizes[e++] = r->row_len;
+            }
+            continue;
+        }
         if (!r->indices) { /* a dense tensor: itself */
+            if (catchup) catchup_of[e] = NULL;
             for (int k = 0; k < n_bufs; k++)
                 if (bufs[k]) row_bufs[k][e] = bufs[k][t];
             sum_of[e] = 0;
@@ -271,6 +377,7 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
             const size_t offset = (size_t)row * row_bytes;
             for (int k = 0; k < n_bufs; k++)
                 if (bufs[k] && k != 1) row_bufs[k][e] = (char *)bufs[k][t] + offset;
+            FO_ROW_CATCHUP(row);
             sum_of[e] = end - s == 1 ? 0 : d + 1;
             if (end - s == 1) {
                 row_bufs[1][e] = values + pos[s] * row_bytes;
@@ -306,11 +413,15 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
     if (ahead) {
         for (size_t i = 0; i < e; i++) row_bufs[n_bufs][i] = (void *)(uintptr_t)i;
         const row_ahead r = {span,  scalars, (void **const *)row_bufs, sizes, n_bufs, e, elem,
-                             sum_of, (void **const *)sum_bufs, sum};
+                             sum_of, (void **const *)sum_bufs, sum,
+                             catchup ? catchup_of : NULL,
+                             dtype == FO_FLOAT64 ? catch_up_f64 : catch_up_f32,
+                             catchup ? catchup->coupled : 0, n_rule_bufs};
         fo_run(row_ahead_span, e, (void *const *const *)row_bufs, n_bufs + 1, sizes, &r);
     } else {
         fo_run(span, e, (void *const *const *)row_bufs, n_bufs, sizes, scalars);
     }
+#undef FO_ROW_CATCHUP
     free(mem);
     return FO_OK;
 }

@@ -118,7 +118,7 @@ def betas(x):
     return (real("beta1 (betas[0])", x[0]), real("beta2 (betas[1])", x[1]))
 
 
-SPARSE_MODES = ("lazy",)
+SPARSE_MODES = ("lazy", "exact")
 
 
 def sparse_mode(name, x):

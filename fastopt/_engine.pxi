@@ -148,6 +148,9 @@ cdef class Batch:
     cdef Py_ssize_t lr_offset    # of the struct's `lr` field, where the schedule's value goes
     cdef int64_t step
     cdef list params, states, indices, buffers
+    cdef bint exact              # sparse="exact": rows caught up through their last steps
+    cdef list row_steps          # per tensor its state's row_step (exact), or None
+    cdef int64_t **last_steps
     cdef readonly tuple slots
     cdef public Py_ssize_t group_index
 
@@ -196,6 +199,7 @@ cdef class Batch:
         free(self.index)
         free(self.scratch)
         free(self.ema)
+        free(self.last_steps)
         for k in range(8):
             free(self.ptrs[k])
 
@@ -212,6 +216,11 @@ cdef class Batch:
             s = self.states[t]
             if state.get(i) is not s or s.step != self.step:
                 return False
+            if self.exact:
+                r = s.row_step
+                if r is not self.row_steps[t] or (
+                        r is not None and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>r)):
+                    return False
             if self.ema != NULL:
                 e = s.ema
                 if e is not self.emas[t] or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>e) \
@@ -247,15 +256,40 @@ cdef class Batch:
                         or plan.hits_written(<size_t>cnp.PyArray_DATA(<cnp.ndarray>sg.indices),
                                              <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>sg.indices)):
                     return False
+                if self.exact:
+                    if self.last_steps[t] == NULL:
+                        return False  # the full path gives the state its row_step first
+                    self.rows[t].last_step = self.last_steps[t]
+                    self.rows[t].step = self.step + 1
                 self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>sg.values)
                 self.any_rows = True
                 continue
             self.rows[t].indices = NULL
+            self.rows[t].last_step = NULL
             if not _grad_fits(g, a) or plan.hits_written(
                     <size_t>cnp.PyArray_DATA(<cnp.ndarray>g), <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>g)):
                 return False
+            if self.exact and self.last_steps[t] != NULL:
+                # rows behind: a dense gradient catches them up row by row
+                self.rows[t].last_step = self.last_steps[t]
+                self.rows[t].step = self.step + 1
+                self.rows[t].row_len = <size_t>(cnp.PyArray_SIZE(a) // cnp.PyArray_DIMS(a)[0]) \
+                    if cnp.PyArray_SIZE(a) else 1
+                self.any_rows = True
             self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>g)
         return True
+
+    def set_exact(self):
+        """sparse="exact": rows of a state with a row_step are caught up before their update."""
+        cdef Py_ssize_t t
+        self.exact = True
+        self.row_steps = [s.row_step for s in self.states]
+        self.last_steps = <int64_t **>calloc(max(self.count, 1), sizeof(int64_t *))
+        if self.last_steps == NULL:
+            raise MemoryError()
+        for t in range(self.count):
+            if self.row_steps[t] is not None:
+                self.last_steps[t] = <int64_t *>cnp.PyArray_DATA(<cnp.ndarray>self.row_steps[t])
 
     def set_ema(self, double decay):
         """Update each state's `ema` buffer in the same pass as the rule."""
@@ -412,6 +446,8 @@ cdef class Plan:
         cdef double saved[64]
         if "lr" in g.changed and (self.scheduled[k] or type(g.get("lr")) is Schedule):
             return 0  # a schedule set or replaced: the batches are built again
+        if "sparse" in g.changed:
+            return 0  # the batches are built again
         if g.changed <= self.direct:
             memcpy(saved, old.storage, sizeof(saved))
             offsets = old.rule.double_offsets

@@ -59,6 +59,8 @@ cdef extern from "fastopt.h" nogil:
         int index_type
         size_t nnz
         size_t row_len
+        int64_t *last_step
+        int64_t step
     ctypedef struct fo_batch:
         size_t count
         const size_t *n
@@ -89,6 +91,7 @@ cdef extern from "fastopt.h" nogil:
                 int *nonfinite, fo_error *err)
     int fo_scale(const fo_batch *batch, int buffer, double factor)
     int fo_check(int rule, const void *hp, unsigned *uses, fo_error *err)
+    int fo_check_exact(int rule, const void *hp, fo_error *err)
     const fo_rule_info *fo_describe(int rule)
 
     ctypedef struct fo_sgd_params:

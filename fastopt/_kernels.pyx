@@ -135,6 +135,23 @@ cdef class Hyper:
         self.uses = uses
         return uses
 
+    def check_exact(self, str name):
+        """Raise ValueError unless sparse="exact" has a closed form for the rule with these
+        values (fo_check_exact); name: the optimizer's, for the message."""
+        cdef fo_error err
+        if fo_check_exact(self.rule.id, self.data(), &err) == FO_OK:
+            return
+        if err.field == NULL:
+            self.check()
+            return
+        field = err.field.decode()
+        if field == "rule":
+            raise ValueError(f'sparse="exact": {name} has no closed form for the steps a row '
+                             'missed; use sparse="lazy"')
+        raise ValueError(f'sparse="exact": {name} with {field}={self.get(field)!r} has no closed '
+                         'form for the steps a row missed; use sparse="lazy" (or '
+                         f'{field}=0)')
+
     def copy(self):
         cdef Hyper h = Hyper(self.rule)
         memcpy(h.storage, self.storage, sizeof(self.storage))
@@ -157,6 +174,7 @@ cdef int _raise_for(int status, Hyper hyper) except -1:
     """A call's status as an exception; a refused hyperparameter is named by hyper.check()."""
     if status == FO_ERR_HYPERPARAM:
         hyper.check()
+        hyper.check_exact(hyper.rule.name)
     return _check(status)
 
 

@@ -92,7 +92,7 @@ def _validated(opt, d):
             raise ValueError(f"state_dict state key {key!r} is not a parameter index")
         if not isinstance(fields, dict):
             raise TypeError(f"state_dict state {key} must be a dict")
-        known = set(state_type.BUFFERS) | set(state_type.COUNTERS)
+        known = set(state_type.BUFFERS) | set(state_type.COUNTERS) | set(state_type.ROW_FIELDS)
         unknown = set(fields) - known
         if unknown:
             raise ValueError(f"state_dict state {key} has unknown field(s) {sorted(unknown)}")
@@ -107,6 +107,10 @@ def _validated(opt, d):
         for k, v in fields.items():
             if k in state_type.COUNTERS:
                 copied[k] = _checks.step_count(f"{what}.{k}", _scalar(v))
+            elif k in state_type.ROW_FIELDS:
+                if not isinstance(v, np.ndarray) or v.dtype != np.int64:
+                    raise TypeError(f"{what}.{k} must be an int64 numpy array")
+                copied[k] = np.array(v, dtype=np.int64, order="C", copy=True)
             else:
                 if not isinstance(v, np.ndarray):
                     raise TypeError(f"{what}.{k} must be a numpy array, got {type(v).__name__}")

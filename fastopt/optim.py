@@ -23,10 +23,14 @@ class Optimizer:
     (param groups, each overriding the optimizer's defaults).
 
     sparse: how a step whose gradient is a fastopt.SparseGrad (rows along axis 0) treats the
-    rows it does not touch: "lazy" (the only mode so far) updates the touched rows alone, each
-    with the sum of its gradient rows, exactly as a dense step over that row would (its state
-    advances; the step count is the parameter's, which advances every step); untouched rows and
-    their state stay as they are.  A param group may carry its own "sparse".
+    rows it does not touch: "lazy" updates the touched rows alone, each with the sum of its
+    gradient rows, exactly as a dense step over that row would (its state advances; the step
+    count is the parameter's, which advances every step); untouched rows and their state stay
+    as they are.  "exact" (the rules with a closed form, README "Sparse rows", its table; the
+    others raise ValueError) keeps the state's `row_step` (int64 per row: the step
+    that last updated the row) and, before a touched row's update, applies in closed form the
+    steps it missed with a zero gradient, using the current step's hyperparameters (an EMA of
+    the weights is not caught up).  A param group may carry its own "sparse".
 
     Attributes: param_groups (list of dicts; change hyperparameters there between steps),
     state (dict: global parameter index -> state object, created on a parameter's first step).
@@ -38,6 +42,8 @@ class Optimizer:
         # how a step with a SparseGrad treats the rows it does not touch (README, "Sparse
         # rows"); a param group may override it with its own "sparse" key
         self.sparse = _checks.sparse_mode("sparse", sparse)
+        if self.sparse == "exact" and not self.rule.rows:
+            raise ValueError(f'sparse="exact": {self.rule.name} takes no SparseGrad rows')
         if ema_decay is not None:
             ema_decay = _checks.real("ema_decay", ema_decay)
             if not 0.0 <= ema_decay <= 1.0:
@@ -94,9 +100,11 @@ class Optimizer:
     def _group_hyperparameters(self, group, where):
         """(hyperparameters, Hyper) of a group, validated (the error names the group)."""
         try:
-            if "sparse" in group:
-                _checks.sparse_mode("sparse", group["sparse"])
-            return self.rule.check({k: v for k, v in group.items() if k not in ("params", "sparse")})
+            mode = _checks.sparse_mode("sparse", group.get("sparse", self.sparse))
+            checked = self.rule.check({k: v for k, v in group.items() if k not in ("params", "sparse")})
+            if mode == "exact":
+                checked[1].check_exact(self.rule.name)
+            return checked
         except (TypeError, ValueError) as e:
             raise type(e)(f"{where}: {e}") from None
 
@@ -178,6 +186,9 @@ class Optimizer:
                 for k, buf in state.buffers().items():
                     written.append(buf)
                     names.append(f"state[{i}].{k}")
+                if state.row_step is not None:
+                    written.append(state.row_step)
+                    names.append(f"state[{i}].row_step")
         read, read_names = [], []
         for i, g in enumerate(grads):
             if isinstance(g, _kernels.SparseGrad):
@@ -198,11 +209,15 @@ class Optimizer:
             if isinstance(group, ParamGroup):
                 group.changed.clear()
             by_key = {}
+            exact = group.get("sparse", self.sparse) == "exact"
             for p in group["params"]:
                 state = self.state.get(i)
                 if state is None:
                     state = self.state[i] = self.new_state(p, hp)
                 state.add_missing(p, needed)
+                if exact and state.row_step is None and isinstance(plain[i], _kernels.SparseGrad):
+                    # every row is up to date with the parameter's steps so far
+                    state.row_step = np.full(p.shape[0], state.step, dtype=np.int64)
                 if self._ema_decay is not None and state.ema is None:
                     state.ema = np.array(p, order="C", copy=True)
                 by_key.setdefault((p.dtype, state.step), []).append(i)
@@ -211,6 +226,8 @@ class Optimizer:
                 batch = _kernels.Batch(self.rule.crule, [params[j] for j in indices],
                                        [self.state[j] for j in indices], indices, hyper, step)
                 batch.group_index = group_index
+                if exact:
+                    batch.set_exact()
                 if isinstance(hp["lr"], _kernels.Schedule):
                     batch.set_schedule(hp["lr"])
                 if self._ema_decay is not None:

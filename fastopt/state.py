@@ -23,13 +23,17 @@ class OptimizerState:
     BUFFERS = ()
     REQUIRED = ()
     COUNTERS = ("step",)
+    # sparse="exact": per row (axis 0) the step that last updated it, int64; None until the
+    # parameter's first step with a SparseGrad under "exact"
+    ROW_FIELDS = ("row_step",)
 
     def __init__(self, **fields):
-        unknown = set(fields) - set(self.BUFFERS) - set(self.COUNTERS)
+        unknown = set(fields) - set(self.BUFFERS) - set(self.COUNTERS) - set(self.ROW_FIELDS)
         if unknown:
             raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
         for name in self.BUFFERS:
             setattr(self, name, fields.get(name))
+        self.row_step = fields.get("row_step")
         for name in self.COUNTERS:
             setattr(self, name, fields.get(name, 0))
 
@@ -67,9 +71,13 @@ class OptimizerState:
             _checks.check_like(buf, param, f"{what}.{name}", writeable=True)
         for name in self.COUNTERS:
             _checks.step_count(f"{what}.{name}", getattr(self, name))
+        if self.row_step is not None:
+            check_row_step(self.row_step, param, self.step, f"{what}.row_step")
 
     def to_dict(self):
         d = {name: buf for name, buf in self.buffers().items()}
+        if self.row_step is not None:
+            d["row_step"] = self.row_step
         d.update({name: getattr(self, name) for name in self.COUNTERS})
         return d
 
@@ -77,6 +85,20 @@ class OptimizerState:
         parts = [f"{k}=<{v.dtype}{list(v.shape)}>" for k, v in self.buffers().items()]
         parts += [f"{k}={getattr(self, k)}" for k in self.COUNTERS]
         return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def check_row_step(r, param, step, what, writeable=True):
+    """A row_step fits `param`: int64, one entry per row, C-contiguous, values in [0, step]."""
+    if not isinstance(r, np.ndarray) or r.dtype != np.int64 or not r.dtype.isnative:
+        raise TypeError(f"{what} must be an int64 numpy array, got "
+                        f"{getattr(r, 'dtype', type(r).__name__)}")
+    rows = param.shape[0] if param.ndim else None
+    if r.shape != (rows,):
+        raise ValueError(f"{what} must have shape ({rows},) (one per row), got {r.shape}")
+    if not r.flags.c_contiguous or (writeable and not r.flags.writeable):
+        raise ValueError(f"{what} must be C-contiguous" + (" and writeable" if writeable else ""))
+    if r.size and (r.min() < 0 or r.max() > step):
+        raise ValueError(f"{what} values must be in [0, step = {step}]")
 
 
 def _state_class(rule):

@@ -218,3 +218,176 @@ def test_rules_with_per_tensor_norms_refuse_rows(cls, hp, rng):
     with pytest.raises(TypeError, match="dense gradients"):
         opt.step([fastopt.SparseGrad(np.array([1]), rng.standard_normal((1, 3)))])
     assert_same_snapshot(before, snapshot(opt))
+
+
+# ---- sparse="exact": the steps a row missed, caught up in closed form ---------------------------
+
+# (class, hyperparameters): the rules and options whose exact run is the dense run with zero
+# gradients on untouched rows (README, "Sparse rows", the table)
+EXACT_CASES = [
+    (fastopt.SGD, dict(lr=0.1)),
+    (fastopt.SGD, dict(lr=0.1, weight_decay=0.05)),
+    (fastopt.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.05)),
+    (fastopt.Momentum, dict(lr=0.05)),
+    (fastopt.Momentum, dict(lr=0.05, weight_decay=0.1, maximize=True)),
+    (fastopt.NAG, dict(lr=0.05)),
+    (fastopt.NAG, dict(lr=0.05, weight_decay=0.1)),
+    (fastopt.Adagrad, dict(lr=0.1)),
+    (fastopt.Adadelta, dict(lr=1.0, rho=0.8)),
+    (fastopt.RMSprop, dict(lr=0.01, rho=0.8, momentum=0.9, centered=True)),
+]
+
+
+def exact_run(cls, hp, dtype, rng, steps=STEPS, dense_every=0):
+    """fastopt with sparse="exact" and the float64 reference run densely, every untouched row
+    with a zero gradient, on the same numbers.  After each step the touched rows are up to
+    date: compared there (rows a step skipped are compared when touched again).  Yields
+    (fastopt params, reference params, reference states, touched rows) per step."""
+    init = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    params = [p.copy() for p in init]
+    opt = cls(params, sparse="exact", **hp)
+    ref_fn = reference.RULES[reference_name(cls)]
+    ref_hp = reference_kwargs({k: v for k, v in opt.param_groups[0].items()
+                               if k not in ("params", "sparse")})
+    ref_params = [p.astype(np.float64) for p in init]
+    ref_states = [{} for _ in init]
+    longest_skip, skipped = 0, [np.zeros(s[0], dtype=int) for s in SHAPES]
+    for step in range(steps):
+        grads, touched = [], []
+        for k, shape in enumerate(SHAPES):
+            if dense_every and step % dense_every == dense_every - 1:
+                dense = rng.standard_normal(shape).astype(dtype)
+                grads.append(dense)
+                touched.append(np.arange(shape[0]))
+            else:
+                indices = draw_rows(rng, shape[0], np.int64)
+                values = rng.standard_normal((len(indices),) + shape[1:]).astype(dtype)
+                grads.append(fastopt.SparseGrad(indices, values))
+                touched.append(np.unique(indices))
+                dense = np.zeros(shape)
+                np.add.at(dense, indices, values.astype(np.float64))
+            ref_params[k] = ref_fn(ref_params[k], dense.astype(np.float64), ref_states[k], **ref_hp)
+            hit = np.zeros(shape[0], dtype=bool)
+            hit[touched[k]] = True
+            skipped[k] = np.where(hit, 0, skipped[k] + 1)
+            longest_skip = max(longest_skip, skipped[k].max())
+        opt.step(grads)
+        yield opt, params, ref_params, ref_states, touched
+    assert longest_skip >= 4
+
+
+@pytest.mark.parametrize("cls, hp", EXACT_CASES, ids=lambda x: getattr(x, "__name__", str(x)))
+def test_exact_equals_dense_run_with_zero_gradients(cls, hp, rng):
+    for opt, params, ref, ref_states, touched in exact_run(cls, hp, np.float64, rng):
+        for k in range(len(SHAPES)):
+            np.testing.assert_allclose(params[k][touched[k]], ref[k][touched[k]],
+                                       rtol=1e-10, atol=1e-12)
+    # a dense zero gradient brings every row up to date
+    opt.step([np.zeros(s) for s in SHAPES])
+    ref_fn = reference.RULES[reference_name(cls)]
+    ref_hp = reference_kwargs({k: v for k, v in opt.param_groups[0].items()
+                               if k not in ("params", "sparse")})
+    for k, shape in enumerate(SHAPES):
+        ref[k] = ref_fn(ref[k], np.zeros(shape), ref_states[k], **ref_hp)
+        np.testing.assert_allclose(params[k], ref[k], rtol=1e-10, atol=1e-12)
+    assert all((s.row_step == STEPS + 1).all() for s in opt.state.values())
+
+
+@pytest.mark.parametrize("cls, hp", EXACT_CASES[2:5], ids=lambda x: getattr(x, "__name__", str(x)))
+def test_exact_float32_and_dense_steps_between(cls, hp, rng):
+    for _, params, ref, _, touched in exact_run(cls, hp, np.float32, rng, dense_every=7):
+        for k in range(len(SHAPES)):
+            np.testing.assert_allclose(params[k][touched[k]], ref[k][touched[k]],
+                                       rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("cls, hp", [(fastopt.Adam, dict(lr=0.01)),
+                                     (fastopt.Adam, dict(lr=0.01, amsgrad=True)),
+                                     (fastopt.AdamW, dict(lr=0.01, weight_decay=0.1))])
+def test_exact_adam_decays_its_averages(cls, hp, rng):
+    """Adam's exact: m and v of a touched row are the dense run's (decayed by beta1^k, beta2^k
+    for the k steps it missed); its parameter is not (the missed steps' moves are left out)."""
+    differs = False
+    for opt, params, ref, ref_states, touched in exact_run(cls, hp, np.float64, rng):
+        for k in range(len(SHAPES)):
+            rows, state = touched[k], opt.state[k]
+            np.testing.assert_allclose(state.m[rows], ref_states[k]["m"][rows], rtol=1e-10, atol=1e-14)
+            np.testing.assert_allclose(state.v[rows], ref_states[k]["v"][rows], rtol=1e-10, atol=1e-14)
+            differs |= not np.allclose(params[k][rows], ref[k][rows], rtol=1e-10)
+    assert differs  # the claim is about m and v only
+
+
+def test_exact_adamw_decay_compounds(rng):
+    """With zero gradients everywhere AdamW's exact run only decays: theta (1 - lr wd)^k."""
+    p = rng.standard_normal((6, 3))
+    init = p.copy()
+    opt = fastopt.AdamW([p], lr=0.1, weight_decay=0.2, sparse="exact")
+    for _ in range(9):
+        opt.step([fastopt.SparseGrad(np.array([0]), np.zeros((1, 3)))])
+    opt.step([fastopt.SparseGrad(np.array([4]), np.zeros((1, 3)))])
+    np.testing.assert_allclose(p[4], init[4] * (1 - 0.1 * 0.2) ** 10, rtol=1e-13)
+    np.testing.assert_array_equal(p[1], init[1])  # not touched: not caught up yet
+    assert list(opt.state[0].row_step) == [9, 0, 0, 0, 10, 0]
+
+
+@pytest.mark.parametrize("cls, hp, named", [
+    (fastopt.Adam, dict(weight_decay=0.1), "weight_decay"),
+    (fastopt.RMSprop, dict(lr=0.01, weight_decay=0.1), "weight_decay"),
+    (fastopt.Adagrad, dict(weight_decay=0.1), "weight_decay"),
+    (fastopt.Adadelta, dict(weight_decay=0.1), "weight_decay"),
+    (fastopt.AdaMax, {}, "AdaMax"), (fastopt.Nadam, {}, "Nadam"), (fastopt.RAdam, {}, "RAdam"),
+    (fastopt.Lion, dict(lr=1e-4), "Lion"), (fastopt.Rprop, {}, "Rprop"),
+    (fastopt.ASGD, {}, "ASGD"), (fastopt.LAMB, {}, "LAMB")])
+def test_exact_without_closed_form_is_refused(cls, hp, named):
+    with pytest.raises(ValueError, match=named):
+        cls([np.zeros((3, 2))], sparse="exact", **hp)
+    with pytest.raises(ValueError, match=named):
+        cls([{"params": [np.zeros((3, 2))], "sparse": "exact"}], **hp)
+
+
+def test_exact_param_group_and_mode_change(rng):
+    a, b = rng.standard_normal((5, 2)), rng.standard_normal((5, 2))
+    a0, b0 = a.copy(), b.copy()
+    opt = fastopt.SGD([{"params": [a], "sparse": "exact"}, {"params": [b]}], lr=0.1,
+                      weight_decay=0.5)
+    g = fastopt.SparseGrad(np.array([0]), np.zeros((1, 2)))
+    for _ in range(3):
+        opt.step([g, g])
+    opt.step([fastopt.SparseGrad(np.array([1]), np.zeros((1, 2)))] * 2)
+    np.testing.assert_allclose(a[1], a0[1] * 0.95 ** 4, rtol=1e-14)  # caught up
+    np.testing.assert_allclose(b[1], b0[1] * 0.95, rtol=1e-14)       # lazy
+    assert opt.state[1].row_step is None
+    opt.param_groups[0]["weight_decay"] = 0.1  # the catch-up uses the current values
+    opt.param_groups[1]["sparse"] = "exact"
+    opt.step([fastopt.SparseGrad(np.array([2]), np.zeros((1, 2)))] * 2)
+    np.testing.assert_allclose(a[2], a0[2] * 0.99 ** 5, rtol=1e-14)
+    assert list(opt.state[1].row_step) == [4, 4, 5, 4, 4]
+
+
+def test_exact_row_step_in_checkpoints_and_checked(rng, tmp_path):
+    p = rng.standard_normal((4, 3))
+    opt = fastopt.Momentum([p], lr=0.1, sparse="exact")
+    for r in (0, 1, 1):
+        opt.step([fastopt.SparseGrad(np.array([r]), rng.standard_normal((1, 3)))])
+    opt.save(tmp_path / "c.npz")
+    q = p.copy()
+    other = fastopt.Momentum([q], lr=0.1, sparse="exact")
+    other.load(tmp_path / "c.npz")
+    np.testing.assert_array_equal(other.state[0].row_step, [1, 3, 0, 0])
+    g = fastopt.SparseGrad(np.array([0, 2]), rng.standard_normal((2, 3)))
+    opt.step([g])
+    other.step([g])
+    np.testing.assert_array_equal(p, q)
+    d = opt.state_dict()
+    for bad, error in [(np.array([0, 1, 9, 0]), ValueError), (np.zeros(3, np.int64), ValueError),
+                       (np.zeros(4, np.int32), TypeError)]:
+        d["state"][0]["row_step"] = bad.astype(np.int64) if error is ValueError else bad
+        before = snapshot(other)
+        with pytest.raises(error, match="row_step"):
+            other.load_state_dict(d)
+        assert_same_snapshot(before, snapshot(other))
+    opt.state[0].row_step = np.full(4, 99, np.int64)  # beyond the step count
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="row_step"):
+        opt.step([g])
+    assert_same_snapshot(before, snapshot(opt))
