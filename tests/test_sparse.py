@@ -391,3 +391,27 @@ def test_exact_row_step_in_checkpoints_and_checked(rng, tmp_path):
     with pytest.raises(ValueError, match="row_step"):
         opt.step([g])
     assert_same_snapshot(before, snapshot(opt))
+
+
+def _big_exact_run(threads):
+    """Exact catch-ups over more elements than one thread takes, rows of different lags."""
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal((3000, 64))
+    opt = fastopt.Momentum([p], lr=0.01, weight_decay=0.01, sparse="exact")
+    previous = fastopt.get_num_threads()
+    fastopt.set_num_threads(threads)
+    try:
+        for step in range(4):
+            indices = rng.integers(0, 3000, size=2500 if step < 3 else 6000)
+            opt.step([fastopt.SparseGrad(indices, rng.standard_normal((len(indices), 64)))])
+    finally:
+        fastopt.set_num_threads(previous)
+    return p, opt.state[0].momentum_buffer
+
+
+def test_exact_same_bits_for_any_thread_count():
+    p1, b1 = _big_exact_run(1)
+    for threads in (2, 8):
+        p, b = _big_exact_run(threads)
+        np.testing.assert_array_equal(p, p1)
+        np.testing.assert_array_equal(b, b1)
