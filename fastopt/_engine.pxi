@@ -457,7 +457,8 @@ cdef class Plan:
                     memcpy(old.storage, saved, sizeof(saved))
                     return 0
                 (<double *>(<char *>old.storage + <Py_ssize_t>offsets[key]))[0] = value
-            if fo_check(old.rule.id, old.data(), &new_uses, NULL) != FO_OK or new_uses != uses:
+            if fo_check(old.rule.id, old.data(), &new_uses, NULL) != FO_OK or new_uses != uses \
+                    or (old.exact and fo_check_exact(old.rule.id, old.data(), NULL) != FO_OK):
                 memcpy(old.storage, saved, sizeof(saved))  # the full path names the error
                 return 0
         else:

@@ -92,6 +92,7 @@ cdef class Hyper:
     cdef CRule rule
     cdef double storage[64]  # MAX_PARAMS_SIZE bytes, aligned for every field type
     cdef readonly unsigned uses
+    cdef public bint exact  # its group runs sparse="exact": changed values are checked for it
 
     def __cinit__(self, CRule rule, dict fields=None):
         self.rule = rule
@@ -139,6 +140,7 @@ cdef class Hyper:
         """Raise ValueError unless sparse="exact" has a closed form for the rule with these
         values (fo_check_exact); name: the optimizer's, for the message."""
         cdef fo_error err
+        self.exact = True
         if fo_check_exact(self.rule.id, self.data(), &err) == FO_OK:
             return
         if err.field == NULL:
@@ -156,6 +158,7 @@ cdef class Hyper:
         cdef Hyper h = Hyper(self.rule)
         memcpy(h.storage, self.storage, sizeof(self.storage))
         h.uses = self.uses
+        h.exact = self.exact
         return h
 
     def used_state(self):

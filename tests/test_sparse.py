@@ -415,3 +415,19 @@ def test_exact_same_bits_for_any_thread_count():
         p, b = _big_exact_run(threads)
         np.testing.assert_array_equal(p, p1)
         np.testing.assert_array_equal(b, b1)
+
+
+def test_exact_refuses_a_changed_value_without_closed_form(rng):
+    a, b = rng.standard_normal((4, 2)), rng.standard_normal((4, 2))
+    opt = fastopt.RMSprop([{"params": [a]}, {"params": [b], "sparse": "exact"}], lr=0.01)
+    g = [fastopt.SparseGrad(np.array([1]), rng.standard_normal((1, 2)))] * 2
+    opt.step(g)
+    opt.step(g)  # planned
+    opt.param_groups[1]["weight_decay"] = 0.1
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.step(g)
+    assert_same_snapshot(before, snapshot(opt))
+    opt.param_groups[1]["sparse"] = "lazy"
+    opt.step(g)
+    assert opt.state[1].step == 3
