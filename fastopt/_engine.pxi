@@ -415,6 +415,8 @@ cdef class Plan:
         for s in state.values():
             for b in s.buffers().values():
                 spans.append(_span(b))
+            if getattr(s, "row_step", None) is not None:  # sparse="exact" writes it
+                spans.append(_span(s.row_step))
         self.written = _Spans(spans)
 
     cdef bint hits_written(self, size_t start, size_t nbytes):

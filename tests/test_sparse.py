@@ -431,3 +431,17 @@ def test_exact_refuses_a_changed_value_without_closed_form(rng):
     opt.param_groups[1]["sparse"] = "lazy"
     opt.step(g)
     assert opt.state[1].step == 3
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-step", "planned"])
+def test_exact_gradient_overlapping_row_step_is_refused(warm, rng):
+    p = rng.standard_normal((4, 2))
+    opt = fastopt.SGD([p], lr=0.1, sparse="exact")
+    opt.step([fastopt.SparseGrad(np.array([0]), rng.standard_normal((1, 2)))])
+    if warm:
+        opt.step([fastopt.SparseGrad(np.array([1]), rng.standard_normal((1, 2)))])
+    before = snapshot(opt)
+    values = opt.state[0].row_step.view(np.float64).reshape(2, 2)
+    with pytest.raises(ValueError, match="overlap"):
+        opt.step([fastopt.SparseGrad(np.array([2, 3]), values)])
+    assert_same_snapshot(before, snapshot(opt))
