@@ -327,6 +327,70 @@ static void test_rows(void)
     fo_set_num_threads(2);
 }
 
+/* sparse="exact" (fo_rows.last_step): torch's SGD with momentum, dampening and weight decay
+ * (its buffer seeded on step 1, which rows that missed step 1 catch up with the seeding map),
+ * against the dense run with zero gradients on the untouched rows; a rule without a closed
+ * form refused with nothing written. */
+static void test_rows_exact(void)
+{
+    enum { ROWS = 5, LEN = 2, STEPS = 40 };
+    double p[ROWS * LEN], b[ROWS * LEN], rp[ROWS * LEN], rb[ROWS * LEN];
+    int64_t last[ROWS] = {0};
+    for (int i = 0; i < ROWS * LEN; i++) {
+        rp[i] = p[i] = uniform();
+        rb[i] = b[i] = 0.0;
+    }
+    double worst = 0.0;
+    int skipped_step_one = 0;
+    for (int64_t t = 1; t <= STEPS; t++) {
+        int64_t idx[ROWS];
+        double values[ROWS * LEN], dense[ROWS * LEN] = {0};
+        size_t nnz = 0;
+        for (int r = 0; r < ROWS; r++) {
+            if ((t * 7 + r * 3) % 9 >= 3 && !(r == 0 && t == 1)) continue; /* rows sit out */
+            idx[nnz] = r;
+            for (int e = 0; e < LEN; e++)
+                dense[r * LEN + e] = values[nnz * LEN + e] = uniform();
+            nnz++;
+        }
+        if (t == 1) skipped_step_one = nnz < ROWS;
+        fo_sgd_params hp = {.lr = 0.1, .momentum = 0.9, .dampening = 0.3, .weight_decay = 0.05,
+                            .convention = FO_TORCH, .step = t};
+        const size_t n = ROWS * LEN;
+        const double *gp = values;
+        double *pp = p, *bp = b;
+        fo_rows rows = {idx, FO_INT64, nnz, LEN, last, t};
+        fo_batch batch = {1, &n, {(void *const *)&pp, (void *const *)&gp, (void *const *)&bp},
+                          {FO_FLOAT64, FO_FLOAT64, FO_FLOAT64}, &rows};
+        CHECK(fo_step(FO_RULE_sgd, &batch, &hp, NULL) == FO_OK, "exact rows step %d", (int)t);
+        fo_sgd_f64(rp, dense, rb, n, &hp);
+        for (size_t j = 0; j < nnz; j++)
+            for (int e = 0; e < LEN; e++) {
+                const size_t i = (size_t)idx[j] * LEN + e;
+                worst = fmax(worst, fabs(p[i] - rp[i]) + fabs(b[i] - rb[i]));
+            }
+    }
+    CHECK(skipped_step_one && worst < 1e-13,
+          "exact rows: the dense run with zero gradients elsewhere (off by %g)", worst);
+    /* no closed form: refused before anything is written */
+    float fp[4] = {1, 2, 3, 4}, fm[4] = {0}, fu[4] = {0}, fg[2] = {1, 1}, keep[4];
+    memcpy(keep, fp, sizeof fp);
+    int64_t fidx[1] = {1}, flast[2] = {0, 0};
+    const size_t fn = 4;
+    const float *fgp = fg;
+    float *fpp = fp, *fmp = fm, *fup = fu;
+    fo_rows frows = {fidx, FO_INT64, 1, 2, flast, 1};
+    fo_batch fbatch = {1, &fn, {(void *const *)&fpp, (void *const *)&fgp, (void *const *)&fmp,
+                                (void *const *)&fup}, {0}, &frows};
+    fo_adamax_params ahp = adamax_hp(1);
+    fo_error err;
+    CHECK(fo_step(FO_RULE_adamax, &fbatch, &ahp, &err) == FO_ERR_HYPERPARAM &&
+              strcmp(err.field, "rule") == 0 && memcmp(fp, keep, sizeof fp) == 0 &&
+              flast[1] == 0,
+          "exact rows: a rule without a closed form refused, nothing written");
+    CHECK(fo_check_exact(FO_RULE_adamax, &ahp, NULL) == FO_ERR_HYPERPARAM, "fo_check_exact");
+}
+
 int main(void)
 {
     static const size_t sizes[] = {0, 1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129,
@@ -343,6 +407,7 @@ int main(void)
     test_errors();
     test_generic();
     test_step_options();
+    test_rows_exact();
     test_rows();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
