@@ -225,10 +225,11 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
  * FO_NORM_LANES interleaved partial sums inside a block combined pairwise, blocks in order),
  * so results are bit-identical for any thread count and instruction set.  The norm itself is
  * total^(1/p) (torch's composition of per-tensor norms for p = 0 and p = INFINITY aside).
- * FO_ERR_HYPERPARAM (err->field "p") for p < 0 or NaN; FO_ERR_DTYPE, FO_ERR_NULL as fo_step.
+ * FO_ERR_HYPERPARAM (err->field "p") for p < 0 or NaN; FO_ERR_DTYPE, FO_ERR_NULL as fo_step
+ * (FO_ERR_DTYPE too for gradients given as rows: buffer 1 must be dense here).
  */
 #define FO_NORM_BLOCK 4096
-#define FO_NORM_LANES 16
+#define FO_NORM_LANES 32
 int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, double *total,
             int *nonfinite, fo_error *err);
 

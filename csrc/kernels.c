@@ -355,6 +355,7 @@ int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, dou
     if (!batch->n || !data) return FO_ERR_NULL;
     size_t blocks = 0;
     for (size_t t = 0; t < count; t++) {
+        if (buffer == 1 && batch->rows && batch->rows[t].indices) return FO_ERR_DTYPE; /* dense only */
         if (batch->n[t] && !data[t]) return FO_ERR_NULL;
         blocks += (batch->n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK;
     }
@@ -405,8 +406,10 @@ int fo_scale(const fo_batch *batch, int buffer, double factor)
     if (dtype != FO_FLOAT32 && dtype != FO_FLOAT64) return FO_ERR_DTYPE;
     if (batch->count == 0) return FO_OK;
     if (!batch->n || !batch->buffers[buffer]) return FO_ERR_NULL;
-    for (size_t t = 0; t < batch->count; t++)
+    for (size_t t = 0; t < batch->count; t++) {
+        if (buffer == 1 && batch->rows && batch->rows[t].indices) return FO_ERR_DTYPE; /* dense only */
         if (batch->n[t] && !batch->buffers[buffer][t]) return FO_ERR_NULL;
+    }
     void *const *const bufs[1] = {batch->buffers[buffer]};
     fo_run(fo_active()->scale[dtype == FO_FLOAT64 ? FO_F64 : FO_F32], batch->count, bufs, 1,
            batch->n, &factor);

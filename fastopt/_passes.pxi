@@ -71,7 +71,7 @@ cdef class StepOptions:
         cdef int k, status, nonfinite = 0
         cdef double total
         cdef size_t t
-        b.count, b.n = count, n
+        b.count, b.n, b.rows = count, n, NULL
         for k in range(8):
             b.buffers[k] = grads if k == 1 else NULL
             b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
@@ -185,7 +185,7 @@ def norms(list addresses, list sizes, double p, bint f64):
     cdef fo_batch b
     cdef int k, status, nonfinite = 0
     cdef double total
-    b.count, b.n = m, table.n
+    b.count, b.n, b.rows = m, table.n, NULL
     for k in range(8):
         b.buffers[k] = table.ptrs if k == 1 else NULL
         b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
@@ -209,7 +209,7 @@ def scale(list addresses, list sizes, double factor, bint f64):
         table.n[i] = sizes[i]
     cdef fo_batch b
     cdef int k, status
-    b.count, b.n = m, table.n
+    b.count, b.n, b.rows = m, table.n, NULL
     for k in range(8):
         b.buffers[k] = table.ptrs if k == 0 else NULL
         b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32

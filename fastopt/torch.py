@@ -214,10 +214,11 @@ class _Fastopt:
                 # inside the lock: the step applies exactly the gradients its closure computed
                 with torch.enable_grad():
                     loss = closure()
-            found_inf = getattr(self, "found_inf", None)
+            # torch.amp.GradScaler's fused protocol (its attributes, only where it set them)
+            found_inf = self.__dict__.get("found_inf")
             if found_inf is not None and float(found_inf) != 0.0:
                 return loss  # as torch's fused step: nothing changes, step counts included
-            grad_scale = getattr(self, "grad_scale", None)
+            grad_scale = self.__dict__.get("grad_scale")
             multiplier = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
             if not math.isfinite(multiplier) or multiplier < 0.0:
                 raise ValueError(f"grad_scale must be finite and > 0, got {float(grad_scale)}")
