@@ -103,6 +103,10 @@ static void gradient_terms_scaled(fo_gradient_options *options, int maximize, do
 }
 #define gradient_terms(...) gradient_terms_scaled(gradient_options, __VA_ARGS__)
 
+/* A per-tensor pass's last part (internal.h, FO_TENSOR_RULES): the tensor's sums -> its scalar */
+#define FO_TENSOR(rule)                                                                        \
+    static double rule##_tensor(const fo_##rule##_scalars *s, const double *sums)
+
 #define FO_PART FO_PART_PREPARE
 #include "rules/all.inc"
 #undef FO_PART
@@ -138,6 +142,20 @@ static const struct {
     fo_rule_info info;
     fo_prepare_fn prepare;
 } rules[FO_N_RULES] = {FO_RULES(FO_RULE_ENTRY)};
+
+typedef double (*fo_tensor_fn)(const void *scalars, const double *sums);
+#define FO_TENSOR_TABLE(rule, n_sums)                                                          \
+    _Static_assert((n_sums) <= FO_MAX_SUMS, #rule " has too many per-tensor sums");            \
+    static double rule##_tensor_any(const void *s, const double *sums)                         \
+    {                                                                                          \
+        return rule##_tensor((const fo_##rule##_scalars *)s, sums);                            \
+    }
+FO_TENSOR_RULES(FO_TENSOR_TABLE)
+#define FO_TENSOR_ENTRY(rule, n_sums) [FO_RULE_##rule] = {rule##_tensor_any, n_sums},
+static const struct {
+    fo_tensor_fn scalar; /* NULL: the rule has no per-tensor pass */
+    int n_sums;
+} tensor_passes[FO_N_RULES] = {FO_TENSOR_RULES(FO_TENSOR_ENTRY)};
 
 const fo_rule_info *fo_describe(int rule)
 {
@@ -188,6 +206,48 @@ static int check_tensor(size_t n, size_t elem_size, const void *grad, void *cons
 
 /* ---- the generic entry point ---------------------------------------------------------------- */
 
+/*
+ * A rule with a per-tensor pass (FO_TENSOR_RULES): the reduce pass over every tensor's blocks
+ * (fo_run_blocks: one thread per block, any split), each tensor's block sums added in block
+ * order, the tensor's scalar from them, then the update with each tensor's scalar at buffer
+ * slot `slot`.  It reads the buffers and writes nothing before the update; it needs memory for
+ * the block sums and returns FO_ERR_NULL (err: "memory") without it, having written nothing.
+ */
+static int run_with_tensor_pass(int rule, int which, size_t count, void *const **bufs, int slot,
+                                int n_bufs, const size_t *n, const void *rule_scalars,
+                                fo_span_fn span, const void *span_scalars, fo_error *err)
+{
+    const int n_sums = tensor_passes[rule].n_sums;
+    size_t blocks = 0;
+    for (size_t t = 0; t < count; t++) blocks += (n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK;
+    double *sums = malloc((n_sums * blocks + count) * sizeof(double) + count * sizeof(void *));
+    if (!sums) {
+        err->field = "memory";
+        err->requirement = "could not be allocated for the per-tensor sums";
+        return FO_ERR_NULL;
+    }
+    double *scalar = sums + n_sums * blocks;
+    void **slots = (void **)(scalar + count); /* first each tensor's block sums, then its scalar */
+    for (size_t t = 0, at = 0; t < count; at += (n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK, t++)
+        slots[t] = sums + n_sums * at;
+    void *const *with_slot[FO_MAX_BUFFERS];
+    for (int k = 0; k < n_bufs; k++) with_slot[k] = bufs[k];
+    with_slot[slot] = slots;
+    fo_run_blocks(fo_active()->reduce[rule][which], count, with_slot, slot + 1, n, rule_scalars,
+                  FO_NORM_BLOCK);
+    for (size_t t = 0; t < count; t++) {
+        double total[FO_MAX_SUMS] = {0};
+        const double *block = slots[t];
+        for (size_t at = 0; at < n[t]; at += FO_NORM_BLOCK, block += n_sums)
+            for (int k = 0; k < n_sums; k++) total[k] += block[k];
+        scalar[t] = tensor_passes[rule].scalar(rule_scalars, total);
+        slots[t] = &scalar[t];
+    }
+    fo_run(span, count, with_slot, n_bufs, n, span_scalars);
+    free(sums);
+    return FO_OK;
+}
+
 int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
 {
     return fo_step_with(rule, batch, hp, NULL, err);
@@ -213,9 +273,11 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
                "is not supported by this rule (its prepare part skips gradient_terms)");
 
     const int n_rule_bufs = 2 + rules[rule].info.n_state;
+    /* a per-tensor pass's slot: each tensor's scalar, after the rule's buffers */
+    const int n_own = n_rule_bufs + (tensor_passes[rule].scalar != NULL);
     const int has_ema = opt && opt->ema;
-    if (has_ema && n_rule_bufs >= FO_MAX_BUFFERS) return FO_ERR_RULE;
-    const int n_bufs = n_rule_bufs + has_ema; /* the EMA buffer after the rule's */
+    if (has_ema && n_own >= FO_MAX_BUFFERS) return FO_ERR_RULE;
+    const int n_bufs = n_own + has_ema; /* the EMA buffer after the rule's */
     const size_t count = batch->count;
     void *const *bufs[FO_MAX_BUFFERS];
     int used[FO_MAX_BUFFERS], n_used = 0; /* the buffers this call touches */
@@ -229,8 +291,8 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     for (int i = 0; i < n_used; i++)
         if (batch->dtype[used[i]] != dtype) return FO_ERR_DTYPE;
     if (has_ema) { /* (in the parameter's storage type) */
-        bufs[n_rule_bufs] = opt->ema;
-        used[n_used++] = n_rule_bufs;
+        bufs[n_own] = opt->ema;
+        used[n_used++] = n_own;
     }
     if (count == 0) return FO_OK;
     if (!batch->n) return FO_ERR_NULL;
@@ -254,9 +316,18 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     }
     const int which = dtype == FO_FLOAT64 ? FO_F64 : FO_F32;
     const fo_span_fn rule_span = fo_active()->span[rule][which];
-    const fo_ema_scalars ema = {rule_span, scalars, n_rule_bufs, has_ema ? opt->ema_decay : 0.0};
+    const fo_ema_scalars ema = {rule_span, scalars, n_own, has_ema ? opt->ema_decay : 0.0};
     const fo_span_fn span = has_ema ? fo_active()->ema[which] : rule_span;
     const void *span_scalars = has_ema ? (const void *)&ema : (const void *)scalars;
+    if (tensor_passes[rule].scalar) {
+        if (any_rows) { /* a norm over the touched rows is not the tensor's */
+            err->field = "rows";
+            err->requirement = "are not supported by this rule (its norms are per whole tensor)";
+            return FO_ERR_RULE;
+        }
+        return run_with_tensor_pass(rule, which, count, bufs, n_rule_bufs, n_bufs, batch->n,
+                                    scalars, span, span_scalars, err);
+    }
     if (any_rows) /* the touched rows as the batch's tensors (rows.c) */
         return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, dtype, span_scalars);
     fo_run(span, count, bufs, n_bufs, batch->n, span_scalars);

@@ -55,7 +55,7 @@ except ImportError:  # a torch built without distributed
         pass
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
-           "Rprop", "ASGD", "Lion", "SparseAdam"]
+           "Rprop", "ASGD", "Lion", "LAMB", "LARS", "SparseAdam"]
 
 TORCH = _kernels.TORCH
 # a parameter's dtype -> the real dtype the kernels see (complex: its real and imaginary parts)
@@ -949,7 +949,7 @@ class ASGD(_Fastopt, torch.optim.ASGD):
         now = (step, counters[1][0].item(), counters[2][0].item())
         eta, mu = _asgd_next(hp, step)
         counters[0] += 1.0
-        counters[1].fill(eta)
+        counters[1].fill(eta)  # rounded to the state's dtype, as torch's copy_ does
         counters[2].fill(mu)
         return now
 
@@ -960,6 +960,25 @@ class ASGD(_Fastopt, torch.optim.ASGD):
         t, eta, mu = step
         return dict(_common(hp), lambd=hp["lambd"], alpha=hp["alpha"], t0=hp["t0"], eta=eta,
                     mu=mu, convention=TORCH, step=t)
+
+
+def _constructor_checks(lr, betas=None, eps=None, weight_decay=None, momentum=None):
+    """torch.optim's constructor checks, in its wording, for the classes torch does not have."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if eps is not None and not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if momentum is not None and not 0.0 <= momentum:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if betas is not None:
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if weight_decay is not None and not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
 class Lion(_Fastopt, torch.optim.Optimizer):
@@ -974,16 +993,7 @@ class Lion(_Fastopt, torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
                  maximize=False, foreach=None, differentiable=False):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _constructor_checks(lr, betas=betas, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize, foreach=foreach,
                                       differentiable=differentiable))
@@ -994,6 +1004,73 @@ class Lion(_Fastopt, torch.optim.Optimizer):
     def kernel_args(self, hp, step, state):
         beta1, beta2 = hp["betas"]
         return dict(_common(hp), beta1=beta1, beta2=beta2)
+
+
+class _WholeTensors:
+    """Per-tensor norms (LAMB, LARS) need whole tensors: a DTensor's shard would give the
+    shard's norm, so sharded parameters are refused."""
+
+    def add_param_group(self, param_group):
+        with self._lock:
+            index = len(self.param_groups)
+            super().add_param_group(param_group)
+            if any(isinstance(p, DTensor) for p in self.param_groups[index]["params"]):
+                del self.param_groups[index:]
+                raise ValueError(f"{type(self).__name__}: param group {index} has DTensor "
+                                 "(sharded) parameters; its per-tensor norms need whole tensors")
+
+
+class LAMB(_WholeTensors, _Fastopt, torch.optim.Optimizer):
+    """LAMB (You et al. 2020), per tensor: m, v, m_hat, v_hat as Adam;
+    r = m_hat / (sqrt(v_hat) + eps) + weight_decay p;  p <- p - lr (||p|| / ||r||) r (the ratio
+    1 when either norm is 0); g = -grad when maximize.  State: "step", "exp_avg",
+    "exp_avg_sq".  A torch.optim.Optimizer with torch's conventions, its step in fastopt's
+    kernel (a per-tensor pass for the norms, in double and a fixed order, then the update)."""
+
+    kernel = "lamb"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS, *_BETAS)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
+                 maximize=False, foreach=None, differentiable=False):
+        _constructor_checks(lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable))
+
+    def slots(self, hp):
+        return ("exp_avg", "exp_avg_sq")
+
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(_common(hp), beta1=beta1, beta2=beta2, eps=hp["eps"], step=step)
+
+
+class LARS(_WholeTensors, _Fastopt, torch.optim.Optimizer):
+    """LARS (You et al. 2017), per tensor: local = trust_coefficient ||p|| / (||g|| +
+    weight_decay ||p||) (1 when ||p|| or the denominator is 0);  v <- momentum v + lr local
+    (g + weight_decay p);  p <- p - v; g = -grad when maximize.  State: "step",
+    "momentum_buffer".  A torch.optim.Optimizer with torch's conventions, its step in
+    fastopt's kernel (a per-tensor pass for the norms, in double and a fixed order)."""
+
+    kernel = "lars"
+    ranges = (_LR, _WEIGHT_DECAY, _MOMENTUM,
+              ("trust_coefficient", None, "Invalid trust_coefficient value", *_NONNEG))
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, *,
+                 maximize=False, foreach=None, differentiable=False):
+        _constructor_checks(lr, weight_decay=weight_decay, momentum=momentum)
+        if not 0.0 <= trust_coefficient:
+            raise ValueError(f"Invalid trust_coefficient value: {trust_coefficient}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, maximize=maximize,
+                                      foreach=foreach, differentiable=differentiable))
+
+    def slots(self, hp):
+        return ("momentum_buffer",)
+
+    def kernel_args(self, hp, step, state):
+        return dict(_common(hp), momentum=hp["momentum"],
+                    trust_coefficient=hp["trust_coefficient"])
 
 
 for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam, Rprop, ASGD,

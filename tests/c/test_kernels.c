@@ -27,6 +27,7 @@ enum {
     SGD = FO_RULE_sgd, ADAGRAD = FO_RULE_adagrad, ADADELTA = FO_RULE_adadelta,
     RMSPROP = FO_RULE_rmsprop, ADAM = FO_RULE_adam, ADAMAX = FO_RULE_adamax, NADAM = FO_RULE_nadam,
     LION = FO_RULE_lion, RADAM = FO_RULE_radam, RPROP = FO_RULE_rprop, ASGD = FO_RULE_asgd,
+    LAMB = FO_RULE_lamb, LARS = FO_RULE_lars,
     N_RULES = FO_N_RULES
 };
 #define RULE_NAMES(rule) (fo_describe(rule)->name)
@@ -53,6 +54,8 @@ static fo_lion_params lion_hp(void) { return (fo_lion_params){.lr = 0.01, .beta1
 static fo_radam_params radam_hp(int64_t t) { return (fo_radam_params){.lr = 0.01, .beta1 = 0.9, .beta2 = 0.5, .eps = 1e-8, .weight_decay = 0.1, .decoupled_weight_decay = 1, .step = t}; }
 static fo_rprop_params rprop_hp(void) { return (fo_rprop_params){.lr = RPROP_LR, .eta_minus = 0.5, .eta_plus = 1.2, .step_size_min = 1e-6, .step_size_max = 50}; }
 /* t0 = 0: mu is 1 on steps 1 and 2 (ax copied), 1/2 on step 3 (averaged) */
+static fo_lamb_params lamb_hp(int64_t t) { return (fo_lamb_params){.lr = 0.01, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-6, .weight_decay = 0.1, .step = t}; }
+static fo_lars_params lars_hp(void) { return (fo_lars_params){.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01, .trust_coefficient = 0.01}; }
 static fo_asgd_params asgd_hp(int64_t t) { return (fo_asgd_params){.lr = 0.01, .lambd = 1e-4, .alpha = 0.75, .t0 = 0, .weight_decay = 0.01, .step = t}; }
 
 #define T float
@@ -118,7 +121,7 @@ static void test_errors(void)
 /* The generic entry: the rule table, errors that name the field, storage types, rule ids. */
 static void test_generic(void)
 {
-    CHECK(11 == N_RULES, "every rule of FO_RULES has a case here (%d rules)", (int)N_RULES);
+    CHECK(13 == N_RULES, "every rule of FO_RULES has a case here (%d rules)", (int)N_RULES);
     for (int rule = 0; rule < N_RULES; rule++) {
         const fo_rule_info *info = fo_describe(rule);
         CHECK(info && info->n_state >= 1 && info->n_fields >= 3, "fo_describe(%d)", rule);
@@ -217,6 +220,113 @@ static void test_step_options(void)
     CHECK(memcmp(p1, p2, sizeof p1) == 0, "a refused call wrote nothing");
 }
 
+/* Sparse rows (fo_batch.rows): the touched rows step exactly as a dense call over each row
+ * with its summed gradient; bad indices refused with nothing written; any thread count and
+ * either index type give the same bits. */
+static void rows_case(int threads, int wide, size_t n_rows, size_t row_len, size_t nnz,
+                      float *p, float *m, float *v, const int64_t *idx64, const float *values)
+{
+    int32_t *idx32 = malloc(nnz * sizeof *idx32);
+    for (size_t j = 0; j < nnz; j++) idx32[j] = (int32_t)idx64[j];
+    const size_t n = n_rows * row_len;
+    const float *gp = values;
+    float *pp = p, *mp = m, *vp = v, *none = NULL;
+    fo_rows rows = {wide ? (const void *)idx64 : (const void *)idx32, wide ? FO_INT64 : FO_INT32,
+                    nnz, row_len};
+    fo_batch batch = {1, &n, {(void *const *)&pp, (void *const *)&gp, (void *const *)&mp,
+                              (void *const *)&vp, (void *const *)&none}, {0}, &rows};
+    fo_adam_params hp = adam_hp(3);
+    hp.amsgrad = 0;
+    fo_set_num_threads(threads);
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, NULL) == FO_OK, "rows step");
+    free(idx32);
+}
+
+static void test_rows(void)
+{
+    enum { ROWS = 6, LEN = 3, NNZ = 5 };
+    const int64_t idx[NNZ] = {4, 1, 4, 0, 4};
+    float values[NNZ * LEN], p[ROWS * LEN], m[ROWS * LEN], v[ROWS * LEN];
+    float rp[ROWS * LEN], rm[ROWS * LEN], rv[ROWS * LEN];
+    for (int i = 0; i < NNZ * LEN; i++) values[i] = (float)uniform();
+    for (int i = 0; i < ROWS * LEN; i++) {
+        rp[i] = p[i] = (float)uniform();
+        rm[i] = m[i] = (float)uniform() * 0.1f;
+        rv[i] = v[i] = (float)fabs(uniform()) * 0.1f;
+    }
+    rows_case(1, 1, ROWS, LEN, NNZ, p, m, v, idx, values);
+    /* the reference: each touched row alone, its gradient summed in index order */
+    const int touched[] = {0, 1, 4};
+    for (int k = 0; k < 3; k++) {
+        const int r = touched[k];
+        float g[LEN] = {0};
+        int first = 1;
+        for (int j = 0; j < NNZ; j++)
+            if (idx[j] == r)
+                for (int e = 0; e < LEN; e++) {
+                    g[e] = first ? values[j * LEN + e] : g[e] + values[j * LEN + e];
+                    if (e == LEN - 1) first = 0;
+                }
+        fo_adam_params hp = adam_hp(3);
+        hp.amsgrad = 0;
+        fo_adam_f32(rp + r * LEN, g, rm + r * LEN, rv + r * LEN, NULL, LEN, &hp);
+    }
+    CHECK(memcmp(p, rp, sizeof p) == 0 && memcmp(m, rm, sizeof m) == 0 &&
+              memcmp(v, rv, sizeof v) == 0,
+          "rows: touched rows as dense steps of their summed gradient, the rest untouched");
+
+    /* refused: an index out of range, a negative one, rows that do not tile the tensor */
+    float before[ROWS * LEN];
+    memcpy(before, p, sizeof p);
+    const int64_t bad[3] = {0, ROWS, 1}, negative[2] = {2, -1};
+    const size_t n = ROWS * LEN;
+    const float *gp = values;
+    float *pp = p, *mp = m, *vp = v, *none = NULL;
+    fo_rows rows = {bad, FO_INT64, 3, LEN};
+    fo_batch batch = {1, &n, {(void *const *)&pp, (void *const *)&gp, (void *const *)&mp,
+                              (void *const *)&vp, (void *const *)&none}, {0}, &rows};
+    fo_adam_params hp = adam_hp(4);
+    hp.amsgrad = 0;
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, NULL) == FO_ERR_INDEX, "row index out of range");
+    rows.indices = negative;
+    rows.nnz = 2;
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, NULL) == FO_ERR_INDEX, "negative row index");
+    rows.indices = idx;
+    rows.row_len = 4;
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, NULL) == FO_ERR_INDEX, "rows must tile the tensor");
+    rows.row_len = LEN;
+    rows.index_type = 7;
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, NULL) == FO_ERR_DTYPE, "unknown index type");
+    CHECK(memcmp(p, before, sizeof p) == 0, "refused row steps wrote nothing");
+
+    /* threads and index types: a step large enough to be split (rows and sums) */
+    const size_t big_rows = 4096, big_len = 96, big_nnz = 9000, big_n = big_rows * big_len;
+    int64_t *big_idx = malloc(big_nnz * sizeof *big_idx);
+    float *big_values = malloc(big_nnz * big_len * sizeof(float));
+    float *state[3][3];
+    for (size_t j = 0; j < big_nnz; j++) big_idx[j] = (int64_t)((uniform() + 1.0) * 0.5 * 4095.99);
+    for (size_t i = 0; i < big_nnz * big_len; i++) big_values[i] = (float)uniform();
+    for (int run = 0; run < 3; run++)
+        for (int b = 0; b < 3; b++) {
+            state[run][b] = malloc(big_n * sizeof(float));
+            for (size_t i = 0; i < big_n; i++) state[run][b][i] = b == 2 ? 0.01f : 0.5f;
+        }
+    const int threads[3] = {1, 4, 2}, wide[3] = {1, 1, 0};
+    for (int run = 0; run < 3; run++)
+        rows_case(threads[run], wide[run], big_rows, big_len, big_nnz, state[run][0],
+                  state[run][1], state[run][2], big_idx, big_values);
+    for (int run = 1; run < 3; run++)
+        CHECK(memcmp(state[0][0], state[run][0], big_n * sizeof(float)) == 0 &&
+                  memcmp(state[0][1], state[run][1], big_n * sizeof(float)) == 0,
+              "rows: the same bits for %d threads, int%d indices", threads[run],
+              wide[run] ? 64 : 32);
+    for (int run = 0; run < 3; run++)
+        for (int b = 0; b < 3; b++) free(state[run][b]);
+    free(big_idx);
+    free(big_values);
+    fo_set_num_threads(2);
+}
+
 int main(void)
 {
     static const size_t sizes[] = {0, 1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129,
@@ -233,6 +343,7 @@ int main(void)
     test_errors();
     test_generic();
     test_step_options();
+    test_rows();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }
