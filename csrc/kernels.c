@@ -16,26 +16,37 @@
 /* ---- instruction set, chosen once --------------------------------------------------------- */
 
 static const fo_loops *active_loops;
+static fo_bf16_round_fn active_to_nearest;
+static const char *active_bf16_path = "integer";
 static pthread_once_t active_once = PTHREAD_ONCE_INIT;
 
 static void choose_loops(void)
 {
     const fo_loops *best = &fo_loops_baseline;
+    fo_bf16_round_fn to_nearest = NULL;
 #ifdef FO_X86
-    /* FASTOPT_ISA caps the level (baseline, avx2, avx512) so tests can run every path */
+    /* FASTOPT_ISA caps the level (baseline, avx2, avx512, avx512bf16) so tests can run every
+     * path; avx512bf16 runs the avx512 loops with the bf16 conversion instruction */
     const char *cap = getenv("FASTOPT_ISA");
-    const int cap_level = !cap || !*cap               ? 2
-                          : strcmp(cap, "avx512") == 0 ? 2
-                          : strcmp(cap, "avx2") == 0   ? 1
-                                                       : 0;
+    const int cap_level = !cap || !*cap                   ? 3
+                          : strcmp(cap, "avx512bf16") == 0 ? 3
+                          : strcmp(cap, "avx512") == 0     ? 2
+                          : strcmp(cap, "avx2") == 0       ? 1
+                                                           : 0;
     __builtin_cpu_init();
     if (cap_level >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         best = &fo_loops_avx2;
     if (cap_level >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
         best = &fo_loops_avx512;
+        if (cap_level >= 3 && __builtin_cpu_supports("avx512bf16")) {
+            to_nearest = fo_bf16_nearest_avx512bf16;
+            active_bf16_path = "avx512bf16";
+        }
+    }
 #endif
     active_loops = best;
+    active_to_nearest = to_nearest ? to_nearest : best->to_nearest;
 }
 
 static const fo_loops *fo_active(void)
@@ -45,6 +56,12 @@ static const fo_loops *fo_active(void)
 }
 
 const char *fo_isa(void) { return fo_active()->name; }
+
+const char *fo_bf16_path(void)
+{
+    fo_active();
+    return active_bf16_path;
+}
 
 const char *fo_strerror(int status)
 {
@@ -146,29 +163,46 @@ int fo_check(int rule, const void *hp, unsigned *uses, fo_error *err)
 }
 
 /*
- * One tensor's buffers: the gradient (read) and written[0..n_written), n elements of elem_size
- * bytes each.  All must be non-NULL when n > 0, and no written buffer may overlap another
- * buffer: the loops read each element once and write it once, which is only correct for
- * disjoint buffers.
+ * One tensor's buffers: the gradient (read) and written[0..n_written), n elements of
+ * grad_size and size[i] bytes.  All must be non-NULL when n > 0, and no written buffer may
+ * overlap another buffer: the loops read each element once and write it once, which is only
+ * correct for disjoint buffers.
  */
-static int check_tensor(size_t n, size_t elem_size, const void *grad, void *const *written,
-                        int n_written)
+static int check_tensor(size_t n, const void *grad, size_t grad_size, void *const *written,
+                        const size_t *size, int n_written)
 {
     if (n == 0) return FO_OK;
     if (!grad) return FO_ERR_NULL;
     for (int i = 0; i < n_written; i++)
         if (!written[i]) return FO_ERR_NULL;
-    if (n > SIZE_MAX / elem_size) return FO_ERR_OVERLAP; /* no two such buffers can be disjoint */
-    const uintptr_t bytes = (uintptr_t)(n * elem_size), g = (uintptr_t)grad;
+    size_t widest = grad_size;
+    for (int i = 0; i < n_written; i++) widest = size[i] > widest ? size[i] : widest;
+    if (n > SIZE_MAX / widest) return FO_ERR_OVERLAP; /* no two such buffers can be disjoint */
+    const uintptr_t g = (uintptr_t)grad, g_end = g + (uintptr_t)(n * grad_size);
     for (int i = 0; i < n_written; i++) {
-        const uintptr_t a = (uintptr_t)written[i];
-        if (a < g + bytes && g < a + bytes) return FO_ERR_OVERLAP;
+        const uintptr_t a = (uintptr_t)written[i], a_end = a + (uintptr_t)(n * size[i]);
+        if (a < g_end && g < a_end) return FO_ERR_OVERLAP;
         for (int j = i + 1; j < n_written; j++) {
-            const uintptr_t b = (uintptr_t)written[j];
-            if (a < b + bytes && b < a + bytes) return FO_ERR_OVERLAP;
+            const uintptr_t b = (uintptr_t)written[j], b_end = b + (uintptr_t)(n * size[j]);
+            if (a < b_end && b < a_end) return FO_ERR_OVERLAP;
         }
     }
     return FO_OK;
+}
+
+static size_t dtype_size(int dtype)
+{
+    return dtype == FO_FLOAT64 ? sizeof(double) : dtype == FO_FLOAT32 ? sizeof(float) : sizeof(uint16_t);
+}
+
+/* The storage combinations the loops have (fastopt.h, fo_dtype): buffer k of a call whose
+ * parameters are stored as param_dtype. */
+static int dtype_allowed(int k, int dtype, int param_dtype)
+{
+    const int compute = param_dtype == FO_FLOAT64 ? FO_FLOAT64 : FO_FLOAT32;
+    if (k == 0) return dtype == FO_FLOAT32 || dtype == FO_FLOAT64 || dtype == FO_BFLOAT16;
+    if (k == 1) return dtype == param_dtype || (param_dtype == FO_FLOAT32 && dtype == FO_BFLOAT16);
+    return dtype == compute || dtype == FO_BFLOAT16;
 }
 
 /* ---- the generic entry point ---------------------------------------------------------------- */
@@ -184,6 +218,10 @@ int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
     if (!batch || !hp) return FO_ERR_NULL;
     const int status = rules[rule].prepare(hp, scalars, &uses, err);
     if (status != FO_OK) return status;
+    if (batch->rounding != FO_ROUND_STOCHASTIC && batch->rounding != FO_ROUND_NEAREST) {
+        *err = (fo_error){"rounding", "must be FO_ROUND_STOCHASTIC or FO_ROUND_NEAREST"};
+        return FO_ERR_HYPERPARAM;
+    }
 
     const int n_bufs = 2 + rules[rule].info.n_state;
     const size_t count = batch->count;
@@ -194,26 +232,44 @@ int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
         bufs[k] = is_used ? batch->buffers[k] : NULL;
         if (is_used) used[n_used++] = k;
     }
-    const int dtype = batch->dtype[0];
-    if (dtype != FO_FLOAT32 && dtype != FO_FLOAT64) return FO_ERR_DTYPE;
-    for (int i = 0; i < n_used; i++)
-        if (batch->dtype[used[i]] != dtype) return FO_ERR_DTYPE;
+    const int param_dtype = batch->dtype[0];
+    fo_call call = {.scalars = scalars, .n_bufs = n_bufs, .rounding = batch->rounding,
+                    .key = fo_absorb(batch->seed, batch->step), .index = batch->index,
+                    .master = batch->master};
+    for (int i = 0; i < n_used; i++) {
+        const int k = used[i], dtype = batch->dtype[k];
+        if (!dtype_allowed(k, dtype, param_dtype)) return FO_ERR_DTYPE;
+        call.dtype[k] = dtype;
+        call.staged |= dtype == FO_BFLOAT16;
+    }
+    if (batch->master && param_dtype != FO_BFLOAT16) return FO_ERR_DTYPE;
+    call.staged |= batch->master != NULL;
     if (count == 0) return FO_OK;
     if (!batch->n) return FO_ERR_NULL;
     for (int i = 0; i < n_used; i++)
         if (!bufs[used[i]]) return FO_ERR_NULL;
 
-    const size_t elem_size = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
     for (size_t t = 0; t < count; t++) {
-        void *written[FO_MAX_BUFFERS];
+        void *written[FO_MAX_BUFFERS + 1];
+        size_t size[FO_MAX_BUFFERS + 1];
         int n_written = 0;
-        for (int i = 0; i < n_used; i++)
-            if (used[i] != 1) written[n_written++] = bufs[used[i]][t];
-        const int tensor_status = check_tensor(batch->n[t], elem_size, bufs[1][t], written, n_written);
+        for (int i = 0; i < n_used; i++) {
+            if (used[i] == 1) continue;
+            size[n_written] = dtype_size(batch->dtype[used[i]]);
+            written[n_written++] = bufs[used[i]][t];
+        }
+        if (batch->master) {
+            size[n_written] = sizeof(float);
+            written[n_written++] = batch->master[t];
+        }
+        const int tensor_status = check_tensor(batch->n[t], bufs[1][t],
+                                               dtype_size(batch->dtype[1]), written, size, n_written);
         if (tensor_status != FO_OK) return tensor_status;
     }
-    fo_run(fo_active()->span[rule][dtype == FO_FLOAT64 ? FO_F64 : FO_F32], count, bufs, n_bufs,
-           batch->n, scalars);
+    const fo_loops *loops = fo_active();
+    call.to_nearest = active_to_nearest;
+    fo_run(loops->span[rule][param_dtype == FO_FLOAT64 ? FO_F64 : FO_F32], count, bufs, n_bufs,
+           batch->n, &call);
     return FO_OK;
 }
 
@@ -222,7 +278,7 @@ int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
 static int typed_step(int rule, int dtype, size_t count, void *const *const *bufs, int n_bufs,
                       const size_t *n, const void *hp)
 {
-    fo_batch batch = {count, n, {NULL}, {0}};
+    fo_batch batch = {.count = count, .n = n};
     for (int k = 0; k < n_bufs; k++) {
         batch.buffers[k] = bufs[k];
         batch.dtype[k] = dtype;
@@ -256,9 +312,10 @@ FO_RULES(FO_TYPED_DEFINITIONS)
 
 /* The memory traffic of a rule with two state buffers (read 4 streams, write 3) with trivial
  * arithmetic: what the benchmark compares every rule with, through the same threads. */
-static void stream_span(void *const *b, size_t at, size_t n, const void *unused)
+static void stream_span(const fo_call *unused, void *const *b, size_t t, size_t at, size_t n)
 {
     (void)unused;
+    (void)t;
     float *restrict p = (float *)b[0] + at, *restrict m = (float *)b[2] + at,
                     *restrict v = (float *)b[3] + at;
     const float *restrict g = (const float *)b[1] + at;
@@ -274,5 +331,6 @@ void fo_stream_f32(float *p, const float *g, float *m, float *v, size_t n)
 {
     void *const *const bufs[] = {(void *const *)&p, (void *const *)&g, (void *const *)&m,
                                  (void *const *)&v};
-    fo_run(stream_span, 1, bufs, 4, &n, NULL);
+    const fo_call call = {.n_bufs = 4};
+    fo_run(stream_span, 1, bufs, 4, &n, &call);
 }

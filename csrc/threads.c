@@ -73,7 +73,7 @@ typedef struct {
     void *const *const *bufs;
     int n_bufs;
     const size_t *n;
-    const void *scalars;
+    const fo_call *call;
     size_t total, per_thread_share;
     _Atomic size_t cursor; /* the next element (of all tensors, in order) to hand out */
     atomic_int slots;      /* workers that may still join */
@@ -168,7 +168,7 @@ static void run_piece(const job *j, size_t t, size_t at, size_t n)
 {
     void *b[FO_MAX_BUFFERS];
     for (int k = 0; k < j->n_bufs; k++) b[k] = j->bufs[k] ? j->bufs[k][t] : NULL;
-    j->span(b, at, n, j->scalars);
+    j->span(j->call, b, t, at, n);
 }
 
 static int current_cpu(void)
@@ -410,9 +410,9 @@ static void run_on_own_pool(job *j, int helpers)
 }
 
 void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs, const size_t *n,
-            const void *scalars)
+            const fo_call *call)
 {
-    job j = {.span = span, .count = count, .bufs = bufs, .n_bufs = n_bufs, .n = n, .scalars = scalars};
+    job j = {.span = span, .count = count, .bufs = bufs, .n_bufs = n_bufs, .n = n, .call = call};
     for (size_t t = 0; t < count; t++) j.total += n[t];
     if (j.total < FO_PARALLEL_MIN) {
         run_alone(&j);
