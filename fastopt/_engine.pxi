@@ -19,6 +19,79 @@ from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThr
                                WAIT_LOCK)
 
 
+# ---- storage types (csrc/fastopt.h fo_dtype; fastopt/storage.py) ----
+cdef int _bf16_typenum = -1  # numpy's type number of ml_dtypes.bfloat16, once one is seen
+
+
+cdef int _fo_dtype(cnp.dtype d) except -2:
+    """A numpy dtype's fo_dtype (FO_FLOAT32, FO_FLOAT64, FO_BFLOAT16), -1 for any other."""
+    global _bf16_typenum
+    if not d.isnative:
+        return -1
+    if d.type_num == cnp.NPY_FLOAT32:
+        return FO_FLOAT32
+    if d.type_num == cnp.NPY_FLOAT64:
+        return FO_FLOAT64
+    if d.type_num == _bf16_typenum:
+        return FO_BFLOAT16
+    if d.itemsize == 2 and d.name == "bfloat16":
+        _bf16_typenum = d.type_num
+        return FO_BFLOAT16
+    return -1
+
+
+cdef class Storage:
+    """How one call's buffers are stored, and how bfloat16 writes round: the fo_batch fields
+    after the buffer tables (dtype[k] per buffer, master weights, rounding, seed, step, the
+    tensors' parameter indices)."""
+    cdef int dtype[8]
+    cdef void **master          # per tensor, or NULL
+    cdef int rounding
+    cdef uint64_t seed
+    cdef uint64_t *index        # per tensor
+    cdef Py_ssize_t count
+
+    def __cinit__(self, list dtypes, list indices, int rounding=0, seed=0, list masters=None):
+        cdef Py_ssize_t k, t
+        for k in range(8):
+            self.dtype[k] = dtypes[k] if k < len(dtypes) and dtypes[k] is not None else 0
+        self.count = len(indices)
+        self.rounding, self.seed = rounding, seed
+        self.index = <uint64_t *>calloc(max(self.count, 1), sizeof(uint64_t))
+        if self.index == NULL:
+            raise MemoryError()
+        for t in range(self.count):
+            self.index[t] = indices[t]
+        self.master = NULL
+        if masters is not None:
+            self.master = <void **>calloc(max(self.count, 1), sizeof(void *))
+            if self.master == NULL:
+                raise MemoryError()
+            for t in range(self.count):
+                self.master[t] = <void *><uintptr_t>masters[t]
+
+    def __dealloc__(self):
+        free(self.index)
+        free(self.master)
+
+    cdef inline int run(self, int rule, size_t count, void ***ptrs, int n_bufs, size_t *n,
+                        void *hp, uint64_t at_step) noexcept nogil:
+        """fo_step over the pointer tables, stored as this says."""
+        cdef fo_batch b
+        cdef int k
+        b.count = count
+        b.n = n
+        for k in range(8):
+            b.buffers[k] = ptrs[k] if k < n_bufs else NULL
+            b.dtype[k] = self.dtype[k]
+        b.master = <float **>self.master
+        b.rounding = self.rounding
+        b.seed = self.seed
+        b.step = at_step
+        b.index = self.index
+        return fo_step(rule, &b, hp, NULL)
+
+
 cdef class StepLock:
     """The lock that serializes an optimizer's steps and checkpoints (`with opt._lock:`): a
     plain mutex whose uncontended acquire and release cost a few tens of nanoseconds (a
@@ -59,7 +132,8 @@ cdef class Batch:
     unused.  hyper: the group's Hyper (shared by the group's batches).
     """
     cdef CRule rule
-    cdef bint f64
+    cdef Storage storage
+    cdef int grad_typenum
     cdef Py_ssize_t count
     cdef int n_bufs
     cdef void **ptrs[8]
@@ -72,12 +146,23 @@ cdef class Batch:
     cdef public Py_ssize_t group_index
 
     def __cinit__(self, CRule rule, list params, list states, list indices, Hyper hyper,
-                  int64_t step):
+                  int64_t step, grad_dtype=None, dict options=None):
         self.rule, self.hyper = rule, hyper
         self.params, self.states, self.indices = params, states, indices
         self.count = len(params)
-        self.f64 = (<cnp.ndarray>params[0]).dtype.itemsize == 8
         self.slots = hyper.used_state()
+        # storage: every tensor of a batch stores each buffer alike (the caller groups them so)
+        grad_dtype = (<cnp.ndarray>params[0]).dtype if grad_dtype is None else grad_dtype
+        self.grad_typenum = (<cnp.dtype>grad_dtype).type_num
+        dtypes = [_fo_dtype((<cnp.ndarray>params[0]).dtype), _fo_dtype(grad_dtype)]
+        for slot, name in zip(self.slots, rule.state):
+            dtypes.append(_fo_dtype(getattr(states[0], name).dtype) if slot is not None else None)
+        options = options or {}
+        masters = None
+        if options.get("master_weights"):
+            masters = [<uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>s.master) for s in states]
+        self.storage = Storage(dtypes, indices, options.get("rounding", "stochastic") == "nearest",
+                               options.get("seed", 0), masters)
         self.n_bufs = 2 + len(rule.state)
         self.step = step
         self.step_offset = rule.step_offset
@@ -98,9 +183,9 @@ cdef class Batch:
             a = params[t]
             self.ptrs[0][t] = cnp.PyArray_DATA(a)
             self.sizes[t] = cnp.PyArray_SIZE(a)
-            bufs = [getattr(states[t], name) for name in rule.state]
+            bufs = [getattr(states[t], name) for name in rule.state + ("master",)]
             self.buffers.append(bufs)
-            for k, b in enumerate(bufs):
+            for k, b in enumerate(bufs[:len(rule.state)]):
                 if self.slots[k] is not None:
                     self.ptrs[k + 2][t] = cnp.PyArray_DATA(<cnp.ndarray>b)
 
@@ -133,6 +218,13 @@ cdef class Batch:
                         self.slots[k] is not None
                         and cnp.PyArray_DATA(<cnp.ndarray>b) != self.ptrs[k + 2][t]):
                     return False
+            b = s.master
+            if b is not bufs[len(bufs) - 1]:
+                return False
+            if b is not None and (not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b) or (
+                    self.storage.master != NULL
+                    and cnp.PyArray_DATA(<cnp.ndarray>b) != self.storage.master[t])):
+                return False
         return True
 
     cdef bint take_grads(self, grads, Plan plan):
@@ -142,7 +234,7 @@ cdef class Batch:
         for t in range(self.count):
             g = grads[self.indices[t]]
             a = <cnp.ndarray>self.params[t]
-            if not _grad_fits(g, a) or plan.hits_written(
+            if not _grad_fits(g, a, self.grad_typenum) or plan.hits_written(
                     <size_t>cnp.PyArray_DATA(<cnp.ndarray>g), <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>g)):
                 return False
             self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>g)
@@ -155,8 +247,8 @@ cdef class Batch:
         if self.step_offset >= 0:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
         with nogil:
-            status = _run(self.rule.id, self.f64, self.count, self.ptrs, self.n_bufs,
-                          self.sizes, hp)
+            status = self.storage.run(self.rule.id, self.count, self.ptrs, self.n_bufs,
+                                      self.sizes, hp, <uint64_t>next_step)
         _raise_for(status, self.hyper)
         self.step = next_step
         for s in self.states:
@@ -164,12 +256,15 @@ cdef class Batch:
         return 0
 
 
-cdef inline bint _grad_fits(object obj, cnp.ndarray a):
-    """A plain ndarray of a's dtype (native order) and shape, C-contiguous."""
+cdef inline bint _grad_fits(object obj, cnp.ndarray a, int typenum=-1):
+    """A plain ndarray of a's dtype (or of type number typenum), native order, of a's shape,
+    C-contiguous."""
     if type(obj) is not cnp.ndarray:
         return False
     cdef cnp.ndarray g = <cnp.ndarray>obj
-    return (cnp.PyArray_TYPE(g) == cnp.PyArray_TYPE(a) and cnp.PyArray_ISNOTSWAPPED(g)
+    if typenum < 0:
+        typenum = cnp.PyArray_TYPE(a)
+    return (cnp.PyArray_TYPE(g) == typenum and cnp.PyArray_ISNOTSWAPPED(g)
             and cnp.PyArray_NDIM(g) == cnp.PyArray_NDIM(a)
             and memcmp(cnp.PyArray_DIMS(g), cnp.PyArray_DIMS(a),
                        cnp.PyArray_NDIM(a) * sizeof(cnp.npy_intp)) == 0

@@ -11,7 +11,7 @@ import inspect
 
 import numpy as np
 
-from fastopt import _checks, _kernels, checkpoint
+from fastopt import _checks, _kernels, checkpoint, storage
 from fastopt._kernels import ParamGroup
 from fastopt.rules import REQUIRED, RULES
 from fastopt.state import STATE_TYPES
@@ -23,12 +23,15 @@ class Optimizer:
     (param groups, each overriding the optimizer's defaults).
 
     Attributes: param_groups (list of dicts; change hyperparameters there between steps),
-    state (dict: global parameter index -> state object, created on a parameter's first step).
+    state (dict: global parameter index -> state object, created on a parameter's first step),
+    storage_options (state_dtype, rounding, seed, master_weights: see fastopt.storage).
     """
 
     rule = None
 
     def __init__(self, params, **defaults):
+        options = {k: defaults.pop(k) for k in storage.DEFAULTS if k in defaults}
+        self.storage_options = storage.check_options(**options)
         self.defaults = self.rule.check(defaults)[0]
         groups = _parse_groups(params)
         for i, g in enumerate(groups):
@@ -37,7 +40,8 @@ class Optimizer:
         if not params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
         for i, p in enumerate(params):
-            _checks.check_param(p, f"params[{i}]")
+            _checks.check_param(p, f"params[{i}]", bfloat16=True)
+            storage.check_param_dtype(p.dtype, self.storage_options, f"params[{i}]")
         seen = {}
         for i, p in enumerate(params):
             if id(p) in seen:
@@ -84,11 +88,15 @@ class Optimizer:
         return self._group_hyperparameters(self.param_groups[k], f"param_groups[{k}]")[1]
 
     def new_state(self, param, hp):
-        """A parameter's fresh state (filled as the rule's registry entry says)."""
+        """A parameter's fresh state (filled as the rule's registry entry says; stored as
+        storage_options say, with a float32 copy of the parameter for master weights)."""
         state = self.state_type()
+        dtype = storage.state_dtype_for(param.dtype, self.storage_options)
         for name in self.rule.required_state():
             fill = hp[self.rule.fill[name]] if name in self.rule.fill else 0.0
-            setattr(state, name, np.full_like(param, fill, order="C"))
+            setattr(state, name, np.full_like(param, fill, dtype=dtype, order="C"))
+        if self.storage_options["master_weights"]:
+            state.master = param.astype(np.float32, order="C")
         return state
 
     def _checked_step(self, grads):
@@ -96,8 +104,10 @@ class Optimizer:
         checked = [self._group_hyperparameters(g, f"param_groups[{i}]")
                    for i, g in enumerate(self.param_groups)]
         params = self.params
+        options = self.storage_options
         for i, p in enumerate(params):
-            _checks.check_param(p, f"params[{i}]")
+            _checks.check_param(p, f"params[{i}]", bfloat16=True)
+            storage.check_param_dtype(p.dtype, options, f"params[{i}]")
         _checks.check_grads(grads, params)
         written, names = list(params), [f"params[{i}]" for i in range(len(params))]
         state_type = self.state_type
@@ -125,12 +135,16 @@ class Optimizer:
                 state = self.state.get(i)
                 if state is None:
                     state = self.state[i] = self.new_state(p, hp)
-                state.add_missing(p, needed)
-                by_key.setdefault((p.dtype, state.step), []).append(i)
+                state.add_missing(p, needed, storage.state_dtype_for(p.dtype, options))
+                if options["master_weights"] and state.master is None:
+                    state.master = p.astype(np.float32, order="C")
+                stored = tuple(getattr(state, name).dtype for name in needed)
+                by_key.setdefault((p.dtype, grads[i].dtype, stored, state.step), []).append(i)
                 i += 1
-            for (_, step), indices in by_key.items():
+            for (_, grad_dtype, _, step), indices in by_key.items():
                 batch = _kernels.Batch(self.rule.crule, [params[j] for j in indices],
-                                       [self.state[j] for j in indices], indices, hyper, step)
+                                       [self.state[j] for j in indices], indices, hyper, step,
+                                       grad_dtype, options)
                 batch.group_index = group_index
                 batches.append(batch)
         plan = _kernels.Plan(self.param_groups, self.state, batches, hypers, self.rule.direct)
@@ -198,6 +212,8 @@ def _optimizer_class(rule):
                 else inspect.Parameter.POSITIONAL_OR_KEYWORD)
         positional.append(inspect.Parameter(
             name, kind, default=inspect.Parameter.empty if default is REQUIRED else default))
+    positional += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+                   for name, default in storage.DEFAULTS.items()]
     signature = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
                                   + positional)
 
