@@ -567,13 +567,16 @@ cdef class _Table:
     cdef Py_ssize_t count
     cdef int n_bufs
     cdef bint f64
+    cdef Storage storage               # None: every buffer float32 (float64 if f64)
+    cdef uint64_t storage_step         # keys stochastic rounding
     cdef list indices
     cdef public list states, counters  # the front end's, for advancing its step counters
     cdef public object step            # the step number the next run is
 
     def __cinit__(self, bint f64, list indices, list sizes, list addresses, list states=None,
-                  list counters=None, step=None):
+                  list counters=None, step=None, Storage storage=None, storage_step=0):
         self.f64, self.indices, self.count = f64, indices, len(indices)
+        self.storage, self.storage_step = storage, storage_step
         self.states, self.counters, self.step = states, counters, step
         cdef Py_ssize_t k, t
         self.n = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
@@ -596,6 +599,11 @@ cdef class _Table:
 
     cdef int run(self, CRule rule, Hyper hyper) except -1:
         cdef int status
+        if self.storage is not None:
+            with nogil:
+                status = self.storage.run(rule.id, self.count, self.ptrs, self.n_bufs, self.n,
+                                          hyper.data(), self.storage_step)
+            return _raise_for(status, hyper)
         with nogil:
             status = _run(rule.id, self.f64, self.count, self.ptrs, self.n_bufs, self.n,
                           hyper.data())
@@ -687,8 +695,11 @@ cdef class ObjectPlan:
         return True
 
 
-def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields):
+def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields,
+                  Storage storage=None, storage_step=0):
     """One C call over raw buffer addresses (fastopt.torch's validating path: its tensors are
     not numpy arrays): addresses[k] lists buffer k's address for every tensor (param, grad,
-    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's."""
-    _Table(f64, list(range(len(sizes))), sizes, addresses).run(rule, Hyper(rule, fields))
+    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's;
+    storage (bfloat16 buffers, master weights) and storage_step, the step that keys rounding."""
+    _Table(f64, list(range(len(sizes))), sizes, addresses, storage=storage,
+           storage_step=storage_step).run(rule, Hyper(rule, fields))
