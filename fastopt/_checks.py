@@ -34,7 +34,8 @@ def check_like(buf, param, what, *, writeable, dtype_ok=None):
     if dtype_ok is not None:
         ok, expected = dtype_ok(buf.dtype)
         if not ok:
-            raise TypeError(f"{what} has dtype {buf.dtype}; {expected}")
+            raise TypeError(f"{what} has dtype {buf.dtype}, the parameter has {param.dtype} "
+                            f"({expected})")
     elif buf.dtype != param.dtype:
         raise TypeError(f"{what} has dtype {buf.dtype}, the parameter has {param.dtype}")
     if buf.shape != param.shape:
@@ -51,7 +52,7 @@ def grad_dtype_ok(param):
         if dtype == param.dtype or (param.dtype == storage.F32 and storage.is_bf16(dtype)):
             return True, ""
         also = " or bfloat16" if param.dtype == storage.F32 else ""
-        return False, f"the gradient of a {param.dtype} parameter must be {param.dtype}{also}"
+        return False, f"its gradient must be {param.dtype}{also}"
     return ok
 
 
@@ -61,8 +62,7 @@ def state_dtype_ok(param):
     def ok(dtype):
         if storage.state_dtype_ok(dtype, param.dtype):
             return True, ""
-        return False, (f"the state of a {param.dtype} parameter must be "
-                       f"{storage.compute_dtype(param.dtype)} or bfloat16")
+        return False, f"its state must be {storage.compute_dtype(param.dtype)} or bfloat16"
     return ok
 
 

@@ -79,7 +79,7 @@ class OptimizerState:
 def _master_dtype_ok(param):
     def ok(dtype):
         if not storage.is_bf16(param.dtype):
-            return False, f"master weights are for bfloat16 parameters, not {param.dtype}"
+            return False, "master weights are for bfloat16 parameters"
         return dtype == storage.F32, "master weights are float32"
     return ok
 

@@ -289,11 +289,11 @@ def test_refused_combinations_change_nothing():
     opt = fastopt.Adam([p64, p32], lr=0.1)
     opt.step([np.ones(10), np.ones(10, F32)])
     before = snapshot(opt)
-    with pytest.raises(TypeError, match="gradient of a float64 parameter must be float64"):
+    with pytest.raises(TypeError, match="its gradient must be float64"):
         opt.step([np.ones(10, BF16), np.ones(10, F32)])
     assert_same_snapshot(before, snapshot(opt))
     opt.state[1].m = np.zeros(10, F64)  # float64 state for a float32 parameter
-    with pytest.raises(TypeError, match="must be float32 or bfloat16"):
+    with pytest.raises(TypeError, match="its state must be float32 or bfloat16"):
         opt.step([np.ones(10), np.ones(10, F32)])
     assert np.array_equal(before[0][0], opt.params[0])
 
