@@ -163,6 +163,50 @@ int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err);
  * (uses may be NULL), or FO_ERR_HYPERPARAM with err filled. */
 int fo_check(int rule, const void *hp, unsigned *uses, fo_error *err);
 
+/* ---- a step's options, the reduction pass ----------------------------------------------------
+ * A training step is at most two passes over the gradients: fo_norm (a reduction: their norm,
+ * whether any is inf/NaN), then fo_step_with, whose options fold the unscale/clip factor into
+ * the rule's per-step scalars and update an EMA of the weights in the same pass.
+ */
+typedef struct {
+    /* every rule starts from g = grad_multiplier * grad (then maximize, weight decay), through
+     * the one helper every rule's prepare part uses: 1.0 leaves the gradient as it is; it must
+     * be finite and >= 0 (unscaling by 1/scale and clipping by the factor of a global norm) */
+    double grad_multiplier;
+    /* NULL, or per tensor an EMA buffer (the parameter's storage type) updated after the rule,
+     * in the same pass:  ema <- ema_decay * ema + (1 - ema_decay) * theta  (0 <= decay <= 1) */
+    void *const *ema;
+    double ema_decay;
+} fo_step_options;
+
+/* fo_step with options (NULL: fo_step itself).  A refused option is named in err like a
+ * hyperparameter ("grad_multiplier", "ema_decay"). */
+int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_options *opt,
+                 fo_error *err);
+
+/*
+ * The reduction pass: over buffer `buffer` (0 the parameters, 1 the gradients, ...) of every
+ * tensor of `batch`, with the buffer's storage type, computed in double:
+ *   p > 0 finite:  sum |x|^p         (p = 2: the sum of squares; p = 1: the sum of |x|)
+ *   p = INFINITY:  max |x|           (NaN if any element is NaN)
+ *   p = 0:         the count of nonzero elements
+ * per tensor (per_tensor[t], may be NULL) and over all tensors (*total: the sum of the
+ * per-tensor sums in tensor order, their max for p = INFINITY); *nonfinite = 1 if any element
+ * is inf or NaN, else 0.  The summation order is fixed (blocks of FO_NORM_BLOCK elements,
+ * FO_NORM_LANES interleaved partial sums inside a block combined pairwise, blocks in order),
+ * so results are bit-identical for any thread count and instruction set.  The norm itself is
+ * total^(1/p) (torch's composition of per-tensor norms for p = 0 and p = INFINITY aside).
+ * FO_ERR_HYPERPARAM (err->field "p") for p < 0 or NaN; FO_ERR_DTYPE, FO_ERR_NULL as fo_step.
+ */
+#define FO_NORM_BLOCK 4096
+#define FO_NORM_LANES 16
+int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, double *total,
+            int *nonfinite, fo_error *err);
+
+/* Buffer `buffer` of every tensor of `batch` multiplied in place by `factor` (rounded to the
+ * storage type first), through the same threads: clipping outside a step. */
+int fo_scale(const fo_batch *batch, int buffer, double factor);
+
 /* ---- what each rule is, for bindings --------------------------------------------------------- */
 
 enum fo_field_type { FO_FIELD_DOUBLE = 0, FO_FIELD_INT = 1, FO_FIELD_INT64 = 2 };

@@ -50,10 +50,31 @@ typedef void (*fo_span_fn)(const fo_call *c, void *const *b, size_t t, size_t at
 
 enum { FO_F32, FO_F64 };
 
+/* The reduction pass (fo_norm): what to accumulate over each block of FO_NORM_BLOCK elements. */
+enum { FO_NORM_SQUARES, FO_NORM_ABS, FO_NORM_MAX, FO_NORM_NONZERO, FO_NORM_POWER };
+typedef struct {
+    int kind;
+    double p; /* FO_NORM_POWER's exponent */
+} fo_norm_scalars;
+
+/* The step's EMA of the weights, after the rule, on the same span of elements (fo_step_with). */
+typedef struct {
+    fo_span_fn rule_span;
+    const fo_call *rule_call;
+    int ema_buffer; /* where the EMA buffer is among the span's buffers */
+    double decay;
+} fo_ema_scalars;
+
 typedef struct {
     const char *name;
     fo_span_fn span[FO_N_RULES][2];
     fo_bf16_round_fn to_nearest; /* integer arithmetic, compiled for this instruction set */
+    /* the reduction: b[0] the buffer, b[1] the tensor's (double *) results, two per block
+     * (value, and a sum of x - x: NaN iff an element is inf or NaN); `at` a multiple of
+     * FO_NORM_BLOCK (fo_run_blocks) */
+    fo_span_fn norm[2];
+    fo_span_fn ema[2];   /* the rule's span, then the EMA (scalars: fo_ema_scalars) */
+    fo_span_fn scale[2]; /* b[0] *= factor (scalars: one double) */
 } fo_loops;
 
 /* ---- the keyed generator of stochastic rounding's bits ------------------------------------
@@ -106,5 +127,9 @@ void fo_bf16_nearest_avx512bf16(uint16_t *dst, const float *src, size_t n);
  */
 void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
             const size_t *n, const fo_call *call);
+/* fo_run whose spans start at multiples of `grain` within each tensor (and cover whole grains,
+ * the tensor's last one aside): blocks that each one thread sums, for fixed-order reductions. */
+void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
+                   const size_t *n, const fo_call *call, size_t grain);
 
 #endif

@@ -81,9 +81,16 @@ const char *fo_strerror(int status)
 static int nonneg(double x) { return x >= 0.0 && isfinite(x); } /* NaN fails */
 static int unit_interval(double x) { return x >= 0.0 && x < 1.0; } /* [0, 1), NaN fails */
 
+/* Besides its hyperparameters a prepare part receives the step's gradient multiplier
+ * (fo_step_options), which gradient_terms() folds into grad_sign, so every rule gets it by
+ * construction; fo_step_with refuses a multiplier other than 1 if a rule did not apply it. */
+typedef struct {
+    double grad_multiplier;
+    int applied;
+} fo_gradient_options;
 #define FO_PREPARE(rule)                                                                       \
     static int rule##_prepare(const fo_##rule##_params *hp, fo_##rule##_scalars *s,            \
-                              unsigned *uses, fo_error *err)
+                              unsigned *uses, fo_error *err, fo_gradient_options *gradient_options)
 #define FO_REQUIRE(cond, field_name, requirement_text)                                                   \
     do {                                                                                       \
         if (!(cond)) {                                                                         \
@@ -100,13 +107,16 @@ static int unit_interval(double x) { return x >= 0.0 && x < 1.0; } /* [0, 1), Na
                "must be FO_TEXTBOOK or FO_TORCH")
 #define FO_USES(k) (1u << (k)) /* state buffer k is read and written */
 
-/* g = grad_sign * grad + l2 * theta; the decay of decoupled weight decay is the caller's. */
-static void gradient_terms(int maximize, double weight_decay, int decoupled, double *grad_sign,
-                           double *l2)
+/* g = grad_sign * grad + l2 * theta; the decay of decoupled weight decay is the caller's.
+ * grad_sign carries the step's gradient multiplier (unscale, clip): |grad_sign| = multiplier. */
+static void gradient_terms_scaled(fo_gradient_options *options, int maximize, double weight_decay,
+                                  int decoupled, double *grad_sign, double *l2)
 {
-    *grad_sign = maximize ? -1.0 : 1.0;
+    options->applied = 1;
+    *grad_sign = (maximize ? -1.0 : 1.0) * options->grad_multiplier;
     *l2 = decoupled ? 0.0 : weight_decay;
 }
+#define gradient_terms(...) gradient_terms_scaled(gradient_options, __VA_ARGS__)
 
 #define FO_PART FO_PART_PREPARE
 #include "rules/all.inc"
@@ -114,7 +124,8 @@ static void gradient_terms(int maximize, double weight_decay, int decoupled, dou
 
 /* ---- the rule table, from FO_RULES --------------------------------------------------------- */
 
-typedef int (*fo_prepare_fn)(const void *hp, void *scalars, unsigned *uses, fo_error *err);
+typedef int (*fo_prepare_fn)(const void *hp, void *scalars, unsigned *uses, fo_error *err,
+                             fo_gradient_options *gradient_options);
 
 #define FO_TYPE_double FO_FIELD_DOUBLE
 #define FO_TYPE_int FO_FIELD_INT
@@ -123,10 +134,11 @@ typedef int (*fo_prepare_fn)(const void *hp, void *scalars, unsigned *uses, fo_e
 #define FO_FIELD_ENTRY(params_type, type, name) {#name, FO_TYPE_##type, offsetof(params_type, name)},
 #define FO_RULE_TABLES(rule, ...)                                                              \
     _Static_assert(sizeof(fo_##rule##_scalars) <= FO_MAX_SCALARS, #rule " scalars too large"); \
-    static int rule##_prepare_any(const void *hp, void *s, unsigned *uses, fo_error *err)      \
+    static int rule##_prepare_any(const void *hp, void *s, unsigned *uses, fo_error *err,     \
+                                  fo_gradient_options *gradient_options)                       \
     {                                                                                          \
         return rule##_prepare((const fo_##rule##_params *)hp, (fo_##rule##_scalars *)s, uses, \
-                              err);                                                            \
+                              err, gradient_options);                                          \
     }                                                                                          \
     static const char *const rule##_state[] = {FO_MAP(FO_STRING, __VA_ARGS__)};               \
     static const fo_field rule##_fields[] = {FO_FIELDS_##rule(FO_FIELD_ENTRY, fo_##rule##_params)};
@@ -159,7 +171,8 @@ int fo_check(int rule, const void *hp, unsigned *uses, fo_error *err)
     *err = (fo_error){NULL, NULL};
     if (rule < 0 || rule >= FO_N_RULES) return FO_ERR_RULE;
     if (!hp) return FO_ERR_NULL;
-    return rules[rule].prepare(hp, scalars, uses, err);
+    fo_gradient_options unscaled = {1.0, 0};
+    return rules[rule].prepare(hp, scalars, uses, err, &unscaled);
 }
 
 /*
@@ -209,6 +222,12 @@ static int dtype_allowed(int k, int dtype, int param_dtype)
 
 int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
 {
+    return fo_step_with(rule, batch, hp, NULL, err);
+}
+
+int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_options *opt,
+                 fo_error *err)
+{
     fo_error ignored;
     _Alignas(16) unsigned char scalars[FO_MAX_SCALARS];
     unsigned uses = 0;
@@ -216,18 +235,27 @@ int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
     *err = (fo_error){NULL, NULL};
     if (rule < 0 || rule >= FO_N_RULES) return FO_ERR_RULE;
     if (!batch || !hp) return FO_ERR_NULL;
-    const int status = rules[rule].prepare(hp, scalars, &uses, err);
+    fo_gradient_options gradient = {opt ? opt->grad_multiplier : 1.0, 0};
+    FO_REQUIRE(nonneg(gradient.grad_multiplier), "grad_multiplier", "must be finite and >= 0");
+    FO_REQUIRE(!opt || !opt->ema || (opt->ema_decay >= 0.0 && opt->ema_decay <= 1.0), "ema_decay",
+               "must be in [0, 1]");
+    const int status = rules[rule].prepare(hp, scalars, &uses, err, &gradient);
     if (status != FO_OK) return status;
     if (batch->rounding != FO_ROUND_STOCHASTIC && batch->rounding != FO_ROUND_NEAREST) {
         *err = (fo_error){"rounding", "must be FO_ROUND_STOCHASTIC or FO_ROUND_NEAREST"};
         return FO_ERR_HYPERPARAM;
     }
+    FO_REQUIRE(gradient.applied || gradient.grad_multiplier == 1.0, "grad_multiplier",
+               "is not supported by this rule (its prepare part skips gradient_terms)");
 
-    const int n_bufs = 2 + rules[rule].info.n_state;
+    const int n_rule_bufs = 2 + rules[rule].info.n_state;
+    const int has_ema = opt && opt->ema;
+    if (has_ema && n_rule_bufs >= FO_MAX_BUFFERS) return FO_ERR_RULE;
+    const int n_bufs = n_rule_bufs + has_ema; /* the EMA buffer after the rule's */
     const size_t count = batch->count;
     void *const *bufs[FO_MAX_BUFFERS];
     int used[FO_MAX_BUFFERS], n_used = 0; /* the buffers this call touches */
-    for (int k = 0; k < n_bufs; k++) {
+    for (int k = 0; k < n_rule_bufs; k++) {
         const int is_used = k < 2 || (uses >> (k - 2)) & 1u;
         bufs[k] = is_used ? batch->buffers[k] : NULL;
         if (is_used) used[n_used++] = k;
@@ -244,6 +272,12 @@ int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
     }
     if (batch->master && param_dtype != FO_BFLOAT16) return FO_ERR_DTYPE;
     call.staged |= batch->master != NULL;
+    if (has_ema) { /* in the parameter's storage type, which must be the compute type */
+        if (call.staged) return FO_ERR_DTYPE;
+        bufs[n_rule_bufs] = opt->ema;
+        used[n_used++] = n_rule_bufs;
+        call.dtype[n_rule_bufs] = param_dtype;
+    }
     if (count == 0) return FO_OK;
     if (!batch->n) return FO_ERR_NULL;
     for (int i = 0; i < n_used; i++)
@@ -255,7 +289,7 @@ int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
         int n_written = 0;
         for (int i = 0; i < n_used; i++) {
             if (used[i] == 1) continue;
-            size[n_written] = dtype_size(batch->dtype[used[i]]);
+            size[n_written] = dtype_size(call.dtype[used[i]]);
             written[n_written++] = bufs[used[i]][t];
         }
         if (batch->master) {
@@ -266,9 +300,96 @@ int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
                                                dtype_size(batch->dtype[1]), written, size, n_written);
         if (tensor_status != FO_OK) return tensor_status;
     }
-    const fo_loops *loops = fo_active();
+    const int which = param_dtype == FO_FLOAT64 ? FO_F64 : FO_F32;
+    const fo_span_fn rule_span = fo_active()->span[rule][which];
     call.to_nearest = active_to_nearest;
-    fo_run(loops->span[rule][param_dtype == FO_FLOAT64 ? FO_F64 : FO_F32], count, bufs, n_bufs,
+    if (has_ema) {
+        const fo_ema_scalars ema = {rule_span, &call, n_rule_bufs, opt->ema_decay};
+        const fo_call ema_call = {.scalars = &ema, .n_bufs = n_bufs};
+        fo_run(fo_active()->ema[which], count, bufs, n_bufs, batch->n, &ema_call);
+    } else {
+        fo_run(rule_span, count, bufs, n_bufs, batch->n, &call);
+    }
+    return FO_OK;
+}
+
+/* ---- the reduction pass ------------------------------------------------------------------- */
+
+int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, double *total,
+            int *nonfinite, fo_error *err)
+{
+    fo_error ignored;
+    if (!err) err = &ignored;
+    *err = (fo_error){NULL, NULL};
+    if (!batch || !total || !nonfinite) return FO_ERR_NULL;
+    FO_REQUIRE(p >= 0.0, "p", "must be >= 0 (INFINITY: the max norm)"); /* NaN fails */
+    if (buffer < 0 || buffer >= FO_MAX_BUFFERS) return FO_ERR_NULL;
+    const int dtype = batch->dtype[buffer];
+    if (dtype != FO_FLOAT32 && dtype != FO_FLOAT64) return FO_ERR_DTYPE;
+    const size_t count = batch->count;
+    *total = 0.0;
+    *nonfinite = 0;
+    if (count == 0) return FO_OK;
+    void *const *data = batch->buffers[buffer];
+    if (!batch->n || !data) return FO_ERR_NULL;
+    size_t blocks = 0;
+    for (size_t t = 0; t < count; t++) {
+        if (batch->n[t] && !data[t]) return FO_ERR_NULL;
+        blocks += (batch->n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK;
+    }
+    const fo_norm_scalars s = {p == 2.0 ? FO_NORM_SQUARES : p == 1.0 ? FO_NORM_ABS
+                               : isinf(p)  ? FO_NORM_MAX : p == 0.0 ? FO_NORM_NONZERO
+                                           : FO_NORM_POWER, p};
+    const fo_call call = {.scalars = &s, .n_bufs = 2};
+    const fo_span_fn span = fo_active()->norm[dtype == FO_FLOAT64 ? FO_F64 : FO_F32];
+    const int is_max = s.kind == FO_NORM_MAX;
+    const size_t elem_size = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
+
+    /* every block's (value, x - x sum), then combined in block order: the same order however
+     * the blocks were shared out.  Without memory for them, the blocks run here, in order. */
+    double *results = malloc(2 * blocks * sizeof(double) + count * sizeof(double *));
+    double **out = results ? (double **)(results + 2 * blocks) : NULL;
+    double one_block[2];
+    if (results) {
+        for (size_t t = 0, at = 0; t < count; at += (batch->n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK, t++)
+            out[t] = results + 2 * at;
+        void *const *const bufs[2] = {data, (void *const *)out};
+        fo_run_blocks(span, count, bufs, 2, batch->n, &call, FO_NORM_BLOCK);
+    }
+    double sum = 0.0, bad = 0.0;
+    for (size_t t = 0; t < count; t++) {
+        double tensor = 0.0;
+        for (size_t at = 0, k = 0; at < batch->n[t]; at += FO_NORM_BLOCK, k++) {
+            const double *r = results ? out[t] + 2 * k : one_block;
+            if (!results) {
+                void *const b[2] = {(char *)data[t] + at * elem_size, one_block};
+                span(&call, b, t, 0, batch->n[t] - at < FO_NORM_BLOCK ? batch->n[t] - at : FO_NORM_BLOCK);
+            }
+            tensor = !is_max ? tensor + r[0] : (r[0] > tensor || r[0] != r[0]) && tensor == tensor ? r[0] : tensor;
+            bad += r[1];
+        }
+        if (per_tensor) per_tensor[t] = tensor;
+        sum = !is_max ? sum + tensor : (tensor > sum || tensor != tensor) && sum == sum ? tensor : sum;
+    }
+    free(results);
+    *total = sum;
+    *nonfinite = bad != bad;
+    return FO_OK;
+}
+
+int fo_scale(const fo_batch *batch, int buffer, double factor)
+{
+    if (!batch) return FO_ERR_NULL;
+    if (buffer < 0 || buffer >= FO_MAX_BUFFERS) return FO_ERR_NULL;
+    const int dtype = batch->dtype[buffer];
+    if (dtype != FO_FLOAT32 && dtype != FO_FLOAT64) return FO_ERR_DTYPE;
+    if (batch->count == 0) return FO_OK;
+    if (!batch->n || !batch->buffers[buffer]) return FO_ERR_NULL;
+    for (size_t t = 0; t < batch->count; t++)
+        if (batch->n[t] && !batch->buffers[buffer][t]) return FO_ERR_NULL;
+    void *const *const bufs[1] = {batch->buffers[buffer]};
+    const fo_call call = {.scalars = &factor, .n_bufs = 1};
+    fo_run(fo_active()->scale[dtype == FO_FLOAT64 ? FO_F64 : FO_F32], batch->count, bufs, 1,
            batch->n, &call);
     return FO_OK;
 }

@@ -75,6 +75,7 @@ typedef struct {
     const size_t *n;
     const fo_call *call;
     size_t total, per_thread_share;
+    size_t grain;          /* pieces start at multiples of it within each tensor (fo_run_blocks) */
     _Atomic size_t cursor; /* the next element (of all tensors, in order) to hand out */
     atomic_int slots;      /* workers that may still join */
     pthread_t caller;
@@ -164,6 +165,13 @@ int fo_set_num_threads(int n)
     return FO_OK;
 }
 
+/* A tensor's length in the cursor's range: rounded up to whole grains, so that every piece,
+ * a whole number of grains, starts at a grain boundary of its tensor. */
+static inline size_t padded(const job *j, size_t n)
+{
+    return j->grain > 1 ? (n + j->grain - 1) / j->grain * j->grain : n;
+}
+
 static void run_piece(const job *j, size_t t, size_t at, size_t n)
 {
     void *b[FO_MAX_BUFFERS];
@@ -200,12 +208,15 @@ static void work(job *j, int is_caller)
             const size_t left = j->total - at;
             size_t piece = left / j->per_thread_share; /* guided: a share of what is left */
             piece = piece > FO_MAX_PIECE ? FO_MAX_PIECE : piece < FO_MIN_PIECE ? FO_MIN_PIECE : piece;
+            if (j->grain > 1) piece = (piece + j->grain - 1) / j->grain * j->grain;
             take = piece < left ? piece : left;
         } while (!atomic_compare_exchange_weak(&j->cursor, &at, at + take));
         while (take) { /* the piece may cover the end of one tensor and the start of others */
-            while (base + j->n[t] <= at) base += j->n[t++];
-            const size_t off = at - base, here = j->n[t] - off < take ? j->n[t] - off : take;
-            run_piece(j, t, off, here);
+            while (base + padded(j, j->n[t]) <= at) base += padded(j, j->n[t++]);
+            const size_t length = padded(j, j->n[t]), off = at - base;
+            const size_t here = length - off < take ? length - off : take;
+            if (off < j->n[t]) /* (not in the padding) */
+                run_piece(j, t, off, j->n[t] - off < here ? j->n[t] - off : here);
             at += here;
             take -= here;
         }
@@ -412,8 +423,15 @@ static void run_on_own_pool(job *j, int helpers)
 void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs, const size_t *n,
             const fo_call *call)
 {
-    job j = {.span = span, .count = count, .bufs = bufs, .n_bufs = n_bufs, .n = n, .call = call};
-    for (size_t t = 0; t < count; t++) j.total += n[t];
+    fo_run_blocks(span, count, bufs, n_bufs, n, call, 1);
+}
+
+void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
+                   const size_t *n, const fo_call *call, size_t grain)
+{
+    job j = {.span = span, .count = count, .bufs = bufs, .n_bufs = n_bufs, .n = n,
+             .call = call, .grain = grain > 1 ? grain : 1};
+    for (size_t t = 0; t < count; t++) j.total += padded(&j, n[t]);
     if (j.total < FO_PARALLEL_MIN) {
         run_alone(&j);
         return;

@@ -75,8 +75,9 @@ cdef class Storage:
         free(self.master)
 
     cdef inline int run(self, int rule, size_t count, void ***ptrs, int n_bufs, size_t *n,
-                        void *hp, uint64_t at_step) noexcept nogil:
-        """fo_step over the pointer tables, stored as this says."""
+                        void *hp, uint64_t at_step,
+                        const fo_step_options *opt=NULL) noexcept nogil:
+        """fo_step_with over the pointer tables, stored as this says."""
         cdef fo_batch b
         cdef int k
         b.count = count
@@ -89,7 +90,7 @@ cdef class Storage:
         b.seed = self.seed
         b.step = at_step
         b.index = self.index
-        return fo_step(rule, &b, hp, NULL)
+        return fo_step_with(rule, &b, hp, opt, NULL)
 
 
 cdef class StepLock:
@@ -133,11 +134,14 @@ cdef class Batch:
     """
     cdef CRule rule
     cdef Storage storage
+    cdef bint f64, bf16_grads
     cdef int grad_typenum
     cdef Py_ssize_t count
     cdef int n_bufs
     cdef void **ptrs[8]
     cdef size_t *sizes
+    cdef Py_ssize_t *index  # each tensor's parameter index (indices), for the reduction pass
+    cdef double *scratch    # the reduction's per-tensor results
     cdef Hyper hyper
     cdef Py_ssize_t step_offset  # of the struct's `step` field, or -1
     cdef int64_t step
@@ -155,6 +159,8 @@ cdef class Batch:
         grad_dtype = (<cnp.ndarray>params[0]).dtype if grad_dtype is None else grad_dtype
         self.grad_typenum = (<cnp.dtype>grad_dtype).type_num
         dtypes = [_fo_dtype((<cnp.ndarray>params[0]).dtype), _fo_dtype(grad_dtype)]
+        self.f64 = dtypes[0] == FO_FLOAT64
+        self.bf16_grads = dtypes[1] == FO_BFLOAT16
         for slot, name in zip(self.slots, rule.state):
             dtypes.append(_fo_dtype(getattr(states[0], name).dtype) if slot is not None else None)
         options = options or {}
@@ -167,6 +173,10 @@ cdef class Batch:
         self.step = step
         self.step_offset = rule.step_offset
         self.sizes = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
+        self.index = <Py_ssize_t *>calloc(max(self.count, 1), sizeof(Py_ssize_t))
+        self.scratch = <double *>calloc(max(self.count, 1), sizeof(double))
+        if self.index == NULL or self.scratch == NULL:
+            raise MemoryError()
         cdef Py_ssize_t k, t
         for k in range(self.n_bufs):
             used = k < 2 or self.slots[k - 2] is not None
@@ -183,6 +193,7 @@ cdef class Batch:
             a = params[t]
             self.ptrs[0][t] = cnp.PyArray_DATA(a)
             self.sizes[t] = cnp.PyArray_SIZE(a)
+            self.index[t] = indices[t]
             bufs = [getattr(states[t], name) for name in rule.state + ("master",)]
             self.buffers.append(bufs)
             for k, b in enumerate(bufs[:len(rule.state)]):
@@ -191,6 +202,8 @@ cdef class Batch:
 
     def __dealloc__(self):
         free(self.sizes)
+        free(self.index)
+        free(self.scratch)
         for k in range(8):
             free(self.ptrs[k])
 
@@ -240,15 +253,24 @@ cdef class Batch:
             self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>g)
         return True
 
-    cdef int run(self) except -1:
+    cdef int reduce_into(self, StepOptions options) except -1:
+        """The reduction pass over this batch's gradients (taken by take_grads)."""
+        if self.bf16_grads:
+            raise TypeError("clip_norm, skip_nonfinite and compute_norm do not take bfloat16 "
+                            "gradients yet")
+        return options.add(self.f64, self.count, self.ptrs[1], self.sizes, self.index,
+                           self.scratch)
+
+    cdef int run(self, StepOptions options=None) except -1:
         cdef int status
         cdef int64_t next_step = self.step + 1
         cdef void *hp = self.hyper.data()
+        cdef const fo_step_options *opt = &options.c if options is not None else NULL
         if self.step_offset >= 0:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
         with nogil:
             status = self.storage.run(self.rule.id, self.count, self.ptrs, self.n_bufs,
-                                      self.sizes, hp, <uint64_t>next_step)
+                                      self.sizes, hp, <uint64_t>next_step, opt)
         _raise_for(status, self.hyper)
         self.step = next_step
         for s in self.states:
@@ -387,10 +409,11 @@ cdef class Plan:
         self.versions[k] = g.version
         return 1
 
-    def run(self, list groups, dict state, grads):
+    def run(self, list groups, dict state, grads, StepOptions options=None):
         """One step, if nothing it was built from has changed (changed `direct` values, a
         schedule's lr, are written into the plan on the way) and every grad is valid.
-        Returns False, having changed no parameter or state, otherwise."""
+        Returns False, having changed no parameter or state, otherwise.  options: the
+        reduction pass first, then the update with its multiplier, or nothing (skipped)."""
         if groups is not self.groups or state is not self.state:
             return False
         cdef Py_ssize_t k, n_groups = len(groups)
@@ -417,28 +440,41 @@ cdef class Plan:
         for b in self.batches:
             if not b.unchanged(params, state) or not b.take_grads(grads, self):
                 return False
+        if options is not None and not self._reduce(options):
+            return True  # skipped: nothing changed
         for b in self.batches:
-            b.run()
+            b.run(options)
         return True
 
+    cdef bint _reduce(self, StepOptions options) except -1:
+        """The reduction pass over the taken grads, if the options need one; True if the
+        update goes ahead."""
+        cdef Batch b
+        options.start()
+        if options.reduce:
+            for b in self.batches:
+                b.reduce_into(options)
+        return options.finish()
 
-    def run_locked(self, StepLock lock, list groups, dict state, grads):
+
+    def run_locked(self, StepLock lock, list groups, dict state, grads, StepOptions options=None):
         """run() holding `lock` (the optimizer's), taken and released here at C cost."""
         lock.acquire()
         try:
-            return self.run(groups, state, grads)
+            return self.run(groups, state, grads, options)
         finally:
             PyThread_release_lock(lock.lock)
 
-    def run_validated(self, grads):
+    def run_validated(self, grads, StepOptions options=None):
         """One step with grads that the caller has validated completely (plain arrays: views
-        of any ndarray subclass), whatever the groups are (plain dicts included)."""
+        of any ndarray subclass), whatever the groups are (plain dicts included).  options:
+        as run(), their reduction pass already made (StepOptions.add_arrays, finish)."""
         cdef Batch b
         for b in self.batches:
             if not b.take_grads(grads, self):
                 raise RuntimeError("fastopt: a validated step was refused by the engine")
         for b in self.batches:
-            b.run()
+            b.run(options)
 
 
 cdef tuple _span(cnp.ndarray a):
@@ -615,79 +651,137 @@ cdef class _Table:
             free(self.ptrs[k])
 
 
+cdef bint _same_values(dict group, tuple key):
+    """Does a param group still hold key's (name, value) pairs, and nothing else but its params?
+    (Identity first: a value nobody reassigned is the same object.)"""
+    if len(group) != len(key) + 1:
+        return False
+    for name, value in key:
+        now = group.get(name, _MISSING)
+        if now is not value and (type(now) is not type(value) or now != value):
+            return False
+    return True
+
+
+cdef object _MISSING = object()
+
+
+cdef class _Member:
+    """One parameter of a planned group: what the plan expects of it, and where its gradient's
+    address goes (slot `slot` of `table`'s gradient pointers; no table without a gradient)."""
+    cdef object param
+    cdef bint has_grad
+    cdef uintptr_t address
+    cdef size_t nbytes
+    cdef _Table table
+    cdef Py_ssize_t slot
+
+
 cdef class ObjectPlan:
     """The engine's planned step for parameters that are not numpy arrays (fastopt.torch's
     tensors): built by the front end after a fully validated step, it checks at C speed, on
     later steps, what can change (the same groups, hyperparameter values, state, parameters
     and their addresses; which parameters have a gradient; each gradient dense, contiguous, and
-    where it is; a sparse gradient is never contiguous), then asks the front end to advance its counters and give each batch's C
-    fields, and makes one C call per batch.  run() returns False, having changed nothing, when
-    anything differs: the front end then validates and plans again.
+    where it is; a sparse gradient is never contiguous), then asks the front end to advance its
+    counters and give each batch's C fields, and makes one C call per batch.  run() returns
+    False, having changed nothing, when anything differs: the front end then validates and
+    plans again.
 
-    front: the optimizer (param_groups, state, advance(states, hp), kernel_args(hp, t, state));
+    front: the optimizer (param_groups, state, advance_planned, kernel_args, planned_step_after);
     groups: per param group (group dict, hp, key values, params list, members [(param, has
-    grad, address, state)], batches [_Table], keeps_state); mark_written(written): tells
-    autograd which tensors the kernels wrote.
+    grad, address, state, bytes)], batches [_Table] whose indices count the members with a
+    gradient, keeps_state); mark_written(written): tells autograd which tensors the kernels
+    wrote.
     """
     cdef CRule rule
-    cdef object groups_list, state, strided, mark_written, written
-    cdef list groups
+    cdef object groups_list, state, mark_written, written
+    cdef list groups, members, hps, keys
     cdef _Spans spans
 
-    def __cinit__(self, CRule rule, front, list groups, strided, mark_written, list written,
+    def __cinit__(self, CRule rule, front, list groups, mark_written, list written,
                   list written_spans):
         self.rule = rule
         self.spans = _Spans(written_spans)
         self.groups_list = front.param_groups
         self.state = front.state
         self.groups = groups
-        self.strided = strided
         self.mark_written = mark_written
         self.written = written
+        self.members = [self._members(g[4], g[5]) for g in groups]
+        self.hps = [g[1] for g in groups]
+        self.keys = [g[2] for g in groups]
+
+    @staticmethod
+    def _members(list described, list tables):
+        cdef _Table table
+        cdef _Member m
+        cdef Py_ssize_t t
+        where = {}  # a gradient's position among the group's gradients -> (table, slot)
+        for table in tables:
+            for t in range(table.count):
+                where[table.indices[t]] = (table, t)
+        members, with_grad = [], 0
+        for p, has_grad, address, _, nbytes in described:
+            m = _Member()
+            m.param, m.has_grad, m.address, m.nbytes = p, has_grad, address, nbytes
+            if has_grad:
+                m.table, m.slot = where[with_grad]
+                with_grad += 1
+            members.append(m)
+        return members
 
     def run(self, front, key_of):
-        """One step, or False (nothing changed) if the plan no longer fits."""
+        """One step, or False (nothing changed) if the plan no longer fits.  A group whose
+        values changed (an lr schedule) is re-checked by front.refreshed_hyperparameters(index,
+        group, hp), which raises for an invalid value or returns None when the change reaches
+        the plan's tables (another state buffer); the tables stay otherwise."""
         if front.param_groups is not self.groups_list or front.state is not self.state \
                 or len(self.groups_list) != len(self.groups):
             return False
         cdef Py_ssize_t gi, t
         cdef _Table table
-        cdef list grads = []  # per group: each with-grad member's gradient address
+        cdef _Member m
+        cdef list members, params_list
+        cdef uintptr_t at
+        # every check first; a gradient's address goes straight into its table, which only a
+        # complete pass of checks lets run
         for gi in range(len(self.groups)):
-            group, hp, key, params_list, members, tables, keep = self.groups[gi]
+            group, _, _, params_list, _, _, _ = self.groups[gi]
             g = self.groups_list[gi]
-            if g is not group or g["params"] is not params_list or key_of(g) != key:
+            if g is not group or g["params"] is not params_list:
                 return False
+            if not _same_values(g, self.keys[gi]):
+                key = key_of(g)
+                hp = front.refreshed_hyperparameters(gi, g, self.hps[gi]) if key else None
+                if hp is None:
+                    return False
+                self.hps[gi], self.keys[gi] = hp, key
+            members = self.members[gi]
             if len(params_list) != len(members):
                 return False
-            addresses = []
             for t in range(len(members)):
-                p, present, address, _, nbytes = members[t]
+                m = members[t]
+                p = m.param
                 if params_list[t] is not p:
                     return False
                 grad = p.grad
                 if grad is None:
-                    if present:
+                    if m.has_grad:
                         return False
                     continue
                 try:  # a sparse COO gradient says False; a CSR one raises
-                    dense = grad.is_contiguous()
+                    if not m.has_grad or not grad.is_contiguous() or p.data_ptr() != m.address:
+                        return False
                 except RuntimeError:
                     return False
-                if not present or not dense or p.data_ptr() != address:
-                    return False
                 at = grad.data_ptr()
-                if self.spans.hits(<size_t>at, <size_t>nbytes):
+                if self.spans.hits(<size_t>at, m.nbytes):
                     return False
-                addresses.append(at)
-            grads.append(addresses)
+                m.table.ptrs[1][m.slot] = <void *>at
         # every gradient fits: this is the step
         for gi in range(len(self.groups)):
-            hp = self.groups[gi][1]
-            addresses = grads[gi]
+            hp = self.hps[gi]
             for table in self.groups[gi][5]:
-                for t in range(table.count):
-                    table.ptrs[1][t] = <void *><uintptr_t>addresses[<Py_ssize_t>table.indices[t]]
                 step = front.advance_planned(hp, table.states, table.counters, table.step)
                 table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])))
                 table.step = front.planned_step_after(hp, step)

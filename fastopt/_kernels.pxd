@@ -69,6 +69,16 @@ cdef extern from "fastopt.h" nogil:
         const fo_field *fields
 
     int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
+    ctypedef struct fo_step_options:
+        double grad_multiplier
+        void **ema
+        double ema_decay
+    int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_options *opt,
+                     fo_error *err)
+    int FO_NORM_BLOCK
+    int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, double *total,
+                int *nonfinite, fo_error *err)
+    int fo_scale(const fo_batch *batch, int buffer, double factor)
     int fo_check(int rule, const void *hp, unsigned *uses, fo_error *err)
     const fo_rule_info *fo_describe(int rule)
 

@@ -302,4 +302,5 @@ cdef int step(int rule, const fo_batch *batch, const void *hp, fo_error *err) no
     return fo_step(rule, batch, hp, err)
 
 
+include "_passes.pxi"
 include "_engine.pxi"

@@ -69,20 +69,40 @@ class Optimizer:
         except (TypeError, ValueError) as e:
             raise type(e)(f"{where}: {e}") from None
 
-    def step(self, grads):
+    def step(self, grads, *, grad_scale=1.0, clip_norm=None, skip_nonfinite=False,
+             compute_norm=False):
         """Update every parameter in place from `grads` (one array per parameter, same shape and
         dtype, C-contiguous).  Nothing is changed if any input is invalid.  Calls from several
-        threads are serialized (one lock per optimizer)."""
+        threads are serialized (one lock per optimizer).
+
+        The training step's options (at most two passes over the gradients: a reduction when
+        a norm or the finiteness check is needed, then the update, the factor folded into the
+        rule's per-step scalars):
+          g <- g / grad_scale                                     (unscaling mixed precision)
+          skip_nonfinite: if any gradient element is inf or NaN, nothing changes (parameters,
+              states, step counts) and the result says skipped
+          clip_norm: g <- g min(1, clip_norm / (total_norm + 1e-6))   (torch's clip_grad_norm_)
+        Returns a StepResult: total_norm (the L2 norm over all gradients after unscaling, in
+        double with a fixed summation order; None unless clip_norm, skip_nonfinite or
+        compute_norm) and skipped."""
+        if type(grad_scale) in (float, int) and grad_scale == 1.0 and clip_norm is None \
+                and skip_nonfinite is False and compute_norm is False:
+            options, result = None, _kernels.PLAIN_RESULT
+        else:
+            options = _kernels.StepOptions(sum(len(g["params"]) for g in self.param_groups),
+                                           grad_scale, clip_norm, skip_nonfinite, compute_norm)
         plan = self._plan
-        if plan is not None and plan.run_locked(self._lock, self.param_groups, self.state, grads):
-            return
+        if plan is not None and plan.run_locked(self._lock, self.param_groups, self.state, grads,
+                                                options):
+            return result if options is None else options.result()
         with self._lock:
             plan = self._plan
             if plan is not None:
                 if plan.refresh(self.param_groups, self._group_hyper) and \
-                        plan.run(self.param_groups, self.state, grads):
-                    return
-            self._checked_step(grads)
+                        plan.run(self.param_groups, self.state, grads, options):
+                    return result if options is None else options.result()
+            self._checked_step(grads, options)
+        return result if options is None else options.result()
 
     def _group_hyper(self, k):
         return self._group_hyperparameters(self.param_groups[k], f"param_groups[{k}]")[1]
@@ -99,15 +119,15 @@ class Optimizer:
             state.master = param.astype(np.float32, order="C")
         return state
 
-    def _checked_step(self, grads):
+    def _checked_step(self, grads, options=None):
         """The full validation, then the update through a new plan (see fastopt/_engine.pxi)."""
         checked = [self._group_hyperparameters(g, f"param_groups[{i}]")
                    for i, g in enumerate(self.param_groups)]
         params = self.params
-        options = self.storage_options
+        stored_as = self.storage_options
         for i, p in enumerate(params):
             _checks.check_param(p, f"params[{i}]", bfloat16=True)
-            storage.check_param_dtype(p.dtype, options, f"params[{i}]")
+            storage.check_param_dtype(p.dtype, stored_as, f"params[{i}]")
         _checks.check_grads(grads, params)
         written, names = list(params), [f"params[{i}]" for i in range(len(params))]
         state_type = self.state_type
@@ -123,7 +143,13 @@ class Optimizer:
                     names.append(f"state[{i}].{k}")
         _checks.check_no_overlap(written, names, list(grads),
                                  [f"grads[{i}]" for i in range(len(grads))])
+        if options is not None and options.reduce and any(storage.is_bf16(g.dtype) for g in grads):
+            raise TypeError("clip_norm, skip_nonfinite and compute_norm do not take bfloat16 "
+                            "gradients yet")
         # everything is valid: from here on nothing can fail
+        plain = [g.view(np.ndarray) for g in grads]
+        if options is not None and not options.reduce_arrays(plain):
+            return  # skipped: no state is created either
         batches, hypers, i = [], [], 0
         for group_index, (group, (hp, hyper)) in enumerate(zip(self.param_groups, checked)):
             needed = [name for name in hyper.used_state() if name is not None]
@@ -135,8 +161,8 @@ class Optimizer:
                 state = self.state.get(i)
                 if state is None:
                     state = self.state[i] = self.new_state(p, hp)
-                state.add_missing(p, needed, storage.state_dtype_for(p.dtype, options))
-                if options["master_weights"] and state.master is None:
+                state.add_missing(p, needed, storage.state_dtype_for(p.dtype, stored_as))
+                if stored_as["master_weights"] and state.master is None:
                     state.master = p.astype(np.float32, order="C")
                 stored = tuple(getattr(state, name).dtype for name in needed)
                 by_key.setdefault((p.dtype, grads[i].dtype, stored, state.step), []).append(i)
@@ -144,14 +170,14 @@ class Optimizer:
             for (_, grad_dtype, _, step), indices in by_key.items():
                 batch = _kernels.Batch(self.rule.crule, [params[j] for j in indices],
                                        [self.state[j] for j in indices], indices, hyper, step,
-                                       grad_dtype, options)
+                                       grad_dtype, stored_as)
                 batch.group_index = group_index
                 batches.append(batch)
         plan = _kernels.Plan(self.param_groups, self.state, batches, hypers, self.rule.direct)
         if all(isinstance(g, ParamGroup) for g in self.param_groups):
             self._plan = plan
         # grads may be any sequence of ndarrays (subclasses included): plain views of them
-        plan.run_validated([g.view(np.ndarray) for g in grads])
+        plan.run_validated(plain, options)
 
     # ---- checkpoints (fastopt/checkpoint.py) --------------------------------------------
 

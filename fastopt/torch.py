@@ -43,7 +43,8 @@ import threading
 from numbers import Real
 
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
+from torch.optim.optimizer import (_get_scalar_dtype, _global_optimizer_post_hooks,
+                                   _global_optimizer_pre_hooks)
 
 from fastopt import _kernels, storage
 
@@ -226,30 +227,48 @@ class _Fastopt:
                 self.state, self.param_groups = before
                 raise
 
-    @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a gradient (torch.optim's `step`)."""
+        # torch wraps step() in a profiler range and its hook calls, ~10 us a step; that
+        # wrapper runs only when a profiler or a hook is there to see it
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
+                or torch._C._autograd._profiler_enabled()):
+            return self._hooked_step(closure)
+        return self._step(closure)
+
+    step.hooked = True  # tells torch's __init__ not to wrap it again
+
+    def _step(self, closure=None):
         with self._lock:
             loss = None
             if closure is not None:
                 # inside the lock: the step applies exactly the gradients its closure computed
                 with torch.enable_grad():
                     loss = closure()
-            plan = self.__dict__.get("_plan")
-            if plan is not None and plan.run(self, _group_key):
+            grad_mode = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)  # torch.no_grad() without its ~1 us of wrapping
+            try:
+                plan = self.__dict__.get("_plan")
+                if plan is not None and plan.run(self, _group_key):
+                    return loss
+                # everything is validated before anything changes
+                work = [self._prepare_group(index, group)
+                        for index, group in enumerate(self.param_groups)]
+                entry = self.state.get(_STORAGE_KEY)
+                if entry is not None:
+                    entry["step"] += 1  # keys this step's stochastic rounding
+                self._indices = {id(p): k for k, p in enumerate(
+                    p for g in self.param_groups for p in g["params"])}
+                for hp, members in work:
+                    if members:
+                        self._step_group(hp, members)
+                self._plan = None if entry is not None else self._make_plan([hp for hp, _ in work])
                 return loss
-            # everything is validated before anything changes
-            work = [self._prepare_group(index, group)
-                    for index, group in enumerate(self.param_groups)]
-            entry = self.state.get(_STORAGE_KEY)
-            if entry is not None:
-                entry["step"] += 1  # keys this step's stochastic rounding
-            self._indices = {id(p): k for k, p in enumerate(
-                p for g in self.param_groups for p in g["params"])}
-            for hp, members in work:
-                if members:
-                    self._step_group(hp, members)
-            self._plan = None if entry is not None else self._make_plan([hp for hp, _ in work])
-            return loss
+            finally:
+                torch._C._set_grad_enabled(grad_mode)
+
+    _hooked_step = torch.optim.Optimizer.profile_hook_step(_step)
 
     def _make_plan(self, hps):
         """After a validated step: the engine's plan for the next ones (fastopt/_engine.pxi,
@@ -296,9 +315,17 @@ class _Fastopt:
             groups.append((group, hp, key, group["params"], members, tables, keep))
         states_written = [t for *_, state, _ in (m for g in groups for m in g[4])
                           if state for t in state.values() if isinstance(t, torch.Tensor)]
-        return _kernels.ObjectPlan(_kernels.RULES[self.kernel], self, groups, torch.strided,
+        return _kernels.ObjectPlan(_kernels.RULES[self.kernel], self, groups,
                                    torch.autograd.graph.increment_version, written,
                                    [_span(t) for t in written + states_written])
+
+    def refreshed_hyperparameters(self, index, group, hp):
+        """A planned group's values changed (an lr schedule): the new hyperparameters, checked
+        as a first step checks them, or None if they change which state the kernels use."""
+        new = self._hyperparameters(index, group)
+        if self.keeps_state(new) != self.keeps_state(hp) or self.slots(new) != self.slots(hp):
+            return None
+        return new
 
     # ---- validation (changes nothing) -----------------------------------------------------
 
@@ -472,9 +499,9 @@ class _Fastopt:
 
     def advance_planned(self, hp, states, counters, step):
         """advance() for a batch whose states are all at step - 1 (the plan knows); counters
-        are the batch's counters gathered into one tensor each (_gather_counters), in the
+        are the batch's counters gathered into one numpy view each (_gather_counters), in the
         order of self.counters.  Returns step."""
-        counters[0].add_(1.0)
+        counters[0] += 1.0
         return step
 
     def planned_step_after(self, hp, step):
@@ -551,9 +578,10 @@ class _Fastopt:
 
 
 def _gather_counters(states, names):
-    """[one tensor per counter name]: the batch's counters (torch's 0-d step tensors, NAdam's
+    """[one array per counter name]: the batch's counters (torch's 0-d step tensors, NAdam's
     mu_product) made views of one tensor each, so that a planned step advances a whole batch
-    with one op (a foreach op over 0-d CPU tensors costs ~1.5 us per tensor).  None if they
+    with one op (a foreach op over 0-d CPU tensors costs ~1.5 us per tensor), given as numpy
+    views of that memory (a numpy op on them costs a third of a torch op).  None if they
     cannot be (missing in some states, not 1-element tensors, mixed dtypes)."""
     gathered = []
     for name in names:
@@ -566,7 +594,7 @@ def _gather_counters(states, names):
         flat = torch.stack([v.reshape(()) for v in values])
         for i, state in enumerate(states):
             state[name] = flat[i]
-        gathered.append(flat)
+        gathered.append(flat.numpy())
     return gathered
 
 
@@ -825,8 +853,8 @@ class NAdam(_Fastopt, torch.optim.NAdam):
         return steps
 
     def advance_planned(self, hp, states, counters, step):
-        counters[0].add_(1.0)
-        counters[1].mul_(_nadam_mu(hp, step))
+        counters[0] += 1.0
+        counters[1] *= _nadam_mu(hp, step)
         return step
 
     def batch_extra(self, state):

@@ -363,3 +363,52 @@ def test_optimizer_survives_deepcopy_and_pickle():
         assert clone._lock is not opt._lock
         clone.load_state_dict(opt.state_dict())  # takes the recreated lock
         assert int(clone.state_dict()["state"][0]["step"]) == 2
+
+
+# ---- the planned step: hooks, the profiler, changed values ------------------------------------
+
+def test_step_hooks_and_the_profiler_see_every_step():
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.01)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    handle = register_optimizer_step_pre_hook(
+        lambda o, args, kwargs: calls.append("global pre"))
+    try:
+        train(net, opt, steps=3)
+    finally:
+        handle.remove()
+    assert calls == ["global pre", "pre", "post"] * 3
+    with torch.profiler.profile() as prof:
+        train(net, opt, steps=2, start=3)
+    names = [e.name for e in prof.events()]
+    assert names.count("Optimizer.step#Adam.step") == 2
+
+
+@pytest.mark.parametrize("name, hp, change, replans", [
+    ("Adam", dict(lr=0.01), dict(weight_decay=0.1, betas=(0.8, 0.99), maximize=True), False),
+    ("NAdam", dict(lr=0.01), dict(momentum_decay=0.002, eps=1e-6), False),
+    ("SGD", dict(lr=0.05, momentum=0.0), dict(momentum=0.9), True),
+])
+def test_values_changed_between_steps_match_torch(name, hp, change, replans):
+    """lr from a schedule every step (the plan stays), then other values (the plan stays) or
+    an option that needs another state buffer (the plan is rebuilt): the same numbers as
+    torch.optim all along."""
+    nets = model(), model()
+    opts = getattr(torch.optim, name)(nets[0].parameters(), **hp), getattr(ft, name)(nets[1].parameters(), **hp)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + 0.1 * t)) for o in opts]
+    plans = []
+    for step in range(12):
+        if step == 6:
+            for o in opts:
+                o.param_groups[0].update(change)
+        for net, opt, sched in zip(nets, opts, scheds):
+            train(net, opt, steps=1, start=step)
+            sched.step()
+        plans.append(opts[1]._plan)
+        for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert plans[1] is plans[5]  # the lr changes kept the plan
+    assert (plans[6] is not plans[5]) == replans

@@ -1,0 +1,232 @@
+# A training step's options (included by _kernels.pyx, after _engine.pxi): the reduction pass
+# (fo_norm) over the gradients before the update, and what it decides for the update: the
+# gradient multiplier (1 / grad_scale, times the clip factor) that the C rules fold into their
+# per-step scalars, or that the step is skipped.
+from libc.math cimport sqrt, isinf, INFINITY
+
+
+cdef class StepResult:
+    """What a step did: total_norm (the gradients' L2 norm after unscaling, a float, or None
+    when the step did not compute it) and skipped (True when non-finite gradients made the step
+    change nothing)."""
+    cdef readonly object total_norm
+    cdef readonly bint skipped
+
+    def __cinit__(self, total_norm=None, bint skipped=False):
+        self.total_norm, self.skipped = total_norm, skipped
+
+    def __repr__(self):
+        return f"StepResult(total_norm={self.total_norm!r}, skipped={self.skipped})"
+
+    def __reduce__(self):
+        return (StepResult, (self.total_norm, self.skipped))
+
+
+PLAIN_RESULT = StepResult()
+
+
+cdef class StepOptions:
+    """One step's keywords, validated: g <- g / grad_scale; skipped if skip_nonfinite and any
+    element is inf or NaN; g <- g min(1, clip_norm / (total_norm + 1e-6)) if clip_norm.
+
+    The reduction writes each parameter's sum of squares at its global index (per_param), and
+    finish() adds them in parameter order: the same total whatever the batches and threads."""
+    cdef double grad_scale, clip_norm
+    cdef bint clip, skip_nonfinite
+    cdef readonly bint reduce  # a reduction pass is needed
+    cdef Py_ssize_t n_params
+    cdef double *per_param
+    cdef bint nonfinite
+    cdef fo_step_options c
+    cdef readonly object total_norm
+    cdef readonly bint skipped
+
+    def __cinit__(self, Py_ssize_t n_params, grad_scale=1.0, clip_norm=None,
+                  skip_nonfinite=False, compute_norm=False):
+        self.grad_scale = _positive("grad_scale", grad_scale)
+        self.clip = clip_norm is not None
+        self.clip_norm = _nonnegative_real("clip_norm", clip_norm) if self.clip else 0.0
+        if type(skip_nonfinite) is not bool or type(compute_norm) is not bool:
+            raise TypeError("skip_nonfinite and compute_norm must be bools")
+        self.skip_nonfinite = skip_nonfinite
+        self.reduce = self.clip or skip_nonfinite or compute_norm
+        self.n_params = n_params
+        self.per_param = <double *>calloc(max(n_params, 1), sizeof(double))
+        if self.per_param == NULL:
+            raise MemoryError()
+        self.c.grad_multiplier = 1.0 / self.grad_scale
+        self.c.ema = NULL
+        self.c.ema_decay = 0.0
+
+    def __dealloc__(self):
+        free(self.per_param)
+
+    cdef void start(self) noexcept:
+        memset(self.per_param, 0, max(self.n_params, 1) * sizeof(double))
+        self.nonfinite = False
+
+    cdef int add(self, bint f64, size_t count, void **grads, const size_t *n,
+                 const Py_ssize_t *index, double *scratch) except -1:
+        """The sums of squares of `count` gradients, parameter index[t] for gradient t."""
+        cdef fo_batch b
+        cdef int k, status, nonfinite = 0
+        cdef double total
+        cdef size_t t
+        b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
+        b.count, b.n = count, n
+        for k in range(8):
+            b.buffers[k] = grads if k == 1 else NULL
+            b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
+        with nogil:
+            status = fo_norm(&b, 1, 2.0, scratch, &total, &nonfinite, NULL)
+        _check(status)
+        for t in range(count):
+            self.per_param[index[t]] = scratch[t]
+        self.nonfinite = self.nonfinite or nonfinite
+        return 0
+
+    cdef int add_arrays(self, list grads) except -1:
+        """add() over every gradient (validated arrays), one call per dtype."""
+        cdef Py_ssize_t i, m
+        for f64 in (False, True):
+            chosen = [i for i in range(len(grads))
+                      if ((<cnp.ndarray>grads[i]).dtype.itemsize == 8) == f64]
+            m = len(chosen)
+            if m == 0:
+                continue
+            table = _IndexTable(m)
+            for i in range(m):
+                table.ptrs[i] = cnp.PyArray_DATA(<cnp.ndarray>grads[chosen[i]])
+                table.n[i] = cnp.PyArray_SIZE(<cnp.ndarray>grads[chosen[i]])
+                table.index[i] = chosen[i]
+            self.add(f64, m, table.ptrs, table.n, table.index, table.scratch)
+        return 0
+
+    cdef bint finish(self) except -1:
+        """After add(): decide the multiplier; True if the step goes ahead."""
+        cdef double total = 0.0, norm, factor
+        cdef Py_ssize_t i
+        self.skipped = self.skip_nonfinite and self.nonfinite
+        if not self.reduce:
+            return True
+        for i in range(self.n_params):
+            total += self.per_param[i]
+        norm = sqrt(total) / self.grad_scale
+        self.total_norm = norm
+        if self.skipped:
+            return False
+        factor = 1.0
+        if self.clip:
+            factor = self.clip_norm / (norm + 1e-6)  # torch's clip_grad_norm_
+            if not factor < 1.0:
+                factor = 1.0
+        self.c.grad_multiplier = factor / self.grad_scale
+        return True
+
+    def reduce_arrays(self, list grads):
+        """The reduction pass over validated gradient arrays (every parameter's, in order),
+        if the options need one; True if the update goes ahead."""
+        self.start()
+        if self.reduce:
+            self.add_arrays(grads)
+        return self.finish()
+
+    def result(self):
+        return StepResult(self.total_norm, self.skipped)
+
+
+cdef class _IndexTable:
+    """Pointer, size, parameter index and scratch arrays for one add() call."""
+    cdef void **ptrs
+    cdef size_t *n
+    cdef Py_ssize_t *index
+    cdef double *scratch
+
+    def __cinit__(self, Py_ssize_t count):
+        count = max(count, 1)
+        self.ptrs = <void **>calloc(count, sizeof(void *))
+        self.n = <size_t *>calloc(count, sizeof(size_t))
+        self.index = <Py_ssize_t *>calloc(count, sizeof(Py_ssize_t))
+        self.scratch = <double *>calloc(count, sizeof(double))
+        if self.ptrs == NULL or self.n == NULL or self.index == NULL or self.scratch == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.ptrs)
+        free(self.n)
+        free(self.index)
+        free(self.scratch)
+
+
+cdef double _positive(str name, value) except? -1.0:
+    cdef double x = _nonnegative_real(name, value)
+    if x == 0.0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return x
+
+
+cdef double _nonnegative_real(str name, value) except? -1.0:
+    if type(value) is bool or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    cdef double x = value
+    if not (x >= 0.0) or isinf(x):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return x
+
+
+def norms(arrays, double p, bint f64):
+    """(per-buffer sums, total, nonfinite) of fo_norm over `arrays`, (address, element count)
+    pairs of buffers of one dtype (float64 if f64, else float32)."""
+    cdef Py_ssize_t m = len(arrays), i
+    table = _IndexTable(m)
+    for i in range(m):
+        address, size = arrays[i]
+        table.ptrs[i] = <void *><uintptr_t>address
+        table.n[i] = size
+    cdef fo_batch b
+    cdef int k, status, nonfinite = 0
+    cdef double total
+    b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
+    b.count, b.n = m, table.n
+    for k in range(8):
+        b.buffers[k] = table.ptrs if k == 1 else NULL
+        b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
+    with nogil:
+        status = fo_norm(&b, 1, p, table.scratch, &total, &nonfinite, NULL)
+    if status == FO_ERR_HYPERPARAM:
+        raise ValueError(f"norm type must be >= 0, got {p}")
+    _check(status)
+    return [table.scratch[i] for i in range(m)], total, bool(nonfinite)
+
+
+def scale(list addresses, list sizes, double factor, bint f64):
+    """Multiply every buffer (raw address, element count; one dtype) in place by `factor`
+    (rounded to the dtype), through the threads: fo_scale."""
+    cdef Py_ssize_t m = len(addresses), i
+    table = _IndexTable(m)
+    for i in range(m):
+        table.ptrs[i] = <void *><uintptr_t>addresses[i]
+        table.n[i] = sizes[i]
+    cdef fo_batch b
+    cdef int k, status
+    b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
+    b.count, b.n = m, table.n
+    for k in range(8):
+        b.buffers[k] = table.ptrs if k == 0 else NULL
+        b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
+    with nogil:
+        status = fo_scale(&b, 0, factor)
+    _check(status)
+
+
+cdef inline int _run_with(int rule, bint f64, size_t count, void ***ptrs, int n_bufs, size_t *n,
+                          void *hp, const fo_step_options *opt) noexcept nogil:
+    """fo_step_with over pointer tables of one dtype (opt NULL: fo_step)."""
+    cdef fo_batch b
+    cdef int k
+    b.count, b.n = count, n
+    for k in range(8):
+        b.buffers[k] = ptrs[k] if k < n_bufs else NULL
+        b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
+    b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
+    return fo_step_with(rule, &b, hp, opt, NULL)

@@ -1,0 +1,187 @@
+"""opt.step's training-step options (unscale, skip non-finite, clip by the global norm) and the
+reduction pass under them, against float64 numpy written from the README's formulas."""
+import copy
+
+import numpy as np
+import pytest
+
+import fastopt
+import reference
+from conftest import CASES, case_id
+from fastopt import _kernels
+from test_rules import reference_kwargs, reference_name
+
+SHAPES = [(7, 5), (33,), (2, 3, 4)]
+
+
+def ref_norm(grads):
+    return float(np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads)))
+
+
+def ref_step(ref_fn, ref_params, ref_states, grads, group_hps, grad_scale, clip_norm):
+    """The issue's semantics: g <- g / grad_scale; g <- g min(1, clip / (norm + 1e-6))."""
+    g64 = [g.astype(np.float64) / grad_scale for g in grads]
+    norm = ref_norm(g64)
+    factor = min(1.0, clip_norm / (norm + 1e-6)) if clip_norm is not None else 1.0
+    for k, hp in enumerate(group_hps):
+        ref_params[k] = ref_fn(ref_params[k], g64[k] * factor, ref_states[k], **hp)
+    return norm
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_every_rule_with_unscale_and_clip(case, dtype, rng):
+    cls, hp = case
+    init = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    params = [p.copy() for p in init]
+    opt = cls(params, **hp)
+    ref_fn = reference.RULES[reference_name(cls)]
+    ref_params = [p.astype(np.float64) for p in init]
+    ref_states = [{} for _ in init]
+    group_hp = reference_kwargs({k: v for k, v in opt.param_groups[0].items()
+                                 if k not in ("params", "decoupled_weight_decay")})
+    clipped = unclipped = 0
+    for step in range(12):
+        grad_scale = 8.0 if step % 3 else 1.0
+        grads = [(rng.standard_normal(s) * grad_scale).astype(dtype) for s in SHAPES]
+        # the limit below the norm on even steps (clipped), far above it on odd ones
+        clip_norm = ref_norm(grads) / grad_scale * (0.3 if step % 2 == 0 else 3.0)
+        result = opt.step(grads, grad_scale=grad_scale, clip_norm=clip_norm)
+        norm = ref_step(ref_fn, ref_params, ref_states, grads, [group_hp] * len(SHAPES),
+                        grad_scale, clip_norm)
+        assert not result.skipped
+        assert result.total_norm == pytest.approx(norm, rel=1e-13)
+        clipped += clip_norm < norm
+        unclipped += clip_norm > norm
+    assert clipped and unclipped
+    for p, r, p0 in zip(params, ref_params, init):
+        if dtype == np.float64:
+            np.testing.assert_allclose(p, r, rtol=1e-11, atol=1e-12)
+        else:
+            moved, ref_moved = p.astype(np.float64) - p0, r - p0
+            scale = np.abs(ref_moved).max()
+            np.testing.assert_allclose(moved, ref_moved, rtol=0, atol=2e-4 * scale + 2e-6)
+
+
+def snapshot(opt):
+    return copy.deepcopy(opt.state_dict()), [p.copy() for p in opt.params]
+
+
+def assert_same(before, opt):
+    state, params = before
+    now_state, now_params = snapshot(opt)
+    for a, b in zip(params, now_params):
+        assert a.tobytes() == b.tobytes()
+    assert state.keys() == now_state.keys()
+    assert state["state"].keys() == now_state["state"].keys()
+    for i, s in state["state"].items():
+        t = now_state["state"][i]
+        assert s.keys() == t.keys()
+        for k in s:
+            if isinstance(s[k], np.ndarray):
+                assert s[k].tobytes() == t[k].tobytes()
+            else:
+                assert s[k] == t[k]
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_skipped_step_changes_nothing(bad, dtype, rng):
+    params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    opt = fastopt.Adam(params, lr=0.01, amsgrad=True)
+    grads = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    # the very first step: no state may be created either
+    bad_grads = [g.copy() for g in grads]
+    bad_grads[2].flat[5] = bad
+    before = snapshot(opt)
+    result = opt.step(bad_grads, skip_nonfinite=True, clip_norm=1.0)
+    assert result.skipped and not np.isfinite(result.total_norm)
+    assert opt.state == {}
+    assert_same(before, opt)
+    for _ in range(3):  # then planned steps
+        assert not opt.step(grads, skip_nonfinite=True).skipped
+    before = snapshot(opt)
+    for _ in range(2):
+        assert opt.step(bad_grads, skip_nonfinite=True, grad_scale=4.0).skipped
+    assert_same(before, opt)
+    assert opt.state[0].step == 3
+    assert not opt.step(grads, skip_nonfinite=True).skipped
+    assert opt.state[0].step == 4
+
+
+def test_total_norm_is_identical_for_any_thread_count(rng):
+    shapes = [(5000,), (150_000,), (3,), (70_001,)]  # large enough to be split across threads
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    norms = set()
+    before = fastopt.get_num_threads()
+    try:
+        for threads in (1, 2, 8):
+            fastopt.set_num_threads(threads)
+            opt = fastopt.SGD([p.copy() for p in params], lr=0.1)
+            for _ in range(3):  # the validating path, then planned steps
+                norms.add(opt.step(grads, compute_norm=True).total_norm)
+            norms.add(_kernels.norms([(g.ctypes.data, g.size) for g in grads], 2.0, False)[1] ** 0.5)
+    finally:
+        fastopt.set_num_threads(before)
+    assert len(norms) == 1
+    assert norms.pop() == pytest.approx(ref_norm(grads), rel=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_reduction_pass_for_every_norm_type(dtype, rng):
+    arrays = [rng.standard_normal(n).astype(dtype) for n in (1, 4095, 4097, 20000, 0)]
+    arrays[2][::7] = 0
+    pairs = [(a.ctypes.data, a.size) for a in arrays]
+    f64 = dtype == np.float64
+    as64 = [a.astype(np.float64) for a in arrays]
+    for p, per, combine in [
+            (2.0, lambda a: (a ** 2).sum(), sum), (1.0, lambda a: np.abs(a).sum(), sum),
+            (3.5, lambda a: (np.abs(a) ** 3.5).sum(), sum),
+            (0.0, lambda a: float(np.count_nonzero(a)), sum),
+            (np.inf, lambda a: np.abs(a).max(initial=0.0), max)]:
+        sums, total, nonfinite = _kernels.norms(pairs, p, f64)
+        expected = [per(a) for a in as64]
+        np.testing.assert_allclose(sums, expected, rtol=1e-12)
+        assert total == pytest.approx(combine(expected), rel=1e-12)
+        assert nonfinite is False
+    for bad, p in [(np.inf, 2.0), (np.nan, 2.0), (np.nan, np.inf), (np.inf, np.inf), (np.inf, 1.0)]:
+        arrays[3][1234] = bad
+        sums, total, nonfinite = _kernels.norms(pairs, p, f64)
+        assert nonfinite is True
+        assert np.isnan(total) if np.isnan(bad) else total == np.inf
+        arrays[3][1234] = 0.5
+    with pytest.raises(ValueError):
+        _kernels.norms(pairs, -1.0, f64)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(grad_scale=0.0), dict(grad_scale=-2.0), dict(grad_scale=np.nan), dict(grad_scale=np.inf),
+    dict(grad_scale="2"), dict(grad_scale=True), dict(clip_norm=-1.0), dict(clip_norm=np.nan),
+    dict(clip_norm="1"), dict(skip_nonfinite=1), dict(compute_norm=None)])
+def test_invalid_options_change_nothing(kwargs, rng):
+    params = [rng.standard_normal(s) for s in SHAPES]
+    opt = fastopt.Adam(params)
+    grads = [rng.standard_normal(s) for s in SHAPES]
+    opt.step(grads)
+    before = snapshot(opt)
+    with pytest.raises((TypeError, ValueError)):
+        opt.step(grads, **kwargs)
+    assert_same(before, opt)
+
+
+def test_options_on_a_mixed_dtype_optimizer_with_groups(rng):
+    p32 = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    p64 = [rng.standard_normal(s) for s in SHAPES]
+    opt = fastopt.SGD([{"params": p32}, {"params": p64, "lr": 0.05}], lr=0.1)
+    ref = [p.astype(np.float64) for p in p32 + p64]
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in p32 + p64]
+        norm = ref_norm(grads) / 2.0
+        result = opt.step(grads, grad_scale=2.0, clip_norm=1.0)
+        assert result.total_norm == pytest.approx(norm, rel=1e-12)
+        factor = min(1.0, 1.0 / (norm + 1e-6))
+        for k, g in enumerate(grads):
+            ref[k] = ref[k] - (0.1 if k < 3 else 0.05) * g.astype(np.float64) / 2.0 * factor
+    for p, r in zip(p32 + p64, ref):
+        np.testing.assert_allclose(p, r, rtol=1e-5 if p.dtype == np.float32 else 1e-12, atol=1e-6)
