@@ -78,10 +78,12 @@ typedef struct {
 } fo_loops;
 
 /* ---- the keyed generator of stochastic rounding's bits ------------------------------------
- * A 64-bit key absorbs seed, step, parameter index, buffer and the element index's upper 32
- * bits (SplitMix64's finalizer after each); the 16 bits for element e are then
- *   h(h(lo32(e) ^ lo32(key)) ^ hi32(key)) >> 16,  h = a 32-bit avalanche ("lowbias32"-style):
- *   x ^= x >> 16; x *= 0x21f0aaad; x ^= x >> 15; x *= 0x735a2d97; x ^= x >> 15.
+ * A 64-bit key absorbs seed, step, parameter index, buffer pair q and the element index's upper
+ * 32 bits (SplitMix64's finalizer after each); the 32-bit hash of element e is then
+ *   h(h(lo32(e) ^ lo32(key)) ^ hi32(key)),  h = a 32-bit avalanche ("lowbias32"-style):
+ *   x ^= x >> 16; x *= 0x21f0aaad; x ^= x >> 15; x *= 0x735a2d97; x ^= x >> 15,
+ * and buffer k (0 the parameter, 2.. the state) takes its low 16 bits if k is even, its high
+ * 16 bits if k is odd, from the hash of pair q = k / 2: one hash for two buffers.
  * Every value depends only on these inputs, never on how the work is split. */
 static inline uint64_t fo_mix64(uint64_t x)
 {
@@ -105,11 +107,11 @@ static inline uint32_t fo_hash32(uint32_t x)
     x ^= x >> 15;
     return x;
 }
-/* the key of buffer k of tensor t for elements [hi << 32, (hi + 1) << 32) */
-static inline uint64_t fo_block_key(const fo_call *c, size_t t, int k, uint64_t hi)
+/* the key of buffer pair q of tensor t for elements [hi << 32, (hi + 1) << 32) */
+static inline uint64_t fo_block_key(const fo_call *c, size_t t, int q, uint64_t hi)
 {
     const uint64_t index = c->index ? c->index[t] : (uint64_t)t;
-    return fo_absorb(fo_absorb(fo_absorb(c->key, index), (uint64_t)k), hi);
+    return fo_absorb(fo_absorb(fo_absorb(c->key, index), (uint64_t)q), hi);
 }
 
 extern const fo_loops fo_loops_baseline;

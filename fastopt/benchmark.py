@@ -378,11 +378,9 @@ def run_storage_table(rules, n, threads, budget_s, results):
     try:
         import ml_dtypes  # noqa: F401
     except ImportError:
-        print("
-bfloat16 storage: skipped (pip install ml_dtypes)")
+        print("\nbfloat16 storage: skipped (pip install ml_dtypes)")
         return
-    print(f"
-bfloat16 storage ({fastopt.config.bf16_path()} rounding to nearest), {threads} threads: "
+    print(f"\nbfloat16 storage ({fastopt.config.bf16_path()} rounding to nearest), {threads} threads: "
           "time of all-float32 fastopt (vs f32) and of torch's fused step on the same bfloat16 "
           "tensors (vs t.fused) / this one's; B/el: bytes moved per element")
     print(STORAGE_HEADER)

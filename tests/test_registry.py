@@ -54,7 +54,9 @@ def test_classes_and_functions_carry_signature_and_formula():
         cls = getattr(fastopt, rule.name)
         sig = inspect.signature(cls)
         assert list(sig.parameters)[0] == "params"
-        assert set(sig.parameters) - {"params"} == set(rule.defaults) - set(rule.fixed)
+        # the hyperparameters, and the storage options every class takes (fastopt.storage)
+        assert set(sig.parameters) - {"params"} == \
+            set(rule.defaults) - set(rule.fixed) | set(fastopt.storage.DEFAULTS)
         assert rule.doc.strip().splitlines()[0] in cls.__doc__
         fn = getattr(fastopt.functional, rule.function)
         assert rule.doc.strip().splitlines()[0] in fn.__doc__
