@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt.benchmark import MODELS, RULES, numpy_runner, torch_runners
+from fastopt.benchmark import MODELS, NUMPY_RULES, RULES, numpy_runner, torch_runners
 
 SIZES = {"1e3": 1000, "1e5": 100_000, "1e6": 1_000_000, "1.6e7": 16_000_000}
 IMPLEMENTATIONS = ["fastopt", "numpy", "torch for-loop", "torch foreach", "torch fused"]
@@ -28,6 +28,8 @@ def make_step(rule, dtype, shapes, implementation):
         opt = cls(params, **kw)
         return lambda: opt.step(grads)
     if implementation == "numpy":
+        if rule not in NUMPY_RULES:
+            pytest.skip(f"no numpy version of {rule}")
         return numpy_runner(rule, params, grads)
     runners = torch_runners(torch_name, params, grads, fastopt.get_num_threads())
     if implementation not in runners:
@@ -48,7 +50,7 @@ def test_rule(benchmark, rule, dtype, size, implementation):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize("rule", ["Adam", "AdamW", "SGD", "Adagrad"])
+@pytest.mark.parametrize("rule", list(RULES))
 def test_model(benchmark, rule, model, implementation):
     shapes = MODELS[model]
     benchmark.group = f"{rule} {model} ({len(shapes)} tensors, "\
@@ -60,7 +62,7 @@ def test_model(benchmark, rule, model, implementation):
 @pytest.mark.parametrize("implementation", ["fastopt.torch", "torch for-loop", "torch foreach",
                                             "torch fused"])
 @pytest.mark.parametrize("case", ["1.6e7", "ResNet-18", "ResNet-50"])
-@pytest.mark.parametrize("rule", ["Adam", "AdamW", "SGD", "Adagrad"])
+@pytest.mark.parametrize("rule", [r for r in RULES if RULES[r][3]])
 def test_torch_dropin(benchmark, rule, case, implementation):
     pytest.importorskip("torch")
     from fastopt.benchmark import dropin_runners
@@ -79,3 +81,23 @@ def test_python_side_cost(benchmark, call):
     from fastopt.benchmark import overhead_calls
     benchmark.group = "Python-side cost per call, 1e3 float32"
     benchmark(overhead_calls()[call])
+
+
+@pytest.mark.parametrize("implementation", ["fastopt.torch", "torch"])
+@pytest.mark.parametrize("distribution", ["zipf", "uniform"])
+@pytest.mark.parametrize("rule", ["SparseAdam", "Adagrad", "SGD"])
+def test_sparse_embedding(benchmark, rule, distribution, implementation):
+    """A 1M x 64 nn.Embedding(sparse=True), 16,384 indices per step (fastopt.bench_sparse)."""
+    pytest.importorskip("torch")
+    from fastopt.bench_sparse import torch_runners
+    benchmark.group = f"sparse {rule} {distribution}"
+    runners, _ = torch_runners(rule, distribution, fastopt.get_num_threads(), {})
+    benchmark(runners[implementation])
+
+
+@pytest.mark.parametrize("implementation", ["SparseGrad", "dense"])
+@pytest.mark.parametrize("distribution", ["zipf", "uniform"])
+def test_sparse_numpy_adam(benchmark, distribution, implementation):
+    from fastopt.bench_sparse import numpy_runners
+    benchmark.group = f"sparse numpy Adam {distribution}"
+    benchmark(numpy_runners(distribution)[implementation])

@@ -47,7 +47,11 @@ extern "C" {
     X(rmsprop, square_avg, grad_avg, momentum_buffer)                                          \
     X(adam, m, v, max_v)                                                                       \
     X(adamax, m, u)                                                                            \
-    X(nadam, m, v)
+    X(nadam, m, v)                                                                             \
+    X(lion, m)                                                                                 \
+    X(radam, m, v)                                                                             \
+    X(rprop, prev, step_size)                                                                  \
+    X(asgd, ax)
 
 /* Every rule starts from g = (maximize ? -grad : grad) + weight_decay * theta (L2), except
  * where a rule decouples the decay.  F(c, type, name) per field of fo_<rule>_params (c: context
@@ -77,6 +81,19 @@ extern "C" {
     F(c, double, momentum_decay) /* FO_TORCH only (psi) */                                        \
     F(c, double, mu_product)     /* FO_TORCH only: prod_{i<=step} mu_i, kept by the caller */     \
     F(c, int, decoupled_weight_decay) F(c, int, maximize) F(c, int, convention) F(c, int64_t, step)
+#define FO_FIELDS_lion(F, c) /* decay decoupled; no step: Lion has no bias correction */          \
+    F(c, double, lr) F(c, double, beta1) F(c, double, beta2) F(c, double, weight_decay) F(c, int, maximize)
+#define FO_FIELDS_radam(F, c)                                                                     \
+    F(c, double, lr) F(c, double, beta1) F(c, double, beta2) F(c, double, eps) F(c, double, weight_decay)     \
+    F(c, int, decoupled_weight_decay) F(c, int, maximize) F(c, int64_t, step)
+#define FO_FIELDS_rprop(F, c) /* no L2 term (torch's Rprop has none) */                          \
+    F(c, double, lr) /* the initial step_size: checked, the caller fills the buffer with it */    \
+    F(c, double, eta_minus) F(c, double, eta_plus) F(c, double, step_size_min)                     \
+    F(c, double, step_size_max) F(c, int, maximize)
+#define FO_FIELDS_asgd(F, c)                                                                      \
+    F(c, double, lr) F(c, double, lambd) F(c, double, alpha) F(c, double, t0) F(c, double, weight_decay) \
+    F(c, double, eta) F(c, double, mu) /* FO_TORCH only: the step's eta and mu, kept by the caller */ \
+    F(c, int, maximize) F(c, int, convention) F(c, int64_t, step)
 
 /* ---- status, conventions, storage types ---------------------------------------------------- */
 
@@ -86,7 +103,9 @@ enum fo_status {
     FO_ERR_HYPERPARAM = 2, /* a hyperparameter is NaN, infinite or out of its range */
     FO_ERR_OVERLAP = 3,    /* a buffer that is written overlaps another buffer of the call */
     FO_ERR_RULE = 4,       /* no such rule */
-    FO_ERR_DTYPE = 5       /* a storage type (or combination) the kernels do not have */
+    FO_ERR_DTYPE = 5,      /* a storage type (or combination) the kernels do not have */
+    FO_ERR_INDEX = 6,      /* a row index out of range, or rows that do not tile the tensor */
+    FO_ERR_MEMORY = 7      /* no memory for a row batch's tables */
 };
 
 enum fo_convention { FO_TEXTBOOK = 0, FO_TORCH = 1 };
@@ -145,16 +164,39 @@ typedef struct {
  * fixed by (seed, index[t] (t when index is NULL), step, the element's index in its tensor, the
  * buffer k), so results do not depend on threads, instruction set or the tensors' order.
  */
+typedef struct fo_rows fo_rows;
 typedef struct {
     size_t count;
     const size_t *n;
     void *const *buffers[FO_MAX_BUFFERS];
     int dtype[FO_MAX_BUFFERS];
+    const fo_rows *rows; /* NULL (every gradient dense), or one entry per tensor: see below */
     float *const *master;  /* per tensor: float32 master weights, or NULL for none */
     int rounding;          /* fo_rounding */
     uint64_t seed, step;   /* key the random bits (step: the update being made, 1 first) */
     const uint64_t *index; /* per tensor: its index among the optimizer's parameters */
 } fo_batch;
+
+/*
+ * Sparse rows.  When batch->rows is set and rows[t].indices is not NULL, tensor t's gradient
+ * is given by rows: the tensor is viewed as n[t] / row_len rows of row_len elements, and
+ * buffers[1][t] holds nnz gradient rows (nnz x row_len, the batch's storage type), row j
+ * belonging to row indices[j] (FO_INT32 or FO_INT64, any order, duplicates allowed).
+ * Duplicates are summed in the order they appear in `indices` (a stable sort by row, then a
+ * sum in that order), so the result depends neither on the thread count nor on how the
+ * duplicates are interleaved with other rows.  Then every touched row takes one step of the
+ * rule with its summed gradient, exactly as a dense step over that row would (same loop, same
+ * per-step scalars); untouched rows and their state are not read or written ("lazy").
+ * Validation: 0 <= indices[j] < n[t] / row_len, row_len > 0 dividing n[t] (FO_ERR_INDEX),
+ * the gradient rows and the indices overlapping no written buffer (FO_ERR_OVERLAP).
+ */
+enum fo_index_type { FO_INT32 = 0, FO_INT64 = 1 };
+struct fo_rows {
+    const void *indices; /* nnz row indices; NULL: this tensor's gradient is dense */
+    int index_type;      /* fo_index_type */
+    size_t nnz;          /* gradient rows */
+    size_t row_len;      /* elements per row */
+};
 
 /* One step of `rule` over `batch`; hp points to the rule's fo_<rule>_params.  err may be NULL. */
 int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err);
@@ -239,7 +281,7 @@ const fo_rule_info *fo_describe(int rule);
  *                   const fo_adam_params *hp);     (max_v may be NULL unless amsgrad)
  * Optional buffers may be NULL when the options leave them unused: SGD's momentum_buffer when
  * momentum == 0, RMSprop's grad_avg unless centered and momentum_buffer when momentum == 0,
- * Adam's max_v unless amsgrad.
+ * Adam's max_v unless amsgrad.  Rprop's step_size must start at lr (the caller fills it).
  */
 #define FO_NARGS_(...) FO_NARGS_PICK_(__VA_ARGS__, 6, 5, 4, 3, 2, 1, 0)
 #define FO_NARGS_PICK_(a1, a2, a3, a4, a5, a6, n, ...) n

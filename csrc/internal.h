@@ -134,4 +134,11 @@ void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
 void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
                    const size_t *n, const fo_call *call, size_t grain);
 
+/* Sparse rows (rows.c): check tensor t's rows (its n elements, its gradient rows at `values`,
+ * the written buffers), then run `span` over the batch of touched rows and dense tensors. */
+int fo_check_rows(const fo_rows *rows, size_t n, size_t elem_size, const void *values,
+                  void *const *written, int n_written);
+int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
+                const size_t *n, const fo_rows *rows, int dtype, const fo_call *call);
+
 #endif

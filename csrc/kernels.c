@@ -72,6 +72,8 @@ const char *fo_strerror(int status)
     case FO_ERR_OVERLAP: return "a buffer that is written overlaps another buffer";
     case FO_ERR_RULE: return "no such rule";
     case FO_ERR_DTYPE: return "unsupported storage type";
+    case FO_ERR_INDEX: return "a row index is negative or out of range, or the rows do not tile the tensor";
+    case FO_ERR_MEMORY: return "out of memory";
     default: return "unknown fastopt status";
     }
 }
@@ -283,6 +285,7 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     for (int i = 0; i < n_used; i++)
         if (!bufs[used[i]]) return FO_ERR_NULL;
 
+    int any_rows = 0;
     for (size_t t = 0; t < count; t++) {
         void *written[FO_MAX_BUFFERS + 1];
         size_t size[FO_MAX_BUFFERS + 1];
@@ -296,20 +299,26 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
             size[n_written] = sizeof(float);
             written[n_written++] = batch->master[t];
         }
-        const int tensor_status = check_tensor(batch->n[t], bufs[1][t],
-                                               dtype_size(batch->dtype[1]), written, size, n_written);
+        const int has_rows = batch->rows && batch->rows[t].indices;
+        if (has_rows && call.staged) return FO_ERR_DTYPE; /* sparse rows: compute-type storage */
+        const int tensor_status =
+            has_rows ? fo_check_rows(&batch->rows[t], batch->n[t], dtype_size(param_dtype),
+                                     bufs[1][t], written, n_written)
+                     : check_tensor(batch->n[t], bufs[1][t], dtype_size(batch->dtype[1]), written,
+                                    size, n_written);
         if (tensor_status != FO_OK) return tensor_status;
+        any_rows |= has_rows;
     }
     const int which = param_dtype == FO_FLOAT64 ? FO_F64 : FO_F32;
     const fo_span_fn rule_span = fo_active()->span[rule][which];
     call.to_nearest = active_to_nearest;
-    if (has_ema) {
-        const fo_ema_scalars ema = {rule_span, &call, n_rule_bufs, opt->ema_decay};
-        const fo_call ema_call = {.scalars = &ema, .n_bufs = n_bufs};
-        fo_run(fo_active()->ema[which], count, bufs, n_bufs, batch->n, &ema_call);
-    } else {
-        fo_run(rule_span, count, bufs, n_bufs, batch->n, &call);
-    }
+    const fo_ema_scalars ema = {rule_span, &call, n_rule_bufs, has_ema ? opt->ema_decay : 0.0};
+    const fo_call ema_call = {.scalars = &ema, .n_bufs = n_bufs};
+    const fo_span_fn span = has_ema ? fo_active()->ema[which] : rule_span;
+    const fo_call *span_call = has_ema ? &ema_call : &call;
+    if (any_rows) /* the touched rows as the batch's tensors (rows.c) */
+        return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, param_dtype, span_call);
+    fo_run(span, count, bufs, n_bufs, batch->n, span_call);
     return FO_OK;
 }
 

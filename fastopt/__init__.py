@@ -18,6 +18,7 @@ if _find_spec("fastopt._kernels") is None:  # a source tree without its built ex
 
 from fastopt import functional, init, optim, rules, state
 from fastopt.config import get_num_threads, isa, set_num_threads, show_config
+from fastopt._kernels import SparseGrad
 from fastopt.flat import FlatParams
 from fastopt.optim import Optimizer
 from fastopt.state import OptimizerState
@@ -31,7 +32,7 @@ globals().update({cls.__name__: cls for cls in RULE_CLASSES + STATE_CLASSES})
 
 __all__ = [cls.__name__ for cls in RULE_CLASSES + STATE_CLASSES] + [
     "Optimizer", "OptimizerState", "functional", "get_include", "get_sources", "init", "rules",
-    "FlatParams", "set_num_threads", "get_num_threads", "isa", "show_config",
+    "FlatParams", "SparseGrad", "set_num_threads", "get_num_threads", "isa", "show_config",
 ]
 
 

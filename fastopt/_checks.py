@@ -72,7 +72,44 @@ def check_grads(grads, params):
     if len(grads) != len(params):
         raise ValueError(f"got {len(grads)} grads for {len(params)} parameters")
     for i, (g, p) in enumerate(zip(grads, params)):
-        check_like(g, p, f"grads[{i}]", writeable=False, dtype_ok=grad_dtype_ok(p))
+        if isinstance(g, _kernels.SparseGrad):
+            check_sparse_grad(g, p, f"grads[{i}]")
+        else:
+            check_like(g, p, f"grads[{i}]", writeable=False, dtype_ok=grad_dtype_ok(p))
+
+
+INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def check_sparse_grad(g, param, what):
+    """A SparseGrad of `param`: 1-D int32/int64 indices in [0, param.shape[0]), values shaped
+    (len(indices),) + param.shape[1:] in param's dtype, both C-contiguous."""
+    if param.ndim < 1:
+        raise ValueError(f"{what} is a SparseGrad, but the parameter is a scalar (rows need "
+                         "ndim >= 1)")
+    indices, values = g.indices, g.values
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{what}.indices must be int32 or int64 (native byte order), got "
+                        f"{indices.dtype}")
+    if indices.ndim != 1:
+        raise ValueError(f"{what}.indices must be 1-D, got shape {indices.shape}")
+    if not indices.flags.c_contiguous:
+        raise ValueError(f"{what}.indices must be C-contiguous")
+    if values.dtype != param.dtype:
+        raise TypeError(f"{what}.values has dtype {values.dtype}, the parameter has {param.dtype}")
+    expected = (len(indices),) + param.shape[1:]
+    if values.shape != expected:
+        raise ValueError(f"{what}.values has shape {values.shape}, expected {expected} "
+                         f"(len(indices),) + parameter shape[1:]")
+    if not values.flags.c_contiguous:
+        raise ValueError(f"{what}.values must be C-contiguous")
+    if len(indices):
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0:
+            raise ValueError(f"{what}.indices holds a negative row index ({low})")
+        if high >= param.shape[0]:
+            raise ValueError(f"{what}.indices holds row {high}, out of range for a parameter of "
+                             f"{param.shape[0]} rows")
 
 
 def check_no_overlap(written, written_names, read=(), read_names=()):
@@ -107,6 +144,24 @@ def betas(x):
         raise TypeError(f"betas must be a pair (beta1, beta2), got {x!r}")
     # the range, [0, 1), is the C rule's to check (it names beta1 or beta2)
     return (real("beta1 (betas[0])", x[0]), real("beta2 (betas[1])", x[1]))
+
+
+SPARSE_MODES = ("lazy",)
+
+
+def sparse_mode(name, x):
+    if not isinstance(x, str):
+        raise TypeError(f"{name} must be a string, got {x!r}")
+    if x not in SPARSE_MODES:
+        raise ValueError(f"{name} must be one of {SPARSE_MODES}, got {x!r}")
+    return x
+
+
+def pair(name, x):
+    if not isinstance(x, (tuple, list, np.ndarray)) or len(x) != 2:
+        raise TypeError(f"{name} must be a pair of numbers, got {x!r}")
+    # the ranges are the C rule's to check
+    return (real(f"{name}[0]", x[0]), real(f"{name}[1]", x[1]))
 
 
 def flag(name, x):

@@ -12,6 +12,7 @@
 # run_single, the same checks for one tensor.
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
+from libc.stdint cimport int32_t
 
 
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
@@ -75,13 +76,14 @@ cdef class Storage:
         free(self.master)
 
     cdef inline int run(self, int rule, size_t count, void ***ptrs, int n_bufs, size_t *n,
-                        void *hp, uint64_t at_step,
-                        const fo_step_options *opt=NULL) noexcept nogil:
+                        void *hp, uint64_t at_step, const fo_step_options *opt=NULL,
+                        const fo_rows *rows=NULL) noexcept nogil:
         """fo_step_with over the pointer tables, stored as this says."""
         cdef fo_batch b
         cdef int k
         b.count = count
         b.n = n
+        b.rows = rows
         for k in range(8):
             b.buffers[k] = ptrs[k] if k < n_bufs else NULL
             b.dtype[k] = self.dtype[k]
@@ -126,6 +128,76 @@ cdef class StepLock:
         return (StepLock, ())
 
 
+cdef class SparseGrad:
+    """A gradient given by rows, for a parameter with ndim >= 1 viewed as rows along axis 0:
+    `indices` a 1-D int32/int64 array of row numbers (any order, duplicates allowed: they are
+    summed, in the order given), `values` an array shaped (len(indices),) + param.shape[1:] in
+    the parameter's dtype, C-contiguous: values[j] is the gradient of row indices[j].  A step
+    with it updates the touched rows only (see the optimizers' `sparse` argument).  Both arrays
+    are used where they lie (no copy) and are checked against the parameter at each step."""
+    cdef readonly object indices, values
+
+    def __init__(self, indices, values):
+        if not isinstance(indices, cnp.ndarray) or not isinstance(values, cnp.ndarray):
+            raise TypeError("SparseGrad(indices, values) takes two numpy arrays, got "
+                            f"{type(indices).__name__} and {type(values).__name__}")
+        self.indices, self.values = indices, values
+
+    def __repr__(self):
+        return (f"SparseGrad(indices: {self.indices.shape[0] if self.indices.ndim else '?'} rows "
+                f"{self.indices.dtype}, values: {self.values.shape} {self.values.dtype})")
+
+    def __reduce__(self):
+        return (SparseGrad, (self.indices, self.values))
+
+
+cdef bint _rows_fit(SparseGrad g, cnp.ndarray a, fo_rows *rows):
+    """Whether g is a valid row gradient of `a` (what _checks.check_sparse_grad checks, indices
+    in range included); fills `rows` if so."""
+    if type(g.indices) is not cnp.ndarray or type(g.values) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray idx = <cnp.ndarray>g.indices, v = <cnp.ndarray>g.values
+    cdef int nd = cnp.PyArray_NDIM(a), ityp = cnp.PyArray_TYPE(idx)
+    if nd < 1 or cnp.PyArray_NDIM(idx) != 1 or not cnp.PyArray_ISNOTSWAPPED(idx) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(idx):
+        return False
+    if ityp == cnp.NPY_INT32:
+        rows.index_type = FO_INT32
+    elif ityp == cnp.NPY_INT64:
+        rows.index_type = FO_INT64
+    else:
+        return False
+    cdef size_t nnz = <size_t>cnp.PyArray_DIMS(idx)[0]
+    if cnp.PyArray_TYPE(v) != cnp.PyArray_TYPE(a) or not cnp.PyArray_ISNOTSWAPPED(v) \
+            or cnp.PyArray_NDIM(v) != nd or <size_t>cnp.PyArray_DIMS(v)[0] != nnz \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(v) \
+            or memcmp(cnp.PyArray_DIMS(v) + 1, cnp.PyArray_DIMS(a) + 1,
+                      (nd - 1) * sizeof(cnp.npy_intp)) != 0:
+        return False
+    cdef int64_t n_rows = cnp.PyArray_DIMS(a)[0]
+    cdef size_t j
+    cdef const int32_t *i32 = <const int32_t *>cnp.PyArray_DATA(idx)
+    cdef const int64_t *i64 = <const int64_t *>cnp.PyArray_DATA(idx)
+    cdef bint bad = False
+    with nogil:
+        if ityp == cnp.NPY_INT32:
+            for j in range(nnz):
+                if i32[j] < 0 or i32[j] >= n_rows:
+                    bad = True
+                    break
+        else:
+            for j in range(nnz):
+                if i64[j] < 0 or i64[j] >= n_rows:
+                    bad = True
+                    break
+    if bad:
+        return False
+    rows.indices = cnp.PyArray_DATA(idx)
+    rows.row_len = <size_t>(cnp.PyArray_SIZE(a) // n_rows) if n_rows > 0 else 0
+    rows.nnz = nnz if rows.row_len > 0 else 0  # rows of no elements: nothing to update
+    return True
+
+
 cdef class Batch:
     """Tensors of one param group, one dtype and one step count: one C call per step.
 
@@ -140,6 +212,8 @@ cdef class Batch:
     cdef int n_bufs
     cdef void **ptrs[8]
     cdef size_t *sizes
+    cdef fo_rows *rows  # per tensor: its gradient's rows (indices NULL: dense)
+    cdef bint any_rows
     cdef Py_ssize_t *index  # each tensor's parameter index (indices), for the reduction pass
     cdef double *scratch    # the reduction's per-tensor results
     cdef Hyper hyper
@@ -173,9 +247,10 @@ cdef class Batch:
         self.step = step
         self.step_offset = rule.step_offset
         self.sizes = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
+        self.rows = <fo_rows *>calloc(max(self.count, 1), sizeof(fo_rows))
         self.index = <Py_ssize_t *>calloc(max(self.count, 1), sizeof(Py_ssize_t))
         self.scratch = <double *>calloc(max(self.count, 1), sizeof(double))
-        if self.index == NULL or self.scratch == NULL:
+        if self.rows == NULL or self.index == NULL or self.scratch == NULL:
             raise MemoryError()
         cdef Py_ssize_t k, t
         for k in range(self.n_bufs):
@@ -202,6 +277,7 @@ cdef class Batch:
 
     def __dealloc__(self):
         free(self.sizes)
+        free(self.rows)
         free(self.index)
         free(self.scratch)
         for k in range(8):
@@ -244,9 +320,23 @@ cdef class Batch:
         """Check this batch's grads like check_like() would, and record their pointers."""
         cdef Py_ssize_t t
         cdef cnp.ndarray a
+        cdef SparseGrad sg
+        self.any_rows = False
         for t in range(self.count):
             g = grads[self.indices[t]]
             a = <cnp.ndarray>self.params[t]
+            if type(g) is SparseGrad:
+                sg = <SparseGrad>g
+                if not _rows_fit(sg, a, &self.rows[t]) \
+                        or plan.hits_written(<size_t>cnp.PyArray_DATA(<cnp.ndarray>sg.values),
+                                             <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>sg.values)) \
+                        or plan.hits_written(<size_t>cnp.PyArray_DATA(<cnp.ndarray>sg.indices),
+                                             <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>sg.indices)):
+                    return False
+                self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>sg.values)
+                self.any_rows = True
+                continue
+            self.rows[t].indices = NULL
             if not _grad_fits(g, a, self.grad_typenum) or plan.hits_written(
                     <size_t>cnp.PyArray_DATA(<cnp.ndarray>g), <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>g)):
                 return False
@@ -268,9 +358,10 @@ cdef class Batch:
         cdef const fo_step_options *opt = &options.c if options is not None else NULL
         if self.step_offset >= 0:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
+        cdef const fo_rows *rows = self.rows if self.any_rows else NULL
         with nogil:
             status = self.storage.run(self.rule.id, self.count, self.ptrs, self.n_bufs,
-                                      self.sizes, hp, <uint64_t>next_step, opt)
+                                      self.sizes, hp, <uint64_t>next_step, opt, rows)
         _raise_for(status, self.hyper)
         self.step = next_step
         for s in self.states:
@@ -440,6 +531,10 @@ cdef class Plan:
         for b in self.batches:
             if not b.unchanged(params, state) or not b.take_grads(grads, self):
                 return False
+        if options is not None and options.reduce:
+            for b in self.batches:
+                if b.any_rows:  # the reduction pass reads dense gradients only
+                    return False
         if options is not None and not self._reduce(options):
             return True  # skipped: nothing changed
         for b in self.batches:
@@ -475,6 +570,11 @@ cdef class Plan:
                 raise RuntimeError("fastopt: a validated step was refused by the engine")
         for b in self.batches:
             b.run(options)
+
+
+def reduces(StepOptions options):
+    """Whether the options need the reduction pass over the gradients (a norm, a check)."""
+    return options is not None and options.reduce
 
 
 cdef tuple _span(cnp.ndarray a):
@@ -600,6 +700,7 @@ cdef class _Table:
     (addresses[k], None for an unused state buffer; the grads' may be filled later)."""
     cdef void **ptrs[8]
     cdef size_t *n
+    cdef fo_rows *rows  # NULL, or per tensor its gradient's rows (indices NULL: dense)
     cdef Py_ssize_t count
     cdef int n_bufs
     cdef bint f64
@@ -610,7 +711,8 @@ cdef class _Table:
     cdef public object step            # the step number the next run is
 
     def __cinit__(self, bint f64, list indices, list sizes, list addresses, list states=None,
-                  list counters=None, step=None, Storage storage=None, storage_step=0):
+                  list counters=None, step=None, list rows=None, Storage storage=None,
+                  storage_step=0):
         self.f64, self.indices, self.count = f64, indices, len(indices)
         self.storage, self.storage_step = storage, storage_step
         self.states, self.counters, self.step = states, counters, step
@@ -618,6 +720,19 @@ cdef class _Table:
         self.n = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
         if self.n == NULL:
             raise MemoryError()
+        self.rows = NULL
+        if rows is not None and any(r is not None for r in rows):
+            # (indices address, int64?, nnz, row_len) per tensor with a row gradient
+            self.rows = <fo_rows *>calloc(max(self.count, 1), sizeof(fo_rows))
+            if self.rows == NULL:
+                raise MemoryError()
+            for t in range(self.count):
+                if rows[t] is not None:
+                    address, wide, nnz, row_len = rows[t]
+                    self.rows[t].indices = <const void *><uintptr_t>address
+                    self.rows[t].index_type = FO_INT64 if wide else FO_INT32
+                    self.rows[t].nnz = nnz
+                    self.rows[t].row_len = row_len
         for k in range(8):
             self.ptrs[k] = NULL
         self.n_bufs = len(addresses)
@@ -638,15 +753,16 @@ cdef class _Table:
         if self.storage is not None:
             with nogil:
                 status = self.storage.run(rule.id, self.count, self.ptrs, self.n_bufs, self.n,
-                                          hyper.data(), self.storage_step)
+                                          hyper.data(), self.storage_step, NULL, self.rows)
             return _raise_for(status, hyper)
         with nogil:
-            status = _run(rule.id, self.f64, self.count, self.ptrs, self.n_bufs, self.n,
-                          hyper.data())
+            status = _typed_rows(rule.id, FO_FLOAT64 if self.f64 else FO_FLOAT32, self.count,
+                                 self.ptrs, self.n_bufs, self.n, self.rows, hyper.data())
         return _raise_for(status, hyper)
 
     def __dealloc__(self):
         free(self.n)
+        free(self.rows)
         for k in range(8):
             free(self.ptrs[k])
 
@@ -790,10 +906,13 @@ cdef class ObjectPlan:
 
 
 def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields,
-                  Storage storage=None, storage_step=0):
+                  list rows=None, Storage storage=None, storage_step=0):
     """One C call over raw buffer addresses (fastopt.torch's validating path: its tensors are
     not numpy arrays): addresses[k] lists buffer k's address for every tensor (param, grad,
-    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's;
-    storage (bfloat16 buffers, master weights) and storage_step, the step that keys rounding."""
-    _Table(f64, list(range(len(sizes))), sizes, addresses, storage=storage,
+    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's.
+    rows: None, or per tensor None (a dense gradient) or (indices address, int64 (else int32),
+    nnz, row_len) for a gradient given as rows (fastopt.h, "Sparse rows"), its values at the
+    grad's address.  storage (bfloat16 buffers, master weights) and storage_step (the step
+    that keys stochastic rounding): how the buffers are stored (None: all float32/float64)."""
+    _Table(f64, list(range(len(sizes))), sizes, addresses, rows=rows, storage=storage,
            storage_step=storage_step).run(rule, Hyper(rule, fields))

@@ -18,6 +18,8 @@ cdef extern from "fastopt.h" nogil:
         FO_ERR_OVERLAP
         FO_ERR_RULE
         FO_ERR_DTYPE
+        FO_ERR_INDEX
+        FO_ERR_MEMORY
     enum fo_convention:
         FO_TEXTBOOK
         FO_TORCH
@@ -40,6 +42,10 @@ cdef extern from "fastopt.h" nogil:
         FO_RULE_adam
         FO_RULE_adamax
         FO_RULE_nadam
+        FO_RULE_lion
+        FO_RULE_radam
+        FO_RULE_rprop
+        FO_RULE_asgd
         FO_N_RULES
 
     const char *fo_strerror(int status)
@@ -47,11 +53,20 @@ cdef extern from "fastopt.h" nogil:
     ctypedef struct fo_error:
         const char *field
         const char *requirement
+    enum fo_index_type:
+        FO_INT32
+        FO_INT64
+    ctypedef struct fo_rows:
+        const void *indices
+        int index_type
+        size_t nnz
+        size_t row_len
     ctypedef struct fo_batch:
         size_t count
         const size_t *n
         void **buffers[8]
         int dtype[8]
+        const fo_rows *rows
         float **master
         int rounding
         uint64_t seed, step
@@ -107,6 +122,20 @@ cdef extern from "fastopt.h" nogil:
         double lr, beta1, beta2, eps, weight_decay, momentum_decay, mu_product
         int decoupled_weight_decay, maximize, convention
         int64_t step
+    ctypedef struct fo_lion_params:
+        double lr, beta1, beta2, weight_decay
+        int maximize
+    ctypedef struct fo_radam_params:
+        double lr, beta1, beta2, eps, weight_decay
+        int decoupled_weight_decay, maximize
+        int64_t step
+    ctypedef struct fo_rprop_params:
+        double lr, eta_minus, eta_plus, step_size_min, step_size_max
+        int maximize
+    ctypedef struct fo_asgd_params:
+        double lr, lambd, alpha, t0, weight_decay, eta, mu
+        int maximize, convention
+        int64_t step
 
 
     int fo_set_num_threads(int n)
@@ -120,8 +149,8 @@ cdef extern from "fastopt.h" nogil:
 # step(rule, batch, hp, err): fo_step; the typed functions below wrap it like fastopt.h's.
 cdef int step(int rule, const fo_batch *batch, const void *hp, fo_error *err) noexcept nogil
 
-cdef inline int _typed(int rule, int dtype, size_t count, void ***bufs, int n_bufs,
-                       const size_t *n, const void *hp) noexcept nogil:
+cdef inline int _typed_rows(int rule, int dtype, size_t count, void ***bufs, int n_bufs,
+                            const size_t *n, const fo_rows *rows, const void *hp) noexcept nogil:
     cdef fo_batch b
     cdef int k
     b.master = NULL
@@ -131,10 +160,15 @@ cdef inline int _typed(int rule, int dtype, size_t count, void ***bufs, int n_bu
     b.index = NULL
     b.count = count
     b.n = n
+    b.rows = rows
     for k in range(8):
         b.buffers[k] = bufs[k] if k < n_bufs else NULL
         b.dtype[k] = dtype
     return step(rule, &b, hp, NULL)
+
+cdef inline int _typed(int rule, int dtype, size_t count, void ***bufs, int n_bufs,
+                       const size_t *n, const void *hp) noexcept nogil:
+    return _typed_rows(rule, dtype, count, bufs, n_bufs, n, NULL, hp)
 
 cdef inline int sgd_f32(float *param, const float *grad, float *momentum_buffer, size_t n, const fo_sgd_params *hp) noexcept nogil:
     cdef void **b[3]
@@ -275,3 +309,83 @@ cdef inline int nadam_many_f64(size_t count, double **param, const double **grad
     cdef void **b[4]
     b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v]
     return _typed(FO_RULE_nadam, FO_FLOAT64, count, b, 4, n, hp)
+
+cdef inline int lion_f32(float *param, const float *grad, float *m, size_t n, const fo_lion_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m]
+    return _typed(FO_RULE_lion, FO_FLOAT32, 1, b, 3, &n, hp)
+
+cdef inline int lion_many_f32(size_t count, float **param, const float **grad, float **m, const size_t *n, const fo_lion_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>m]
+    return _typed(FO_RULE_lion, FO_FLOAT32, count, b, 3, n, hp)
+
+cdef inline int lion_f64(double *param, const double *grad, double *m, size_t n, const fo_lion_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m]
+    return _typed(FO_RULE_lion, FO_FLOAT64, 1, b, 3, &n, hp)
+
+cdef inline int lion_many_f64(size_t count, double **param, const double **grad, double **m, const size_t *n, const fo_lion_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>m]
+    return _typed(FO_RULE_lion, FO_FLOAT64, count, b, 3, n, hp)
+
+cdef inline int radam_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_radam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&v]
+    return _typed(FO_RULE_radam, FO_FLOAT32, 1, b, 4, &n, hp)
+
+cdef inline int radam_many_f32(size_t count, float **param, const float **grad, float **m, float **v, const size_t *n, const fo_radam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v]
+    return _typed(FO_RULE_radam, FO_FLOAT32, count, b, 4, n, hp)
+
+cdef inline int radam_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_radam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&v]
+    return _typed(FO_RULE_radam, FO_FLOAT64, 1, b, 4, &n, hp)
+
+cdef inline int radam_many_f64(size_t count, double **param, const double **grad, double **m, double **v, const size_t *n, const fo_radam_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v]
+    return _typed(FO_RULE_radam, FO_FLOAT64, count, b, 4, n, hp)
+
+cdef inline int rprop_f32(float *param, const float *grad, float *prev, float *step_size, size_t n, const fo_rprop_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&prev, <void **>&step_size]
+    return _typed(FO_RULE_rprop, FO_FLOAT32, 1, b, 4, &n, hp)
+
+cdef inline int rprop_many_f32(size_t count, float **param, const float **grad, float **prev, float **step_size, const size_t *n, const fo_rprop_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>prev, <void **>step_size]
+    return _typed(FO_RULE_rprop, FO_FLOAT32, count, b, 4, n, hp)
+
+cdef inline int rprop_f64(double *param, const double *grad, double *prev, double *step_size, size_t n, const fo_rprop_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&prev, <void **>&step_size]
+    return _typed(FO_RULE_rprop, FO_FLOAT64, 1, b, 4, &n, hp)
+
+cdef inline int rprop_many_f64(size_t count, double **param, const double **grad, double **prev, double **step_size, const size_t *n, const fo_rprop_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>prev, <void **>step_size]
+    return _typed(FO_RULE_rprop, FO_FLOAT64, count, b, 4, n, hp)
+
+cdef inline int asgd_f32(float *param, const float *grad, float *ax, size_t n, const fo_asgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&ax]
+    return _typed(FO_RULE_asgd, FO_FLOAT32, 1, b, 3, &n, hp)
+
+cdef inline int asgd_many_f32(size_t count, float **param, const float **grad, float **ax, const size_t *n, const fo_asgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>ax]
+    return _typed(FO_RULE_asgd, FO_FLOAT32, count, b, 3, n, hp)
+
+cdef inline int asgd_f64(double *param, const double *grad, double *ax, size_t n, const fo_asgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&ax]
+    return _typed(FO_RULE_asgd, FO_FLOAT64, 1, b, 3, &n, hp)
+
+cdef inline int asgd_many_f64(size_t count, double **param, const double **grad, double **ax, const size_t *n, const fo_asgd_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>ax]
+    return _typed(FO_RULE_asgd, FO_FLOAT64, count, b, 3, n, hp)

@@ -39,6 +39,8 @@ cdef int _check(int status) except -1:
     message = fo_strerror(status).decode()
     if status == FO_ERR_NULL or status == FO_ERR_DTYPE:
         raise TypeError(message)
+    if status == FO_ERR_MEMORY:
+        raise MemoryError(message)
     raise ValueError(message)
 
 

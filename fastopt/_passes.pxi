@@ -220,11 +220,12 @@ def scale(list addresses, list sizes, double factor, bint f64):
 
 
 cdef inline int _run_with(int rule, bint f64, size_t count, void ***ptrs, int n_bufs, size_t *n,
-                          void *hp, const fo_step_options *opt) noexcept nogil:
-    """fo_step_with over pointer tables of one dtype (opt NULL: fo_step)."""
+                          void *hp, const fo_step_options *opt,
+                          const fo_rows *rows=NULL) noexcept nogil:
+    """fo_step_with over pointer tables of one dtype (opt NULL: fo_step; rows: see fo_batch)."""
     cdef fo_batch b
     cdef int k
-    b.count, b.n = count, n
+    b.count, b.n, b.rows = count, n, rows
     for k in range(8):
         b.buffers[k] = ptrs[k] if k < n_bufs else NULL
         b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32

@@ -29,6 +29,9 @@ TORCH_KW = {torch_name: {("alpha" if k == "rho" else k): v for k, v in kw.items(
 # the rule that the in-a-training-loop cases (fastopt.bench_in_backward) run
 IN_LOOP_RULE = "Adam"
 
+# pairs of rules timed side by side on 1.6e7 float32 elements: (rule, the rule it is compared with)
+PAIRS = [("Lion", "Adam")]  # one state buffer against two: 20 against 28 bytes per element
+
 
 # ---- model parameter shapes (torchvision's ResNet-18 and ResNet-50, without running torch) ----
 
@@ -127,6 +130,10 @@ def numpy_step(rule, p, g, state, t, tmp, tmp2):
             np.multiply(m, 1e-3 / (1 - b1 ** t), out=tmp2)
         np.divide(tmp2, tmp, out=tmp2)
         p -= tmp2
+
+
+# the rules numpy_step writes out (the others are compared with torch only)
+NUMPY_RULES = ("SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "AdaMax", "Nadam")
 
 
 def numpy_runner(rule, params, grads):
@@ -292,7 +299,7 @@ def run_case(rule, dtype, shapes, threads, budget_s, with_numpy=True):
     bytes_moved = streams * n * np.dtype(dtype).itemsize
     ceiling, ceiling_bytes = stream_runner(bytes_moved)
     fns = {"fastopt": lambda: opt.step(grads), "ceiling": ceiling}
-    if with_numpy:
+    if with_numpy and rule in NUMPY_RULES:
         fns["numpy"] = numpy_runner(rule, [p.copy() for p in params], grads)
     fns.update(torch_runners(torch_name, params, grads, threads))
     times = time_side_by_side(fns, budget_s)
@@ -393,6 +400,17 @@ def run_storage_table(rules, n, threads, budget_s, results):
             print(format_storage_row(r), flush=True)
             results.append(r)
 
+def run_pair(rule, other, n, threads, budget_s):
+    """Two rules on the same n float32 elements, timed in the same interleaved rounds."""
+    fns = {}
+    for name in (rule, other):
+        cls, kw, _, _ = RULES[name]
+        rng = np.random.default_rng(0)
+        params, grads = [rng.standard_normal(n).astype(np.float32)], [(rng.standard_normal(n) * 1e-3).astype(np.float32)]
+        opt = cls(params, **kw)
+        fns[name] = (lambda o, g: lambda: o.step(g))(opt, grads)
+    return time_side_by_side(fns, budget_s)
+
 
 def size_label(n):
     mantissa, exponent = f"{n:.1e}".split("e")
@@ -474,11 +492,17 @@ def main(argv=None):
                 r = run_case(rule, dtype, [(n,)], args.threads, budget * (2 if big else 1),
                              with_numpy=n <= 16_000_000)
                 report(r, size_label(n))
-    model_rules = ["Adam"] if args.quick else ["Adam", "AdamW", "SGD", "Adagrad"]
+    model_rules = ["Adam"] if args.quick else rules
     models = {k: v for k, v in MODELS.items() if not (args.quick and k == "ResNet-50")}
     for model, shapes in models.items():
         for rule in model_rules:
             report(run_case(rule, np.float32, shapes, args.threads, budget * 2), model)
+    for rule, other in PAIRS:
+        if rule in rules and other in RULES and not args.quick:
+            t = run_pair(rule, other, 16_000_000, args.threads, budget * 2)
+            print(f"{rule} against {other}, 1.6e7 float32, side by side: {t[rule] * 1e6:.1f} us, "
+                  f"{t[other] * 1e6:.1f} us: {t[other] / t[rule]:.2f}x", flush=True)
+            results.append(dict(label=f"{rule} vs {other}", times=t))
     # a competing busy process on one core: threads must degrade, not collapse
     stop = multiprocessing.Event()
     hog = multiprocessing.Process(target=busy_loop, args=(stop,), daemon=True)
@@ -506,13 +530,15 @@ def main(argv=None):
         cases = {"1.6e7": [(16_000_000,)], "ResNet-18": MODELS["ResNet-18"]}
         if not args.quick:
             cases["ResNet-50"] = MODELS["ResNet-50"]
-        for rule in (["Adam"] if args.quick else ["Adam", "AdamW", "SGD", "Adagrad"]):
+        for rule in (["Adam"] if args.quick else [r for r in rules if RULES[r][3]]):
             for case, shapes in cases.items():  # SGD with momentum 0.9 (RULES)
                 t = run_dropin(rule, shapes, args.threads, budget * 2)
                 ratio = lambda k: f"{t[k] / t['fastopt.torch']:7.2f}x" if k in t else "      –"  # noqa: E731
                 print(f"{rule:<13}{case:>22} {t['fastopt.torch'] * 1e6:>11.1f} {ratio('torch for-loop')} "
                       f"{ratio('torch foreach')} {ratio('torch fused')}", flush=True)
                 results.append(dict(rule=rule, label=case, dropin=True, times=t))
+    from fastopt import bench_sparse  # embedding tables: the rows a batch touches
+    results += bench_sparse.run(args.threads, args.quick, budget)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -22,6 +22,12 @@ class Optimizer:
     """Base class.  params: a list of arrays, or of dicts {"params": [...], <hyperparameter>: ...}
     (param groups, each overriding the optimizer's defaults).
 
+    sparse: how a step whose gradient is a fastopt.SparseGrad (rows along axis 0) treats the
+    rows it does not touch: "lazy" (the only mode so far) updates the touched rows alone, each
+    with the sum of its gradient rows, exactly as a dense step over that row would (its state
+    advances; the step count is the parameter's, which advances every step); untouched rows and
+    their state stay as they are.  A param group may carry its own "sparse".
+
     Attributes: param_groups (list of dicts; change hyperparameters there between steps),
     state (dict: global parameter index -> state object, created on a parameter's first step),
     storage_options (state_dtype, rounding, seed, master_weights: see fastopt.storage).
@@ -29,9 +35,12 @@ class Optimizer:
 
     rule = None
 
-    def __init__(self, params, **defaults):
+    def __init__(self, params, sparse="lazy", **defaults):
         options = {k: defaults.pop(k) for k in storage.DEFAULTS if k in defaults}
         self.storage_options = storage.check_options(**options)
+        # how a step with a SparseGrad treats the rows it does not touch (README, "Sparse
+        # rows"); a param group may override it with its own "sparse" key
+        self.sparse = _checks.sparse_mode("sparse", sparse)
         self.defaults = self.rule.check(defaults)[0]
         groups = _parse_groups(params)
         for i, g in enumerate(groups):
@@ -65,14 +74,17 @@ class Optimizer:
     def _group_hyperparameters(self, group, where):
         """(hyperparameters, Hyper) of a group, validated (the error names the group)."""
         try:
-            return self.rule.check({k: v for k, v in group.items() if k != "params"})
+            if "sparse" in group:
+                _checks.sparse_mode("sparse", group["sparse"])
+            return self.rule.check({k: v for k, v in group.items() if k not in ("params", "sparse")})
         except (TypeError, ValueError) as e:
             raise type(e)(f"{where}: {e}") from None
 
     def step(self, grads, *, grad_scale=1.0, clip_norm=None, skip_nonfinite=False,
              compute_norm=False):
         """Update every parameter in place from `grads` (one array per parameter, same shape and
-        dtype, C-contiguous).  Nothing is changed if any input is invalid.  Calls from several
+        dtype, C-contiguous, or a fastopt.SparseGrad of its rows: see `sparse` above).  Nothing
+        is changed if any input is invalid.  Calls from several
         threads are serialized (one lock per optimizer).
 
         The training step's options (at most two passes over the gradients: a reduction when
@@ -89,6 +101,9 @@ class Optimizer:
                 and skip_nonfinite is False and compute_norm is False:
             options, result = None, _kernels.PLAIN_RESULT
         else:
+            if any(isinstance(g, _kernels.SparseGrad) for g in grads):
+                raise TypeError("grad_scale, clip_norm, skip_nonfinite and compute_norm take "
+                                "dense gradients only, not fastopt.SparseGrad rows")
             options = _kernels.StepOptions(sum(len(g["params"]) for g in self.param_groups),
                                            grad_scale, clip_norm, skip_nonfinite, compute_norm)
         plan = self._plan
@@ -129,6 +144,10 @@ class Optimizer:
             _checks.check_param(p, f"params[{i}]", bfloat16=True)
             storage.check_param_dtype(p.dtype, stored_as, f"params[{i}]")
         _checks.check_grads(grads, params)
+        if _kernels.reduces(options) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
+            raise ValueError("clip_norm, skip_nonfinite and compute_norm need dense gradients "
+                             "(their norm pass does not read a SparseGrad's rows); grad_scale "
+                             "works with a SparseGrad")
         written, names = list(params), [f"params[{i}]" for i in range(len(params))]
         state_type = self.state_type
         for i, p in enumerate(params):
@@ -141,13 +160,24 @@ class Optimizer:
                 for k, buf in state.buffers().items():
                     written.append(buf)
                     names.append(f"state[{i}].{k}")
-        _checks.check_no_overlap(written, names, list(grads),
-                                 [f"grads[{i}]" for i in range(len(grads))])
-        if options is not None and options.reduce and any(storage.is_bf16(g.dtype) for g in grads):
+        read, read_names = [], []
+        for i, g in enumerate(grads):
+            if isinstance(g, _kernels.SparseGrad):
+                if storage.is_bf16(params[i].dtype) or stored_as["state_dtype"] == "bfloat16":
+                    raise TypeError(f"grads[{i}] is a SparseGrad: sparse rows need float32 or "
+                                    "float64 storage (not bfloat16 yet)")
+                read += [g.indices, g.values]
+                read_names += [f"grads[{i}].indices", f"grads[{i}].values"]
+            else:
+                read.append(g)
+                read_names.append(f"grads[{i}]")
+        _checks.check_no_overlap(written, names, read, read_names)
+        if options is not None and options.reduce and any(
+                storage.is_bf16(g.dtype) for g in grads if isinstance(g, np.ndarray)):
             raise TypeError("clip_norm, skip_nonfinite and compute_norm do not take bfloat16 "
                             "gradients yet")
         # everything is valid: from here on nothing can fail
-        plain = [g.view(np.ndarray) for g in grads]
+        plain = [_plain(g) for g in grads]
         if options is not None and not options.reduce_arrays(plain):
             return  # skipped: no state is created either
         batches, hypers, i = [], [], 0
@@ -165,7 +195,9 @@ class Optimizer:
                 if stored_as["master_weights"] and state.master is None:
                     state.master = p.astype(np.float32, order="C")
                 stored = tuple(getattr(state, name).dtype for name in needed)
-                by_key.setdefault((p.dtype, grads[i].dtype, stored, state.step), []).append(i)
+                grad_dtype = grads[i].values.dtype if isinstance(grads[i], _kernels.SparseGrad) \
+                    else grads[i].dtype
+                by_key.setdefault((p.dtype, grad_dtype, stored, state.step), []).append(i)
                 i += 1
             for (_, grad_dtype, _, step), indices in by_key.items():
                 batch = _kernels.Batch(self.rule.crule, [params[j] for j in indices],
@@ -209,6 +241,13 @@ class Optimizer:
         return "\n".join(lines + [")"])
 
 
+def _plain(grad):
+    """A validated gradient as the engine takes it: plain ndarray views of any subclass."""
+    if isinstance(grad, _kernels.SparseGrad):
+        return _kernels.SparseGrad(grad.indices.view(np.ndarray), grad.values.view(np.ndarray))
+    return grad.view(np.ndarray)
+
+
 def _parse_groups(params):
     if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
         raise TypeError("params must be a list of arrays or of param-group dicts, "
@@ -238,6 +277,7 @@ def _optimizer_class(rule):
                 else inspect.Parameter.POSITIONAL_OR_KEYWORD)
         positional.append(inspect.Parameter(
             name, kind, default=inspect.Parameter.empty if default is REQUIRED else default))
+    positional.append(inspect.Parameter("sparse", inspect.Parameter.KEYWORD_ONLY, default="lazy"))
     positional += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
                    for name, default in storage.DEFAULTS.items()]
     signature = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]

@@ -14,13 +14,16 @@ README, "Adding a rule".
 from fastopt import _checks, _kernels
 from fastopt._kernels import TEXTBOOK
 
-REAL, NONNEGATIVE, FLAG, BETAS = "real", "nonnegative", "flag", "betas"
+REAL, NONNEGATIVE, FLAG, BETAS, PAIR = "real", "nonnegative", "flag", "betas", "pair"
 _KIND_CHECKS = {REAL: _checks.real, NONNEGATIVE: _checks.nonnegative, FLAG: _checks.flag,
-                BETAS: lambda name, x: _checks.betas(x)}
+                BETAS: lambda name, x: _checks.betas(x), PAIR: _checks.pair}
 REQUIRED = object()  # a hyperparameter without a default (Momentum's and NAG's lr)
 
 # how a C field is named in error messages when it is not a hyperparameter of the same name
-FIELD_NAMES = {"beta1": "beta1 (betas[0])", "beta2": "beta2 (betas[1])"}
+FIELD_NAMES = {"beta1": "beta1 (betas[0])", "beta2": "beta2 (betas[1])",
+               "eta_minus": "eta_minus (etas[0])", "eta_plus": "eta_plus (etas[1])",
+               "step_size_min": "step_size_min (step_sizes[0])",
+               "step_size_max": "step_size_max (step_sizes[1])"}
 
 
 class Rule:
@@ -199,6 +202,46 @@ RULES = [
     m, v, m_hat, v_hat as in Adam;
     theta <- theta - lr / (sqrt(v_hat) + eps) (b1 m_hat + (1 - b1) g / (1 - b1^t)).  {_G}""",
          benchmark=(dict(lr=2e-3), 7), torch="NAdam"),
+    Rule("Lion", "lion", "lion", "LionState",
+         [("lr", 1e-4, REAL), ("betas", (0.9, 0.99), BETAS), ("weight_decay", 0.0, REAL),
+          ("maximize", False, FLAG)],
+         lambda hp: dict(_common(hp), beta1=hp["betas"][0], beta2=hp["betas"][1]), """
+    c = b1 m + (1 - b1) g;  theta <- theta - lr (sign(c) + weight_decay theta)
+    m <- b2 m + (1 - b2) g   (sign(0) = 0; the decay is decoupled: g is the gradient after
+    `maximize` only).""", benchmark=(dict(lr=1e-4), 5)),
+    Rule("RAdam", "radam", "radam", "RAdamState",
+         [("lr", 1e-3, REAL), ("betas", (0.9, 0.999), BETAS), ("eps", 1e-8, REAL),
+          ("weight_decay", 0.0, REAL), ("decoupled_weight_decay", False, FLAG),
+          ("maximize", False, FLAG)],
+         lambda hp: dict(_common(hp), beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
+                         decoupled_weight_decay=hp["decoupled_weight_decay"]), f"""
+    m, v, m_hat as in Adam;  rho_inf = 2 / (1 - b2) - 1;  rho_t = rho_inf - 2 t b2^t / (1 - b2^t)
+    rho_t > 5:  r = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+                theta <- theta - lr r m_hat sqrt(1 - b2^t) / (sqrt(v) + eps)
+    otherwise:  theta <- theta - lr m_hat
+    decoupled_weight_decay: theta <- theta (1 - lr weight_decay) first, no L2 term.  {_G}""",
+         benchmark=(dict(lr=1e-3), 7), torch="RAdam"),
+    Rule("Rprop", "rprop", "rprop", "RpropState",
+         [("lr", 1e-2, REAL), ("etas", (0.5, 1.2), PAIR), ("step_sizes", (1e-6, 50.0), PAIR),
+          ("maximize", False, FLAG)],
+         lambda hp: dict(lr=hp["lr"], eta_minus=hp["etas"][0], eta_plus=hp["etas"][1],
+                         step_size_min=hp["step_sizes"][0], step_size_max=hp["step_sizes"][1],
+                         maximize=hp["maximize"]), """
+    s = sign(g prev);  step_size <- clamp(f step_size, step_sizes[0], step_sizes[1]) with
+    f = etas[1] if s > 0, etas[0] if s < 0, 1 if s = 0;  g <- 0 where s < 0
+    theta <- theta - sign(g) step_size;  prev <- g
+    step_size starts at lr where the state is created (lr is not used after that); g is the
+    gradient after `maximize` (no weight decay, as torch's Rprop).""",
+         fill={"step_size": "lr"}, benchmark=(dict(lr=1e-2), 7), torch="Rprop"),
+    Rule("ASGD", "asgd", "asgd", "ASGDState",
+         [("lr", 1e-2, REAL), ("lambd", 1e-4, REAL), ("alpha", 0.75, REAL), ("t0", 1e6, REAL),
+          ("weight_decay", 0.0, REAL), ("maximize", False, FLAG)],
+         lambda hp: dict(_common(hp), lambd=hp["lambd"], alpha=hp["alpha"], t0=hp["t0"],
+                         eta=0.0, mu=1.0, convention=TEXTBOOK), f"""
+    eta_t = lr / (1 + lambd lr (t - 1))^alpha;  mu_t = 1 / max(1, t - 1 - t0)  (mu_1 = 1)
+    theta <- theta (1 - lambd eta_t) - eta_t g
+    ax <- theta if mu_t = 1, else ax + mu_t (theta - ax)   (the averaged parameters: state.ax)
+    {_G}""", benchmark=(dict(lr=1e-2), 5), torch="ASGD"),
 ]
 BY_NAME = {r.name: r for r in RULES}
 BY_FUNCTION = {r.function: r for r in RULES}

@@ -33,10 +33,19 @@ class OptimizerState:
         for name in self.COUNTERS:
             setattr(self, name, fields.get(name, 0))
 
+    INITIAL = {}  # buffer -> its start value when not given (the default of the hyperparameter that fills it)
+
     @classmethod
-    def new(cls, param, fill=0.0):
-        """A fresh state for `param`: its required buffers filled with `fill`, step 0."""
-        return cls(**{name: np.full_like(param, fill, order="C") for name in cls.REQUIRED})
+    def new(cls, param, fill=None, **initial):
+        """A fresh state for `param`, step 0: its required buffers filled with `fill` if given,
+        else with their start value (`initial`, e.g. RpropState.new(p, step_size=lr), or the
+        default of the hyperparameter the rule fills them with), else 0."""
+        unknown = set(initial) - set(cls.REQUIRED)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.new: no required buffer(s) {sorted(unknown)}")
+        return cls(**{name: np.full_like(param, initial.get(
+            name, fill if fill is not None else cls.INITIAL.get(name, 0.0)), order="C")
+            for name in cls.REQUIRED})
 
     def add_missing(self, param, names, dtype=None):
         """Create, zero-filled (of `dtype`, default param's), those of the named buffers that
@@ -93,7 +102,8 @@ def _state_class(rule):
            "step: updates taken.")
     return type(rule.state, (OptimizerState,), {
         "__doc__": doc, "__module__": __name__, "KERNEL": crule.name,
-        "BUFFERS": crule.state + ("master",), "REQUIRED": required})
+        "BUFFERS": crule.state + ("master",), "REQUIRED": required,
+        "INITIAL": {name: rule.defaults[hp] for name, hp in rule.fill.items()}})
 
 
 STATE_TYPES = {}

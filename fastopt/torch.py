@@ -54,7 +54,8 @@ except ImportError:  # a torch built without distributed
     class DTensor:  # noqa: D101 - never instantiated: isinstance is always False
         pass
 
-__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
+__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
+           "Rprop", "ASGD", "Lion", "SparseAdam"]
 
 TORCH = _kernels.TORCH
 # a parameter's dtype -> the real dtype the kernels see (complex: its real and imaginary parts)
@@ -263,7 +264,11 @@ class _Fastopt:
                 for hp, members in work:
                     if members:
                         self._step_group(hp, members)
-                self._plan = None if entry is not None else self._make_plan([hp for hp, _ in work])
+                # a step with rows takes this validating path every time (no plan to build),
+                # and so does one with bfloat16 storage or master weights
+                rows = any(isinstance(m[2], _Rows) for _, members in work for m in members)
+                self._plan = None if rows or entry is not None else \
+                    self._make_plan([hp for hp, _ in work])
                 return loss
             finally:
                 torch._C._set_grad_enabled(grad_mode)
@@ -427,20 +432,29 @@ class _Fastopt:
             if dtype not in _KERNEL_DTYPES or p.layout != strided or not p.is_cpu \
                     or not local_p.is_contiguous():
                 _check_param(p, self._where(index, group, i))
-            if g.layout != strided:
+            sparse = g.layout == torch.sparse_coo and not sharded and not p.is_complex()
+            if g.layout != strided and (not sparse or self.sparse_grads(hp) is None):
                 raise TypeError(f"{self._where(index, group, i)}: {type(self).__name__} does "
                                 f"not support sparse gradients ({g.layout})")
+            if not sparse:
+                self.check_dense_grad()
             if (g.dtype != dtype and not (dtype == torch.float32 and g.dtype == torch.bfloat16)) \
                     or g.shape != p.shape or not g.is_cpu \
                     or isinstance(g, DTensor) != sharded:
                 raise TypeError(f"{self._where(index, group, i)}: its gradient is "
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
-            local_g = _local_like(g, local_p, TypeError,
-                                  f"{self._where(index, group, i)}: its gradient is")
-            if not local_g.is_contiguous():
+            if sparse:
+                self.check_sparse_grad(hp)
+                local_g = _Rows.of(g) if self.sparse_grads(hp) == "rows" else g.to_dense()
+            else:
+                local_g = _local_like(g, local_p, TypeError,
+                                      f"{self._where(index, group, i)}: its gradient is")
+            if not isinstance(local_g, _Rows) and not local_g.is_contiguous():
                 local_g = local_g.contiguous()
             state = self.state.get(p) if keep else None  # .get: state is a defaultdict
-            pointers = [local_p.data_ptr(), local_g.data_ptr()]
+            pointers = [local_p.data_ptr()]
+            if not isinstance(local_g, _Rows):  # rows: the C layer checks their overlaps
+                pointers.append(local_g.data_ptr())
             if state:
                 pointers += self._state_pointers(index, i, group, p, local_p, state, slots)
             # every buffer the kernel touches spans the same nbytes from its address: two
@@ -470,6 +484,18 @@ class _Fastopt:
 
     def slots(self, hp):
         raise NotImplementedError
+
+    def sparse_grads(self, hp):
+        """How a sparse COO gradient is taken: None (refused, as torch refuses it), "rows"
+        (only the touched rows and their state are updated, fastopt's row batch), or "dense"
+        (torch's result is the dense update: the gradient is made dense)."""
+        return None
+
+    def check_sparse_grad(self, hp):
+        """Raise torch's error where torch refuses a sparse gradient with these options."""
+
+    def check_dense_grad(self):
+        """Raise torch's error where torch refuses a dense gradient (SparseAdam)."""
 
     def keeps_state(self, hp):
         return True
@@ -542,7 +568,8 @@ class _Fastopt:
         indices = getattr(self, "_indices", {})
         for (p, local_p, local_g, _), state, t in zip(members, states, steps):
             stored = tuple(state[n].dtype for n in slots if n is not None)
-            key = (_KERNEL_DTYPES[p.dtype], local_g.dtype, stored, t, self.batch_extra(state))
+            grad_dtype = (local_g.values if isinstance(local_g, _Rows) else local_g).dtype
+            key = (_KERNEL_DTYPES[p.dtype], grad_dtype, stored, t, self.batch_extra(state))
             batches.setdefault(key, []).append((local_p, local_g, state, indices.get(id(p), 0)))
         for (dtype, _, _, t, _), batch in batches.items():
             self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]))
@@ -553,15 +580,18 @@ class _Fastopt:
         real and imaginary parts."""
         buffers = [None if name is None else [_local(s[name]) for _, _, s, _ in batch]
                    for name in slots]
-        addresses = [[p.data_ptr() for p, *_ in batch], [g.data_ptr() for _, g, *_ in batch]]
+        addresses = [[p.data_ptr() for p, *_ in batch],
+                     [(g.values if isinstance(g, _Rows) else g).data_ptr() for _, g, *_ in batch]]
         addresses += [None if b is None else [t.data_ptr() for t in b] for b in buffers]
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, *_ in batch]
+        rows = [g.address() if isinstance(g, _Rows) else None for _, g, *_ in batch]
         entry = self.state.get(_STORAGE_KEY)
         if entry is None:
             _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                                   sizes, kernel_args)
+                                   sizes, kernel_args, rows)
         else:
             p0, g0, s0, _ = batch[0]
+            g0 = g0.values if isinstance(g0, _Rows) else g0
             dtypes = [_FO_DTYPE[_KERNEL_DTYPES[p0.dtype]], _FO_DTYPE[g0.dtype]]
             dtypes += [None if name is None else _FO_DTYPE[s0[name].dtype] for name in slots]
             masters = None
@@ -569,12 +599,43 @@ class _Fastopt:
                 masters = [_local(s["master"]).data_ptr() for _, _, s, _ in batch]
             indices = [index for *_, index in batch]
             _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                                   sizes, kernel_args,
+                                   sizes, kernel_args, rows,
                                    _kernels.Storage(dtypes, indices, entry["rounding"] == "nearest",
                                                     entry["seed"], masters), entry["step"])
         # the kernels write memory directly: tell autograd about the parameters, as an in-place
         # op would (what a graph may have saved; the state buffers are the optimizer's own)
         torch.autograd.graph.increment_version([p for p, *_ in batch])
+
+
+class _Rows:
+    """A sparse COO gradient as the kernels take it (fastopt.h, "Sparse rows"): the parameter
+    as rows along its sparse dimensions, 1-D int64 row indices and their values, contiguous.
+    Zero copy for what nn.Embedding(sparse=True) / EmbeddingBag produce (one sparse
+    dimension, contiguous indices and values); duplicates are summed by the kernels."""
+    __slots__ = ("indices", "values", "row_len")
+
+    def __init__(self, indices, values, row_len):
+        self.indices, self.values, self.row_len = indices, values, row_len
+
+    @classmethod
+    def of(cls, g):
+        indices, values = g._indices(), g._values()
+        sparse_dims = indices.shape[0]
+        if sparse_dims == 1:
+            rows = indices[0]
+        else:  # several sparse dimensions: rows numbered in C order over them
+            rows = torch.zeros(indices.shape[1], dtype=torch.int64)
+            for d in range(sparse_dims):
+                rows.mul_(g.shape[d]).add_(indices[d])
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        if not values.is_contiguous():
+            values = values.contiguous()
+        row_len = math.prod(g.shape[sparse_dims:])
+        return cls(rows, values, row_len)
+
+    def address(self):
+        return (self.indices.data_ptr(), True, self.indices.numel(), self.row_len)
 
 
 def _gather_counters(states, names):
@@ -724,6 +785,16 @@ class SGD(_Fastopt, torch.optim.SGD):
     def slots(self, hp):
         return ("momentum_buffer",) if hp["momentum"] != 0 else (None,)
 
+    def sparse_grads(self, hp):
+        # torch's momentum buffer of a sparse gradient moves every row it ever touched: the
+        # dense update (kept in a dense buffer); plain SGD updates the touched rows only
+        return "dense" if hp["momentum"] != 0 else "rows"
+
+    def check_sparse_grad(self, hp):
+        if hp["weight_decay"] != 0:
+            raise RuntimeError("add(sparse, dense) is not supported. Use add(dense, sparse) "
+                               "instead.")  # torch's own error for weight decay
+
     def keeps_state(self, hp):
         return hp["momentum"] != 0  # as torch: plain SGD stores nothing
 
@@ -755,6 +826,13 @@ class Adagrad(_Fastopt, torch.optim.Adagrad):
 
     def slots(self, hp):
         return ("sum",)
+
+    def sparse_grads(self, hp):
+        return "rows"
+
+    def check_sparse_grad(self, hp):
+        if hp["weight_decay"] != 0:
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
 
     def new_state(self, p, hp):
         # as torch: the constructor's value, not the group's (torch never reads the group's)
@@ -825,6 +903,41 @@ class Adamax(_Fastopt, torch.optim.Adamax):
                     step=step)
 
 
+class SparseAdam(_Fastopt, torch.optim.SparseAdam):
+    # Adam on the rows a sparse gradient touches (torch's masked Adam): only those rows of the
+    # parameter and of exp_avg / exp_avg_sq change; the step count is the parameter's and
+    # advances at every step with a gradient.  torch's update is
+    # p -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps): Adam's kernel with
+    # eps / sqrt(1 - b2^t) in place of eps.
+    kernel = "adam"
+    ranges = (_LR, _EPS, *_BETAS)
+    counters = ()  # torch keeps SparseAdam's step as a Python int
+
+    def slots(self, hp):
+        return ("exp_avg", "exp_avg_sq", None)
+
+    def sparse_grads(self, hp):
+        return "rows"
+
+    def check_dense_grad(self):
+        raise RuntimeError("SparseAdam does not support dense gradients, please consider Adam "
+                           "instead")
+
+    def new_state(self, p, hp):
+        return {"step": 0}
+
+    def advance(self, states, hp):
+        for s in states:
+            s["step"] += 1
+        return [s["step"] for s in states]
+
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(lr=hp["lr"], weight_decay=0.0, maximize=hp["maximize"], beta1=beta1,
+                    beta2=beta2, eps=hp["eps"] / math.sqrt(1.0 - beta2 ** step), amsgrad=False,
+                    decoupled_weight_decay=False, convention=TORCH, step=step)
+
+
 def _nadam_mu(hp, t):
     """mu_t = beta1 (1 - 0.5 * 0.96^(t psi)); torch keeps the running product as a tensor."""
     return hp["betas"][0] * (1.0 - 0.5 * 0.96 ** (t * hp["momentum_decay"]))
@@ -868,7 +981,149 @@ class NAdam(_Fastopt, torch.optim.NAdam):
                     step=step)
 
 
-for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam):
+class RAdam(_Fastopt, torch.optim.RAdam):
+    kernel = "radam"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS, *_BETAS)
+    flags = ("maximize", "decoupled_weight_decay")
+
+    def slots(self, hp):
+        return ("exp_avg", "exp_avg_sq")
+
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(_common(hp), beta1=beta1, beta2=beta2, eps=hp["eps"],
+                    decoupled_weight_decay=hp["decoupled_weight_decay"], step=step)
+
+
+def _open_unit(x):
+    return 0.0 < x < 1.0
+
+
+def _above_one(x):
+    return 1.0 < x < math.inf
+
+
+class Rprop(_Fastopt, torch.optim.Rprop):
+    kernel = "rprop"
+    ranges = (_LR, ("etas", 0, "Invalid eta values", _open_unit, "in (0, 1)"),
+              ("etas", 1, "Invalid eta values", _above_one, "finite and > 1"),
+              ("step_sizes", 0, "Invalid step_sizes value", *_NONNEG),
+              ("step_sizes", 1, "Invalid step_sizes value", *_NONNEG))
+
+    def _check_combination(self, index, hp):
+        low, high = hp["step_sizes"]
+        if low > high:
+            raise ValueError(f"{type(self).__name__}: param group {index}: Invalid step_sizes "
+                             f"value: ({low}, {high}) (the minimum is above the maximum)")
+
+    def slots(self, hp):
+        return ("prev", "step_size")
+
+    def new_state(self, p, hp):
+        # as torch: every element's step size starts at the group's lr (read only here)
+        lr = hp["lr"]
+        return {"step": _step_tensor(hp), "prev": _zeros(p),
+                "step_size": torch.full_like(p, complex(lr, lr) if p.is_complex() else lr,
+                                             memory_format=torch.preserve_format)}
+
+    def kernel_args(self, hp, step, state):
+        (eta_minus, eta_plus), (low, high) = hp["etas"], hp["step_sizes"]
+        return dict(lr=hp["lr"], eta_minus=eta_minus, eta_plus=eta_plus, step_size_min=low,
+                    step_size_max=high, maximize=hp["maximize"])
+
+
+def _asgd_next(hp, t):
+    """torch's eta and mu for the step after step t (computed with this step's lr)."""
+    lr = hp["lr"]
+    return lr / ((1 + hp["lambd"] * lr * t) ** hp["alpha"]), 1 / max(1, t - hp["t0"])
+
+
+class ASGD(_Fastopt, torch.optim.ASGD):
+    """A step runs with the eta and mu that torch keeps in the state (computed by the step
+    before, with its lr, in the state's dtype), then stores the next ones, as torch does; the
+    kernel's "step" handed around below is (t, eta, mu)."""
+
+    kernel = "asgd"
+    ranges = (_LR, _WEIGHT_DECAY, ("lambd", None, "Invalid lambd value", *_NONNEG),
+              ("alpha", None, "Invalid alpha value", lambda x: math.isfinite(x), "finite"),
+              ("t0", None, "Invalid t0 value", lambda x: math.isfinite(x), "finite"))
+    counters = ("step", "eta", "mu")
+
+    def slots(self, hp):
+        return ("ax",)
+
+    def new_state(self, p, hp):
+        dtype = _get_scalar_dtype()
+        return {"step": torch.zeros((), dtype=dtype), "eta": torch.tensor(hp["lr"], dtype=dtype),
+                "mu": torch.ones((), dtype=dtype)}
+
+    def advance(self, states, hp):
+        steps = super().advance(states, hp)
+        now = []
+        for state, t in zip(states, steps):
+            now.append((t, state["eta"].item(), state["mu"].item()))
+            eta, mu = _asgd_next(hp, t)
+            state["eta"].fill_(eta)
+            state["mu"].fill_(mu)
+        return now
+
+    def batch_extra(self, state):
+        return float(state["eta"]), float(state["mu"])
+
+    def advance_planned(self, hp, states, counters, step):
+        # a table's states share eta and mu (batch_extra keyed it; each step sets them alike)
+        now = (step, counters[1][0].item(), counters[2][0].item())
+        eta, mu = _asgd_next(hp, step)
+        counters[0].add_(1.0)
+        counters[1].fill_(eta)
+        counters[2].fill_(mu)
+        return now
+
+    def planned_step_after(self, hp, step):
+        return step[0] + 1
+
+    def kernel_args(self, hp, step, state):
+        t, eta, mu = step
+        return dict(_common(hp), lambd=hp["lambd"], alpha=hp["alpha"], t0=hp["t0"], eta=eta,
+                    mu=mu, convention=TORCH, step=t)
+
+
+class Lion(_Fastopt, torch.optim.Optimizer):
+    """Lion (Chen et al. 2023): c = b1 m + (1 - b1) g;  p <- p - lr (sign(c) + weight_decay p);
+    m <- b2 m + (1 - b2) g  (sign(0) = 0; decoupled decay; g = -grad when maximize).  State per
+    parameter: "step" and "exp_avg" (m), torch.optim's layout.  torch has no Lion: this is a
+    torch.optim.Optimizer with torch's conventions (param groups, add_param_group, zero_grad,
+    step(closure), state_dict, lr schedulers), its step in fastopt's kernel."""
+
+    kernel = "lion"
+    ranges = (_LR, _WEIGHT_DECAY, *_BETAS)
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
+                 maximize=False, foreach=None, differentiable=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable))
+
+    def slots(self, hp):
+        return ("exp_avg",)
+
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(_common(hp), beta1=beta1, beta2=beta2)
+
+
+for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam, Rprop, ASGD,
+             SparseAdam):
     _cls.__doc__ = (f"torch.optim.{_cls.__name__}, with its step in fastopt's C kernels "
                     "(see fastopt.torch).\n\n" + (getattr(torch.optim, _cls.__name__).__doc__ or ""))
 del _cls

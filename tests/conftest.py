@@ -49,6 +49,15 @@ CASES = [
     (fastopt.AdaMax, dict(lr=0.01, weight_decay=0.1, maximize=True)),
     (fastopt.Nadam, dict(lr=0.01)),
     (fastopt.Nadam, dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, maximize=True)),
+    (fastopt.Lion, dict(lr=0.01)),
+    (fastopt.Lion, dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1, maximize=True)),
+    (fastopt.RAdam, dict(lr=0.01)),
+    (fastopt.RAdam, dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, maximize=True)),
+    (fastopt.RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    (fastopt.Rprop, dict(lr=0.01)),
+    (fastopt.Rprop, dict(lr=0.05, etas=(0.3, 1.5), step_sizes=(1e-3, 0.2), maximize=True)),
+    (fastopt.ASGD, dict(lr=0.01)),
+    (fastopt.ASGD, dict(lr=0.05, lambd=0.1, alpha=0.5, t0=20, weight_decay=0.1, maximize=True)),
 ]
 
 

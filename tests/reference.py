@@ -106,8 +106,73 @@ def nadam(theta, grad, s, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, ma
     return theta - lr / (np.sqrt(v_hat) + eps) * (b1 * m_hat + (1 - b1) * g / (1 - b1 ** t))
 
 
+def lion(theta, grad, s, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
+    b1, b2 = betas
+    g = -grad if maximize else grad
+    m = s.get("m", np.zeros_like(theta))
+    c = b1 * m + (1 - b1) * g
+    # where c cancels to within float32 rounding of its terms, its sign in float32 is a coin
+    # toss: comparable() leaves those elements out of float32 comparisons
+    s["sign_by_rounding"] = s.get("sign_by_rounding", np.zeros(theta.shape, bool)) | \
+        (np.abs(c) <= 1e-5 * (np.abs(b1 * m) + np.abs((1 - b1) * g)))
+    s["m"] = b2 * m + (1 - b2) * g
+    return theta - lr * (np.sign(c) + weight_decay * theta)
+
+
+def radam(theta, grad, s, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+          maximize=False, decoupled=False):
+    b1, b2 = betas
+    if decoupled:
+        theta = theta * (1 - lr * weight_decay)
+        g = _grad(theta, grad, 0.0, maximize)
+    else:
+        g = _grad(theta, grad, weight_decay, maximize)
+    t = s.get("t", 0) + 1
+    m = b1 * s.get("m", np.zeros_like(theta)) + (1 - b1) * g
+    v = b2 * s.get("v", np.zeros_like(theta)) + (1 - b2) * g * g
+    s.update(t=t, m=m, v=v)
+    m_hat = m / (1 - b1 ** t)
+    rho_inf = 2 / (1 - b2) - 1
+    rho_t = rho_inf - 2 * t * b2 ** t / (1 - b2 ** t)
+    if rho_t <= 5:
+        return theta - lr * m_hat
+    r = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+    return theta - lr * r * m_hat * np.sqrt(1 - b2 ** t) / (np.sqrt(v) + eps)
+
+
+def rprop(theta, grad, s, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), maximize=False):
+    g = -grad if maximize else grad
+    prev = s.get("prev", np.zeros_like(theta))
+    size = s.get("step_size", np.full_like(theta, lr))
+    sign = np.sign(g * prev)
+    factor = np.where(sign > 0, etas[1], np.where(sign < 0, etas[0], 1.0))
+    size = np.clip(size * factor, step_sizes[0], step_sizes[1])
+    g = np.where(sign < 0, 0.0, g)
+    s.update(prev=g, step_size=size)
+    return theta - np.sign(g) * size
+
+
+def asgd(theta, grad, s, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0,
+         maximize=False):
+    g = _grad(theta, grad, weight_decay, maximize)
+    t = s.get("t", 0) + 1
+    eta = lr / (1 + lambd * lr * (t - 1)) ** alpha
+    mu = 1.0 if t == 1 else 1 / max(1, t - 1 - t0)
+    theta = theta * (1 - lambd * eta) - eta * g
+    s["ax"] = theta.copy() if mu == 1 else s["ax"] + mu * (theta - s["ax"])
+    s["t"] = t
+    return theta
+
+
+def comparable(state, shape):
+    """The elements whose float32 result a float64 reference predicts: all, except where a
+    sign was decided by rounding (Lion)."""
+    return ~state.get("sign_by_rounding", np.zeros(shape, bool))
+
+
 # optimizer class name -> reference function
 RULES = {
     "SGD": sgd, "Adagrad": adagrad, "Adadelta": adadelta, "RMSprop": rmsprop, "Adam": adam,
-    "AdamW": adamw, "AdaMax": adamax, "Nadam": nadam,
+    "AdamW": adamw, "AdaMax": adamax, "Nadam": nadam, "Lion": lion, "RAdam": radam,
+    "Rprop": rprop, "ASGD": asgd,
 }

@@ -20,6 +20,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 SHAPES = [(33,), (5, 7)]
 SEED = 11
+SIGN_RULES = ("Lion", "Rprop")
 
 # (param dtype, grad dtype, state_dtype, master_weights)
 STORAGE = [
@@ -99,8 +100,12 @@ def test_step_is_the_compute_step_rounded(case, storage):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_bfloat16_follows_the_float64_reference(case, state_dtype):
     """All-bfloat16 storage, to nearest, a few steps, against the float64 reference rounding
-    the parameter (and the state) to bfloat16 after each step: within a few bfloat16 ulps."""
+    the parameter (and the state) to bfloat16 after each step: within a few bfloat16 ulps.
+    Rules whose step is a sign (Lion, Rprop) are discontinuous where the rounding differences
+    of float32 and float64 arithmetic decide a sign, so they are checked exactly above only."""
     cls, hp = case
+    if cls.__name__ in SIGN_RULES:
+        pytest.skip("a sign-valued step: compared exactly by test_step_is_the_compute_step_rounded")
     rng = np.random.default_rng(5)
     init = [rng.standard_normal(s).astype(BF16) for s in SHAPES]
     params = [p.copy() for p in init]

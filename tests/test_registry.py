@@ -54,8 +54,9 @@ def test_classes_and_functions_carry_signature_and_formula():
         cls = getattr(fastopt, rule.name)
         sig = inspect.signature(cls)
         assert list(sig.parameters)[0] == "params"
-        # the hyperparameters, and the storage options every class takes (fastopt.storage)
-        assert set(sig.parameters) - {"params"} == \
+        # every class also takes `sparse` (how a SparseGrad step treats untouched rows) and
+        # the storage options (fastopt.storage)
+        assert set(sig.parameters) - {"params", "sparse"} == \
             set(rule.defaults) - set(rule.fixed) | set(fastopt.storage.DEFAULTS)
         assert rule.doc.strip().splitlines()[0] in cls.__doc__
         fn = getattr(fastopt.functional, rule.function)

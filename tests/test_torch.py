@@ -29,6 +29,13 @@ CASES = [
     ("Adamax", dict(lr=1e-2, weight_decay=1e-3)),
     ("NAdam", dict(lr=1e-2)),
     ("NAdam", dict(lr=1e-2, momentum_decay=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RAdam", dict(lr=1e-2)),
+    ("RAdam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, maximize=True)),
+    ("RAdam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("Rprop", dict(lr=1e-3)),
+    ("Rprop", dict(lr=1e-3, etas=(0.4, 1.3), step_sizes=(1e-5, 1e-2), maximize=True)),
+    ("ASGD", dict(lr=1e-2)),
+    ("ASGD", dict(lr=5e-2, lambd=1e-2, alpha=0.5, t0=50, weight_decay=1e-3, maximize=True)),
 ]
 
 
@@ -124,8 +131,9 @@ def test_state_dict_layout_matches_torch(name, hp):
 
 
 @pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
-@pytest.mark.parametrize("name, hp", [CASES[1], CASES[6], CASES[8], CASES[14]],
-                         ids=["SGD", "RMSprop", "Adam", "NAdam"])
+@pytest.mark.parametrize("name, hp", [CASES[1], CASES[6], CASES[8], CASES[14], CASES[17],
+                                      CASES[19], CASES[21]],
+                         ids=["SGD", "RMSprop", "Adam", "NAdam", "RAdam", "Rprop", "ASGD"])
 def test_checkpoints_move_both_ways(name, hp, direction):
     first, second = (torch.optim, ft) if direction == "torch->fastopt" else (ft, torch.optim)
     torch.manual_seed(0)
@@ -268,3 +276,99 @@ def test_only_hangs_and_gloo_failures_are_retried(log, finished, retried):
     assert (retry_reason(1, False, log + TORCHRUN_TAIL, finished, RUN_TIMEOUT) is not None) == retried
     assert retry_reason(-9, True, log, finished, RUN_TIMEOUT) is not None  # a hang, whatever it printed
     assert retry_reason(0, False, log, True, RUN_TIMEOUT) is None
+
+
+# ---- Lion: torch has none; against the float64 reference (tests/reference.py) ----------------
+
+LION_CASES = [dict(), dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1, maximize=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("hp", LION_CASES, ids=["defaults", "options"])
+def test_lion_matches_the_reference(hp, dtype):
+    import numpy as np
+    import reference
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
+              for shape in ((7, 5), (33,), (2, 3, 4))]
+    init = [p.detach().clone() for p in params]
+    opt = ft.Lion([{"params": params[:2]}, {"params": params[2:], "lr": hp.get("lr", 1e-4) / 2}],
+                  **hp)
+    refs, ref_states = [p.double().numpy() for p in init], [{} for _ in params]
+    for step in range(60):
+        if step == 30:  # a schedule
+            for group in opt.param_groups:
+                group["lr"] *= 0.3
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+        if step % 7 == 3:
+            params[1].grad = None  # skipped this step
+        opt.step()
+        k = 0
+        for group in opt.param_groups:
+            group_hp = {key: v for key, v in group.items() if key in ("lr", "betas", "weight_decay", "maximize")}
+            for p in group["params"]:
+                if p.grad is not None:
+                    refs[k] = reference.lion(refs[k], p.grad.double().numpy(), ref_states[k], **group_hp)
+                k += 1
+    for p, r, p0, ref_state in zip(params, refs, init, ref_states):
+        p, p0 = p.detach().double().numpy(), p0.double().numpy()
+        if dtype == torch.float32:
+            keep = reference.comparable(ref_state, p.shape)
+            p, r, p0 = p[keep], r[keep], p0[keep]
+        moved, ref_moved = p - p0, r - p0
+        scale = np.abs(ref_moved).max()
+        assert scale > 0
+        if dtype == torch.float64:
+            np.testing.assert_allclose(moved, ref_moved, rtol=0, atol=1e-12 * scale)
+        else:  # each of the 60 steps rounds the parameter to float32 (~6e-8 of it)
+            rounding = 60 * 2.0 ** -24 * np.abs(p0).max()
+            np.testing.assert_allclose(moved, ref_moved, rtol=0, atol=2e-4 * scale + rounding)
+    state = opt.state_dict()["state"]
+    assert sorted(state[0]) == ["exp_avg", "step"] and state[0]["step"].item() == 60
+    assert state[1]["step"].item() == 60 - len([s for s in range(60) if s % 7 == 3])
+
+
+def test_lion_sign_of_zero_is_zero():
+    p = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    p.grad = torch.tensor([0.0, 0.5, -0.5], dtype=torch.float64)
+    opt = ft.Lion([p], lr=0.1, weight_decay=0.5)
+    opt.step()  # m = 0, c = (1 - b1) g: the zero gradient moves only by the decay
+    expected = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64) * (1 - 0.1 * 0.5) \
+        - 0.1 * torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-15, atol=0)
+
+
+def test_lion_checks_and_checkpoints():
+    p = torch.ones(4, requires_grad=True)
+    for kwargs, match in [(dict(lr=-1.0), "Invalid learning rate"),
+                          (dict(betas=(1.0, 0.99)), "Invalid beta parameter at index 0"),
+                          (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1"),
+                          (dict(weight_decay=-1.0), "Invalid weight_decay value"),
+                          (dict(lr=float("nan")), "Invalid learning rate"),
+                          (dict(differentiable=True), "differentiable")]:
+        with pytest.raises(ValueError, match=match):
+            ft.Lion([p], **kwargs)
+    opt = ft.Lion([p], lr=0.1)
+    p.grad = torch.ones(4)
+    opt.step()
+    before = (p.detach().clone(), copy.deepcopy(opt.state_dict()))
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0])
+    assert torch.equal(opt.state[p]["exp_avg"], before[1]["state"][0]["exp_avg"])
+    assert opt.state[p]["step"].item() == 1
+    opt.param_groups[0]["betas"] = (0.9, 0.99)
+    # a checkpoint resumes identically
+    twin_p = p.detach().clone().requires_grad_()
+    twin = ft.Lion([twin_p], lr=0.1)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for step in range(5):
+        p.grad = twin_p.grad = torch.full((4,), (-1.0) ** step)
+        opt.step()
+        twin.step()
+    assert torch.equal(p.detach(), twin_p.detach())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.05

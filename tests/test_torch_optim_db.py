@@ -27,7 +27,8 @@ from torch.testing._internal.common_optimizers import (  # noqa: E402
 
 import fastopt.torch as ft  # noqa: E402
 
-CLASSES = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
+CLASSES = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
+           "Rprop", "ASGD"]
 INFOS = {info.name: info for info in optim_db if info.name in CLASSES}
 assert sorted(INFOS) == sorted(CLASSES)  # the database still covers every class we have
 

@@ -304,8 +304,10 @@ BAD_GRADIENTS = {
 }
 
 
-@pytest.mark.parametrize("case", BAD_GRADIENTS)
-@pytest.mark.parametrize("name", ["Adam", "SGD", "NAdam", "Adagrad"])
+@pytest.mark.parametrize("name, case", [
+    (name, case) for name in ["Adam", "SGD", "NAdam", "Adagrad"] for case in BAD_GRADIENTS
+    # SGD and Adagrad take sparse gradients, as torch's do (tests/test_torch_sparse.py)
+    if not (case == "sparse" and name in ("SGD", "Adagrad"))])
 def test_bad_gradient_in_a_later_group_changes_nothing(name, case):
     opt, a, b = two_group_optimizer(name, **(dict(lr=0.1, momentum=0.9) if name == "SGD" else {}))
     before = snapshot(opt)

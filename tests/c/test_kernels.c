@@ -26,10 +26,12 @@ static int passed, failed;
 enum {
     SGD = FO_RULE_sgd, ADAGRAD = FO_RULE_adagrad, ADADELTA = FO_RULE_adadelta,
     RMSPROP = FO_RULE_rmsprop, ADAM = FO_RULE_adam, ADAMAX = FO_RULE_adamax, NADAM = FO_RULE_nadam,
+    LION = FO_RULE_lion, RADAM = FO_RULE_radam, RPROP = FO_RULE_rprop, ASGD = FO_RULE_asgd,
     N_RULES = FO_N_RULES
 };
 #define RULE_NAMES(rule) (fo_describe(rule)->name)
 enum { N_BUFS = 5 }; /* param, grad, up to three state buffers */
+#define RPROP_LR 0.01 /* Rprop's step_size buffer starts at lr */
 
 static unsigned long lcg = 1;
 static double uniform(void)
@@ -46,6 +48,12 @@ static fo_rmsprop_params rmsprop_hp(void) { return (fo_rmsprop_params){.lr = 0.0
 static fo_adam_params adam_hp(int64_t t) { return (fo_adam_params){.lr = 0.01, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.1, .amsgrad = 1, .decoupled_weight_decay = 1, .step = t}; }
 static fo_adamax_params adamax_hp(int64_t t) { return (fo_adamax_params){.lr = 0.01, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .step = t}; }
 static fo_nadam_params nadam_hp(int64_t t) { return (fo_nadam_params){.lr = 0.01, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .maximize = 1, .step = t}; }
+static fo_lion_params lion_hp(void) { return (fo_lion_params){.lr = 0.01, .beta1 = 0.9, .beta2 = 0.99, .weight_decay = 0.1}; }
+/* beta2 = 0.5: rho_t > 5 from step 1, the rectified branch */
+static fo_radam_params radam_hp(int64_t t) { return (fo_radam_params){.lr = 0.01, .beta1 = 0.9, .beta2 = 0.5, .eps = 1e-8, .weight_decay = 0.1, .decoupled_weight_decay = 1, .step = t}; }
+static fo_rprop_params rprop_hp(void) { return (fo_rprop_params){.lr = RPROP_LR, .eta_minus = 0.5, .eta_plus = 1.2, .step_size_min = 1e-6, .step_size_max = 50}; }
+/* t0 = 0: mu is 1 on steps 1 and 2 (ax copied), 1/2 on step 3 (averaged) */
+static fo_asgd_params asgd_hp(int64_t t) { return (fo_asgd_params){.lr = 0.01, .lambd = 1e-4, .alpha = 0.75, .t0 = 0, .weight_decay = 0.01, .step = t}; }
 
 #define T float
 #define SFX f32
@@ -112,7 +120,7 @@ static void test_errors(void)
 /* The generic entry: the rule table, errors that name the field, storage types, rule ids. */
 static void test_generic(void)
 {
-    CHECK(7 == N_RULES, "every rule of FO_RULES has a case here (%d rules)", (int)N_RULES);
+    CHECK(11 == N_RULES, "every rule of FO_RULES has a case here (%d rules)", (int)N_RULES);
     for (int rule = 0; rule < N_RULES; rule++) {
         const fo_rule_info *info = fo_describe(rule);
         CHECK(info && info->n_state >= 1 && info->n_fields >= 3, "fo_describe(%d)", rule);

@@ -1,0 +1,246 @@
+/*
+ * rows.c -- sparse rows (fastopt.h, "Sparse rows"): a batch whose gradients are given as rows
+ * becomes an ordinary batch of one tensor per touched row, run by the same loops.
+ *
+ * For each tensor with rows: a stable sort of its indices (LSD radix, positions carried) puts
+ * each row's duplicates together in their original order; a row met once uses its gradient row
+ * where it lies (no copy), a row met several times gets the sum of its gradient rows, in that
+ * order, in a scratch row (a pass of its own, split across threads by elements like any step).
+ * Then the rule's loop runs over the batch whose tensor e is touched row e: its buffers are the
+ * tensor's buffers advanced to the row, its gradient the row's (summed) gradient.  Dense
+ * tensors of the same batch are entries of that batch as they are.  Every element is still
+ * updated independently, from a sum fixed by the indices alone: any thread count gives the same
+ * bits.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "internal.h"
+
+static int row_index_size(int index_type)
+{
+    return index_type == FO_INT32 ? 4 : index_type == FO_INT64 ? 8 : 0;
+}
+
+static int64_t row_index(const fo_rows *r, size_t j)
+{
+    return r->index_type == FO_INT32 ? (int64_t)((const int32_t *)r->indices)[j]
+                                     : ((const int64_t *)r->indices)[j];
+}
+
+static int disjoint(uintptr_t a, size_t na, uintptr_t b, size_t nb)
+{
+    return na == 0 || nb == 0 || a + na <= b || b + nb <= a;
+}
+
+int fo_check_rows(const fo_rows *r, size_t n, size_t elem_size, const void *values,
+                  void *const *written, int n_written)
+{
+    const int isize = row_index_size(r->index_type);
+    if (!isize) return FO_ERR_DTYPE;
+    if (r->nnz == 0) return FO_OK;
+    if (r->row_len == 0 || n % r->row_len != 0) return FO_ERR_INDEX;
+    if (!values) return FO_ERR_NULL;
+    if (r->nnz > SIZE_MAX / r->row_len / elem_size) return FO_ERR_INDEX;
+    const int64_t n_rows = (int64_t)(n / r->row_len);
+    for (size_t j = 0; j < r->nnz; j++) {
+        const int64_t i = row_index(r, j);
+        if (i < 0 || i >= n_rows) return FO_ERR_INDEX;
+    }
+    const size_t bytes = n * elem_size, value_bytes = r->nnz * r->row_len * elem_size;
+    for (int w = 0; w < n_written; w++) {
+        if (!written[w]) return FO_ERR_NULL;
+        const uintptr_t a = (uintptr_t)written[w];
+        if (!disjoint(a, bytes, (uintptr_t)values, value_bytes) ||
+            !disjoint(a, bytes, (uintptr_t)r->indices, r->nnz * (size_t)isize))
+            return FO_ERR_OVERLAP;
+        for (int v = w + 1; v < n_written; v++)
+            if (!disjoint(a, bytes, (uintptr_t)written[v], bytes)) return FO_ERR_OVERLAP;
+    }
+    return FO_OK;
+}
+
+/* ---- coalescing ------------------------------------------------------------------------------ */
+
+#define RADIX_BITS 11
+#define RADIX (1u << RADIX_BITS)
+
+/* rows[0..nnz) and pos[0..nnz) sorted by row, stably (equal rows keep their positions' order);
+ * tmp_rows / tmp_pos: scratch of nnz each. */
+static void sort_rows(size_t nnz, uint64_t n_rows, uint64_t *rows, size_t *pos, uint64_t *tmp_rows,
+                      size_t *tmp_pos)
+{
+    int bits = 0;
+    while (bits < 64 && (n_rows - 1) >> bits) bits++;
+    for (int shift = 0; shift < bits; shift += RADIX_BITS) {
+        size_t count[RADIX] = {0};
+        for (size_t j = 0; j < nnz; j++) count[(rows[j] >> shift) & (RADIX - 1)]++;
+        size_t at = 0;
+        for (unsigned d = 0; d < RADIX; d++) {
+            const size_t c = count[d];
+            count[d] = at;
+            at += c;
+        }
+        for (size_t j = 0; j < nnz; j++) {
+            const size_t to = count[(rows[j] >> shift) & (RADIX - 1)]++;
+            tmp_rows[to] = rows[j];
+            tmp_pos[to] = pos[j];
+        }
+        uint64_t *swap_rows = rows;
+        rows = tmp_rows;
+        tmp_rows = swap_rows;
+        size_t *swap_pos = pos;
+        pos = tmp_pos;
+        tmp_pos = swap_pos;
+    }
+    if (((bits + RADIX_BITS - 1) / RADIX_BITS) % 2) { /* an odd number of passes: copy back */
+        memcpy(tmp_rows, rows, nnz * sizeof *rows);
+        memcpy(tmp_pos, pos, nnz * sizeof *pos);
+    }
+}
+
+/* The sum pass: entry d is a row met several times; b[0] its scratch row, b[1] .. b[2] the
+ * positions of its gradient rows (sorted, as size_t), b[3] the tensor's gradient rows. */
+typedef struct {
+    size_t row_len;
+} sum_scalars;
+
+#define FO_SUM_SPAN(T, name)                                                                   \
+    static void name(const fo_call *c, void *const *b, size_t t, size_t at, size_t n)          \
+    {                                                                                          \
+        (void)t;                                                                               \
+        const size_t row_len = ((const sum_scalars *)c->scalars)->row_len;                     \
+        T *restrict out = (T *)b[0] + at;                                                      \
+        const size_t *p = (const size_t *)b[1], *end = (const size_t *)b[2];                   \
+        const T *values = (const T *)b[3] + at;                                                \
+        memcpy(out, values + *p * row_len, n * sizeof(T));                                     \
+        for (p++; p < end; p++) {                                                              \
+            const T *restrict in = values + *p * row_len;                                      \
+            for (size_t i = 0; i < n; i++) out[i] += in[i];                                    \
+        }                                                                                      \
+    }
+FO_SUM_SPAN(float, sum_span_f32)
+FO_SUM_SPAN(double, sum_span_f64)
+
+/* ---- the row batch ---------------------------------------------------------------------------- */
+
+/* Whether the indices are strictly increasing: then each row is met once, in order. */
+static int strictly_increasing(const fo_rows *r)
+{
+    for (size_t j = 1; j < r->nnz; j++)
+        if (row_index(r, j) <= row_index(r, j - 1)) return 0;
+    return 1;
+}
+
+int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
+                const size_t *n, const fo_rows *rows, int dtype, const fo_call *call)
+{
+    const size_t elem = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
+    /* sizes: entries of the row batch, sort scratch, rows summed */
+    size_t entries = 0, sort_len = 0, most_nnz = 0;
+    for (size_t t = 0; t < count; t++) {
+        const fo_rows *r = &rows[t];
+        if (!r->indices) {
+            entries++;
+            continue;
+        }
+        entries += r->nnz;   /* at most: one per touched row */
+        sort_len += r->nnz;  /* positions kept for the sum pass */
+        most_nnz = r->nnz > most_nnz ? r->nnz : most_nnz;
+    }
+    size_t scratch_elems = 0; /* bounded by the gradient rows, found while grouping */
+    for (size_t t = 0; t < count; t++)
+        if (rows[t].indices) scratch_elems += rows[t].nnz * rows[t].row_len;
+    /* one allocation: row batch tables, sizes, sort arrays, summed rows */
+    const size_t table_bytes = (size_t)n_bufs * entries * sizeof(void *);
+    const size_t bytes = table_bytes + entries * sizeof(size_t)            /* sizes */
+                         + 4 * entries * sizeof(void *) + entries * sizeof(size_t) /* sum batch */
+                         + sort_len * sizeof(size_t)                      /* sorted positions */
+                         + most_nnz * (2 * sizeof(uint64_t) + sizeof(size_t)) /* sort scratch */
+                         + scratch_elems * elem + 64;
+    char *mem = malloc(bytes);
+    if (!mem) return FO_ERR_MEMORY;
+    char *at = mem;
+#define FO_TAKE(type, name, len)                                                               \
+    type *name = (type *)at;                                                                   \
+    at += (len) * sizeof(type)
+    FO_TAKE(void *, table, (size_t)n_bufs * entries);
+    FO_TAKE(size_t, sizes, entries);
+    FO_TAKE(void *, sum_table, 4 * entries);
+    FO_TAKE(size_t, sum_sizes, entries);
+    FO_TAKE(size_t, positions, sort_len);
+    FO_TAKE(uint64_t, sort_rows_a, most_nnz);
+    FO_TAKE(uint64_t, sort_rows_b, most_nnz);
+    FO_TAKE(size_t, sort_pos_b, most_nnz);
+    at = (char *)(((uintptr_t)at + 63) & ~(uintptr_t)63);
+    char *scratch = at;
+#undef FO_TAKE
+    void **row_bufs[FO_MAX_BUFFERS], **sum_bufs[4];
+    for (int k = 0; k < n_bufs; k++) row_bufs[k] = bufs[k] ? table + (size_t)k * entries : NULL;
+    for (int k = 0; k < 4; k++) sum_bufs[k] = sum_table + (size_t)k * entries;
+
+    size_t e = 0, d = 0, used_pos = 0, used_scratch = 0;
+    for (size_t t = 0; t < count; t++) {
+        const fo_rows *r = &rows[t];
+        if (!r->indices) { /* a dense tensor: itself */
+            for (int k = 0; k < n_bufs; k++)
+                if (bufs[k]) row_bufs[k][e] = bufs[k][t];
+            sizes[e++] = n[t];
+            continue;
+        }
+        if (r->nnz == 0) continue;
+        const size_t row_bytes = r->row_len * elem;
+        char *const values = (char *)bufs[1][t];
+        size_t *pos = positions + used_pos;
+        used_pos += r->nnz;
+        const int sorted = strictly_increasing(r);
+        for (size_t j = 0; j < r->nnz; j++) {
+            sort_rows_a[j] = (uint64_t)row_index(r, j);
+            pos[j] = j;
+        }
+        if (!sorted)
+            sort_rows(r->nnz, (uint64_t)(n[t] / r->row_len), sort_rows_a, pos, sort_rows_b,
+                      sort_pos_b);
+        for (size_t s = 0; s < r->nnz;) {
+            const uint64_t row = sort_rows_a[s];
+            size_t end = s + 1;
+            while (end < r->nnz && sort_rows_a[end] == row) end++;
+            const size_t offset = (size_t)row * row_bytes;
+            for (int k = 0; k < n_bufs; k++)
+                if (bufs[k] && k != 1) row_bufs[k][e] = (char *)bufs[k][t] + offset;
+            if (end - s == 1) {
+                row_bufs[1][e] = values + pos[s] * row_bytes;
+            } else {
+                char *sum = scratch + used_scratch * elem;
+                used_scratch += r->row_len;
+                row_bufs[1][e] = sum;
+                sum_bufs[0][d] = sum;
+                sum_bufs[1][d] = &pos[s];
+                sum_bufs[2][d] = &pos[end];
+                sum_bufs[3][d] = values;
+                sum_sizes[d++] = r->row_len;
+            }
+            sizes[e++] = r->row_len;
+            s = end;
+        }
+    }
+    if (d) {
+        /* one row length per sum pass (its scalars): tensors of different row lengths each
+         * get their own pass */
+        size_t first = 0;
+        while (first < d) {
+            size_t last = first + 1;
+            while (last < d && sum_sizes[last] == sum_sizes[first]) last++;
+            const sum_scalars ss = {sum_sizes[first]};
+            const fo_call sum_call = {.scalars = &ss, .n_bufs = 4};
+            void *const *const part[4] = {sum_bufs[0] + first, sum_bufs[1] + first,
+                                          sum_bufs[2] + first, sum_bufs[3] + first};
+            fo_run(dtype == FO_FLOAT64 ? sum_span_f64 : sum_span_f32, last - first, part, 4,
+                   sum_sizes + first, &sum_call);
+            first = last;
+        }
+    }
+    fo_run(span, e, (void *const *const *)row_bufs, n_bufs, sizes, call);
+    free(mem);
+    return FO_OK;
+}

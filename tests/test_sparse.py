@@ -1,0 +1,208 @@
+"""Sparse rows (fastopt.SparseGrad): every rule x dtype against the float64 reference applied to
+the touched rows only, duplicates and unsorted indices, rows skipped for several steps; the same
+bits for any thread count or interleaving of duplicates; bad input refused with nothing changed."""
+import numpy as np
+import pytest
+
+import fastopt
+import reference
+from conftest import CASES, assert_same_snapshot, case_id, snapshot
+from test_rules import reference_kwargs, reference_name
+
+SHAPES = [(12, 5), (9,), (6, 2, 3)]  # rows of 5, of one element, of 2 x 3
+STEPS = 50
+
+
+def draw_rows(rng, n_rows, index_dtype):
+    """Some rows (each touched with probability 0.3, so rows sit out several steps in a row),
+    listed in random order with duplicates; values for each listed row."""
+    touched = np.flatnonzero(rng.random(n_rows) < 0.3)
+    if len(touched) == 0:
+        return np.zeros(0, dtype=index_dtype)
+    extra = rng.choice(touched, size=rng.integers(0, 2 * len(touched) + 1))
+    indices = np.concatenate([touched, extra])
+    rng.shuffle(indices)
+    return indices.astype(index_dtype)
+
+
+def lazy_reference(ref_fn, theta, indices, values, row_states, step, hp):
+    """The reference's dense update of each touched row alone, with the sum of its gradient
+    rows; the step count t is the parameter's (it advances every step)."""
+    for r in np.unique(indices):
+        g = values[indices == r].astype(np.float64).sum(axis=0)
+        s = row_states.setdefault(int(r), {})
+        s["t"] = step
+        theta[r] = ref_fn(theta[r], g, s, **hp)
+
+
+def run_both(cls, hp, dtype, index_dtype, rng):
+    init = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    params = [p.copy() for p in init]
+    opt = cls(params, **hp)
+    assert opt.sparse == "lazy"
+    ref_fn = reference.RULES[reference_name(cls)]
+    ref_hp = reference_kwargs({k: v for k, v in opt.param_groups[0].items()
+                               if k not in ("params", "decoupled_weight_decay")})
+    ref_params = [p.astype(np.float64) for p in init]
+    ref_states = [{} for _ in init]
+    skipped = [np.zeros(s[0], dtype=int) for s in SHAPES]
+    longest_skip = 0
+    for step in range(STEPS):
+        grads = []
+        for k, shape in enumerate(SHAPES):
+            indices = draw_rows(rng, shape[0], index_dtype)
+            values = rng.standard_normal((len(indices),) + shape[1:]).astype(dtype)
+            grads.append(fastopt.SparseGrad(indices, values))
+            lazy_reference(ref_fn, ref_params[k], indices, values, ref_states[k], step, ref_hp)
+            hit = np.zeros(shape[0], dtype=bool)
+            hit[indices] = True
+            skipped[k] = np.where(hit, 0, skipped[k] + 1)
+            longest_skip = max(longest_skip, skipped[k].max())
+        before = [p.copy() for p in params]
+        opt.step(grads)
+        for k in range(len(SHAPES)):
+            untouched = np.setdiff1d(np.arange(SHAPES[k][0]), grads[k].indices)
+            np.testing.assert_array_equal(params[k][untouched], before[k][untouched])
+    assert longest_skip >= 4  # the run did skip rows for several steps
+    assert all(s.step == STEPS for s in opt.state.values())
+    return params, ref_params, init
+
+
+@pytest.mark.parametrize("index_dtype", [np.int64, np.int32])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_lazy_float64_matches_reference_on_touched_rows(case, index_dtype, rng):
+    params, ref_params, init = run_both(*case, np.float64, index_dtype, rng)
+    for p, r, p0 in zip(params, ref_params, init):
+        np.testing.assert_allclose(p, r, rtol=1e-12, atol=1e-12)
+        assert not np.array_equal(p, p0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_lazy_float32_matches_reference_within_rounding(case, rng):
+    params, ref_params, init = run_both(*case, np.float32, np.int64, rng)
+    for p, r, p0 in zip(params, ref_params, init):
+        moved, ref_moved = p.astype(np.float64) - p0, r - p0
+        scale = np.abs(ref_moved).max()
+        assert scale > 0
+        np.testing.assert_allclose(moved, ref_moved, rtol=0, atol=2e-4 * scale + 2e-6)
+
+
+def test_untouched_rows_and_their_state_are_not_written(rng):
+    p = rng.standard_normal((8, 3))
+    opt = fastopt.Adam([p], lr=0.1)
+    opt.step([rng.standard_normal((8, 3))])  # a dense step first: every row has state
+    before = snapshot(opt)
+    opt.step([fastopt.SparseGrad(np.array([5, 2, 5]), rng.standard_normal((3, 3)))])
+    rest = [0, 1, 3, 4, 6, 7]
+    np.testing.assert_array_equal(p[rest], before[0][0][rest])
+    for name in ("m", "v"):
+        np.testing.assert_array_equal(opt.state[0].to_dict()[name][rest], before[1][0][name][rest])
+        assert not np.array_equal(opt.state[0].to_dict()[name][[2, 5]], before[1][0][name][[2, 5]])
+    assert opt.state[0].step == 2
+
+
+def test_sparse_and_dense_grads_mix_in_one_step(rng):
+    a, b = rng.standard_normal((10, 4)), rng.standard_normal(7)
+    a2, b2 = a.copy(), b.copy()
+    opt, ref = fastopt.Adagrad([a, b], lr=0.1), fastopt.Adagrad([a2, b2], lr=0.1)
+    for _ in range(5):
+        indices = np.arange(10)[::-1].copy()  # every row once: equals the dense step
+        values = rng.standard_normal((10, 4))
+        gb = rng.standard_normal(7)
+        opt.step([fastopt.SparseGrad(indices, values), gb])
+        ref.step([values[::-1].copy(), gb])
+    np.testing.assert_array_equal(a, a2)
+    np.testing.assert_array_equal(b, b2)
+
+
+def _big_run(threads, order_seed):
+    """A step large enough to be split across threads (touched elements and summed rows both
+    over the engine's threshold); the duplicates interleaved as order_seed says."""
+    rng = np.random.default_rng(7)
+    p = rng.standard_normal((4096, 96)).astype(np.float32)
+    indices = rng.integers(0, 4096, size=9000)
+    values = rng.standard_normal((9000, 96)).astype(np.float32)
+    # reorder the list while keeping each row's own duplicates in their order
+    key = np.random.default_rng(order_seed).random(9000)
+    first = {}
+    for j, r in enumerate(indices):
+        first.setdefault(r, key[j])
+    order = np.lexsort((np.arange(9000), np.array([first[r] for r in indices])))
+    opt = fastopt.Adam([p], lr=0.01)
+    previous = fastopt.get_num_threads()
+    fastopt.set_num_threads(threads)
+    try:
+        for _ in range(3):
+            opt.step([fastopt.SparseGrad(indices[order], values[order])])
+    finally:
+        fastopt.set_num_threads(previous)
+    return p
+
+
+def test_same_bits_for_any_thread_count_and_interleaving():
+    one = _big_run(1, 0)
+    for threads, order_seed in [(2, 0), (8, 0), (2, 1), (8, 2)]:
+        np.testing.assert_array_equal(_big_run(threads, order_seed), one)
+
+
+def _bad_grads(rng):
+    p = (12, 5)
+    good_idx = np.array([1, 3, 3])
+    good_val = rng.standard_normal((3, 5))
+    return [
+        (fastopt.SparseGrad(np.array([1, 12]), good_val[:2]), ValueError, "out of range"),
+        (fastopt.SparseGrad(np.array([-1, 2]), good_val[:2]), ValueError, "negative"),
+        (fastopt.SparseGrad(good_idx.astype(np.int16), good_val), TypeError, "int32 or int64"),
+        (fastopt.SparseGrad(good_idx.astype(np.float64), good_val), TypeError, "int32 or int64"),
+        (fastopt.SparseGrad(good_idx.reshape(3, 1), good_val), ValueError, "1-D"),
+        (fastopt.SparseGrad(good_idx, good_val[:2]), ValueError, "shape"),
+        (fastopt.SparseGrad(good_idx, rng.standard_normal((3, 4))), ValueError, "shape"),
+        (fastopt.SparseGrad(good_idx, good_val.astype(np.float32)), TypeError, "dtype"),
+        (fastopt.SparseGrad(good_idx, np.asfortranarray(rng.standard_normal((3, 5, 1)))[..., 0]),
+         ValueError, "C-contiguous"),
+    ], p
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-step", "planned"])
+def test_bad_rows_are_refused_with_nothing_changed(warm, rng):
+    bad, shape = _bad_grads(rng)
+    for grad, error, match in bad:
+        a, b = rng.standard_normal(shape), rng.standard_normal(shape)
+        opt = fastopt.Adam([a, b], lr=0.1)
+        if warm:
+            opt.step([fastopt.SparseGrad(np.array([0]), rng.standard_normal((1, 5))),
+                      rng.standard_normal(shape)])
+        before = snapshot(opt)
+        good = fastopt.SparseGrad(np.array([2, 0]), rng.standard_normal((2, 5)))
+        with pytest.raises(error, match=match):
+            opt.step([good, grad])
+        assert_same_snapshot(before, snapshot(opt))
+
+
+def test_scalar_parameter_and_overlap_are_refused(rng):
+    opt = fastopt.SGD([np.zeros(())], lr=0.1)
+    with pytest.raises(ValueError, match="ndim >= 1"):
+        opt.step([fastopt.SparseGrad(np.array([0]), np.ones((1,)))])
+    p = rng.standard_normal((4, 2))
+    opt = fastopt.SGD([p], lr=0.1)
+    with pytest.raises(ValueError, match="overlaps"):
+        opt.step([fastopt.SparseGrad(np.array([0]), p[:1])])
+    with pytest.raises(TypeError, match="numpy arrays"):
+        fastopt.SparseGrad([0], np.ones((1, 2)))
+
+
+def test_sparse_mode_is_checked():
+    with pytest.raises(ValueError, match="sparse"):
+        fastopt.Adam([np.zeros(3)], sparse="eager")
+    with pytest.raises(ValueError, match="sparse"):
+        fastopt.SGD([{"params": [np.zeros(3)], "sparse": "dense"}])
+
+
+def test_empty_and_zero_width_rows(rng):
+    p = rng.standard_normal((5, 3))
+    before = p.copy()
+    opt = fastopt.Adam([p, np.zeros((4, 0))], lr=0.1)
+    opt.step([fastopt.SparseGrad(np.zeros(0, np.int64), np.zeros((0, 3))),
+              fastopt.SparseGrad(np.array([3, 1]), np.zeros((2, 0)))])
+    np.testing.assert_array_equal(p, before)
+    assert opt.state[0].step == 1

@@ -1,0 +1,148 @@
+"""fastopt.torch with sparse COO gradients (nn.Embedding / nn.EmbeddingBag with sparse=True):
+SparseAdam, Adagrad and SGD against torch's own over 60 steps; torch's refusals."""
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastopt.torch as ft  # noqa: E402
+
+STEPS = 60
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """torch's sparse ops on these tiny tensors wait for OpenMP workers (~2 ms a call on a busy
+    machine); one thread keeps the module fast.  fastopt's results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _batches(seed, n_rows, steps=STEPS):
+    """Index batches with duplicates, in random order; rows sit out several steps."""
+    g = torch.Generator().manual_seed(seed)
+    hot = torch.randperm(n_rows, generator=g)[: n_rows // 3]
+    for step in range(steps):
+        k = int(torch.randint(3, 12, (1,), generator=g))
+        pool = hot if step % 3 else torch.arange(n_rows)
+        yield pool[torch.randint(0, len(pool), (k,), generator=g)], torch.randn(k, generator=g)
+
+
+def _train(module_factory, opt_factory, dtype, seed, bag=False):
+    torch.manual_seed(seed)
+    ours = module_factory().to(dtype)
+    theirs = copy.deepcopy(ours)
+    opt_ours, opt_theirs = opt_factory(ft, ours), opt_factory(torch.optim, theirs)
+    for indices, weights in _batches(seed, ours.weight.shape[0]):
+        for module, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            if bag:
+                out = module(indices.reshape(1, -1))[0]
+                loss = (out * torch.arange(out.shape[0], dtype=dtype)).sum()
+            else:
+                loss = (module(indices) * weights.to(dtype)[:, None]).pow(2).sum()
+            loss.backward()
+            assert module.weight.grad.layout == torch.sparse_coo
+            opt.step()
+    return ours, theirs, opt_ours, opt_theirs
+
+
+CASES = [
+    ("SparseAdam", dict(lr=0.05)),
+    ("SparseAdam", dict(lr=0.05, betas=(0.8, 0.99), eps=1e-6, maximize=True)),
+    ("Adagrad", dict(lr=0.1)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1, maximize=True)),
+    ("SGD", dict(lr=0.05)),
+    ("SGD", dict(lr=0.05, maximize=True)),
+    ("SGD", dict(lr=0.05, momentum=0.9)),  # torch: dense-equivalent momentum buffer
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name,hp", CASES, ids=lambda x: x if isinstance(x, str) else
+                         "-".join(f"{k}={v}" for k, v in x.items()))
+def test_embedding_matches_torch(name, hp, dtype):
+    ours, theirs, opt_ours, opt_theirs = _train(
+        lambda: torch.nn.Embedding(40, 6, sparse=True),
+        lambda lib, m: getattr(lib, name)(m.parameters(), **hp), dtype, seed=3)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(ours.weight, theirs.weight, **tol)
+    assert not torch.equal(ours.weight, copy.deepcopy(theirs).weight * 0)
+    mine, torchs = opt_ours.state[ours.weight], opt_theirs.state[theirs.weight]
+    for key, value in torchs.items():
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+            torch.testing.assert_close(mine[key], value, **tol)
+        elif not isinstance(value, torch.Tensor):
+            assert mine[key] == value  # SparseAdam's int step
+
+
+@pytest.mark.parametrize("name", ["SparseAdam", "Adagrad", "SGD"])
+def test_embedding_bag_matches_torch(name):
+    ours, theirs, _, _ = _train(
+        lambda: torch.nn.EmbeddingBag(30, 5, mode="sum", sparse=True),
+        lambda lib, m: getattr(lib, name)(m.parameters(), lr=0.05), torch.float32, seed=5, bag=True)
+    torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_grad_is_used_where_it_lies():
+    """The kernels read the gradient's own indices and values: a coalesced gradient with
+    unsorted storage order still gives torch's result, and the gradient is left unchanged."""
+    w = torch.randn(10, 3)
+    p, q = w.clone().requires_grad_(), w.clone().requires_grad_()
+    indices = torch.tensor([[7, 2, 7, 0]])
+    values = torch.randn(4, 3)
+    for t in (p, q):
+        t.grad = torch.sparse_coo_tensor(indices, values, (10, 3))
+    ft.SparseAdam([p], lr=0.1).step()
+    torch.optim.SparseAdam([q], lr=0.1).step()
+    torch.testing.assert_close(p, q)
+    assert torch.equal(p.grad._values(), values) and torch.equal(p.grad._indices(), indices)
+    assert torch.equal(p[[1, 3, 4, 5, 6, 8, 9]], w[[1, 3, 4, 5, 6, 8, 9]])
+
+
+def _refused(opt, p, error, match):
+    before = p.detach().clone()
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert str(opt.state_dict()) == str(state)
+
+
+def test_torch_refusals_are_kept():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    _refused(ft.Adagrad(emb.parameters(), weight_decay=0.1), emb.weight, RuntimeError,
+             "weight_decay option is not compatible with sparse gradients")
+    _refused(ft.SGD(emb.parameters(), lr=0.1, weight_decay=0.1), emb.weight, RuntimeError,
+             "add\\(sparse, dense\\)")
+    _refused(ft.Adam(emb.parameters()), emb.weight, TypeError, "sparse")
+    dense = torch.nn.Linear(3, 2)
+    dense(torch.randn(4, 3)).sum().backward()
+    _refused(ft.SparseAdam(dense.parameters()), dense.weight, RuntimeError,
+             "SparseAdam does not support dense gradients")
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        ft.SparseAdam(emb.parameters(), lr=-1.0)
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
+        ft.SparseAdam(emb.parameters(), betas=(0.9, 1.0))
+    assert issubclass(ft.SparseAdam, torch.optim.SparseAdam)
+
+
+def test_several_sparse_dimensions_and_a_mixed_model():
+    """A fully sparse 2-D gradient (rows of one element) and a dense parameter in one step."""
+    a, b = torch.randn(4, 5), torch.randn(3)
+    pa, pb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    qa, qb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    grad_a = torch.sparse_coo_tensor(torch.tensor([[3, 0, 3], [1, 4, 1]]), torch.randn(3), (4, 5))
+    grad_b = torch.randn(3)
+    for x, y in ((pa, pb), (qa, qb)):
+        x.grad, y.grad = grad_a.clone(), grad_b.clone()
+    ft.Adagrad([pa, pb], lr=0.1).step()
+    torch.optim.Adagrad([qa, qb], lr=0.1).step()
+    torch.testing.assert_close(pa, qa)
+    torch.testing.assert_close(pb, qb)
+    assert np.count_nonzero((pa != a).numpy()) == 2
