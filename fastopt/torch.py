@@ -445,6 +445,9 @@ class _Fastopt:
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
             if sparse:
                 self.check_sparse_grad(hp)
+                if self.sparse_grads(hp) == "rows" and self.state.get(_STORAGE_KEY) is not None:
+                    raise TypeError(f"{self._where(index, group, i)}: sparse gradients need "
+                                    "float32/float64 storage (not bfloat16 or master weights yet)")
                 local_g = _Rows.of(g) if self.sparse_grads(hp) == "rows" else g.to_dense()
             else:
                 local_g = _local_like(g, local_p, TypeError,
