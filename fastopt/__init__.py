@@ -16,7 +16,7 @@ if _find_spec("fastopt._kernels") is None:  # a source tree without its built ex
         "`pip install .` and run the tests as `pytest` from the checkout's root, or build in "
         "place with `python setup.py build_ext --inplace`.")
 
-from fastopt import functional, init, optim, rules, state
+from fastopt import functional, init, optim, rules, schedules, state
 from fastopt.config import get_num_threads, isa, set_num_threads, show_config
 from fastopt._kernels import SparseGrad
 from fastopt.flat import FlatParams

@@ -218,6 +218,11 @@ cdef class Batch:
     cdef double *scratch    # the reduction's per-tensor results
     cdef Hyper hyper
     cdef Py_ssize_t step_offset  # of the struct's `step` field, or -1
+    cdef void **ema              # per tensor its state's EMA buffer (set_ema), or NULL
+    cdef double ema_decay
+    cdef list emas
+    cdef Schedule schedule       # the group's lr schedule, or None
+    cdef Py_ssize_t lr_offset    # of the struct's `lr` field, where the schedule's value goes
     cdef int64_t step
     cdef list params, states, indices, buffers
     cdef readonly tuple slots
@@ -280,6 +285,7 @@ cdef class Batch:
         free(self.rows)
         free(self.index)
         free(self.scratch)
+        free(self.ema)
         for k in range(8):
             free(self.ptrs[k])
 
@@ -296,6 +302,11 @@ cdef class Batch:
             s = self.states[t]
             if state.get(i) is not s or s.step != self.step:
                 return False
+            if self.ema != NULL:
+                e = s.ema
+                if e is not self.emas[t] or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>e) \
+                        or cnp.PyArray_DATA(<cnp.ndarray>e) != self.ema[t]:
+                    return False
             bufs = self.buffers[t]
             for k, name in enumerate(self.rule.state):
                 b = getattr(s, name)
@@ -343,6 +354,22 @@ cdef class Batch:
             self.ptrs[1][t] = cnp.PyArray_DATA(<cnp.ndarray>g)
         return True
 
+    def set_ema(self, double decay):
+        """Update each state's `ema` buffer in the same pass as the rule."""
+        cdef Py_ssize_t t
+        self.emas = [s.ema for s in self.states]
+        self.ema = <void **>calloc(max(self.count, 1), sizeof(void *))
+        if self.ema == NULL:
+            raise MemoryError()
+        for t in range(self.count):
+            self.ema[t] = cnp.PyArray_DATA(<cnp.ndarray>self.emas[t])
+        self.ema_decay = decay
+
+    def set_schedule(self, Schedule schedule):
+        """lr = schedule(step) written into the struct before every C call."""
+        self.schedule = schedule
+        self.lr_offset = self.rule.double_offsets["lr"]
+
     cdef int reduce_into(self, StepOptions options) except -1:
         """The reduction pass over this batch's gradients (taken by take_grads)."""
         if self.bf16_grads:
@@ -355,10 +382,18 @@ cdef class Batch:
         cdef int status
         cdef int64_t next_step = self.step + 1
         cdef void *hp = self.hyper.data()
+        cdef fo_step_options with_ema
         cdef const fo_step_options *opt = &options.c if options is not None else NULL
+        if self.ema != NULL:
+            with_ema.grad_multiplier = options.c.grad_multiplier if options is not None else 1.0
+            with_ema.ema = self.ema
+            with_ema.ema_decay = self.ema_decay
+            opt = &with_ema
         if self.step_offset >= 0:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
         cdef const fo_rows *rows = self.rows if self.any_rows else NULL
+        if self.schedule is not None:
+            (<double *>(<char *>hp + self.lr_offset))[0] = self.schedule.at(next_step)
         with nogil:
             status = self.storage.run(self.rule.id, self.count, self.ptrs, self.n_bufs,
                                       self.sizes, hp, <uint64_t>next_step, opt, rows)
@@ -430,7 +465,7 @@ cdef class Plan:
     direct: the hyperparameters that are one C field each, of the same name, holding a real
     number (lr, eps, ...): a change to them is written straight into the group's Hyper.
     """
-    cdef list groups, group_lists, batches, params, hypers, versions
+    cdef list groups, group_lists, batches, params, hypers, versions, scheduled
     cdef dict state
     cdef frozenset direct
     cdef _Spans written
@@ -439,6 +474,7 @@ cdef class Plan:
         self.groups = groups
         self.group_lists = [g["params"] for g in groups]
         self.versions = [getattr(g, "version", -1) for g in groups]
+        self.scheduled = [type(g.get("lr")) is Schedule for g in groups]
         self.params = [p for g in groups for p in g["params"]]
         self.state = state
         self.batches = batches
@@ -477,6 +513,8 @@ cdef class Plan:
         cdef Hyper old = self.hypers[k], new
         cdef unsigned uses = old.uses, new_uses
         cdef double saved[64]
+        if "lr" in g.changed and (self.scheduled[k] or type(g.get("lr")) is Schedule):
+            return 0  # a schedule set or replaced: the batches are built again
         if g.changed <= self.direct:
             memcpy(saved, old.storage, sizeof(saved))
             offsets = old.rule.double_offsets
@@ -748,16 +786,19 @@ cdef class _Table:
         for t in range(self.count):
             self.n[t] = sizes[t]
 
-    cdef int run(self, CRule rule, Hyper hyper) except -1:
+    cdef int run(self, CRule rule, Hyper hyper, double grad_multiplier=1.0) except -1:
         cdef int status
+        cdef fo_step_options opt
+        opt.grad_multiplier, opt.ema, opt.ema_decay = grad_multiplier, NULL, 0.0
         if self.storage is not None:
             with nogil:
                 status = self.storage.run(rule.id, self.count, self.ptrs, self.n_bufs, self.n,
-                                          hyper.data(), self.storage_step, NULL, self.rows)
+                                          hyper.data(), self.storage_step,
+                                          &opt if grad_multiplier != 1.0 else NULL, self.rows)
             return _raise_for(status, hyper)
         with nogil:
-            status = _typed_rows(rule.id, FO_FLOAT64 if self.f64 else FO_FLOAT32, self.count,
-                                 self.ptrs, self.n_bufs, self.n, self.rows, hyper.data())
+            status = _run_with(rule.id, self.f64, self.count, self.ptrs, self.n_bufs, self.n,
+                               hyper.data(), &opt if grad_multiplier != 1.0 else NULL, self.rows)
         return _raise_for(status, hyper)
 
     def __dealloc__(self):
@@ -846,11 +887,12 @@ cdef class ObjectPlan:
             members.append(m)
         return members
 
-    def run(self, front, key_of):
+    def run(self, front, key_of, double grad_multiplier=1.0):
         """One step, or False (nothing changed) if the plan no longer fits.  A group whose
         values changed (an lr schedule) is re-checked by front.refreshed_hyperparameters(index,
         group, hp), which raises for an invalid value or returns None when the change reaches
-        the plan's tables (another state buffer); the tables stay otherwise."""
+        the plan's tables (another state buffer); the tables stay otherwise.  grad_multiplier:
+        every gradient is multiplied by it first (GradScaler's unscaling), in the C call."""
         if front.param_groups is not self.groups_list or front.state is not self.state \
                 or len(self.groups_list) != len(self.groups):
             return False
@@ -899,20 +941,23 @@ cdef class ObjectPlan:
             hp = self.hps[gi]
             for table in self.groups[gi][5]:
                 step = front.advance_planned(hp, table.states, table.counters, table.step)
-                table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])))
+                table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])),
+                          grad_multiplier)
                 table.step = front.planned_step_after(hp, step)
         self.mark_written(self.written)
         return True
 
 
 def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields,
-                  list rows=None, Storage storage=None, storage_step=0):
+                  list rows=None, double grad_multiplier=1.0, Storage storage=None,
+                  storage_step=0):
     """One C call over raw buffer addresses (fastopt.torch's validating path: its tensors are
     not numpy arrays): addresses[k] lists buffer k's address for every tensor (param, grad,
-    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's.
-    rows: None, or per tensor None (a dense gradient) or (indices address, int64 (else int32),
-    nnz, row_len) for a gradient given as rows (fastopt.h, "Sparse rows"), its values at the
-    grad's address.  storage (bfloat16 buffers, master weights) and storage_step (the step
-    that keys stochastic rounding): how the buffers are stored (None: all float32/float64)."""
+    then the rule's state buffers; None for an unused one), fields the hyperparameter struct's;
+    every gradient multiplied by grad_multiplier first.  rows: None, or per tensor None (a
+    dense gradient) or (indices address, int64 (else int32), nnz, row_len) for a gradient given
+    as rows (fastopt.h, "Sparse rows"), its values at the grad's address.  storage (bfloat16
+    buffers, master weights) and storage_step (the step that keys stochastic rounding): how
+    the buffers are stored (None: all float32/float64)."""
     _Table(f64, list(range(len(sizes))), sizes, addresses, rows=rows, storage=storage,
-           storage_step=storage_step).run(rule, Hyper(rule, fields))
+           storage_step=storage_step).run(rule, Hyper(rule, fields), grad_multiplier)

@@ -305,4 +305,5 @@ cdef int step(int rule, const fo_batch *batch, const void *hp, fo_error *err) no
 
 
 include "_passes.pxi"
+include "_schedules.pxi"
 include "_engine.pxi"

@@ -174,15 +174,16 @@ cdef double _nonnegative_real(str name, value) except? -1.0:
     return x
 
 
-def norms(arrays, double p, bint f64):
-    """(per-buffer sums, total, nonfinite) of fo_norm over `arrays`, (address, element count)
-    pairs of buffers of one dtype (float64 if f64, else float32)."""
-    cdef Py_ssize_t m = len(arrays), i
+def norms(list addresses, list sizes, double p, bint f64):
+    """(per-buffer sums, total, nonfinite) of fo_norm over buffers of one dtype (float64 if
+    f64, else float32) given by their raw addresses and element counts."""
+    cdef Py_ssize_t m = len(addresses), i
+    if len(sizes) != m:
+        raise ValueError("norms: as many sizes as addresses")
     table = _IndexTable(m)
     for i in range(m):
-        address, size = arrays[i]
-        table.ptrs[i] = <void *><uintptr_t>address
-        table.n[i] = size
+        table.ptrs[i] = <void *><uintptr_t>addresses[i]
+        table.n[i] = sizes[i]
     cdef fo_batch b
     cdef int k, status, nonfinite = 0
     cdef double total
@@ -203,6 +204,8 @@ def scale(list addresses, list sizes, double factor, bint f64):
     """Multiply every buffer (raw address, element count; one dtype) in place by `factor`
     (rounded to the dtype), through the threads: fo_scale."""
     cdef Py_ssize_t m = len(addresses), i
+    if len(sizes) != m:
+        raise ValueError("scale: as many sizes as addresses")
     table = _IndexTable(m)
     for i in range(m):
         table.ptrs[i] = <void *><uintptr_t>addresses[i]
@@ -231,3 +234,33 @@ cdef inline int _run_with(int rule, bint f64, size_t count, void ***ptrs, int n_
         b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
     b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
     return fo_step_with(rule, &b, hp, opt, NULL)
+
+
+def gather_grads(params, tensor_type, f32, f64):
+    """The gradients of `params` (fastopt.torch.clip_grad_norm_): (addresses, sizes) of the
+    float32 ones, of the float64 ones, and the gradients themselves, in order; or None if one
+    is not a plain dense contiguous float32/float64 CPU tensor (torch's own function is then
+    the one that handles them).  A Cython loop: a few attribute reads per tensor."""
+    cdef list a32 = [], n32 = [], a64 = [], n64 = [], grads = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if type(g) is not tensor_type or not g.is_cpu:
+            return None
+        dtype = g.dtype
+        if dtype is not f32 and dtype is not f64:
+            return None
+        try:  # a sparse COO tensor says False, a compressed one raises
+            if not g.is_contiguous():
+                return None
+        except RuntimeError:
+            return None
+        if dtype is f32:
+            a32.append(g.data_ptr())
+            n32.append(g.numel())
+        else:
+            a64.append(g.data_ptr())
+            n64.append(g.numel())
+        grads.append(g)
+    return (a32, n32), (a64, n64), grads

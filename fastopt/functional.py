@@ -28,6 +28,11 @@ def check_state(rule, param, state, what):
 
 def step_one(rule, param, grad, state, given):
     """One parameter's update, validated completely before anything is written."""
+    schedule = given.get("lr")
+    if type(schedule) is _kernels.Schedule:  # its value at this update's step
+        step = getattr(state, "step", None)
+        if type(step) is int and step >= 0:
+            given = dict(given, lr=schedule(step + 1))
     hp, hyper = rule.check(given, copy=False)
     state_type = STATE_TYPES[rule.state]
     if _kernels.run_single(rule.crule, hyper, state_type, param, grad, state):

@@ -35,12 +35,17 @@ class Optimizer:
 
     rule = None
 
-    def __init__(self, params, sparse="lazy", **defaults):
+    def __init__(self, params, *, sparse="lazy", ema_decay=None, **defaults):
         options = {k: defaults.pop(k) for k in storage.DEFAULTS if k in defaults}
         self.storage_options = storage.check_options(**options)
         # how a step with a SparseGrad treats the rows it does not touch (README, "Sparse
         # rows"); a param group may override it with its own "sparse" key
         self.sparse = _checks.sparse_mode("sparse", sparse)
+        if ema_decay is not None:
+            ema_decay = _checks.real("ema_decay", ema_decay)
+            if not 0.0 <= ema_decay <= 1.0:
+                raise ValueError(f"Invalid ema_decay: {ema_decay} (must be in [0, 1])")
+        self._ema_decay = ema_decay
         self.defaults = self.rule.check(defaults)[0]
         groups = _parse_groups(params)
         for i, g in enumerate(groups):
@@ -51,6 +56,11 @@ class Optimizer:
         for i, p in enumerate(params):
             _checks.check_param(p, f"params[{i}]", bfloat16=True)
             storage.check_param_dtype(p.dtype, self.storage_options, f"params[{i}]")
+            if ema_decay is not None and (storage.is_bf16(p.dtype) or
+                                          self.storage_options["state_dtype"] == "bfloat16"):
+                raise ValueError(f"ema_decay needs float32/float64 storage; params[{i}] is "
+                                 f"{p.dtype} with state_dtype "
+                                 f"{self.storage_options['state_dtype']!r} (not bfloat16 yet)")
         seen = {}
         for i, p in enumerate(params):
             if id(p) in seen:
@@ -61,6 +71,25 @@ class Optimizer:
         self.state = {}
         self._plan = None
         self._lock = _kernels.StepLock()  # serializes step and the checkpoint functions
+
+    @property
+    def ema_decay(self):
+        """None, or the decay d of the weights' moving average that every step updates after
+        the rule, in the same pass:  ema <- d ema + (1 - d) theta  (ema starts as the parameter
+        at its first step; kept in each state's `ema`, saved in checkpoints)."""
+        return self._ema_decay
+
+    def ema_arrays(self):
+        """The weights' moving averages in parameter order (the state's arrays themselves; a
+        copy of the parameter for one not stepped yet), e.g. to evaluate with."""
+        if self._ema_decay is None:
+            raise ValueError(f"{type(self).__name__} was made without ema_decay")
+        out = []
+        for i, p in enumerate(self.params):
+            state = self.state.get(i)
+            ema = getattr(state, "ema", None)
+            out.append(ema if ema is not None else np.array(p, order="C", copy=True))
+        return out
 
     @property
     def state_type(self):
@@ -194,6 +223,8 @@ class Optimizer:
                 state.add_missing(p, needed, storage.state_dtype_for(p.dtype, stored_as))
                 if stored_as["master_weights"] and state.master is None:
                     state.master = p.astype(np.float32, order="C")
+                if self._ema_decay is not None and state.ema is None:
+                    state.ema = np.array(p, order="C", copy=True)
                 stored = tuple(getattr(state, name).dtype for name in needed)
                 grad_dtype = grads[i].values.dtype if isinstance(grads[i], _kernels.SparseGrad) \
                     else grads[i].dtype
@@ -204,6 +235,10 @@ class Optimizer:
                                        [self.state[j] for j in indices], indices, hyper, step,
                                        grad_dtype, stored_as)
                 batch.group_index = group_index
+                if isinstance(hp["lr"], _kernels.Schedule):
+                    batch.set_schedule(hp["lr"])
+                if self._ema_decay is not None:
+                    batch.set_ema(self._ema_decay)
                 batches.append(batch)
         plan = _kernels.Plan(self.param_groups, self.state, batches, hypers, self.rule.direct)
         if all(isinstance(g, ParamGroup) for g in self.param_groups):
@@ -278,6 +313,7 @@ def _optimizer_class(rule):
         positional.append(inspect.Parameter(
             name, kind, default=inspect.Parameter.empty if default is REQUIRED else default))
     positional.append(inspect.Parameter("sparse", inspect.Parameter.KEYWORD_ONLY, default="lazy"))
+    positional.append(inspect.Parameter("ema_decay", inspect.Parameter.KEYWORD_ONLY, default=None))
     positional += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
                    for name, default in storage.DEFAULTS.items()]
     signature = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]

@@ -92,8 +92,15 @@ class Rule:
         missing = [k for k, v in hp.items() if v is REQUIRED]
         if missing:
             raise TypeError(f"{self.name}: missing hyperparameter(s) {missing}")
+        # lr may be a schedule (fastopt.schedules): checked here through its first value, then
+        # evaluated by the engine at every step
+        schedule = hp.get("lr") if type(hp.get("lr")) is _kernels.Schedule else None
+        if schedule is not None:
+            hp["lr"] = schedule(1)
         checked = {k: _KIND_CHECKS[kind](k, hp[k]) for k, kind in self.kinds.items()}
         hyper = _kernels.Hyper(self.crule, self.c_fields(checked))
+        if schedule is not None:
+            checked["lr"] = schedule
         if "step" in self.crule.fields:
             hyper.set_field("step", 1)
         try:

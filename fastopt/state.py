@@ -99,10 +99,11 @@ def _state_class(rule):
     doc = (f"State of {rule.name} (C rule {crule.name!r}): buffers {', '.join(crule.state)} "
            f"(always: {', '.join(required) or 'none'}; the others when an option needs them); "
            "master: float32 master weights of a bfloat16 parameter (master_weights=True); "
-           "step: updates taken.")
+           "step: updates taken; ema: the exponential moving average of the parameter, kept "
+           "when the optimizer has ema_decay.")
     return type(rule.state, (OptimizerState,), {
         "__doc__": doc, "__module__": __name__, "KERNEL": crule.name,
-        "BUFFERS": crule.state + ("master",), "REQUIRED": required,
+        "BUFFERS": crule.state + ("ema", "master"), "REQUIRED": required,
         "INITIAL": {name: rule.defaults[hp] for name, hp in rule.fill.items()}})
 
 

@@ -138,6 +138,10 @@ class _Fastopt:
     kernel = ""
     ranges = (_LR, _WEIGHT_DECAY)
     flags = ("maximize",)
+    # torch.amp.GradScaler's fused protocol: it sets grad_scale and found_inf (0-d tensors) on
+    # the optimizer instead of unscaling; step() skips on found_inf and unscales inside the
+    # update's C call (the multiplier 1 / grad_scale folded into the rule's scalars)
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, *args, state_dtype=None, rounding="stochastic", seed=0,
                  master_weights=False, **kwargs):
@@ -247,11 +251,18 @@ class _Fastopt:
                 # inside the lock: the step applies exactly the gradients its closure computed
                 with torch.enable_grad():
                     loss = closure()
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is not None and float(found_inf) != 0.0:
+                return loss  # as torch's fused step: nothing changes, step counts included
+            grad_scale = getattr(self, "grad_scale", None)
+            multiplier = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+            if not math.isfinite(multiplier) or multiplier < 0.0:
+                raise ValueError(f"grad_scale must be finite and > 0, got {float(grad_scale)}")
             grad_mode = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)  # torch.no_grad() without its ~1 us of wrapping
             try:
                 plan = self.__dict__.get("_plan")
-                if plan is not None and plan.run(self, _group_key):
+                if plan is not None and plan.run(self, _group_key, multiplier):
                     return loss
                 # everything is validated before anything changes
                 work = [self._prepare_group(index, group)
@@ -263,7 +274,7 @@ class _Fastopt:
                     p for g in self.param_groups for p in g["params"])}
                 for hp, members in work:
                     if members:
-                        self._step_group(hp, members)
+                        self._step_group(hp, members, multiplier)
                 # a step with rows takes this validating path every time (no plan to build),
                 # and so does one with bfloat16 storage or master weights
                 rows = any(isinstance(m[2], _Rows) for _, members in work for m in members)
@@ -539,7 +550,7 @@ class _Fastopt:
     def kernel_args(self, hp, step, state):
         raise NotImplementedError
 
-    def _step_group(self, hp, members):
+    def _step_group(self, hp, members, multiplier=1.0):
         """Creates missing state, advances the counters and updates one validated group."""
         slots = self.slots(hp)
         keep = self.keeps_state(hp)
@@ -575,9 +586,10 @@ class _Fastopt:
             key = (_KERNEL_DTYPES[p.dtype], grad_dtype, stored, t, self.batch_extra(state))
             batches.setdefault(key, []).append((local_p, local_g, state, indices.get(id(p), 0)))
         for (dtype, _, _, t, _), batch in batches.items():
-            self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]))
+            self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]),
+                             multiplier)
 
-    def _run_kernel(self, dtype, step, slots, batch, kernel_args):
+    def _run_kernel(self, dtype, step, slots, batch, kernel_args, multiplier=1.0):
         """One C call over a batch of (param, grad, state) of one real dtype and step number,
         all validated, param and grad local (a DTensor's shard); complex tensors go in as their
         real and imaginary parts."""
@@ -591,7 +603,7 @@ class _Fastopt:
         entry = self.state.get(_STORAGE_KEY)
         if entry is None:
             _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                                   sizes, kernel_args, rows)
+                                   sizes, kernel_args, rows, multiplier)
         else:
             p0, g0, s0, _ = batch[0]
             g0 = g0.values if isinstance(g0, _Rows) else g0
@@ -602,7 +614,7 @@ class _Fastopt:
                 masters = [_local(s["master"]).data_ptr() for _, _, s, _ in batch]
             indices = [index for *_, index in batch]
             _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                                   sizes, kernel_args, rows,
+                                   sizes, kernel_args, rows, multiplier,
                                    _kernels.Storage(dtypes, indices, entry["rounding"] == "nearest",
                                                     entry["seed"], masters), entry["step"])
         # the kernels write memory directly: tell autograd about the parameters, as an in-place
@@ -1077,9 +1089,9 @@ class ASGD(_Fastopt, torch.optim.ASGD):
         # a table's states share eta and mu (batch_extra keyed it; each step sets them alike)
         now = (step, counters[1][0].item(), counters[2][0].item())
         eta, mu = _asgd_next(hp, step)
-        counters[0].add_(1.0)
-        counters[1].fill_(eta)
-        counters[2].fill_(mu)
+        counters[0] += 1.0
+        counters[1].fill(eta)
+        counters[2].fill(mu)
         return now
 
     def planned_step_after(self, hp, step):
@@ -1130,6 +1142,67 @@ for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam,
     _cls.__doc__ = (f"torch.optim.{_cls.__name__}, with its step in fastopt's C kernels "
                     "(see fastopt.torch).\n\n" + (getattr(torch.optim, _cls.__name__).__doc__ or ""))
 del _cls
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    """torch.nn.utils.clip_grad_norm_, same signature and result, as one multi-threaded C
+    reduction over all gradients (fastopt's fo_norm, in double with a fixed summation order)
+    and, when the factor is below 1, one multi-threaded C scaling pass.
+
+    total_norm = (sum over every gradient element of |g|^p)^(1/p) (p = norm_type; inf: the max
+    of |g|; 0: torch's count of gradients with a nonzero element), returned as a 0-d tensor of
+    the gradients' dtype (float64 if any is); then g <- g min(1, max_norm / (total_norm + 1e-6)),
+    the factor computed as torch computes it.  error_if_nonfinite: RuntimeError (torch's) if the
+    total norm is inf or NaN, before any gradient changes.  `foreach` is accepted and ignored.
+    Gradients that are not dense contiguous float32/float64 CPU tensors, and negative norm
+    types, are handed to torch's own function."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        parameters = list(parameters)
+    p = float(norm_type)
+    gathered = (_kernels.gather_grads(parameters, torch.Tensor, torch.float32, torch.float64)
+                if p >= 0.0 else None)
+    if gathered is None:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type,
+                                              error_if_nonfinite, foreach)
+    max_norm = float(max_norm)
+    tables, grads = gathered[:2], gathered[2]
+    if not grads:
+        return torch.tensor(0.0)
+    total, nonzero_tensors = (-math.inf if math.isinf(p) else 0.0), 0
+    for f64, (addresses, sizes) in enumerate(tables):
+        if not addresses:
+            continue
+        per_tensor, sum_, _ = _kernels.norms(addresses, sizes, p, bool(f64))
+        if math.isinf(p):
+            total = sum_ if math.isnan(sum_) or sum_ > total else total
+        else:
+            total += sum_
+        nonzero_tensors += sum(1 for x in per_tensor if x != 0.0)
+    if p == 0.0:  # torch: the 0-"norm" of the per-tensor counts
+        total = float(nonzero_tensors)
+    elif p == 2.0:
+        total = math.sqrt(total)
+    elif not math.isinf(p) and p != 1.0:
+        total = total ** (1.0 / p)
+    total_norm = torch.tensor(total, dtype=torch.float64 if tables[1][0] else torch.float32)
+    if error_if_nonfinite and not math.isfinite(total_norm.item()):
+        raise RuntimeError(
+            f"The total norm of order {p} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite "
+            "norm anyway, set `error_if_nonfinite=False`")
+    factor = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0).item()
+    if factor != 1.0:  # (multiplying by 1 changes no bit)
+        for f64, (addresses, sizes) in enumerate(tables):
+            if addresses:
+                _kernels.scale(addresses, sizes, factor, bool(f64))
+        torch.autograd.graph.increment_version(grads)
+    return total_norm
+
+
+__all__ += ["clip_grad_norm_"]
 
 
 # each parameter stepped by its own hook as soon as its gradient is ready (fastopt/torch_in_backward.py)

@@ -42,7 +42,7 @@ def run_both(cls, hp, dtype, index_dtype, rng):
     assert opt.sparse == "lazy"
     ref_fn = reference.RULES[reference_name(cls)]
     ref_hp = reference_kwargs({k: v for k, v in opt.param_groups[0].items()
-                               if k not in ("params", "decoupled_weight_decay")})
+                               if k != "params" and k not in cls.rule.fixed})
     ref_params = [p.astype(np.float64) for p in init]
     ref_states = [{} for _ in init]
     skipped = [np.zeros(s[0], dtype=int) for s in SHAPES]

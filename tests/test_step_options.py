@@ -34,12 +34,13 @@ def test_every_rule_with_unscale_and_clip(case, dtype, rng):
     cls, hp = case
     init = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     params = [p.copy() for p in init]
-    opt = cls(params, **hp)
+    opt = cls(params, ema_decay=0.8, **hp)
     ref_fn = reference.RULES[reference_name(cls)]
     ref_params = [p.astype(np.float64) for p in init]
     ref_states = [{} for _ in init]
+    ref_ema = [p.astype(np.float64) for p in init]  # the EMA starts as the parameter
     group_hp = reference_kwargs({k: v for k, v in opt.param_groups[0].items()
-                                 if k not in ("params", "decoupled_weight_decay")})
+                                 if k != "params" and k not in cls.rule.fixed})
     clipped = unclipped = 0
     for step in range(12):
         grad_scale = 8.0 if step % 3 else 1.0
@@ -49,18 +50,22 @@ def test_every_rule_with_unscale_and_clip(case, dtype, rng):
         result = opt.step(grads, grad_scale=grad_scale, clip_norm=clip_norm)
         norm = ref_step(ref_fn, ref_params, ref_states, grads, [group_hp] * len(SHAPES),
                         grad_scale, clip_norm)
+        ref_ema = [0.8 * e + 0.2 * p for e, p in zip(ref_ema, ref_params)]
         assert not result.skipped
         assert result.total_norm == pytest.approx(norm, rel=1e-13)
         clipped += clip_norm < norm
         unclipped += clip_norm > norm
     assert clipped and unclipped
-    for p, r, p0 in zip(params, ref_params, init):
-        if dtype == np.float64:
-            np.testing.assert_allclose(p, r, rtol=1e-11, atol=1e-12)
-        else:
-            moved, ref_moved = p.astype(np.float64) - p0, r - p0
-            scale = np.abs(ref_moved).max()
-            np.testing.assert_allclose(moved, ref_moved, rtol=0, atol=2e-4 * scale + 2e-6)
+    emas = opt.ema_arrays()
+    assert [e.dtype for e in emas] == [dtype] * len(SHAPES)
+    for got, ref in [(params, ref_params), (emas, ref_ema)]:
+        for p, r, p0 in zip(got, ref, init):
+            if dtype == np.float64:
+                np.testing.assert_allclose(p, r, rtol=1e-11, atol=1e-12)
+            else:
+                moved, ref_moved = p.astype(np.float64) - p0, r - p0
+                scale = np.abs(ref_moved).max()
+                np.testing.assert_allclose(moved, ref_moved, rtol=0, atol=2e-4 * scale + 2e-6)
 
 
 def snapshot(opt):
@@ -88,7 +93,7 @@ def assert_same(before, opt):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_skipped_step_changes_nothing(bad, dtype, rng):
     params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
-    opt = fastopt.Adam(params, lr=0.01, amsgrad=True)
+    opt = fastopt.Adam(params, lr=0.01, amsgrad=True, ema_decay=0.99)
     grads = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     # the very first step: no state may be created either
     bad_grads = [g.copy() for g in grads]
@@ -121,7 +126,7 @@ def test_total_norm_is_identical_for_any_thread_count(rng):
             opt = fastopt.SGD([p.copy() for p in params], lr=0.1)
             for _ in range(3):  # the validating path, then planned steps
                 norms.add(opt.step(grads, compute_norm=True).total_norm)
-            norms.add(_kernels.norms([(g.ctypes.data, g.size) for g in grads], 2.0, False)[1] ** 0.5)
+            norms.add(_kernels.norms([g.ctypes.data for g in grads], [g.size for g in grads], 2.0, False)[1] ** 0.5)
     finally:
         fastopt.set_num_threads(before)
     assert len(norms) == 1
@@ -132,7 +137,7 @@ def test_total_norm_is_identical_for_any_thread_count(rng):
 def test_the_reduction_pass_for_every_norm_type(dtype, rng):
     arrays = [rng.standard_normal(n).astype(dtype) for n in (1, 4095, 4097, 20000, 0)]
     arrays[2][::7] = 0
-    pairs = [(a.ctypes.data, a.size) for a in arrays]
+    pairs = [a.ctypes.data for a in arrays], [a.size for a in arrays]
     f64 = dtype == np.float64
     as64 = [a.astype(np.float64) for a in arrays]
     for p, per, combine in [
@@ -140,19 +145,19 @@ def test_the_reduction_pass_for_every_norm_type(dtype, rng):
             (3.5, lambda a: (np.abs(a) ** 3.5).sum(), sum),
             (0.0, lambda a: float(np.count_nonzero(a)), sum),
             (np.inf, lambda a: np.abs(a).max(initial=0.0), max)]:
-        sums, total, nonfinite = _kernels.norms(pairs, p, f64)
+        sums, total, nonfinite = _kernels.norms(*pairs, p, f64)
         expected = [per(a) for a in as64]
         np.testing.assert_allclose(sums, expected, rtol=1e-12)
         assert total == pytest.approx(combine(expected), rel=1e-12)
         assert nonfinite is False
     for bad, p in [(np.inf, 2.0), (np.nan, 2.0), (np.nan, np.inf), (np.inf, np.inf), (np.inf, 1.0)]:
         arrays[3][1234] = bad
-        sums, total, nonfinite = _kernels.norms(pairs, p, f64)
+        sums, total, nonfinite = _kernels.norms(*pairs, p, f64)
         assert nonfinite is True
         assert np.isnan(total) if np.isnan(bad) else total == np.inf
         arrays[3][1234] = 0.5
     with pytest.raises(ValueError):
-        _kernels.norms(pairs, -1.0, f64)
+        _kernels.norms(*pairs, -1.0, f64)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -185,3 +190,41 @@ def test_options_on_a_mixed_dtype_optimizer_with_groups(rng):
             ref[k] = ref[k] - (0.1 if k < 3 else 0.05) * g.astype(np.float64) / 2.0 * factor
     for p, r in zip(p32 + p64, ref):
         np.testing.assert_allclose(p, r, rtol=1e-5 if p.dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+def test_ema_checkpoints_threads_and_errors(rng, tmp_path):
+    shapes = [(150_000,), (9,)]  # the large one is split across threads
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    results = []
+    before = fastopt.get_num_threads()
+    try:
+        for threads in (1, 2):
+            fastopt.set_num_threads(threads)
+            opt = fastopt.AdamW([p.copy() for p in params], lr=0.01, ema_decay=0.9)
+            assert [e.tobytes() for e in opt.ema_arrays()] == [p.tobytes() for p in params]
+            for _ in range(3):
+                opt.step(grads)
+            results.append([e.copy() for e in opt.ema_arrays()])
+    finally:
+        fastopt.set_num_threads(before)
+    for a, b in zip(*results):
+        assert a.tobytes() == b.tobytes()
+    opt.save(tmp_path / "ckpt.npz")
+    other = fastopt.AdamW([p.copy() for p in opt.params], lr=0.01, ema_decay=0.9)
+    other.load(tmp_path / "ckpt.npz")
+    for a, b in zip(opt.ema_arrays(), other.ema_arrays()):
+        assert a.tobytes() == b.tobytes()
+    opt.step(grads)
+    other.step(grads)
+    for a, b in zip(opt.ema_arrays() + opt.params, other.ema_arrays() + other.params):
+        assert a.tobytes() == b.tobytes()
+    # a replaced ema buffer is taken (the plan notices)
+    opt.state[1].ema = np.zeros(9, np.float32)
+    opt.step(grads)
+    np.testing.assert_allclose(opt.ema_arrays()[1], 0.1 * opt.params[1], rtol=1e-6)
+    for bad, error in [(1.5, ValueError), (-0.1, ValueError), ("0.9", TypeError), (np.nan, ValueError)]:
+        with pytest.raises(error):
+            fastopt.SGD(params, ema_decay=bad)
+    with pytest.raises(ValueError):
+        fastopt.SGD(params).ema_arrays()
