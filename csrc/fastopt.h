@@ -51,7 +51,9 @@ extern "C" {
     X(lion, m)                                                                                 \
     X(radam, m, v)                                                                             \
     X(rprop, prev, step_size)                                                                  \
-    X(asgd, ax)
+    X(asgd, ax)                                                                                \
+    X(lamb, m, v)                                                                              \
+    X(lars, momentum_buffer)
 
 /* Every rule starts from g = (maximize ? -grad : grad) + weight_decay * theta (L2), except
  * where a rule decouples the decay.  F(c, type, name) per field of fo_<rule>_params (c: context
@@ -94,6 +96,14 @@ extern "C" {
     F(c, double, lr) F(c, double, lambd) F(c, double, alpha) F(c, double, t0) F(c, double, weight_decay) \
     F(c, double, eta) F(c, double, mu) /* FO_TORCH only: the step's eta and mu, kept by the caller */ \
     F(c, int, maximize) F(c, int, convention) F(c, int64_t, step)
+/* LAMB and LARS: per-tensor trust ratios from a pass over the tensor before the update (two
+ * passes over memory; norms in double, in a fixed order: the same bits for any thread count) */
+#define FO_FIELDS_lamb(F, c) /* the decay is inside the direction r */                           \
+    F(c, double, lr) F(c, double, beta1) F(c, double, beta2) F(c, double, eps) F(c, double, weight_decay)     \
+    F(c, int, maximize) F(c, int64_t, step)
+#define FO_FIELDS_lars(F, c)                                                                      \
+    F(c, double, lr) F(c, double, momentum) F(c, double, weight_decay)                             \
+    F(c, double, trust_coefficient) F(c, int, maximize)
 
 /* ---- status, conventions, storage types ---------------------------------------------------- */
 
@@ -238,10 +248,11 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
  * FO_NORM_LANES interleaved partial sums inside a block combined pairwise, blocks in order),
  * so results are bit-identical for any thread count and instruction set.  The norm itself is
  * total^(1/p) (torch's composition of per-tensor norms for p = 0 and p = INFINITY aside).
- * FO_ERR_HYPERPARAM (err->field "p") for p < 0 or NaN; FO_ERR_DTYPE, FO_ERR_NULL as fo_step.
+ * FO_ERR_HYPERPARAM (err->field "p") for p < 0 or NaN; FO_ERR_DTYPE, FO_ERR_NULL as fo_step
+ * (FO_ERR_DTYPE too for gradients given as rows: buffer 1 must be dense here).
  */
 #define FO_NORM_BLOCK 4096
-#define FO_NORM_LANES 16
+#define FO_NORM_LANES 32
 int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, double *total,
             int *nonfinite, fo_error *err);
 

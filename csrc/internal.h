@@ -65,10 +65,25 @@ typedef struct {
     double decay;
 } fo_ema_scalars;
 
+/*
+ * Rules with a per-tensor pass before their update (LAMB's and LARS's trust ratios), as
+ * X(rule, n_sums).  The pass is the reduction pass's scheme (blocks of FO_NORM_BLOCK elements
+ * shared out by fo_run_blocks, FO_NORM_LANES lanes combined pairwise, blocks added in order):
+ * the rule's reduce span sums n_sums terms per element in double, fo_step adds each tensor's
+ * blocks in order and the rule's tensor part (FO_TENSOR, in its prepare part) turns the sums
+ * into one scalar per tensor, which the update span reads at the buffer slot after the rule's
+ * state buffers (FO_TENSOR_SCALAR).  The same bits for any thread count and instruction set.
+ */
+#define FO_TENSOR_RULES(X) X(lamb, 2) X(lars, 2)
+#define FO_MAX_SUMS 2
+
 typedef struct {
     const char *name;
     fo_span_fn span[FO_N_RULES][2];
     fo_bf16_round_fn to_nearest; /* integer arithmetic, compiled for this instruction set */
+    /* per-tensor passes (FO_TENSOR_RULES; NULL for the other rules): b[slot] is the tensor's
+     * (double *) results, n_sums per block; `at` a multiple of FO_NORM_BLOCK */
+    fo_span_fn reduce[FO_N_RULES][2];
     /* the reduction: b[0] the buffer, b[1] the tensor's (double *) results, two per block
      * (value, and a sum of x - x: NaN iff an element is inf or NaN); `at` a multiple of
      * FO_NORM_BLOCK (fo_run_blocks) */

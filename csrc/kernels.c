@@ -120,6 +120,10 @@ static void gradient_terms_scaled(fo_gradient_options *options, int maximize, do
 }
 #define gradient_terms(...) gradient_terms_scaled(gradient_options, __VA_ARGS__)
 
+/* A per-tensor pass's last part (internal.h, FO_TENSOR_RULES): the tensor's sums -> its scalar */
+#define FO_TENSOR(rule)                                                                        \
+    static double rule##_tensor(const fo_##rule##_scalars *s, const double *sums)
+
 #define FO_PART FO_PART_PREPARE
 #include "rules/all.inc"
 #undef FO_PART
@@ -155,6 +159,20 @@ static const struct {
     fo_rule_info info;
     fo_prepare_fn prepare;
 } rules[FO_N_RULES] = {FO_RULES(FO_RULE_ENTRY)};
+
+typedef double (*fo_tensor_fn)(const void *scalars, const double *sums);
+#define FO_TENSOR_TABLE(rule, n_sums)                                                          \
+    _Static_assert((n_sums) <= FO_MAX_SUMS, #rule " has too many per-tensor sums");            \
+    static double rule##_tensor_any(const void *s, const double *sums)                         \
+    {                                                                                          \
+        return rule##_tensor((const fo_##rule##_scalars *)s, sums);                            \
+    }
+FO_TENSOR_RULES(FO_TENSOR_TABLE)
+#define FO_TENSOR_ENTRY(rule, n_sums) [FO_RULE_##rule] = {rule##_tensor_any, n_sums},
+static const struct {
+    fo_tensor_fn scalar; /* NULL: the rule has no per-tensor pass */
+    int n_sums;
+} tensor_passes[FO_N_RULES] = {FO_TENSOR_RULES(FO_TENSOR_ENTRY)};
 
 const fo_rule_info *fo_describe(int rule)
 {
@@ -222,6 +240,51 @@ static int dtype_allowed(int k, int dtype, int param_dtype)
 
 /* ---- the generic entry point ---------------------------------------------------------------- */
 
+/*
+ * A rule with a per-tensor pass (FO_TENSOR_RULES): the reduce pass over every tensor's blocks
+ * (fo_run_blocks: one thread per block, any split), each tensor's block sums added in block
+ * order, the tensor's scalar from them, then the update with each tensor's scalar at buffer
+ * slot `slot`.  It reads the buffers and writes nothing before the update; it needs memory for
+ * the block sums and returns FO_ERR_NULL (err: "memory") without it, having written nothing.
+ */
+static int run_with_tensor_pass(int rule, int which, size_t count, void *const **bufs, int slot,
+                                int n_bufs, const size_t *n, const fo_call *rule_call,
+                                fo_span_fn span, const fo_call *span_call, fo_error *err)
+{
+    const void *rule_scalars = rule_call->scalars;
+    fo_call reduce_call = *rule_call;
+    reduce_call.n_bufs = slot + 1;
+    const int n_sums = tensor_passes[rule].n_sums;
+    size_t blocks = 0;
+    for (size_t t = 0; t < count; t++) blocks += (n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK;
+    double *sums = malloc((n_sums * blocks + count) * sizeof(double) + count * sizeof(void *));
+    if (!sums) {
+        err->field = "memory";
+        err->requirement = "could not be allocated for the per-tensor sums";
+        return FO_ERR_NULL;
+    }
+    double *scalar = sums + n_sums * blocks;
+    void **slots = (void **)(scalar + count); /* first each tensor's block sums, then its scalar */
+    for (size_t t = 0, at = 0; t < count; at += (n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK, t++)
+        slots[t] = sums + n_sums * at;
+    void *const *with_slot[FO_MAX_BUFFERS];
+    for (int k = 0; k < n_bufs; k++) with_slot[k] = bufs[k];
+    with_slot[slot] = slots;
+    fo_run_blocks(fo_active()->reduce[rule][which], count, with_slot, slot + 1, n, &reduce_call,
+                  FO_NORM_BLOCK);
+    for (size_t t = 0; t < count; t++) {
+        double total[FO_MAX_SUMS] = {0};
+        const double *block = slots[t];
+        for (size_t at = 0; at < n[t]; at += FO_NORM_BLOCK, block += n_sums)
+            for (int k = 0; k < n_sums; k++) total[k] += block[k];
+        scalar[t] = tensor_passes[rule].scalar(rule_scalars, total);
+        slots[t] = &scalar[t];
+    }
+    fo_run(span, count, with_slot, n_bufs, n, span_call);
+    free(sums);
+    return FO_OK;
+}
+
 int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
 {
     return fo_step_with(rule, batch, hp, NULL, err);
@@ -251,9 +314,11 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
                "is not supported by this rule (its prepare part skips gradient_terms)");
 
     const int n_rule_bufs = 2 + rules[rule].info.n_state;
+    /* a per-tensor pass's slot: each tensor's scalar, after the rule's buffers */
+    const int n_own = n_rule_bufs + (tensor_passes[rule].scalar != NULL);
     const int has_ema = opt && opt->ema;
-    if (has_ema && n_rule_bufs >= FO_MAX_BUFFERS) return FO_ERR_RULE;
-    const int n_bufs = n_rule_bufs + has_ema; /* the EMA buffer after the rule's */
+    if (has_ema && n_own >= FO_MAX_BUFFERS) return FO_ERR_RULE;
+    const int n_bufs = n_own + has_ema; /* the EMA buffer after the rule's */
     const size_t count = batch->count;
     void *const *bufs[FO_MAX_BUFFERS];
     int used[FO_MAX_BUFFERS], n_used = 0; /* the buffers this call touches */
@@ -274,11 +339,13 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     }
     if (batch->master && param_dtype != FO_BFLOAT16) return FO_ERR_DTYPE;
     call.staged |= batch->master != NULL;
+    /* a per-tensor pass reads the buffers as they are stored: the compute type only */
+    if (call.staged && tensor_passes[rule].scalar) return FO_ERR_DTYPE;
     if (has_ema) { /* in the parameter's storage type, which must be the compute type */
         if (call.staged) return FO_ERR_DTYPE;
-        bufs[n_rule_bufs] = opt->ema;
-        used[n_used++] = n_rule_bufs;
-        call.dtype[n_rule_bufs] = param_dtype;
+        bufs[n_own] = opt->ema;
+        used[n_used++] = n_own;
+        call.dtype[n_own] = param_dtype;
     }
     if (count == 0) return FO_OK;
     if (!batch->n) return FO_ERR_NULL;
@@ -312,10 +379,19 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     const int which = param_dtype == FO_FLOAT64 ? FO_F64 : FO_F32;
     const fo_span_fn rule_span = fo_active()->span[rule][which];
     call.to_nearest = active_to_nearest;
-    const fo_ema_scalars ema = {rule_span, &call, n_rule_bufs, has_ema ? opt->ema_decay : 0.0};
+    const fo_ema_scalars ema = {rule_span, &call, n_own, has_ema ? opt->ema_decay : 0.0};
     const fo_call ema_call = {.scalars = &ema, .n_bufs = n_bufs};
     const fo_span_fn span = has_ema ? fo_active()->ema[which] : rule_span;
     const fo_call *span_call = has_ema ? &ema_call : &call;
+    if (tensor_passes[rule].scalar) {
+        if (any_rows) { /* a norm over the touched rows is not the tensor's */
+            err->field = "rows";
+            err->requirement = "are not supported by this rule (its norms are per whole tensor)";
+            return FO_ERR_RULE;
+        }
+        return run_with_tensor_pass(rule, which, count, bufs, n_rule_bufs, n_bufs, batch->n,
+                                    &call, span, span_call, err);
+    }
     if (any_rows) /* the touched rows as the batch's tensors (rows.c) */
         return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, param_dtype, span_call);
     fo_run(span, count, bufs, n_bufs, batch->n, span_call);
@@ -343,6 +419,7 @@ int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, dou
     if (!batch->n || !data) return FO_ERR_NULL;
     size_t blocks = 0;
     for (size_t t = 0; t < count; t++) {
+        if (buffer == 1 && batch->rows && batch->rows[t].indices) return FO_ERR_DTYPE; /* dense only */
         if (batch->n[t] && !data[t]) return FO_ERR_NULL;
         blocks += (batch->n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK;
     }
@@ -394,8 +471,10 @@ int fo_scale(const fo_batch *batch, int buffer, double factor)
     if (dtype != FO_FLOAT32 && dtype != FO_FLOAT64) return FO_ERR_DTYPE;
     if (batch->count == 0) return FO_OK;
     if (!batch->n || !batch->buffers[buffer]) return FO_ERR_NULL;
-    for (size_t t = 0; t < batch->count; t++)
+    for (size_t t = 0; t < batch->count; t++) {
+        if (buffer == 1 && batch->rows && batch->rows[t].indices) return FO_ERR_DTYPE; /* dense only */
         if (batch->n[t] && !batch->buffers[buffer][t]) return FO_ERR_NULL;
+    }
     void *const *const bufs[1] = {batch->buffers[buffer]};
     const fo_call call = {.scalars = &factor, .n_bufs = 1};
     fo_run(fo_active()->scale[dtype == FO_FLOAT64 ? FO_F64 : FO_F32], batch->count, bufs, 1,

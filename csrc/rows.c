@@ -5,9 +5,10 @@
  * For each tensor with rows: a stable sort of its indices (LSD radix, positions carried) puts
  * each row's duplicates together in their original order; a row met once uses its gradient row
  * where it lies (no copy), a row met several times gets the sum of its gradient rows, in that
- * order, in a scratch row (a pass of its own, split across threads by elements like any step).
- * Then the rule's loop runs over the batch whose tensor e is touched row e: its buffers are the
- * tensor's buffers advanced to the row, its gradient the row's (summed) gradient.  Dense
+ * order, in a scratch row.  Then the rule's loop runs over the batch whose tensor e is touched
+ * row e: its buffers are the tensor's buffers advanced to the row, its gradient the row's
+ * (summed) gradient, summed piece by piece by the thread that runs the piece, just before the
+ * rule reads it (in cache; threads split the sums with the rows).  Dense
  * tensors of the same batch are entries of that batch as they are.  Every element is still
  * updated independently, from a sum fixed by the indices alone: any thread count gives the same
  * bits.
@@ -99,30 +100,89 @@ static void sort_rows(size_t nnz, uint64_t n_rows, uint64_t *rows, size_t *pos, 
     }
 }
 
-/* The sum pass: entry d is a row met several times; b[0] its scratch row, b[1] .. b[2] the
- * positions of its gradient rows (sorted, as size_t), b[3] the tensor's gradient rows. */
-typedef struct {
-    size_t row_len;
-} sum_scalars;
-
-#define FO_SUM_SPAN(T, name)                                                                   \
-    static void name(const fo_call *c, void *const *b, size_t t, size_t at, size_t n)          \
+/* The sum of a row's gradient rows (positions p .. end of `values`, rows of row_len), elements
+ * [at, at + n), in the order of the positions: out = v[p0]; out += v[p1]; ... */
+#define FO_SUM_ROWS(T, name)                                                                   \
+    static void name(void *out_, const size_t *p, const size_t *end, const void *values_,      \
+                     size_t row_len, size_t at, size_t n)                                      \
     {                                                                                          \
-        (void)t;                                                                               \
-        const size_t row_len = ((const sum_scalars *)c->scalars)->row_len;                     \
-        T *restrict out = (T *)b[0] + at;                                                      \
-        const size_t *p = (const size_t *)b[1], *end = (const size_t *)b[2];                   \
-        const T *values = (const T *)b[3] + at;                                                \
+        T *restrict out = (T *)out_ + at;                                                      \
+        const T *values = (const T *)values_ + at;                                             \
         memcpy(out, values + *p * row_len, n * sizeof(T));                                     \
         for (p++; p < end; p++) {                                                              \
             const T *restrict in = values + *p * row_len;                                      \
             for (size_t i = 0; i < n; i++) out[i] += in[i];                                    \
         }                                                                                      \
     }
-FO_SUM_SPAN(float, sum_span_f32)
-FO_SUM_SPAN(double, sum_span_f64)
+FO_SUM_ROWS(float, sum_rows_f32)
+FO_SUM_ROWS(double, sum_rows_f64)
+typedef void (*sum_rows_fn)(void *out, const size_t *p, const size_t *end, const void *values,
+                            size_t row_len, size_t at, size_t n);
+
+/* The sum as a pass of its own (when no buffer slot is left for the row batch's entry numbers):
+ * entry d is a row met several times; b[0] its scratch row, b[1] .. b[2] the positions of its
+ * gradient rows, b[3] the tensor's gradient rows; scalars: the sum function and row length. */
+typedef struct {
+    sum_rows_fn sum;
+    size_t row_len;
+} sum_scalars;
+
+static void sum_span(const fo_call *c, void *const *b, size_t t, size_t at, size_t n)
+{
+    const sum_scalars *s = c->scalars;
+    (void)t;
+    s->sum(b[0], (const size_t *)b[1], (const size_t *)b[2], b[3], s->row_len, at, n);
+}
 
 /* ---- the row batch ---------------------------------------------------------------------------- */
+
+/* Touched rows lie anywhere in their buffers: each row's first cache lines are a miss (and a
+ * TLB miss) in every buffer, which the hardware prefetcher cannot foresee.  So the rule's span
+ * is wrapped: starting row e, it prefetches row e + FO_ROW_AHEAD, whose buffers it finds in
+ * the batch's tables through the entry number that an extra buffer slot carries. */
+#define FO_ROW_AHEAD 4
+#define FO_ROW_PREFETCH_BYTES 512 /* past that, a row streams and the hardware prefetches */
+
+typedef struct {
+    fo_span_fn span;
+    const fo_call *call;  /* the rule's span's */
+    void **const *tables; /* the row batch's buffer tables (NULL: unused buffer) */
+    const size_t *sizes;
+    int n_bufs;
+    size_t entries, elem;
+    /* rows met several times: their gradient (b[1], a scratch row) is summed here, piece by
+     * piece, just before the rule reads it: sum_of[e] = d + 1 (0: a row met once), the d-th
+     * sum's positions sum_tables[1][d] .. [2][d] in the gradient rows sum_tables[3][d] */
+    const size_t *sum_of;
+    void **const *sum_tables;
+    sum_rows_fn sum;
+} row_ahead;
+
+static void row_ahead_span(const fo_call *c, void *const *b, size_t t, size_t at, size_t n)
+{
+    const row_ahead *r = c->scalars;
+    const size_t e = (size_t)(uintptr_t)b[r->n_bufs];
+    if (r->sum_of[e]) {
+        const size_t d = r->sum_of[e] - 1;
+        r->sum(b[1], (const size_t *)r->sum_tables[1][d], (const size_t *)r->sum_tables[2][d],
+               r->sum_tables[3][d], r->sizes[e], at, n);
+    }
+    if (at == 0 && e + FO_ROW_AHEAD < r->entries) {
+        const size_t next = e + FO_ROW_AHEAD, bytes = r->sizes[next] * r->elem;
+        const size_t upto = bytes < FO_ROW_PREFETCH_BYTES ? bytes : FO_ROW_PREFETCH_BYTES;
+        for (int k = 0; k < r->n_bufs; k++) {
+            if (!r->tables[k]) continue;
+            const char *row = r->tables[k][next];
+            for (size_t off = 0; off < upto; off += 64) {
+                if (k == 1)
+                    __builtin_prefetch(row + off, 0);
+                else
+                    __builtin_prefetch(row + off, 1);
+            }
+        }
+    }
+    r->span(r->call, b, t, at, n);
+}
 
 /* Whether the indices are strictly increasing: then each row is met once, in order. */
 static int strictly_increasing(const fo_rows *r)
@@ -148,12 +208,13 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
         sort_len += r->nnz;  /* positions kept for the sum pass */
         most_nnz = r->nnz > most_nnz ? r->nnz : most_nnz;
     }
-    size_t scratch_elems = 0; /* bounded by the gradient rows, found while grouping */
+    size_t scratch_elems = 0; /* a summed row takes two gradient rows at least */
     for (size_t t = 0; t < count; t++)
-        if (rows[t].indices) scratch_elems += rows[t].nnz * rows[t].row_len;
+        if (rows[t].indices) scratch_elems += rows[t].nnz / 2 * rows[t].row_len;
     /* one allocation: row batch tables, sizes, sort arrays, summed rows */
-    const size_t table_bytes = (size_t)n_bufs * entries * sizeof(void *);
-    const size_t bytes = table_bytes + entries * sizeof(size_t)            /* sizes */
+    const int ahead = n_bufs < FO_MAX_BUFFERS; /* a slot left for the entry numbers */
+    const size_t table_bytes = (size_t)(n_bufs + ahead) * entries * sizeof(void *);
+    const size_t bytes = table_bytes + 2 * entries * sizeof(size_t)        /* sizes, sum_of */
                          + 4 * entries * sizeof(void *) + entries * sizeof(size_t) /* sum batch */
                          + sort_len * sizeof(size_t)                      /* sorted positions */
                          + most_nnz * (2 * sizeof(uint64_t) + sizeof(size_t)) /* sort scratch */
@@ -164,8 +225,9 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
 #define FO_TAKE(type, name, len)                                                               \
     type *name = (type *)at;                                                                   \
     at += (len) * sizeof(type)
-    FO_TAKE(void *, table, (size_t)n_bufs * entries);
+    FO_TAKE(void *, table, (size_t)(n_bufs + ahead) * entries);
     FO_TAKE(size_t, sizes, entries);
+    FO_TAKE(size_t, sum_of, entries);
     FO_TAKE(void *, sum_table, 4 * entries);
     FO_TAKE(size_t, sum_sizes, entries);
     FO_TAKE(size_t, positions, sort_len);
@@ -176,7 +238,8 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
     char *scratch = at;
 #undef FO_TAKE
     void **row_bufs[FO_MAX_BUFFERS], **sum_bufs[4];
-    for (int k = 0; k < n_bufs; k++) row_bufs[k] = bufs[k] ? table + (size_t)k * entries : NULL;
+    for (int k = 0; k < n_bufs + ahead; k++)
+        row_bufs[k] = k == n_bufs || bufs[k] ? table + (size_t)k * entries : NULL;
     for (int k = 0; k < 4; k++) sum_bufs[k] = sum_table + (size_t)k * entries;
 
     size_t e = 0, d = 0, used_pos = 0, used_scratch = 0;
@@ -185,6 +248,7 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
         if (!r->indices) { /* a dense tensor: itself */
             for (int k = 0; k < n_bufs; k++)
                 if (bufs[k]) row_bufs[k][e] = bufs[k][t];
+            sum_of[e] = 0;
             sizes[e++] = n[t];
             continue;
         }
@@ -208,6 +272,7 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
             const size_t offset = (size_t)row * row_bytes;
             for (int k = 0; k < n_bufs; k++)
                 if (bufs[k] && k != 1) row_bufs[k][e] = (char *)bufs[k][t] + offset;
+            sum_of[e] = end - s == 1 ? 0 : d + 1;
             if (end - s == 1) {
                 row_bufs[1][e] = values + pos[s] * row_bytes;
             } else {
@@ -224,23 +289,31 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
             s = end;
         }
     }
-    if (d) {
+    const sum_rows_fn sum = dtype == FO_FLOAT64 ? sum_rows_f64 : sum_rows_f32;
+    if (d && !ahead) {
         /* one row length per sum pass (its scalars): tensors of different row lengths each
          * get their own pass */
         size_t first = 0;
         while (first < d) {
             size_t last = first + 1;
             while (last < d && sum_sizes[last] == sum_sizes[first]) last++;
-            const sum_scalars ss = {sum_sizes[first]};
+            const sum_scalars ss = {sum, sum_sizes[first]};
             const fo_call sum_call = {.scalars = &ss, .n_bufs = 4};
             void *const *const part[4] = {sum_bufs[0] + first, sum_bufs[1] + first,
                                           sum_bufs[2] + first, sum_bufs[3] + first};
-            fo_run(dtype == FO_FLOAT64 ? sum_span_f64 : sum_span_f32, last - first, part, 4,
-                   sum_sizes + first, &sum_call);
+            fo_run(sum_span, last - first, part, 4, sum_sizes + first, &sum_call);
             first = last;
         }
     }
-    fo_run(span, e, (void *const *const *)row_bufs, n_bufs, sizes, call);
+    if (ahead) {
+        for (size_t i = 0; i < e; i++) row_bufs[n_bufs][i] = (void *)(uintptr_t)i;
+        const row_ahead r = {span,  call, (void **const *)row_bufs, sizes, n_bufs, e, elem,
+                             sum_of, (void **const *)sum_bufs, sum};
+        const fo_call ahead_call = {.scalars = &r, .n_bufs = n_bufs + 1};
+        fo_run(row_ahead_span, e, (void *const *const *)row_bufs, n_bufs + 1, sizes, &ahead_call);
+    } else {
+        fo_run(span, e, (void *const *const *)row_bufs, n_bufs, sizes, call);
+    }
     free(mem);
     return FO_OK;
 }

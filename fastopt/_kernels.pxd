@@ -46,6 +46,8 @@ cdef extern from "fastopt.h" nogil:
         FO_RULE_radam
         FO_RULE_rprop
         FO_RULE_asgd
+        FO_RULE_lamb
+        FO_RULE_lars
         FO_N_RULES
 
     const char *fo_strerror(int status)
@@ -136,6 +138,13 @@ cdef extern from "fastopt.h" nogil:
         double lr, lambd, alpha, t0, weight_decay, eta, mu
         int maximize, convention
         int64_t step
+    ctypedef struct fo_lamb_params:
+        double lr, beta1, beta2, eps, weight_decay
+        int maximize
+        int64_t step
+    ctypedef struct fo_lars_params:
+        double lr, momentum, weight_decay, trust_coefficient
+        int maximize
 
 
     int fo_set_num_threads(int n)
@@ -389,3 +398,43 @@ cdef inline int asgd_many_f64(size_t count, double **param, const double **grad,
     cdef void **b[3]
     b[:] = [<void **>param, <void **>grad, <void **>ax]
     return _typed(FO_RULE_asgd, FO_FLOAT64, count, b, 3, n, hp)
+
+cdef inline int lamb_f32(float *param, const float *grad, float *m, float *v, size_t n, const fo_lamb_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&v]
+    return _typed(FO_RULE_lamb, FO_FLOAT32, 1, b, 4, &n, hp)
+
+cdef inline int lamb_many_f32(size_t count, float **param, const float **grad, float **m, float **v, const size_t *n, const fo_lamb_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v]
+    return _typed(FO_RULE_lamb, FO_FLOAT32, count, b, 4, n, hp)
+
+cdef inline int lamb_f64(double *param, const double *grad, double *m, double *v, size_t n, const fo_lamb_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&m, <void **>&v]
+    return _typed(FO_RULE_lamb, FO_FLOAT64, 1, b, 4, &n, hp)
+
+cdef inline int lamb_many_f64(size_t count, double **param, const double **grad, double **m, double **v, const size_t *n, const fo_lamb_params *hp) noexcept nogil:
+    cdef void **b[4]
+    b[:] = [<void **>param, <void **>grad, <void **>m, <void **>v]
+    return _typed(FO_RULE_lamb, FO_FLOAT64, count, b, 4, n, hp)
+
+cdef inline int lars_f32(float *param, const float *grad, float *momentum_buffer, size_t n, const fo_lars_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&momentum_buffer]
+    return _typed(FO_RULE_lars, FO_FLOAT32, 1, b, 3, &n, hp)
+
+cdef inline int lars_many_f32(size_t count, float **param, const float **grad, float **momentum_buffer, const size_t *n, const fo_lars_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>momentum_buffer]
+    return _typed(FO_RULE_lars, FO_FLOAT32, count, b, 3, n, hp)
+
+cdef inline int lars_f64(double *param, const double *grad, double *momentum_buffer, size_t n, const fo_lars_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&momentum_buffer]
+    return _typed(FO_RULE_lars, FO_FLOAT64, 1, b, 3, &n, hp)
+
+cdef inline int lars_many_f64(size_t count, double **param, const double **grad, double **momentum_buffer, const size_t *n, const fo_lars_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>momentum_buffer]
+    return _typed(FO_RULE_lars, FO_FLOAT64, count, b, 3, n, hp)

@@ -73,7 +73,7 @@ cdef class StepOptions:
         cdef double total
         cdef size_t t
         b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
-        b.count, b.n = count, n
+        b.count, b.n, b.rows = count, n, NULL
         for k in range(8):
             b.buffers[k] = grads if k == 1 else NULL
             b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
@@ -188,7 +188,7 @@ def norms(list addresses, list sizes, double p, bint f64):
     cdef int k, status, nonfinite = 0
     cdef double total
     b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
-    b.count, b.n = m, table.n
+    b.count, b.n, b.rows = m, table.n, NULL
     for k in range(8):
         b.buffers[k] = table.ptrs if k == 1 else NULL
         b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
@@ -213,7 +213,7 @@ def scale(list addresses, list sizes, double factor, bint f64):
     cdef fo_batch b
     cdef int k, status
     b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
-    b.count, b.n = m, table.n
+    b.count, b.n, b.rows = m, table.n, NULL
     for k in range(8):
         b.buffers[k] = table.ptrs if k == 0 else NULL
         b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32

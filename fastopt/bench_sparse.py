@@ -94,6 +94,7 @@ def torch_cases():
     """The fastopt.torch classes that take sparse gradients (they say how: sparse_grads)."""
     import fastopt.torch as ft
     return [name for name in ft.__all__ if isinstance(getattr(ft, name), type)
+            and issubclass(getattr(ft, name), ft._Fastopt)
             and getattr(ft, name).sparse_grads is not ft._Fastopt.sparse_grads]
 
 

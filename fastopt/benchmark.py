@@ -539,6 +539,9 @@ def main(argv=None):
                 results.append(dict(rule=rule, label=case, dropin=True, times=t))
     from fastopt import bench_sparse  # embedding tables: the rows a batch touches
     results += bench_sparse.run(args.threads, args.quick, budget)
+    # the whole training step: clipping, the reduction pass, GradScaler, schedules (issue 13)
+    from fastopt import bench_step
+    results.append(dict(training_step=bench_step.run(args.threads, args.quick, budget)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -56,6 +56,11 @@ class Optimizer:
         for i, p in enumerate(params):
             _checks.check_param(p, f"params[{i}]", bfloat16=True)
             storage.check_param_dtype(p.dtype, self.storage_options, f"params[{i}]")
+            if not self.rule.rows and (storage.is_bf16(p.dtype) or self.storage_options
+                                       ["state_dtype"] == "bfloat16"):
+                raise ValueError(f"{type(self).__name__}'s per-tensor norms need float32/float64 "
+                                 f"storage; params[{i}] is {p.dtype} with state_dtype "
+                                 f"{self.storage_options['state_dtype']!r} (not bfloat16 yet)")
             if ema_decay is not None and (storage.is_bf16(p.dtype) or
                                           self.storage_options["state_dtype"] == "bfloat16"):
                 raise ValueError(f"ema_decay needs float32/float64 storage; params[{i}] is "
@@ -126,11 +131,13 @@ class Optimizer:
         Returns a StepResult: total_norm (the L2 norm over all gradients after unscaling, in
         double with a fixed summation order; None unless clip_norm, skip_nonfinite or
         compute_norm) and skipped."""
+        if not self.rule.rows:  # before the plan, which takes rows as they come
+            _refuse_rows(self.rule, grads)
         if type(grad_scale) in (float, int) and grad_scale == 1.0 and clip_norm is None \
                 and skip_nonfinite is False and compute_norm is False:
             options, result = None, _kernels.PLAIN_RESULT
         else:
-            if any(isinstance(g, _kernels.SparseGrad) for g in grads):
+            if isinstance(grads, (list, tuple)) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
                 raise TypeError("grad_scale, clip_norm, skip_nonfinite and compute_norm take "
                                 "dense gradients only, not fastopt.SparseGrad rows")
             options = _kernels.StepOptions(sum(len(g["params"]) for g in self.param_groups),
@@ -177,6 +184,8 @@ class Optimizer:
             raise ValueError("clip_norm, skip_nonfinite and compute_norm need dense gradients "
                              "(their norm pass does not read a SparseGrad's rows); grad_scale "
                              "works with a SparseGrad")
+        if not self.rule.rows:
+            _refuse_rows(self.rule, grads)
         written, names = list(params), [f"params[{i}]" for i in range(len(params))]
         state_type = self.state_type
         for i, p in enumerate(params):
@@ -201,6 +210,10 @@ class Optimizer:
                 read.append(g)
                 read_names.append(f"grads[{i}]")
         _checks.check_no_overlap(written, names, read, read_names)
+        if not self.rule.rows and any(storage.is_bf16(g.dtype) for g in grads
+                                      if isinstance(g, np.ndarray)):
+            raise TypeError(f"{type(self).__name__}'s per-tensor norms need float32/float64 "
+                            "gradients (not bfloat16 yet)")
         if options is not None and options.reduce and any(
                 storage.is_bf16(g.dtype) for g in grads if isinstance(g, np.ndarray)):
             raise TypeError("clip_norm, skip_nonfinite and compute_norm do not take bfloat16 "
@@ -281,6 +294,12 @@ def _plain(grad):
     if isinstance(grad, _kernels.SparseGrad):
         return _kernels.SparseGrad(grad.indices.view(np.ndarray), grad.values.view(np.ndarray))
     return grad.view(np.ndarray)
+
+
+def _refuse_rows(rule, grads):
+    if isinstance(grads, (list, tuple)) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
+        raise TypeError(f"{rule.name} takes dense gradients, not fastopt.SparseGrad rows (its "
+                        "norms are over whole tensors)")
 
 
 def _parse_groups(params):

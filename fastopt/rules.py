@@ -41,7 +41,8 @@ class Rule:
     """
 
     def __init__(self, name, function, kernel, state, params, c_fields, doc, *,
-                 keyword_only=("maximize",), fixed=None, fill=None, benchmark=None, torch=None):
+                 keyword_only=("maximize",), fixed=None, fill=None, benchmark=None, torch=None,
+                 rows=True):
         self.name, self.function, self.kernel, self.state = name, function, kernel, state
         self.params = tuple(params)
         self.fixed = dict(fixed or {})
@@ -53,6 +54,7 @@ class Rule:
         self.doc = doc
         self.benchmark = benchmark  # (hyperparameters, memory streams per element) or None
         self.torch = torch  # the torch.optim class with the same update for these hyperparameters
+        self.rows = rows  # takes fastopt.SparseGrad rows (not where norms are per whole tensor)
 
         self.crule = _kernels.RULES[kernel]
         # hyperparameters that are one C field each, of the same name, holding a real number:
@@ -249,6 +251,24 @@ RULES = [
     theta <- theta (1 - lambd eta_t) - eta_t g
     ax <- theta if mu_t = 1, else ax + mu_t (theta - ax)   (the averaged parameters: state.ax)
     {_G}""", benchmark=(dict(lr=1e-2), 5), torch="ASGD"),
+    Rule("LAMB", "lamb", "lamb", "LAMBState",
+         [("lr", 1e-3, REAL), ("betas", (0.9, 0.999), BETAS), ("eps", 1e-6, REAL),
+          ("weight_decay", 0.0, REAL), ("maximize", False, FLAG)],
+         lambda hp: dict(_common(hp), beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"]),
+         """
+    Per tensor: m, v, m_hat, v_hat as in Adam;  r = m_hat / (sqrt(v_hat) + eps) + weight_decay theta
+    theta <- theta - lr (||theta|| / ||r||) r   (the ratio is 1 when either norm is 0)
+    g is the gradient after `maximize`; the norms are computed in double in a fixed order.""",
+         benchmark=(dict(lr=1e-3), 11), rows=False),
+    Rule("LARS", "lars", "lars", "LARSState",
+         [("lr", REQUIRED, REAL), ("momentum", 0.9, REAL), ("weight_decay", 0.0, REAL),
+          ("trust_coefficient", 0.001, REAL), ("maximize", False, FLAG)],
+         lambda hp: dict(_common(hp), momentum=hp["momentum"],
+                         trust_coefficient=hp["trust_coefficient"]), """
+    Per tensor: local = trust_coefficient ||theta|| / (||g|| + weight_decay ||theta||)
+    (1 when ||theta|| or the denominator is 0);  v <- momentum v + lr local (g + weight_decay theta)
+    theta <- theta - v.  g is the gradient after `maximize`; the norms are computed in double
+    in a fixed order.""", benchmark=(dict(lr=0.1), 7), rows=False),
 ]
 BY_NAME = {r.name: r for r in RULES}
 BY_FUNCTION = {r.function: r for r in RULES}

@@ -47,6 +47,7 @@ from torch.optim.optimizer import (_get_scalar_dtype, _global_optimizer_post_hoo
                                    _global_optimizer_pre_hooks)
 
 from fastopt import _kernels, storage
+from fastopt import rules as _rules
 
 try:
     from torch.distributed.tensor import DTensor
@@ -55,7 +56,7 @@ except ImportError:  # a torch built without distributed
         pass
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
-           "Rprop", "ASGD", "Lion", "SparseAdam"]
+           "Rprop", "ASGD", "Lion", "LAMB", "LARS", "SparseAdam"]
 
 TORCH = _kernels.TORCH
 # a parameter's dtype -> the real dtype the kernels see (complex: its real and imaginary parts)
@@ -67,6 +68,8 @@ _FO_DTYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 # where the storage options and the step count that keys stochastic rounding live in
 # self.state (torch's state_dict keeps non-tensor keys as they are)
 _STORAGE_KEY = "fastopt_storage"
+# rules whose step needs a norm over each whole tensor: their pass reads compute-type storage
+_PER_TENSOR_KERNELS = frozenset(r.kernel for r in _rules.RULES if not r.rows)
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
 
 
@@ -188,7 +191,7 @@ class _Fastopt:
                 for i, p in enumerate(group["params"]):
                     where = f"{type(self).__name__}: parameter {i} of param group {index}"
                     _check_param(p, where)
-                    _check_storage(p, self.storage_options, where)
+                    _check_storage(p, self.storage_options, where, self.kernel)
                     if p.dtype == torch.bfloat16 and _STORAGE_KEY not in self.state \
                             and "_storage_options" in self.__dict__ and self.param_groups[:index]:
                         self.state[_STORAGE_KEY] = dict(self.storage_options, step=0)
@@ -223,7 +226,8 @@ class _Fastopt:
                 for index, group in enumerate(self.param_groups):
                     hp = self._hyperparameters(index, group)
                     for i, p in enumerate(group["params"]):
-                        _check_storage(p, self.storage_options, self._where(index, group, i))
+                        _check_storage(p, self.storage_options, self._where(index, group, i),
+                                       self.kernel)
                         state = self.state.get(p)
                         if state:
                             self._state_pointers(index, i, group, p, _local(p), state,
@@ -251,10 +255,11 @@ class _Fastopt:
                 # inside the lock: the step applies exactly the gradients its closure computed
                 with torch.enable_grad():
                     loss = closure()
-            found_inf = getattr(self, "found_inf", None)
+            # torch.amp.GradScaler's fused protocol (its attributes, only where it set them)
+            found_inf = self.__dict__.get("found_inf")
             if found_inf is not None and float(found_inf) != 0.0:
                 return loss  # as torch's fused step: nothing changes, step counts included
-            grad_scale = getattr(self, "grad_scale", None)
+            grad_scale = self.__dict__.get("grad_scale")
             multiplier = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
             if not math.isfinite(multiplier) or multiplier < 0.0:
                 raise ValueError(f"grad_scale must be finite and > 0, got {float(grad_scale)}")
@@ -449,7 +454,8 @@ class _Fastopt:
                                 f"not support sparse gradients ({g.layout})")
             if not sparse:
                 self.check_dense_grad()
-            if (g.dtype != dtype and not (dtype == torch.float32 and g.dtype == torch.bfloat16)) \
+            if (g.dtype != dtype and not (dtype == torch.float32 and g.dtype == torch.bfloat16
+                                          and self.kernel not in _PER_TENSOR_KERNELS)) \
                     or g.shape != p.shape or not g.is_cpu \
                     or isinstance(g, DTensor) != sharded:
                 raise TypeError(f"{self._where(index, group, i)}: its gradient is "
@@ -753,8 +759,12 @@ def _new_state_dtype(p, options):
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def _check_storage(p, options, where):
+def _check_storage(p, options, where, kernel=None):
     """Refuse a parameter that the storage options do not fit."""
+    if kernel in _PER_TENSOR_KERNELS and (p.dtype == torch.bfloat16
+                                          or options["state_dtype"] == "bfloat16"):
+        raise ValueError(f"{where}: per-tensor norms need float32/float64 storage, not "
+                         "bfloat16 (yet)")
     if options["master_weights"] and p.dtype != torch.bfloat16:
         raise ValueError(f"{where}: master_weights=True is for bfloat16 parameters, not {p.dtype}")
     if options["state_dtype"] == "float32" and p.dtype in (torch.float64, torch.complex128):
@@ -1090,7 +1100,7 @@ class ASGD(_Fastopt, torch.optim.ASGD):
         now = (step, counters[1][0].item(), counters[2][0].item())
         eta, mu = _asgd_next(hp, step)
         counters[0] += 1.0
-        counters[1].fill(eta)
+        counters[1].fill(eta)  # rounded to the state's dtype, as torch's copy_ does
         counters[2].fill(mu)
         return now
 
@@ -1101,6 +1111,25 @@ class ASGD(_Fastopt, torch.optim.ASGD):
         t, eta, mu = step
         return dict(_common(hp), lambd=hp["lambd"], alpha=hp["alpha"], t0=hp["t0"], eta=eta,
                     mu=mu, convention=TORCH, step=t)
+
+
+def _constructor_checks(lr, betas=None, eps=None, weight_decay=None, momentum=None):
+    """torch.optim's constructor checks, in its wording, for the classes torch does not have."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if eps is not None and not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if momentum is not None and not 0.0 <= momentum:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if betas is not None:
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if weight_decay is not None and not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
 class Lion(_Fastopt, torch.optim.Optimizer):
@@ -1115,16 +1144,7 @@ class Lion(_Fastopt, torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
                  maximize=False, foreach=None, differentiable=False):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _constructor_checks(lr, betas=betas, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize, foreach=foreach,
                                       differentiable=differentiable))
@@ -1135,6 +1155,73 @@ class Lion(_Fastopt, torch.optim.Optimizer):
     def kernel_args(self, hp, step, state):
         beta1, beta2 = hp["betas"]
         return dict(_common(hp), beta1=beta1, beta2=beta2)
+
+
+class _WholeTensors:
+    """Per-tensor norms (LAMB, LARS) need whole tensors: a DTensor's shard would give the
+    shard's norm, so sharded parameters are refused."""
+
+    def add_param_group(self, param_group):
+        with self._lock:
+            index = len(self.param_groups)
+            super().add_param_group(param_group)
+            if any(isinstance(p, DTensor) for p in self.param_groups[index]["params"]):
+                del self.param_groups[index:]
+                raise ValueError(f"{type(self).__name__}: param group {index} has DTensor "
+                                 "(sharded) parameters; its per-tensor norms need whole tensors")
+
+
+class LAMB(_WholeTensors, _Fastopt, torch.optim.Optimizer):
+    """LAMB (You et al. 2020), per tensor: m, v, m_hat, v_hat as Adam;
+    r = m_hat / (sqrt(v_hat) + eps) + weight_decay p;  p <- p - lr (||p|| / ||r||) r (the ratio
+    1 when either norm is 0); g = -grad when maximize.  State: "step", "exp_avg",
+    "exp_avg_sq".  A torch.optim.Optimizer with torch's conventions, its step in fastopt's
+    kernel (a per-tensor pass for the norms, in double and a fixed order, then the update)."""
+
+    kernel = "lamb"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS, *_BETAS)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
+                 maximize=False, foreach=None, differentiable=False):
+        _constructor_checks(lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable))
+
+    def slots(self, hp):
+        return ("exp_avg", "exp_avg_sq")
+
+    def kernel_args(self, hp, step, state):
+        beta1, beta2 = hp["betas"]
+        return dict(_common(hp), beta1=beta1, beta2=beta2, eps=hp["eps"], step=step)
+
+
+class LARS(_WholeTensors, _Fastopt, torch.optim.Optimizer):
+    """LARS (You et al. 2017), per tensor: local = trust_coefficient ||p|| / (||g|| +
+    weight_decay ||p||) (1 when ||p|| or the denominator is 0);  v <- momentum v + lr local
+    (g + weight_decay p);  p <- p - v; g = -grad when maximize.  State: "step",
+    "momentum_buffer".  A torch.optim.Optimizer with torch's conventions, its step in
+    fastopt's kernel (a per-tensor pass for the norms, in double and a fixed order)."""
+
+    kernel = "lars"
+    ranges = (_LR, _WEIGHT_DECAY, _MOMENTUM,
+              ("trust_coefficient", None, "Invalid trust_coefficient value", *_NONNEG))
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, *,
+                 maximize=False, foreach=None, differentiable=False):
+        _constructor_checks(lr, weight_decay=weight_decay, momentum=momentum)
+        if not 0.0 <= trust_coefficient:
+            raise ValueError(f"Invalid trust_coefficient value: {trust_coefficient}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, maximize=maximize,
+                                      foreach=foreach, differentiable=differentiable))
+
+    def slots(self, hp):
+        return ("momentum_buffer",)
+
+    def kernel_args(self, hp, step, state):
+        return dict(_common(hp), momentum=hp["momentum"],
+                    trust_coefficient=hp["trust_coefficient"])
 
 
 for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam, Rprop, ASGD,

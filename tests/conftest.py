@@ -58,6 +58,11 @@ CASES = [
     (fastopt.Rprop, dict(lr=0.05, etas=(0.3, 1.5), step_sizes=(1e-3, 0.2), maximize=True)),
     (fastopt.ASGD, dict(lr=0.01)),
     (fastopt.ASGD, dict(lr=0.05, lambd=0.1, alpha=0.5, t0=20, weight_decay=0.1, maximize=True)),
+    (fastopt.LAMB, dict(lr=0.01)),
+    (fastopt.LAMB, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.1, maximize=True)),
+    (fastopt.LARS, dict(lr=0.1)),
+    (fastopt.LARS, dict(lr=0.5, momentum=0.5, weight_decay=0.01, trust_coefficient=0.02,
+                        maximize=True)),
 ]
 
 

@@ -159,9 +159,36 @@ def asgd(theta, grad, s, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0
     eta = lr / (1 + lambd * lr * (t - 1)) ** alpha
     mu = 1.0 if t == 1 else 1 / max(1, t - 1 - t0)
     theta = theta * (1 - lambd * eta) - eta * g
-    s["ax"] = theta.copy() if mu == 1 else s["ax"] + mu * (theta - s["ax"])
+    ax = s.get("ax", np.zeros_like(theta))
+    s["ax"] = theta.copy() if mu == 1 else ax + mu * (theta - ax)
     s["t"] = t
     return theta
+
+
+def lamb(theta, grad, s, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+         maximize=False):
+    b1, b2 = betas
+    g = -grad if maximize else grad
+    t = s.get("t", 0) + 1
+    m = b1 * s.get("m", np.zeros_like(theta)) + (1 - b1) * g
+    v = b2 * s.get("v", np.zeros_like(theta)) + (1 - b2) * g * g
+    s.update(t=t, m=m, v=v)
+    r = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps) + weight_decay * theta
+    theta_norm, r_norm = np.sqrt(np.sum(theta * theta)), np.sqrt(np.sum(r * r))
+    ratio = theta_norm / r_norm if theta_norm > 0 and r_norm > 0 else 1.0
+    return theta - lr * ratio * r
+
+
+def lars(theta, grad, s, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
+         maximize=False):
+    g = -grad if maximize else grad
+    theta_norm, g_norm = np.sqrt(np.sum(theta * theta)), np.sqrt(np.sum(g * g))
+    denominator = g_norm + weight_decay * theta_norm
+    local = trust_coefficient * theta_norm / denominator \
+        if theta_norm > 0 and denominator > 0 else 1.0
+    v = momentum * s.get("v", np.zeros_like(theta)) + lr * local * (g + weight_decay * theta)
+    s["v"] = v
+    return theta - v
 
 
 def comparable(state, shape):
@@ -174,5 +201,5 @@ def comparable(state, shape):
 RULES = {
     "SGD": sgd, "Adagrad": adagrad, "Adadelta": adadelta, "RMSprop": rmsprop, "Adam": adam,
     "AdamW": adamw, "AdaMax": adamax, "Nadam": nadam, "Lion": lion, "RAdam": radam,
-    "Rprop": rprop, "ASGD": asgd,
+    "Rprop": rprop, "ASGD": asgd, "LAMB": lamb, "LARS": lars,
 }

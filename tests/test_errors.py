@@ -11,7 +11,7 @@ from conftest import assert_same_snapshot, snapshot
 
 ALL = [fastopt.SGD, fastopt.Adagrad, fastopt.Adadelta, fastopt.RMSprop, fastopt.Adam,
        fastopt.AdamW, fastopt.AdaMax, fastopt.Nadam, fastopt.Lion, fastopt.RAdam, fastopt.Rprop,
-       fastopt.ASGD]
+       fastopt.ASGD, fastopt.LAMB]
 
 
 def trained(cls=fastopt.Adam, **hp):
@@ -107,6 +107,10 @@ def test_bad_common_hyperparameters(cls, name, value, error):
     (fastopt.ASGD, dict(lambd=-1e-4), ValueError, "lambd"),
     (fastopt.ASGD, dict(alpha=math.inf), ValueError, "alpha"),
     (fastopt.ASGD, dict(t0="1e6"), TypeError, "t0"),
+    (fastopt.LAMB, dict(betas=(1.0, 0.9)), ValueError, "beta1"),
+    (fastopt.LARS, dict(lr=0.1, trust_coefficient=math.nan), ValueError, "trust_coefficient"),
+    (fastopt.LARS, dict(lr=-0.1), ValueError, "lr"),
+    (fastopt.LARS, dict(momentum=0.9), TypeError, "lr"),
 ])
 def test_bad_rule_hyperparameters(cls, hp, error, match):
     with pytest.raises(error, match=match):

@@ -1,5 +1,6 @@
 """Every function of fastopt.functional against the float64 references (tests/reference.py),
 in both dtypes, with the options that change its formula; bad hyperparameters change nothing."""
+import inspect
 import re
 
 import numpy as np
@@ -26,6 +27,8 @@ README_DEFAULTS = {
     "radam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
     "rprop": dict(lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0)),
     "asgd": dict(lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0),
+    "lamb": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0),
+    "lars": dict(momentum=0.9, weight_decay=0.0, trust_coefficient=0.001),  # lr: no default
     # the SGD shorthands: lr has no default
     "momentum": dict(momentum=0.9, nesterov=False, weight_decay=0.0),
     "nag": dict(momentum=0.9, nesterov=True, weight_decay=0.0),
@@ -37,7 +40,7 @@ STATES = {"sgd": fastopt.SGDState, "adagrad": fastopt.AdagradState,
           "adam": fastopt.AdamState, "adamw": fastopt.AdamState, "adamax": fastopt.AdaMaxState,
           "nadam": fastopt.NadamState, "momentum": fastopt.SGDState, "nag": fastopt.SGDState,
           "lion": fastopt.LionState, "radam": fastopt.RAdamState, "rprop": fastopt.RpropState,
-          "asgd": fastopt.ASGDState}
+          "asgd": fastopt.ASGDState, "lamb": fastopt.LAMBState, "lars": fastopt.LARSState}
 
 # (function, hyperparameters, the state buffers they need): every option of every function
 CASES = [
@@ -81,6 +84,12 @@ CASES = [
      ("prev", "step_size")),
     ("asgd", dict(), ("ax",)),
     ("asgd", dict(lr=0.05, lambd=0.1, alpha=0.5, t0=5, weight_decay=0.1, maximize=True), ("ax",)),
+    ("lamb", dict(), ("m", "v")),
+    ("lamb", dict(lr=0.01, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.1, maximize=True),
+     ("m", "v")),
+    ("lars", dict(lr=0.1), ("momentum_buffer",)),
+    ("lars", dict(lr=0.5, momentum=0.5, weight_decay=0.01, trust_coefficient=0.02, maximize=True),
+     ("momentum_buffer",)),
 ]
 
 
@@ -177,6 +186,10 @@ BAD = [
     ("asgd", dict(lambd=-1.0), ValueError, "lambd"),
     ("asgd", dict(alpha=float("nan")), ValueError, "alpha"),
     ("asgd", dict(t0=float("inf")), ValueError, "t0"),
+    ("lamb", dict(betas=(0.9, 1.0)), ValueError, "betas"),
+    ("lamb", dict(eps=-1e-6), ValueError, "eps"),
+    ("lars", dict(lr=0.1, trust_coefficient=-1.0), ValueError, "trust_coefficient"),
+    ("lars", dict(lr=0.1, momentum=float("nan")), ValueError, "momentum"),
 ]
 
 
@@ -187,12 +200,14 @@ def test_bad_hyperparameter_changes_nothing(name, hp, error, word):
     param = rng.standard_normal((4, 3)).astype(np.float32)
     grad = rng.standard_normal((4, 3)).astype(np.float32)
     state = new_state(name, param, {})
+    lr_default = inspect.signature(getattr(F, name)).parameters["lr"].default
+    base = {"lr": 0.1} if lr_default is inspect.Parameter.empty else {}  # LARS: lr required
     for _ in range(2):  # a state with history, whose buffers a bad call must not touch
-        getattr(F, name)(param, grad, state)
+        getattr(F, name)(param, grad, state, **base)
     before = (param.copy(), grad.copy(), state.step,
               {k: v.copy() for k, v in state.buffers().items()})
     with pytest.raises(error, match=re.escape(word)):
-        getattr(F, name)(param, grad, state, **hp)
+        getattr(F, name)(param, grad, state, **{**base, **hp})
     np.testing.assert_array_equal(param, before[0], strict=True)
     np.testing.assert_array_equal(grad, before[1], strict=True)
     assert state.step == before[2] == 2

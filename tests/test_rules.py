@@ -139,3 +139,27 @@ def test_nan_gradient_propagates():
         g[3] = np.nan
         cls([p]).step([g])
         assert np.isnan(p[3]) and np.isfinite(np.delete(p, 3)).all(), cls.__name__
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_per_tensor_rules_take_the_ratio_as_one_at_zero_norms(dtype):
+    """LAMB and LARS where a norm is 0: a zero parameter, a zero direction, a zero gradient
+    without decay; each tensor's ratio is its own (one batch holds them all)."""
+    cases = [(fastopt.LAMB, dict(lr=0.1, weight_decay=0.1)), (fastopt.LAMB, dict(lr=0.1)),
+             (fastopt.LARS, dict(lr=0.1, weight_decay=0.1)), (fastopt.LARS, dict(lr=0.1))]
+    for cls, hp in cases:
+        rng = np.random.default_rng(2)
+        params = [np.zeros(5, dtype), rng.standard_normal(7).astype(dtype),
+                  rng.standard_normal(3).astype(dtype), np.zeros(0, dtype)]
+        grads = [rng.standard_normal(5).astype(dtype), rng.standard_normal(7).astype(dtype),
+                 np.zeros(3, dtype), np.zeros(0, dtype)]
+        refs, states = [p.astype(np.float64) for p in params], [{} for _ in params]
+        opt = cls(params, **hp)
+        for _ in range(3):
+            opt.step(grads)
+            refs = [reference.RULES[cls.__name__](r, g.astype(np.float64), st, **hp)
+                    for r, g, st in zip(refs, grads, states)]
+        rtol = 1e-12 if dtype == np.float64 else 2e-5
+        for p, r in zip(params, refs):
+            np.testing.assert_allclose(p, r, rtol=rtol, atol=rtol * 1e-2)
+        assert np.abs(params[0]).max() > 0  # a zero tensor moves with ratio 1

@@ -9,6 +9,8 @@ import reference
 from conftest import CASES, assert_same_snapshot, case_id, snapshot
 from test_rules import reference_kwargs, reference_name
 
+CASES = [c for c in CASES if c[0].rule.rows]  # LAMB, LARS: norms over whole tensors, no rows
+
 SHAPES = [(12, 5), (9,), (6, 2, 3)]  # rows of 5, of one element, of 2 x 3
 STEPS = 50
 
@@ -206,3 +208,13 @@ def test_empty_and_zero_width_rows(rng):
               fastopt.SparseGrad(np.array([3, 1]), np.zeros((2, 0)))])
     np.testing.assert_array_equal(p, before)
     assert opt.state[0].step == 1
+
+
+@pytest.mark.parametrize("cls, hp", [(fastopt.LAMB, {}), (fastopt.LARS, dict(lr=0.1))])
+def test_rules_with_per_tensor_norms_refuse_rows(cls, hp, rng):
+    opt = cls([rng.standard_normal((4, 3))], **hp)
+    opt.step([rng.standard_normal((4, 3))])
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match="dense gradients"):
+        opt.step([fastopt.SparseGrad(np.array([1]), rng.standard_normal((1, 3)))])
+    assert_same_snapshot(before, snapshot(opt))

@@ -278,23 +278,34 @@ def test_only_hangs_and_gloo_failures_are_retried(log, finished, retried):
     assert retry_reason(0, False, log, True, RUN_TIMEOUT) is None
 
 
-# ---- Lion: torch has none; against the float64 reference (tests/reference.py) ----------------
+# ---- Lion, LAMB, LARS: torch has none; against the float64 references (tests/reference.py) ---
 
-LION_CASES = [dict(), dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1, maximize=True)]
+NO_TORCH_CASES = [
+    ("Lion", dict()), ("Lion", dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1, maximize=True)),
+    ("LAMB", dict()), ("LAMB", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.1,
+                                    maximize=True)),
+    ("LARS", dict(lr=0.1)), ("LARS", dict(lr=0.5, momentum=0.5, weight_decay=0.01,
+                                          trust_coefficient=0.02, maximize=True)),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("hp", LION_CASES, ids=["defaults", "options"])
-def test_lion_matches_the_reference(hp, dtype):
+@pytest.mark.parametrize("name, hp", NO_TORCH_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(NO_TORCH_CASES)])
+def test_classes_torch_lacks_match_the_reference(name, hp, dtype):
+    import inspect
     import numpy as np
     import reference
+    ref_fn = getattr(reference, name.lower())
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
               for shape in ((7, 5), (33,), (2, 3, 4))]
+    params[2].data.zero_()  # a zero tensor: the per-tensor rules' ratio of 1
     init = [p.detach().clone() for p in params]
-    opt = ft.Lion([{"params": params[:2]}, {"params": params[2:], "lr": hp.get("lr", 1e-4) / 2}],
-                  **hp)
+    lr = hp.get("lr", inspect.signature(getattr(ft, name)).parameters["lr"].default)
+    opt = getattr(ft, name)([{"params": params[:2]}, {"params": params[2:], "lr": lr / 2}], **hp)
     refs, ref_states = [p.double().numpy() for p in init], [{} for _ in params]
+    accepted = set(inspect.signature(ref_fn).parameters)
     for step in range(60):
         if step == 30:  # a schedule
             for group in opt.param_groups:
@@ -306,10 +317,10 @@ def test_lion_matches_the_reference(hp, dtype):
         opt.step()
         k = 0
         for group in opt.param_groups:
-            group_hp = {key: v for key, v in group.items() if key in ("lr", "betas", "weight_decay", "maximize")}
+            group_hp = {key: v for key, v in group.items() if key in accepted}
             for p in group["params"]:
                 if p.grad is not None:
-                    refs[k] = reference.lion(refs[k], p.grad.double().numpy(), ref_states[k], **group_hp)
+                    refs[k] = ref_fn(refs[k], p.grad.double().numpy(), ref_states[k], **group_hp)
                 k += 1
     for p, r, p0, ref_state in zip(params, refs, init, ref_states):
         p, p0 = p.detach().double().numpy(), p0.double().numpy()
@@ -325,7 +336,8 @@ def test_lion_matches_the_reference(hp, dtype):
             rounding = 60 * 2.0 ** -24 * np.abs(p0).max()
             np.testing.assert_allclose(moved, ref_moved, rtol=0, atol=2e-4 * scale + rounding)
     state = opt.state_dict()["state"]
-    assert sorted(state[0]) == ["exp_avg", "step"] and state[0]["step"].item() == 60
+    keys = {"Lion": ["exp_avg"], "LAMB": ["exp_avg", "exp_avg_sq"], "LARS": ["momentum_buffer"]}
+    assert sorted(state[0]) == keys[name] + ["step"] and state[0]["step"].item() == 60
     assert state[1]["step"].item() == 60 - len([s for s in range(60) if s % 7 == 3])
 
 
@@ -372,3 +384,25 @@ def test_lion_checks_and_checkpoints():
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     sched.step()
     assert opt.param_groups[0]["lr"] == 0.05
+
+
+def test_lamb_and_lars_check_their_hyperparameters_and_change_nothing_on_refusal():
+    p = torch.ones(4, requires_grad=True)
+    for cls, kwargs, match in [(ft.LAMB, dict(eps=-1.0), "Invalid epsilon value"),
+                               (ft.LAMB, dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1"),
+                               (ft.LARS, dict(lr=0.1, momentum=-1.0), "Invalid momentum value"),
+                               (ft.LARS, dict(lr=0.1, trust_coefficient=-1.0),
+                                "Invalid trust_coefficient value"),
+                               (ft.LARS, dict(lr=float("nan")), "Invalid learning rate")]:
+        with pytest.raises(ValueError, match=match):
+            cls([p], **kwargs)
+    for opt in (ft.LAMB([p], lr=0.1), ft.LARS([p], lr=0.1)):
+        p.grad = torch.ones(4)
+        opt.step()
+        before = p.detach().clone(), copy.deepcopy(opt.state_dict())
+        opt.param_groups[0]["weight_decay"] = -1.0
+        with pytest.raises(ValueError, match="Invalid weight_decay value"):
+            opt.step()
+        assert torch.equal(p.detach(), before[0])
+        for key, value in before[1]["state"][0].items():
+            assert torch.equal(opt.state[p][key], value)

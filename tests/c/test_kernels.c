@@ -27,6 +27,7 @@ enum {
     SGD = FO_RULE_sgd, ADAGRAD = FO_RULE_adagrad, ADADELTA = FO_RULE_adadelta,
     RMSPROP = FO_RULE_rmsprop, ADAM = FO_RULE_adam, ADAMAX = FO_RULE_adamax, NADAM = FO_RULE_nadam,
     LION = FO_RULE_lion, RADAM = FO_RULE_radam, RPROP = FO_RULE_rprop, ASGD = FO_RULE_asgd,
+    LAMB = FO_RULE_lamb, LARS = FO_RULE_lars,
     N_RULES = FO_N_RULES
 };
 #define RULE_NAMES(rule) (fo_describe(rule)->name)
@@ -53,6 +54,8 @@ static fo_lion_params lion_hp(void) { return (fo_lion_params){.lr = 0.01, .beta1
 static fo_radam_params radam_hp(int64_t t) { return (fo_radam_params){.lr = 0.01, .beta1 = 0.9, .beta2 = 0.5, .eps = 1e-8, .weight_decay = 0.1, .decoupled_weight_decay = 1, .step = t}; }
 static fo_rprop_params rprop_hp(void) { return (fo_rprop_params){.lr = RPROP_LR, .eta_minus = 0.5, .eta_plus = 1.2, .step_size_min = 1e-6, .step_size_max = 50}; }
 /* t0 = 0: mu is 1 on steps 1 and 2 (ax copied), 1/2 on step 3 (averaged) */
+static fo_lamb_params lamb_hp(int64_t t) { return (fo_lamb_params){.lr = 0.01, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-6, .weight_decay = 0.1, .step = t}; }
+static fo_lars_params lars_hp(void) { return (fo_lars_params){.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01, .trust_coefficient = 0.01}; }
 static fo_asgd_params asgd_hp(int64_t t) { return (fo_asgd_params){.lr = 0.01, .lambd = 1e-4, .alpha = 0.75, .t0 = 0, .weight_decay = 0.01, .step = t}; }
 
 #define T float
@@ -120,7 +123,7 @@ static void test_errors(void)
 /* The generic entry: the rule table, errors that name the field, storage types, rule ids. */
 static void test_generic(void)
 {
-    CHECK(11 == N_RULES, "every rule of FO_RULES has a case here (%d rules)", (int)N_RULES);
+    CHECK(13 == N_RULES, "every rule of FO_RULES has a case here (%d rules)", (int)N_RULES);
     for (int rule = 0; rule < N_RULES; rule++) {
         const fo_rule_info *info = fo_describe(rule);
         CHECK(info && info->n_state >= 1 && info->n_fields >= 3, "fo_describe(%d)", rule);
@@ -149,6 +152,183 @@ static void test_generic(void)
     CHECK(fo_step(FO_RULE_adam, &batch, &hp, &err) == FO_OK && p[0] < 1, "fo_step steps");
 }
 
+/* The step's options: the reduction pass (fo_norm: thread counts, per tensor, inf/NaN, norm
+ * types), the gradient multiplier every rule folds in, the EMA, and their refusals. */
+static void test_step_options(void)
+{
+    enum { A = 5000, B = 150001, C = 3 };
+    static float a[A], b[B], c[C];
+    for (int i = 0; i < A; i++) a[i] = (float)uniform();
+    for (int i = 0; i < B; i++) b[i] = (float)uniform();
+    for (int i = 0; i < C; i++) c[i] = (float)uniform();
+    float *data[3] = {a, b, c};
+    size_t n[3] = {A, B, C};
+    fo_batch batch = {3, n, {NULL, (void *const *)data}, {FO_FLOAT32, FO_FLOAT32}};
+    double expected[3] = {0, 0, 0};
+    for (int t = 0; t < 3; t++)
+        for (size_t i = 0; i < n[t]; i++) expected[t] += (double)data[t][i] * (double)data[t][i];
+    double first = 0, per[3];
+    int nonfinite = 1;
+    const int before = fo_get_num_threads(), threads[] = {1, 2, 8};
+    for (int k = 0; k < 3; k++) {
+        fo_set_num_threads(threads[k]);
+        double total = -1;
+        CHECK(fo_norm(&batch, 1, 2.0, per, &total, &nonfinite, NULL) == FO_OK && !nonfinite, "fo_norm");
+        if (k == 0) first = total;
+        CHECK(total == first, "the total is the same for %d threads", threads[k]);
+        for (int t = 0; t < 3; t++)
+            CHECK(fabs(per[t] - expected[t]) <= 1e-12 * expected[t], "tensor %d's sum of squares", t);
+    }
+    fo_set_num_threads(before);
+    double total, max_abs = 0;
+    for (size_t i = 0; i < B; i++) max_abs = fabs(b[i]) > max_abs ? fabs(b[i]) : max_abs;
+    CHECK(fo_norm(&batch, 1, INFINITY, per, &total, &nonfinite, NULL) == FO_OK && per[1] == max_abs,
+          "the max norm");
+    b[777] = NAN;
+    CHECK(fo_norm(&batch, 1, 2.0, NULL, &total, &nonfinite, NULL) == FO_OK && nonfinite, "NaN found");
+    CHECK(fo_norm(&batch, 1, INFINITY, NULL, &total, &nonfinite, NULL) == FO_OK && nonfinite &&
+              isnan(total), "NaN in the max");
+    b[777] = INFINITY;
+    CHECK(fo_norm(&batch, 1, 1.0, NULL, &total, &nonfinite, NULL) == FO_OK && nonfinite &&
+              isinf(total), "inf found");
+    fo_error err;
+    CHECK(fo_norm(&batch, 1, -1.0, NULL, &total, &nonfinite, &err) == FO_ERR_HYPERPARAM &&
+              strcmp(err.field, "p") == 0, "a negative p is refused");
+
+    /* the multiplier: every rule's step with it equals the step on pre-multiplied gradients */
+    double p1[4] = {1, 2, 3, 4}, p2[4] = {1, 2, 3, 4}, g[4] = {0.5, -1, 2, 0.25}, g2[4];
+    double m1[4] = {0}, v1[4] = {0}, m2[4] = {0}, v2[4] = {0}, ema[4] = {1, 2, 3, 4};
+    for (int i = 0; i < 4; i++) g2[i] = 0.25 * g[i];
+    fo_adam_params hp = adam_hp(1);
+    hp.amsgrad = 0;
+    CHECK(fo_adam_f64(p2, g2, m2, v2, NULL, 4, &hp) == FO_OK, "adam");
+    double *pp = p1, *mp = m1, *vp = v1, *ep = ema;
+    const double *gp = g;
+    size_t four = 4;
+    fo_batch one = {1, &four, {(void *const *)&pp, (void *const *)&gp, (void *const *)&mp,
+                               (void *const *)&vp}, {FO_FLOAT64, FO_FLOAT64, FO_FLOAT64, FO_FLOAT64}};
+    fo_step_options opt = {0.25, (void *const *)&ep, 0.9};
+    CHECK(fo_step_with(FO_RULE_adam, &one, &hp, &opt, NULL) == FO_OK, "fo_step_with");
+    CHECK(memcmp(p1, p2, sizeof p1) == 0 && memcmp(m1, m2, sizeof m1) == 0, "multiplier folded in");
+    for (int i = 0; i < 4; i++)
+        CHECK(ema[i] == 0.9 * (i + 1.0) + (1.0 - 0.9) * p1[i], "ema %d", i);
+    opt.grad_multiplier = NAN;
+    CHECK(fo_step_with(FO_RULE_adam, &one, &hp, &opt, &err) == FO_ERR_HYPERPARAM &&
+              strcmp(err.field, "grad_multiplier") == 0, "a NaN multiplier is refused");
+    opt.grad_multiplier = 1.0;
+    opt.ema_decay = 1.5;
+    CHECK(fo_step_with(FO_RULE_adam, &one, &hp, &opt, &err) == FO_ERR_HYPERPARAM &&
+              strcmp(err.field, "ema_decay") == 0, "an ema_decay above 1 is refused");
+    CHECK(memcmp(p1, p2, sizeof p1) == 0, "a refused call wrote nothing");
+}
+
+/* Sparse rows (fo_batch.rows): the touched rows step exactly as a dense call over each row
+ * with its summed gradient; bad indices refused with nothing written; any thread count and
+ * either index type give the same bits. */
+static void rows_case(int threads, int wide, size_t n_rows, size_t row_len, size_t nnz,
+                      float *p, float *m, float *v, const int64_t *idx64, const float *values)
+{
+    int32_t *idx32 = malloc(nnz * sizeof *idx32);
+    for (size_t j = 0; j < nnz; j++) idx32[j] = (int32_t)idx64[j];
+    const size_t n = n_rows * row_len;
+    const float *gp = values;
+    float *pp = p, *mp = m, *vp = v, *none = NULL;
+    fo_rows rows = {wide ? (const void *)idx64 : (const void *)idx32, wide ? FO_INT64 : FO_INT32,
+                    nnz, row_len};
+    fo_batch batch = {1, &n, {(void *const *)&pp, (void *const *)&gp, (void *const *)&mp,
+                              (void *const *)&vp, (void *const *)&none}, {0}, &rows};
+    fo_adam_params hp = adam_hp(3);
+    hp.amsgrad = 0;
+    fo_set_num_threads(threads);
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, NULL) == FO_OK, "rows step");
+    free(idx32);
+}
+
+static void test_rows(void)
+{
+    enum { ROWS = 6, LEN = 3, NNZ = 5 };
+    const int64_t idx[NNZ] = {4, 1, 4, 0, 4};
+    float values[NNZ * LEN], p[ROWS * LEN], m[ROWS * LEN], v[ROWS * LEN];
+    float rp[ROWS * LEN], rm[ROWS * LEN], rv[ROWS * LEN];
+    for (int i = 0; i < NNZ * LEN; i++) values[i] = (float)uniform();
+    for (int i = 0; i < ROWS * LEN; i++) {
+        rp[i] = p[i] = (float)uniform();
+        rm[i] = m[i] = (float)uniform() * 0.1f;
+        rv[i] = v[i] = (float)fabs(uniform()) * 0.1f;
+    }
+    rows_case(1, 1, ROWS, LEN, NNZ, p, m, v, idx, values);
+    /* the reference: each touched row alone, its gradient summed in index order */
+    const int touched[] = {0, 1, 4};
+    for (int k = 0; k < 3; k++) {
+        const int r = touched[k];
+        float g[LEN] = {0};
+        int first = 1;
+        for (int j = 0; j < NNZ; j++)
+            if (idx[j] == r)
+                for (int e = 0; e < LEN; e++) {
+                    g[e] = first ? values[j * LEN + e] : g[e] + values[j * LEN + e];
+                    if (e == LEN - 1) first = 0;
+                }
+        fo_adam_params hp = adam_hp(3);
+        hp.amsgrad = 0;
+        fo_adam_f32(rp + r * LEN, g, rm + r * LEN, rv + r * LEN, NULL, LEN, &hp);
+    }
+    CHECK(memcmp(p, rp, sizeof p) == 0 && memcmp(m, rm, sizeof m) == 0 &&
+              memcmp(v, rv, sizeof v) == 0,
+          "rows: touched rows as dense steps of their summed gradient, the rest untouched");
+
+    /* refused: an index out of range, a negative one, rows that do not tile the tensor */
+    float before[ROWS * LEN];
+    memcpy(before, p, sizeof p);
+    const int64_t bad[3] = {0, ROWS, 1}, negative[2] = {2, -1};
+    const size_t n = ROWS * LEN;
+    const float *gp = values;
+    float *pp = p, *mp = m, *vp = v, *none = NULL;
+    fo_rows rows = {bad, FO_INT64, 3, LEN};
+    fo_batch batch = {1, &n, {(void *const *)&pp, (void *const *)&gp, (void *const *)&mp,
+                              (void *const *)&vp, (void *const *)&none}, {0}, &rows};
+    fo_adam_params hp = adam_hp(4);
+    hp.amsgrad = 0;
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, NULL) == FO_ERR_INDEX, "row index out of range");
+    rows.indices = negative;
+    rows.nnz = 2;
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, NULL) == FO_ERR_INDEX, "negative row index");
+    rows.indices = idx;
+    rows.row_len = 4;
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, NULL) == FO_ERR_INDEX, "rows must tile the tensor");
+    rows.row_len = LEN;
+    rows.index_type = 7;
+    CHECK(fo_step(FO_RULE_adam, &batch, &hp, NULL) == FO_ERR_DTYPE, "unknown index type");
+    CHECK(memcmp(p, before, sizeof p) == 0, "refused row steps wrote nothing");
+
+    /* threads and index types: a step large enough to be split (rows and sums) */
+    const size_t big_rows = 4096, big_len = 96, big_nnz = 9000, big_n = big_rows * big_len;
+    int64_t *big_idx = malloc(big_nnz * sizeof *big_idx);
+    float *big_values = malloc(big_nnz * big_len * sizeof(float));
+    float *state[3][3];
+    for (size_t j = 0; j < big_nnz; j++) big_idx[j] = (int64_t)((uniform() + 1.0) * 0.5 * 4095.99);
+    for (size_t i = 0; i < big_nnz * big_len; i++) big_values[i] = (float)uniform();
+    for (int run = 0; run < 3; run++)
+        for (int b = 0; b < 3; b++) {
+            state[run][b] = malloc(big_n * sizeof(float));
+            for (size_t i = 0; i < big_n; i++) state[run][b][i] = b == 2 ? 0.01f : 0.5f;
+        }
+    const int threads[3] = {1, 4, 2}, wide[3] = {1, 1, 0};
+    for (int run = 0; run < 3; run++)
+        rows_case(threads[run], wide[run], big_rows, big_len, big_nnz, state[run][0],
+                  state[run][1], state[run][2], big_idx, big_values);
+    for (int run = 1; run < 3; run++)
+        CHECK(memcmp(state[0][0], state[run][0], big_n * sizeof(float)) == 0 &&
+                  memcmp(state[0][1], state[run][1], big_n * sizeof(float)) == 0,
+              "rows: the same bits for %d threads, int%d indices", threads[run],
+              wide[run] ? 64 : 32);
+    for (int run = 0; run < 3; run++)
+        for (int b = 0; b < 3; b++) free(state[run][b]);
+    free(big_idx);
+    free(big_values);
+    fo_set_num_threads(2);
+}
+
 int main(void)
 {
     static const size_t sizes[] = {0, 1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129,
@@ -164,6 +344,8 @@ int main(void)
     }
     test_errors();
     test_generic();
+    test_step_options();
+    test_rows();
     test_bf16();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;

@@ -1,0 +1,145 @@
+"""The whole training step's costs (part of `python -m fastopt bench`; alone:
+`python -m fastopt.bench_step [--quick] [--threads N]`): the issue-13 targets, each measured
+side by side in one run (interleaved rounds, medians; fastopt.benchmark.time_side_by_side).
+
+  clip          fastopt.torch.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_, on
+                2,000 tensors of 1,000 elements and on the ResNet-50 gradient set (clipping)
+  numpy step    the in-loop rule (fastopt.benchmark.IN_LOOP_RULE, a 7-stream rule) on the
+                ResNet-50 set: step(grads, clip_norm=, skip_nonfinite=True) against the plain
+                step (one extra read of the gradients: 4 of 28 bytes)
+  GradScaler    scaler.unscale_ + clip_grad_norm_ + optimizer step + scaler.update on the
+                ResNet-50 set: fastopt.torch (its clip, its optimizer through the fused
+                protocol) against torch (its clip, its fused optimizer); the same numbers
+  schedule      a step with lr=fastopt.schedules.cosine(...) against a fixed lr, 1e3 elements
+"""
+import argparse
+import math
+import sys
+
+import numpy as np
+
+import fastopt
+from fastopt import schedules
+from fastopt.benchmark import IN_LOOP_RULE, MODELS, RULES, time_side_by_side
+
+MANY_SMALL = [(1000,)] * 2000
+OPTIMIZER = getattr(fastopt, IN_LOOP_RULE)
+TORCH_NAME = RULES[IN_LOOP_RULE][3]
+
+
+def clip_runners(shapes, threads):
+    import torch
+    import fastopt.torch as ft
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for label, clip in (("fastopt", ft.clip_grad_norm_), ("torch", torch.nn.utils.clip_grad_norm_)):
+        params = [torch.zeros(s, requires_grad=True) for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        # a limit below the norm: every call scales (towards the limit, never to denormals)
+        limit = 0.5 * clip(params, math.inf).item()
+        out[label] = (lambda clip=clip, params=params, limit=limit: clip(params, limit))
+    return out
+
+
+def numpy_step_runners(shapes):
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [(rng.standard_normal(s) * 1e-3).astype(np.float32) for s in shapes]
+    plain = OPTIMIZER([p.copy() for p in params], lr=1e-3)
+    full = OPTIMIZER([p.copy() for p in params], lr=1e-3)
+    limit = 0.5 * math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
+    return {"plain step": lambda: plain.step(grads),
+            "clip + skip_nonfinite": lambda: full.step(grads, clip_norm=limit, skip_nonfinite=True)}
+
+
+def grad_scaler_runners(shapes, threads):
+    import torch
+    import fastopt.torch as ft
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for label, make, clip in (
+            ("fastopt", lambda ps: getattr(ft, TORCH_NAME)(ps, lr=1e-3), ft.clip_grad_norm_),
+            ("torch", lambda ps: getattr(torch.optim, TORCH_NAME)(ps, lr=1e-3, fused=True),
+             torch.nn.utils.clip_grad_norm_)):
+        params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        opt = make(params)
+        # scale 1, never grown: every round unscales the same gradients (by 1, a full pass
+        # on both sides), clips them (the limit below their norm) and steps
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10 ** 9)
+        scaler.scale(torch.ones(()))  # (what a loss's scaling does first: makes the scale)
+        limit = 0.5 * clip(params, math.inf).item()
+
+        def step(opt=opt, scaler=scaler, clip=clip, params=params, limit=limit):
+            scaler.unscale_(opt)
+            clip(params, limit)
+            scaler.step(opt)
+            scaler.update()
+        out[label] = step
+    return out
+
+
+def schedule_runners():
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(1000).astype(np.float32)
+    g = (rng.standard_normal(1000) * 1e-3).astype(np.float32)
+    fixed = OPTIMIZER([p.copy()], lr=1e-3)
+    cosine = OPTIMIZER([p.copy()], lr=schedules.cosine(1e-3, 10 ** 9, warmup_steps=1000,
+                                                          warmup_start_factor=0.01))
+    return {"fixed lr": lambda: fixed.step([g]), "cosine schedule": lambda: cosine.step([g])}
+
+
+def run(threads, quick=False, budget=1.0):
+    """Prints the table; returns its rows as dicts."""
+    fastopt.set_num_threads(threads)
+    budget = budget / 2 if quick else budget
+    rows = []
+
+    def show(case, times, ours, theirs, target, reverse=False):
+        ratio = times[ours] / times[theirs] if reverse else times[theirs] / times[ours]
+        print(f"  {case:<34} {ours} {times[ours] * 1e3:9.3f} ms   {theirs} {times[theirs] * 1e3:9.3f} ms"
+              f"   {ratio:6.2f}x  (target {target})", flush=True)
+        rows.append(dict(case=case, times=times, ratio=ratio, target=target))
+
+    print(f"\nThe training step (issue 13), float32, {threads} threads; medians of interleaved "
+          "rounds:")
+    resnet50 = MODELS["ResNet-50"]
+    try:
+        import torch  # noqa: F401
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    if have_torch:
+        show("clip_grad_norm_ 2000 x 1e3", time_side_by_side(clip_runners(MANY_SMALL, threads), budget),
+             "fastopt", "torch", ">= 10x")
+        if not quick:
+            show("clip_grad_norm_ ResNet-50", time_side_by_side(clip_runners(resnet50, threads), budget * 2),
+                 "fastopt", "torch", ">= 2.5x")
+    shapes = resnet50 if not quick else MODELS["ResNet-18"]
+    name = "ResNet-50" if not quick else "ResNet-18"
+    show(f"numpy {IN_LOOP_RULE}, clip + skip, {name}", time_side_by_side(numpy_step_runners(shapes), budget * 2),
+         "clip + skip_nonfinite", "plain step", "<= 1.25x", reverse=True)
+    if have_torch:
+        show(f"GradScaler + clip + {IN_LOOP_RULE}, {name}",
+             time_side_by_side(grad_scaler_runners(shapes, threads), budget * 2),
+             "fastopt", "torch", ">= 1.3x")
+    show(f"{IN_LOOP_RULE} 1e3, cosine schedule", time_side_by_side(schedule_runners(), budget, min_rounds=15),
+         "cosine schedule", "fixed lr", "<= 1.2x", reverse=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fastopt.bench_step", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=fastopt.get_num_threads())
+    args = ap.parse_args(argv)
+    run(args.threads, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
