@@ -38,6 +38,8 @@ class Optimizer:
     def __init__(self, params, *, sparse="lazy", ema_decay=None, **defaults):
         options = {k: defaults.pop(k) for k in storage.DEFAULTS if k in defaults}
         self.storage_options = storage.check_options(**options)
+        if self.storage_options["state_dtype"] == "bfloat16":
+            storage.bfloat16()  # ImportError now, not halfway through a step, without ml_dtypes
         # how a step with a SparseGrad treats the rows it does not touch (README, "Sparse
         # rows"); a param group may override it with its own "sparse" key
         self.sparse = _checks.sparse_mode("sparse", sparse)
