@@ -101,3 +101,50 @@ def test_sparse_numpy_adam(benchmark, distribution, implementation):
     from fastopt.bench_sparse import numpy_runners
     benchmark.group = f"sparse numpy Adam {distribution}"
     benchmark(numpy_runners(distribution)[implementation])
+
+
+@pytest.mark.parametrize("implementation", ["fastopt", "fastopt all-float32", "torch fused"])
+@pytest.mark.parametrize("storage", ["f32, bf16 state", "f32, bf16 grad+state", "bf16, f32 state",
+                                     "bf16 stochastic", "bf16 nearest", "bf16 + master"])
+@pytest.mark.parametrize("size", ["1e6", "1.6e7"])
+@pytest.mark.parametrize("rule", ["Adam", "SGD", "Adagrad", "Lion"])
+def test_storage(benchmark, rule, size, storage, implementation):
+    """bfloat16 storage (fastopt.benchmark.STORAGE_CASES) against all-float32 fastopt and torch's
+    fused step on the same bfloat16 tensors; bytes per element in extra_info."""
+    pytest.importorskip("ml_dtypes")
+    from fastopt.benchmark import STORAGE_CASES, TORCH_KW, storage_bytes
+    from fastopt import storage as st
+    if rule not in RULES:
+        pytest.skip(f"{rule} has no benchmark entry")
+    cls, kw, streams, torch_name = RULES[rule]
+    pd, gd, options = STORAGE_CASES[storage]
+    n = SIZES[size]
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(n).astype(np.float32)
+    base_g = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    cast = lambda a, d: a.astype(st.bfloat16() if d == "bf16" else d)  # noqa: E731
+    benchmark.group = f"{rule} {size} {storage}"
+    benchmark.extra_info["bytes_per_element"] = storage_bytes(
+        streams, 2 if pd == "bf16" else 4, 2 if gd == "bf16" else 4,
+        2 if options.get("state_dtype") == "bfloat16" else 4, options.get("master_weights", False))
+    if implementation == "fastopt":
+        params, grads = [cast(base, pd)], [cast(base_g, gd)]
+        opt = cls(params, **kw, **options)
+        benchmark(lambda: opt.step(grads))
+    elif implementation == "fastopt all-float32":
+        params, grads = [base.copy()], [base_g]
+        opt = cls(params, **kw)
+        benchmark(lambda: opt.step(grads))
+    else:
+        torch = pytest.importorskip("torch")
+        if not (pd == gd == "bf16" and options.get("state_dtype") == "bfloat16"
+                and not options.get("master_weights")):
+            pytest.skip("torch's fused step keeps the parameter's dtype everywhere")
+        t = torch.from_numpy(base).to(torch.bfloat16).requires_grad_()
+        t.grad = torch.from_numpy(base_g).to(torch.bfloat16)
+        try:
+            opt = getattr(torch.optim, torch_name)([t], **TORCH_KW[torch_name], fused=True)
+            opt.step()
+        except (RuntimeError, TypeError, ValueError):
+            pytest.skip(f"no fused bfloat16 {torch_name}")
+        benchmark(opt.step)

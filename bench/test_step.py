@@ -38,4 +38,4 @@ def test_grad_scaler(benchmark, implementation):
 @pytest.mark.parametrize("variant", ["fixed lr", "cosine schedule"])
 def test_schedule(benchmark, variant):
     benchmark.group = "1e3, lr schedule"
-    benchmark(bench_step.schedule_runners()[variant])
+    benchmark(bench_step.schedule_runners(repeat=1)[variant])

@@ -33,7 +33,7 @@
 extern "C" {
 #endif
 
-#define FO_API_VERSION 2
+#define FO_API_VERSION 3
 
 /* ---- the rules -----------------------------------------------------------------------------
  * X(rule, state buffers...): each rule's name and its state buffers, in the order of its
@@ -120,8 +120,20 @@ enum fo_status {
 
 enum fo_convention { FO_TEXTBOOK = 0, FO_TORCH = 1 };
 
-/* How a buffer is stored; the kernels compute in float for float32 and double for float64. */
-enum fo_dtype { FO_FLOAT32 = 0, FO_FLOAT64 = 1 };
+/* How a buffer is stored.  The kernels compute in double for float64 parameters and in float
+ * otherwise; only the loads and stores change.  FO_BFLOAT16: uint16_t holding the upper half of
+ * an IEEE float32 (a float32 is its bits << 16).  Allowed: parameters of any of the three;
+ * gradients of the parameter's type, or bfloat16 for float32 parameters; state buffers of the
+ * compute type (float32, or float64 for float64 parameters) or bfloat16, each on its own. */
+enum fo_dtype { FO_FLOAT32 = 0, FO_FLOAT64 = 1, FO_BFLOAT16 = 2 };
+
+/* How a value is written to a bfloat16 buffer (fo_batch.rounding).  u = the float32's bits
+ * (a double result is first rounded to float32), with float32 subnormals flushed to signed zero
+ * as AVX512-BF16's conversion does; a NaN becomes the quiet NaN (u >> 16) | 0x40.  Otherwise
+ *   FO_ROUND_STOCHASTIC:  (u + r) >> 16,  r uniform in [0, 2^16) from the keyed generator
+ *                         (README "bfloat16 storage"), so E[result] = the value;
+ *   FO_ROUND_NEAREST:     (u + 0x7fff + ((u >> 16) & 1)) >> 16   (to nearest, ties to even). */
+enum fo_rounding { FO_ROUND_STOCHASTIC = 0, FO_ROUND_NEAREST = 1 };
 
 #define FO_MAX_BUFFERS 8 /* param, grad, and up to six state buffers */
 
@@ -150,10 +162,17 @@ typedef struct {
  * `count` tensors, tensor t having n[t] elements; buffers[k][t] is buffer k of tensor t: k = 0
  * the parameter, 1 its gradient (read only), 2.. the rule's state buffers in FO_RULES order.
  * buffers[k] may be NULL for a state buffer the hyperparameters leave unused (AMSGrad's max_v
- * without amsgrad).  dtype[k] is buffer k's storage (today every buffer of a call must share
- * FO_FLOAT32 or FO_FLOAT64).  The work is split across threads by elements, not by tensor.
+ * without amsgrad).  dtype[k] is buffer k's storage (fo_dtype; the combinations allowed are
+ * listed there).  The work is split across threads by elements, not by tensor.
  * Each tensor's buffers must not overlap one another; overlaps between different tensors'
  * buffers are not checked (the Python layer does it once).
+ *
+ * bfloat16 storage (the fields after dtype; all zero: stochastic rounding, seed 0, step 0):
+ * master[t], if master is not NULL, is a float32 copy of tensor t's bfloat16 parameter: the rule
+ * updates it and the parameter is written from it, rounded to nearest, in the same pass.  Every
+ * other bfloat16 write is rounded as `rounding` says; stochastic rounding's random bits are
+ * fixed by (seed, index[t] (t when index is NULL), step, the element's index in its tensor, the
+ * buffer k), so results do not depend on threads, instruction set or the tensors' order.
  */
 typedef struct fo_rows fo_rows;
 typedef struct {
@@ -162,6 +181,10 @@ typedef struct {
     void *const *buffers[FO_MAX_BUFFERS];
     int dtype[FO_MAX_BUFFERS];
     const fo_rows *rows; /* NULL (every gradient dense), or one entry per tensor: see below */
+    float *const *master;  /* per tensor: float32 master weights, or NULL for none */
+    int rounding;          /* fo_rounding */
+    uint64_t seed, step;   /* key the random bits (step: the update being made, 1 first) */
+    const uint64_t *index; /* per tensor: its index among the optimizer's parameters */
 } fo_batch;
 
 /*
@@ -325,8 +348,15 @@ int fo_set_num_threads(int n); /* FO_ERR_HYPERPARAM unless 1 <= n <= 256 */
 int fo_get_num_threads(void);
 
 /* The instruction set the loops were compiled for and chosen at first use: "baseline", "avx2"
- * or "avx512".  The environment variable FASTOPT_ISA caps it (read once). */
+ * or "avx512".  The environment variable FASTOPT_ISA caps it (read once): baseline, avx2,
+ * avx512 or avx512bf16 (the default: everything the CPU has). */
 const char *fo_isa(void);
+
+/* How bfloat16 values are rounded to nearest: "avx512bf16" (the VCVTNEPS2BF16 instruction) or
+ * "integer" (shifts and adds, every other CPU), identical bits.  FASTOPT_ISA=avx512 caps it at
+ * "integer"; FASTOPT_ISA=avx512bf16 (or unset) allows the instruction where the CPU has it.
+ * Stochastic rounding is integer arithmetic on every instruction set. */
+const char *fo_bf16_path(void);
 
 /* p += g; m += g; v += g over n floats: Adam's 7 streams of memory traffic with no arithmetic to
  * speak of, through the same threads.  The benchmark's bandwidth ceiling. */

@@ -12,6 +12,7 @@
 #ifndef FASTOPT_INTERNAL_H
 #define FASTOPT_INTERNAL_H
 
+#include <stdint.h>
 #include "fastopt.h"
 
 #define FO_CAT_(a, b) a##_##b
@@ -28,9 +29,24 @@
 /* Room for any rule's scalars (checked at compile time in kernels.c). */
 #define FO_MAX_SCALARS 256
 
-/* One rule's loop over elements [at, at + n) of one tensor whose buffers (param, grad, then the
+/* What every span of one call shares: the rule's scalars and how each buffer is stored. */
+typedef void (*fo_bf16_round_fn)(uint16_t *dst, const float *src, size_t n);
+typedef struct {
+    const void *scalars;
+    int n_bufs;
+    int dtype[FO_MAX_BUFFERS];
+    int staged;                  /* some buffer is bfloat16 (or master weights): blocks go
+                                    through float/double staging arrays (loops.inc) */
+    int rounding;                /* fo_rounding */
+    uint64_t key;                /* fo_absorb(seed, step) */
+    const uint64_t *index;       /* per tensor: its parameter index, NULL for 0, 1, ... */
+    float *const *master;        /* per tensor, or NULL */
+    fo_bf16_round_fn to_nearest; /* float32 -> bfloat16, to nearest even (chosen per CPU) */
+} fo_call;
+
+/* One rule's loop over elements [at, at + n) of tensor t, whose buffers (param, grad, then the
  * state buffers in FO_RULES order; NULL for unused ones) start at b[]. */
-typedef void (*fo_span_fn)(void *const *b, size_t at, size_t n, const void *scalars);
+typedef void (*fo_span_fn)(const fo_call *c, void *const *b, size_t t, size_t at, size_t n);
 
 enum { FO_F32, FO_F64 };
 
@@ -44,7 +60,7 @@ typedef struct {
 /* The step's EMA of the weights, after the rule, on the same span of elements (fo_step_with). */
 typedef struct {
     fo_span_fn rule_span;
-    const void *rule_scalars;
+    const fo_call *rule_call;
     int ema_buffer; /* where the EMA buffer is among the span's buffers */
     double decay;
 } fo_ema_scalars;
@@ -77,6 +93,7 @@ typedef struct {
 typedef struct {
     const char *name;
     fo_span_fn span[FO_N_RULES][2];
+    fo_bf16_round_fn to_nearest; /* integer arithmetic, compiled for this instruction set */
     /* per-tensor passes (FO_TENSOR_RULES; NULL for the other rules): b[slot] is the tensor's
      * (double *) results, n_sums per block; `at` a multiple of FO_NORM_BLOCK */
     fo_span_fn reduce[FO_N_RULES][2];
@@ -88,11 +105,49 @@ typedef struct {
     fo_span_fn scale[2]; /* b[0] *= factor (scalars: one double) */
 } fo_loops;
 
+/* ---- the keyed generator of stochastic rounding's bits ------------------------------------
+ * A 64-bit key absorbs seed, step, parameter index, buffer pair q and the element index's upper
+ * 32 bits (SplitMix64's finalizer after each); the 32-bit hash of element e is then
+ *   h(h(lo32(e) ^ lo32(key)) ^ hi32(key)),  h = a 32-bit avalanche ("lowbias32"-style):
+ *   x ^= x >> 16; x *= 0x21f0aaad; x ^= x >> 15; x *= 0x735a2d97; x ^= x >> 15,
+ * and buffer k (0 the parameter, 2.. the state) takes its low 16 bits if k is even, its high
+ * 16 bits if k is odd, from the hash of pair q = k / 2: one hash for two buffers.
+ * Every value depends only on these inputs, never on how the work is split. */
+static inline uint64_t fo_mix64(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return x;
+}
+static inline uint64_t fo_absorb(uint64_t key, uint64_t x)
+{
+    return fo_mix64((key ^ x) + 0x9e3779b97f4a7c15ull);
+}
+static inline uint32_t fo_hash32(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x21f0aaadu;
+    x ^= x >> 15;
+    x *= 0x735a2d97u;
+    x ^= x >> 15;
+    return x;
+}
+/* the key of buffer pair q of tensor t for elements [hi << 32, (hi + 1) << 32) */
+static inline uint64_t fo_block_key(const fo_call *c, size_t t, int q, uint64_t hi)
+{
+    const uint64_t index = c->index ? c->index[t] : (uint64_t)t;
+    return fo_absorb(fo_absorb(fo_absorb(c->key, index), (uint64_t)q), hi);
+}
+
 extern const fo_loops fo_loops_baseline;
 #if defined(__x86_64__) || defined(__i386__)
 #define FO_X86 1
 extern const fo_loops fo_loops_avx2;
 extern const fo_loops fo_loops_avx512;
+void fo_bf16_nearest_avx512bf16(uint16_t *dst, const float *src, size_t n);
 #endif
 
 /*
@@ -101,18 +156,18 @@ extern const fo_loops fo_loops_avx512;
  * result is the same for any split since every element is updated independently.
  */
 void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
-            const size_t *n, const void *scalars);
+            const size_t *n, const fo_call *call);
 /* fo_run whose spans start at multiples of `grain` within each tensor (and cover whole grains,
  * the tensor's last one aside): blocks that each one thread sums, for fixed-order reductions. */
 void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
-                   const size_t *n, const void *scalars, size_t grain);
+                   const size_t *n, const fo_call *call, size_t grain);
 
 /* Sparse rows (rows.c): check tensor t's rows (its n elements, its gradient rows at `values`,
  * the written buffers), then run `span` over the batch of touched rows and dense tensors. */
 int fo_check_rows(const fo_rows *rows, size_t n, size_t elem_size, const void *values,
                   void *const *written, int n_written);
 int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
-                const size_t *n, const fo_rows *rows, int dtype, const void *scalars,
+                const size_t *n, const fo_rows *rows, int dtype, const fo_call *call,
                 const fo_catchup *catchup);
 
 #endif

@@ -16,26 +16,37 @@
 /* ---- instruction set, chosen once --------------------------------------------------------- */
 
 static const fo_loops *active_loops;
+static fo_bf16_round_fn active_to_nearest;
+static const char *active_bf16_path = "integer";
 static pthread_once_t active_once = PTHREAD_ONCE_INIT;
 
 static void choose_loops(void)
 {
     const fo_loops *best = &fo_loops_baseline;
+    fo_bf16_round_fn to_nearest = NULL;
 #ifdef FO_X86
-    /* FASTOPT_ISA caps the level (baseline, avx2, avx512) so tests can run every path */
+    /* FASTOPT_ISA caps the level (baseline, avx2, avx512, avx512bf16) so tests can run every
+     * path; avx512bf16 runs the avx512 loops with the bf16 conversion instruction */
     const char *cap = getenv("FASTOPT_ISA");
-    const int cap_level = !cap || !*cap               ? 2
-                          : strcmp(cap, "avx512") == 0 ? 2
-                          : strcmp(cap, "avx2") == 0   ? 1
-                                                       : 0;
+    const int cap_level = !cap || !*cap                   ? 3
+                          : strcmp(cap, "avx512bf16") == 0 ? 3
+                          : strcmp(cap, "avx512") == 0     ? 2
+                          : strcmp(cap, "avx2") == 0       ? 1
+                                                           : 0;
     __builtin_cpu_init();
     if (cap_level >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         best = &fo_loops_avx2;
     if (cap_level >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
         best = &fo_loops_avx512;
+        if (cap_level >= 3 && __builtin_cpu_supports("avx512bf16")) {
+            to_nearest = fo_bf16_nearest_avx512bf16;
+            active_bf16_path = "avx512bf16";
+        }
+    }
 #endif
     active_loops = best;
+    active_to_nearest = to_nearest ? to_nearest : best->to_nearest;
 }
 
 static const fo_loops *fo_active(void)
@@ -45,6 +56,12 @@ static const fo_loops *fo_active(void)
 }
 
 const char *fo_isa(void) { return fo_active()->name; }
+
+const char *fo_bf16_path(void)
+{
+    fo_active();
+    return active_bf16_path;
+}
 
 const char *fo_strerror(int status)
 {
@@ -218,29 +235,46 @@ int fo_check(int rule, const void *hp, unsigned *uses, fo_error *err)
 }
 
 /*
- * One tensor's buffers: the gradient (read) and written[0..n_written), n elements of elem_size
- * bytes each.  All must be non-NULL when n > 0, and no written buffer may overlap another
- * buffer: the loops read each element once and write it once, which is only correct for
- * disjoint buffers.
+ * One tensor's buffers: the gradient (read) and written[0..n_written), n elements of
+ * grad_size and size[i] bytes.  All must be non-NULL when n > 0, and no written buffer may
+ * overlap another buffer: the loops read each element once and write it once, which is only
+ * correct for disjoint buffers.
  */
-static int check_tensor(size_t n, size_t elem_size, const void *grad, void *const *written,
-                        int n_written)
+static int check_tensor(size_t n, const void *grad, size_t grad_size, void *const *written,
+                        const size_t *size, int n_written)
 {
     if (n == 0) return FO_OK;
     if (!grad) return FO_ERR_NULL;
     for (int i = 0; i < n_written; i++)
         if (!written[i]) return FO_ERR_NULL;
-    if (n > SIZE_MAX / elem_size) return FO_ERR_OVERLAP; /* no two such buffers can be disjoint */
-    const uintptr_t bytes = (uintptr_t)(n * elem_size), g = (uintptr_t)grad;
+    size_t widest = grad_size;
+    for (int i = 0; i < n_written; i++) widest = size[i] > widest ? size[i] : widest;
+    if (n > SIZE_MAX / widest) return FO_ERR_OVERLAP; /* no two such buffers can be disjoint */
+    const uintptr_t g = (uintptr_t)grad, g_end = g + (uintptr_t)(n * grad_size);
     for (int i = 0; i < n_written; i++) {
-        const uintptr_t a = (uintptr_t)written[i];
-        if (a < g + bytes && g < a + bytes) return FO_ERR_OVERLAP;
+        const uintptr_t a = (uintptr_t)written[i], a_end = a + (uintptr_t)(n * size[i]);
+        if (a < g_end && g < a_end) return FO_ERR_OVERLAP;
         for (int j = i + 1; j < n_written; j++) {
-            const uintptr_t b = (uintptr_t)written[j];
-            if (a < b + bytes && b < a + bytes) return FO_ERR_OVERLAP;
+            const uintptr_t b = (uintptr_t)written[j], b_end = b + (uintptr_t)(n * size[j]);
+            if (a < b_end && b < a_end) return FO_ERR_OVERLAP;
         }
     }
     return FO_OK;
+}
+
+static size_t dtype_size(int dtype)
+{
+    return dtype == FO_FLOAT64 ? sizeof(double) : dtype == FO_FLOAT32 ? sizeof(float) : sizeof(uint16_t);
+}
+
+/* The storage combinations the loops have (fastopt.h, fo_dtype): buffer k of a call whose
+ * parameters are stored as param_dtype. */
+static int dtype_allowed(int k, int dtype, int param_dtype)
+{
+    const int compute = param_dtype == FO_FLOAT64 ? FO_FLOAT64 : FO_FLOAT32;
+    if (k == 0) return dtype == FO_FLOAT32 || dtype == FO_FLOAT64 || dtype == FO_BFLOAT16;
+    if (k == 1) return dtype == param_dtype || (param_dtype == FO_FLOAT32 && dtype == FO_BFLOAT16);
+    return dtype == compute || dtype == FO_BFLOAT16;
 }
 
 /* ---- the generic entry point ---------------------------------------------------------------- */
@@ -253,9 +287,12 @@ static int check_tensor(size_t n, size_t elem_size, const void *grad, void *cons
  * the block sums and returns FO_ERR_NULL (err: "memory") without it, having written nothing.
  */
 static int run_with_tensor_pass(int rule, int which, size_t count, void *const **bufs, int slot,
-                                int n_bufs, const size_t *n, const void *rule_scalars,
-                                fo_span_fn span, const void *span_scalars, fo_error *err)
+                                int n_bufs, const size_t *n, const fo_call *rule_call,
+                                fo_span_fn span, const fo_call *span_call, fo_error *err)
 {
+    const void *rule_scalars = rule_call->scalars;
+    fo_call reduce_call = *rule_call;
+    reduce_call.n_bufs = slot + 1;
     const int n_sums = tensor_passes[rule].n_sums;
     size_t blocks = 0;
     for (size_t t = 0; t < count; t++) blocks += (n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK;
@@ -272,7 +309,7 @@ static int run_with_tensor_pass(int rule, int which, size_t count, void *const *
     void *const *with_slot[FO_MAX_BUFFERS];
     for (int k = 0; k < n_bufs; k++) with_slot[k] = bufs[k];
     with_slot[slot] = slots;
-    fo_run_blocks(fo_active()->reduce[rule][which], count, with_slot, slot + 1, n, rule_scalars,
+    fo_run_blocks(fo_active()->reduce[rule][which], count, with_slot, slot + 1, n, &reduce_call,
                   FO_NORM_BLOCK);
     for (size_t t = 0; t < count; t++) {
         double total[FO_MAX_SUMS] = {0};
@@ -282,7 +319,7 @@ static int run_with_tensor_pass(int rule, int which, size_t count, void *const *
         scalar[t] = tensor_passes[rule].scalar(rule_scalars, total);
         slots[t] = &scalar[t];
     }
-    fo_run(span, count, with_slot, n_bufs, n, span_scalars);
+    fo_run(span, count, with_slot, n_bufs, n, span_call);
     free(sums);
     return FO_OK;
 }
@@ -308,6 +345,10 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
                "must be in [0, 1]");
     const int status = rules[rule].prepare(hp, scalars, &uses, err, &gradient);
     if (status != FO_OK) return status;
+    if (batch->rounding != FO_ROUND_STOCHASTIC && batch->rounding != FO_ROUND_NEAREST) {
+        *err = (fo_error){"rounding", "must be FO_ROUND_STOCHASTIC or FO_ROUND_NEAREST"};
+        return FO_ERR_HYPERPARAM;
+    }
     FO_REQUIRE(gradient.applied || gradient.grad_multiplier == 1.0, "grad_multiplier",
                "is not supported by this rule (its prepare part skips gradient_terms)");
 
@@ -325,32 +366,55 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
         bufs[k] = is_used ? batch->buffers[k] : NULL;
         if (is_used) used[n_used++] = k;
     }
-    const int dtype = batch->dtype[0];
-    if (dtype != FO_FLOAT32 && dtype != FO_FLOAT64) return FO_ERR_DTYPE;
-    for (int i = 0; i < n_used; i++)
-        if (batch->dtype[used[i]] != dtype) return FO_ERR_DTYPE;
-    if (has_ema) { /* (in the parameter's storage type) */
+    const int param_dtype = batch->dtype[0];
+    fo_call call = {.scalars = scalars, .n_bufs = n_bufs, .rounding = batch->rounding,
+                    .key = fo_absorb(batch->seed, batch->step), .index = batch->index,
+                    .master = batch->master};
+    for (int i = 0; i < n_used; i++) {
+        const int k = used[i], dtype = batch->dtype[k];
+        if (!dtype_allowed(k, dtype, param_dtype)) return FO_ERR_DTYPE;
+        call.dtype[k] = dtype;
+        call.staged |= dtype == FO_BFLOAT16;
+    }
+    if (batch->master && param_dtype != FO_BFLOAT16) return FO_ERR_DTYPE;
+    call.staged |= batch->master != NULL;
+    /* a per-tensor pass reads the buffers as they are stored: the compute type only */
+    if (call.staged && tensor_passes[rule].scalar) return FO_ERR_DTYPE;
+    if (has_ema) { /* in the parameter's storage type, which must be the compute type */
+        if (call.staged) return FO_ERR_DTYPE;
         bufs[n_own] = opt->ema;
         used[n_used++] = n_own;
+        call.dtype[n_own] = param_dtype;
     }
     if (count == 0) return FO_OK;
     if (!batch->n) return FO_ERR_NULL;
     for (int i = 0; i < n_used; i++)
         if (!bufs[used[i]]) return FO_ERR_NULL;
 
-    const size_t elem_size = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
     int any_rows = 0, exact = 0;
     for (size_t t = 0; t < count; t++) {
-        void *written[FO_MAX_BUFFERS];
+        void *written[FO_MAX_BUFFERS + 1];
+        size_t size[FO_MAX_BUFFERS + 1];
         int n_written = 0;
-        for (int i = 0; i < n_used; i++)
-            if (used[i] != 1) written[n_written++] = bufs[used[i]][t];
+        for (int i = 0; i < n_used; i++) {
+            if (used[i] == 1) continue;
+            size[n_written] = dtype_size(call.dtype[used[i]]);
+            written[n_written++] = bufs[used[i]][t];
+        }
+        if (batch->master) {
+            size[n_written] = sizeof(float);
+            written[n_written++] = batch->master[t];
+        }
         const int has_rows = batch->rows && batch->rows[t].indices;
+        /* sparse="exact" with a dense gradient: the tensor's rows one by one (rows.c) */
         const int dense_rows = batch->rows && !has_rows && batch->rows[t].last_step;
+        if ((has_rows || dense_rows) && call.staged)
+            return FO_ERR_DTYPE; /* sparse rows: compute-type storage */
         int tensor_status =
-            has_rows ? fo_check_rows(&batch->rows[t], batch->n[t], elem_size, bufs[1][t], written,
-                                     n_written)
-                     : check_tensor(batch->n[t], elem_size, bufs[1][t], written, n_written);
+            has_rows ? fo_check_rows(&batch->rows[t], batch->n[t], dtype_size(param_dtype),
+                                     bufs[1][t], written, n_written)
+                     : check_tensor(batch->n[t], bufs[1][t], dtype_size(batch->dtype[1]), written,
+                                    size, n_written);
         if (tensor_status == FO_OK && dense_rows && batch->n[t] &&
             (batch->rows[t].row_len == 0 || batch->n[t] % batch->rows[t].row_len))
             tensor_status = FO_ERR_INDEX;
@@ -367,11 +431,13 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
             FO_REQUIRE(!batch->rows[t].last_step || batch->rows[t].step >= 1, "step",
                        "must be >= 1 with last_step");
     }
-    const int which = dtype == FO_FLOAT64 ? FO_F64 : FO_F32;
+    const int which = param_dtype == FO_FLOAT64 ? FO_F64 : FO_F32;
     const fo_span_fn rule_span = fo_active()->span[rule][which];
-    const fo_ema_scalars ema = {rule_span, scalars, n_own, has_ema ? opt->ema_decay : 0.0};
+    call.to_nearest = active_to_nearest;
+    const fo_ema_scalars ema = {rule_span, &call, n_own, has_ema ? opt->ema_decay : 0.0};
+    const fo_call ema_call = {.scalars = &ema, .n_bufs = n_bufs};
     const fo_span_fn span = has_ema ? fo_active()->ema[which] : rule_span;
-    const void *span_scalars = has_ema ? (const void *)&ema : (const void *)scalars;
+    const fo_call *span_call = has_ema ? &ema_call : &call;
     if (tensor_passes[rule].scalar) {
         if (any_rows) { /* a norm over the touched rows is not the tensor's */
             err->field = "rows";
@@ -379,12 +445,12 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
             return FO_ERR_RULE;
         }
         return run_with_tensor_pass(rule, which, count, bufs, n_rule_bufs, n_bufs, batch->n,
-                                    scalars, span, span_scalars, err);
+                                    &call, span, span_call, err);
     }
     if (any_rows) /* the touched rows as the batch's tensors (rows.c) */
-        return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, dtype, span_scalars,
+        return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, param_dtype, span_call,
                            exact ? &catchup : NULL);
-    fo_run(span, count, bufs, n_bufs, batch->n, span_scalars);
+    fo_run(span, count, bufs, n_bufs, batch->n, span_call);
     return FO_OK;
 }
 
@@ -416,6 +482,7 @@ int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, dou
     const fo_norm_scalars s = {p == 2.0 ? FO_NORM_SQUARES : p == 1.0 ? FO_NORM_ABS
                                : isinf(p)  ? FO_NORM_MAX : p == 0.0 ? FO_NORM_NONZERO
                                            : FO_NORM_POWER, p};
+    const fo_call call = {.scalars = &s, .n_bufs = 2};
     const fo_span_fn span = fo_active()->norm[dtype == FO_FLOAT64 ? FO_F64 : FO_F32];
     const int is_max = s.kind == FO_NORM_MAX;
     const size_t elem_size = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
@@ -429,7 +496,7 @@ int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, dou
         for (size_t t = 0, at = 0; t < count; at += (batch->n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK, t++)
             out[t] = results + 2 * at;
         void *const *const bufs[2] = {data, (void *const *)out};
-        fo_run_blocks(span, count, bufs, 2, batch->n, &s, FO_NORM_BLOCK);
+        fo_run_blocks(span, count, bufs, 2, batch->n, &call, FO_NORM_BLOCK);
     }
     double sum = 0.0, bad = 0.0;
     for (size_t t = 0; t < count; t++) {
@@ -438,7 +505,7 @@ int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, dou
             const double *r = results ? out[t] + 2 * k : one_block;
             if (!results) {
                 void *const b[2] = {(char *)data[t] + at * elem_size, one_block};
-                span(b, 0, batch->n[t] - at < FO_NORM_BLOCK ? batch->n[t] - at : FO_NORM_BLOCK, &s);
+                span(&call, b, t, 0, batch->n[t] - at < FO_NORM_BLOCK ? batch->n[t] - at : FO_NORM_BLOCK);
             }
             tensor = !is_max ? tensor + r[0] : (r[0] > tensor || r[0] != r[0]) && tensor == tensor ? r[0] : tensor;
             bad += r[1];
@@ -465,8 +532,9 @@ int fo_scale(const fo_batch *batch, int buffer, double factor)
         if (batch->n[t] && !batch->buffers[buffer][t]) return FO_ERR_NULL;
     }
     void *const *const bufs[1] = {batch->buffers[buffer]};
+    const fo_call call = {.scalars = &factor, .n_bufs = 1};
     fo_run(fo_active()->scale[dtype == FO_FLOAT64 ? FO_F64 : FO_F32], batch->count, bufs, 1,
-           batch->n, &factor);
+           batch->n, &call);
     return FO_OK;
 }
 
@@ -475,7 +543,7 @@ int fo_scale(const fo_batch *batch, int buffer, double factor)
 static int typed_step(int rule, int dtype, size_t count, void *const *const *bufs, int n_bufs,
                       const size_t *n, const void *hp)
 {
-    fo_batch batch = {count, n, {NULL}, {0}};
+    fo_batch batch = {.count = count, .n = n};
     for (int k = 0; k < n_bufs; k++) {
         batch.buffers[k] = bufs[k];
         batch.dtype[k] = dtype;
@@ -509,9 +577,10 @@ FO_RULES(FO_TYPED_DEFINITIONS)
 
 /* The memory traffic of a rule with two state buffers (read 4 streams, write 3) with trivial
  * arithmetic: what the benchmark compares every rule with, through the same threads. */
-static void stream_span(void *const *b, size_t at, size_t n, const void *unused)
+static void stream_span(const fo_call *unused, void *const *b, size_t t, size_t at, size_t n)
 {
     (void)unused;
+    (void)t;
     float *restrict p = (float *)b[0] + at, *restrict m = (float *)b[2] + at,
                     *restrict v = (float *)b[3] + at;
     const float *restrict g = (const float *)b[1] + at;
@@ -527,5 +596,6 @@ void fo_stream_f32(float *p, const float *g, float *m, float *v, size_t n)
 {
     void *const *const bufs[] = {(void *const *)&p, (void *const *)&g, (void *const *)&m,
                                  (void *const *)&v};
-    fo_run(stream_span, 1, bufs, 4, &n, NULL);
+    const fo_call call = {.n_bufs = 4};
+    fo_run(stream_span, 1, bufs, 4, &n, &call);
 }

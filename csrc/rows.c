@@ -127,9 +127,10 @@ typedef struct {
     size_t row_len;
 } sum_scalars;
 
-static void sum_span(void *const *b, size_t at, size_t n, const void *scalars)
+static void sum_span(const fo_call *c, void *const *b, size_t t, size_t at, size_t n)
 {
-    const sum_scalars *s = scalars;
+    const sum_scalars *s = c->scalars;
+    (void)t;
     s->sum(b[0], (const size_t *)b[1], (const size_t *)b[2], b[3], s->row_len, at, n);
 }
 
@@ -210,7 +211,7 @@ typedef void (*catch_up_fn)(void *const *b, size_t at, size_t n, const row_catch
 
 typedef struct {
     fo_span_fn span;
-    const void *scalars;
+    const fo_call *call;  /* the rule's span's */
     void **const *tables; /* the row batch's buffer tables (NULL: unused buffer) */
     const size_t *sizes;
     int n_bufs;
@@ -228,9 +229,9 @@ typedef struct {
     int coupled, n_rule_bufs;
 } row_ahead;
 
-static void row_ahead_span(void *const *b, size_t at, size_t n, const void *scalars)
+static void row_ahead_span(const fo_call *c, void *const *b, size_t t, size_t at, size_t n)
 {
-    const row_ahead *r = scalars;
+    const row_ahead *r = c->scalars;
     const size_t e = (size_t)(uintptr_t)b[r->n_bufs];
     if (r->sum_of[e]) {
         const size_t d = r->sum_of[e] - 1;
@@ -253,7 +254,7 @@ static void row_ahead_span(void *const *b, size_t at, size_t n, const void *scal
     }
     if (r->catchup_of && r->catchup_of[e])
         r->catch_up(b, at, n, r->catchup_of[e], r->coupled, r->n_rule_bufs);
-    r->span(b, at, n, r->scalars);
+    r->span(r->call, b, t, at, n);
 }
 
 /* Whether the indices are strictly increasing: then each row is met once, in order. */
@@ -265,7 +266,7 @@ static int strictly_increasing(const fo_rows *r)
 }
 
 int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
-                const size_t *n, const fo_rows *rows, int dtype, const void *scalars,
+                const size_t *n, const fo_rows *rows, int dtype, const fo_call *call,
                 const fo_catchup *catchup)
 {
     const size_t elem = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
@@ -404,22 +405,24 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
             size_t last = first + 1;
             while (last < d && sum_sizes[last] == sum_sizes[first]) last++;
             const sum_scalars ss = {sum, sum_sizes[first]};
+            const fo_call sum_call = {.scalars = &ss, .n_bufs = 4};
             void *const *const part[4] = {sum_bufs[0] + first, sum_bufs[1] + first,
                                           sum_bufs[2] + first, sum_bufs[3] + first};
-            fo_run(sum_span, last - first, part, 4, sum_sizes + first, &ss);
+            fo_run(sum_span, last - first, part, 4, sum_sizes + first, &sum_call);
             first = last;
         }
     }
     if (ahead) {
         for (size_t i = 0; i < e; i++) row_bufs[n_bufs][i] = (void *)(uintptr_t)i;
-        const row_ahead r = {span,  scalars, (void **const *)row_bufs, sizes, n_bufs, e, elem,
+        const row_ahead r = {span,  call, (void **const *)row_bufs, sizes, n_bufs, e, elem,
                              sum_of, (void **const *)sum_bufs, sum,
                              catchup ? catchup_of : NULL,
                              dtype == FO_FLOAT64 ? catch_up_f64 : catch_up_f32,
                              catchup ? catchup->coupled : 0, n_rule_bufs};
-        fo_run(row_ahead_span, e, (void *const *const *)row_bufs, n_bufs + 1, sizes, &r);
+        const fo_call ahead_call = {.scalars = &r, .n_bufs = n_bufs + 1};
+        fo_run(row_ahead_span, e, (void *const *const *)row_bufs, n_bufs + 1, sizes, &ahead_call);
     } else {
-        fo_run(span, e, (void *const *const *)row_bufs, n_bufs, sizes, scalars);
+        fo_run(span, e, (void *const *const *)row_bufs, n_bufs, sizes, call);
     }
 #undef FO_ROW_CATCHUP
     free(mem);

@@ -73,7 +73,7 @@ typedef struct {
     void *const *const *bufs;
     int n_bufs;
     const size_t *n;
-    const void *scalars;
+    const fo_call *call;
     size_t total, per_thread_share;
     size_t grain;          /* pieces start at multiples of it within each tensor (fo_run_blocks) */
     _Atomic size_t cursor; /* the next element (of all tensors, in order) to hand out */
@@ -176,7 +176,7 @@ static void run_piece(const job *j, size_t t, size_t at, size_t n)
 {
     void *b[FO_MAX_BUFFERS];
     for (int k = 0; k < j->n_bufs; k++) b[k] = j->bufs[k] ? j->bufs[k][t] : NULL;
-    j->span(b, at, n, j->scalars);
+    j->span(j->call, b, t, at, n);
 }
 
 static int current_cpu(void)
@@ -421,16 +421,16 @@ static void run_on_own_pool(job *j, int helpers)
 }
 
 void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs, const size_t *n,
-            const void *scalars)
+            const fo_call *call)
 {
-    fo_run_blocks(span, count, bufs, n_bufs, n, scalars, 1);
+    fo_run_blocks(span, count, bufs, n_bufs, n, call, 1);
 }
 
 void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
-                   const size_t *n, const void *scalars, size_t grain)
+                   const size_t *n, const fo_call *call, size_t grain)
 {
     job j = {.span = span, .count = count, .bufs = bufs, .n_bufs = n_bufs, .n = n,
-             .scalars = scalars, .grain = grain > 1 ? grain : 1};
+             .call = call, .grain = grain > 1 ? grain : 1};
     for (size_t t = 0; t < count; t++) j.total += padded(&j, n[t]);
     if (j.total < FO_PARALLEL_MIN) {
         run_alone(&j);

@@ -8,27 +8,35 @@ import numbers
 
 import numpy as np
 
-from fastopt import _kernels
+from fastopt import _kernels, storage
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def check_param(a, what):
+def check_param(a, what, bfloat16=False):
+    """A parameter: float32 or float64 (and bfloat16 where the caller takes it)."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{what} must be a numpy array, got {type(a).__name__}")
-    if a.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what} must be float32 or float64 (native byte order), got {a.dtype}")
+    if a.dtype not in FLOAT_DTYPES and not (bfloat16 and storage.is_bf16(a.dtype)):
+        kinds = "float32, float64 or bfloat16" if bfloat16 else "float32 or float64"
+        raise TypeError(f"{what} must be {kinds} (native byte order), got {a.dtype}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{what} must be C-contiguous (it is updated in place)")
     if not a.flags.writeable:
         raise ValueError(f"{what} is read-only; parameters are updated in place")
 
 
-def check_like(buf, param, what, *, writeable):
-    """buf must be an array of param's shape and dtype, C-contiguous (and writeable if asked)."""
+def check_like(buf, param, what, *, writeable, dtype_ok=None):
+    """buf must be an array of param's shape and dtype (or one that dtype_ok(dtype) accepts:
+    (ok, "what is expected")), C-contiguous (and writeable if asked)."""
     if not isinstance(buf, np.ndarray):
         raise TypeError(f"{what} must be a numpy array, got {type(buf).__name__}")
-    if buf.dtype != param.dtype:
+    if dtype_ok is not None:
+        ok, expected = dtype_ok(buf.dtype)
+        if not ok:
+            raise TypeError(f"{what} has dtype {buf.dtype}, the parameter has {param.dtype} "
+                            f"({expected})")
+    elif buf.dtype != param.dtype:
         raise TypeError(f"{what} has dtype {buf.dtype}, the parameter has {param.dtype}")
     if buf.shape != param.shape:
         raise ValueError(f"{what} has shape {buf.shape}, the parameter has {param.shape}")
@@ -36,6 +44,26 @@ def check_like(buf, param, what, *, writeable):
         raise ValueError(f"{what} must be C-contiguous")
     if writeable and not buf.flags.writeable:
         raise ValueError(f"{what} is read-only")
+
+
+def grad_dtype_ok(param):
+    """A gradient's dtype: the parameter's, or bfloat16 for a float32 parameter."""
+    def ok(dtype):
+        if dtype == param.dtype or (param.dtype == storage.F32 and storage.is_bf16(dtype)):
+            return True, ""
+        also = " or bfloat16" if param.dtype == storage.F32 else ""
+        return False, f"its gradient must be {param.dtype}{also}"
+    return ok
+
+
+def state_dtype_ok(param):
+    """A state buffer's dtype: the compute type (float32, float64 for float64 parameters) or
+    bfloat16."""
+    def ok(dtype):
+        if storage.state_dtype_ok(dtype, param.dtype):
+            return True, ""
+        return False, f"its state must be {storage.compute_dtype(param.dtype)} or bfloat16"
+    return ok
 
 
 def check_grads(grads, params):
@@ -47,7 +75,7 @@ def check_grads(grads, params):
         if isinstance(g, _kernels.SparseGrad):
             check_sparse_grad(g, p, f"grads[{i}]")
         else:
-            check_like(g, p, f"grads[{i}]", writeable=False)
+            check_like(g, p, f"grads[{i}]", writeable=False, dtype_ok=grad_dtype_ok(p))
 
 
 INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))

@@ -20,6 +20,81 @@ from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThr
                                WAIT_LOCK)
 
 
+# ---- storage types (csrc/fastopt.h fo_dtype; fastopt/storage.py) ----
+cdef int _bf16_typenum = -1  # numpy's type number of ml_dtypes.bfloat16, once one is seen
+
+
+cdef int _fo_dtype(cnp.dtype d) except -2:
+    """A numpy dtype's fo_dtype (FO_FLOAT32, FO_FLOAT64, FO_BFLOAT16), -1 for any other."""
+    global _bf16_typenum
+    if not d.isnative:
+        return -1
+    if d.type_num == cnp.NPY_FLOAT32:
+        return FO_FLOAT32
+    if d.type_num == cnp.NPY_FLOAT64:
+        return FO_FLOAT64
+    if d.type_num == _bf16_typenum:
+        return FO_BFLOAT16
+    if d.itemsize == 2 and d.name == "bfloat16":
+        _bf16_typenum = d.type_num
+        return FO_BFLOAT16
+    return -1
+
+
+cdef class Storage:
+    """How one call's buffers are stored, and how bfloat16 writes round: the fo_batch fields
+    after the buffer tables (dtype[k] per buffer, master weights, rounding, seed, step, the
+    tensors' parameter indices)."""
+    cdef int dtype[8]
+    cdef void **master          # per tensor, or NULL
+    cdef int rounding
+    cdef uint64_t seed
+    cdef uint64_t *index        # per tensor
+    cdef Py_ssize_t count
+
+    def __cinit__(self, list dtypes, list indices, int rounding=0, seed=0, list masters=None):
+        cdef Py_ssize_t k, t
+        for k in range(8):
+            self.dtype[k] = dtypes[k] if k < len(dtypes) and dtypes[k] is not None else 0
+        self.count = len(indices)
+        self.rounding, self.seed = rounding, seed
+        self.index = <uint64_t *>calloc(max(self.count, 1), sizeof(uint64_t))
+        if self.index == NULL:
+            raise MemoryError()
+        for t in range(self.count):
+            self.index[t] = indices[t]
+        self.master = NULL
+        if masters is not None:
+            self.master = <void **>calloc(max(self.count, 1), sizeof(void *))
+            if self.master == NULL:
+                raise MemoryError()
+            for t in range(self.count):
+                self.master[t] = <void *><uintptr_t>masters[t]
+
+    def __dealloc__(self):
+        free(self.index)
+        free(self.master)
+
+    cdef inline int run(self, int rule, size_t count, void ***ptrs, int n_bufs, size_t *n,
+                        void *hp, uint64_t at_step, const fo_step_options *opt=NULL,
+                        const fo_rows *rows=NULL) noexcept nogil:
+        """fo_step_with over the pointer tables, stored as this says."""
+        cdef fo_batch b
+        cdef int k
+        b.count = count
+        b.n = n
+        b.rows = rows
+        for k in range(8):
+            b.buffers[k] = ptrs[k] if k < n_bufs else NULL
+            b.dtype[k] = self.dtype[k]
+        b.master = <float **>self.master
+        b.rounding = self.rounding
+        b.seed = self.seed
+        b.step = at_step
+        b.index = self.index
+        return fo_step_with(rule, &b, hp, opt, NULL)
+
+
 cdef class StepLock:
     """The lock that serializes an optimizer's steps and checkpoints (`with opt._lock:`): a
     plain mutex whose uncontended acquire and release cost a few tens of nanoseconds (a
@@ -130,7 +205,9 @@ cdef class Batch:
     unused.  hyper: the group's Hyper (shared by the group's batches).
     """
     cdef CRule rule
-    cdef bint f64
+    cdef Storage storage
+    cdef bint f64, bf16_grads
+    cdef int grad_typenum
     cdef Py_ssize_t count
     cdef int n_bufs
     cdef void **ptrs[8]
@@ -155,12 +232,25 @@ cdef class Batch:
     cdef public Py_ssize_t group_index
 
     def __cinit__(self, CRule rule, list params, list states, list indices, Hyper hyper,
-                  int64_t step):
+                  int64_t step, grad_dtype=None, dict options=None):
         self.rule, self.hyper = rule, hyper
         self.params, self.states, self.indices = params, states, indices
         self.count = len(params)
-        self.f64 = (<cnp.ndarray>params[0]).dtype.itemsize == 8
         self.slots = hyper.used_state()
+        # storage: every tensor of a batch stores each buffer alike (the caller groups them so)
+        grad_dtype = (<cnp.ndarray>params[0]).dtype if grad_dtype is None else grad_dtype
+        self.grad_typenum = (<cnp.dtype>grad_dtype).type_num
+        dtypes = [_fo_dtype((<cnp.ndarray>params[0]).dtype), _fo_dtype(grad_dtype)]
+        self.f64 = dtypes[0] == FO_FLOAT64
+        self.bf16_grads = dtypes[1] == FO_BFLOAT16
+        for slot, name in zip(self.slots, rule.state):
+            dtypes.append(_fo_dtype(getattr(states[0], name).dtype) if slot is not None else None)
+        options = options or {}
+        masters = None
+        if options.get("master_weights"):
+            masters = [<uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>s.master) for s in states]
+        self.storage = Storage(dtypes, indices, options.get("rounding", "stochastic") == "nearest",
+                               options.get("seed", 0), masters)
         self.n_bufs = 2 + len(rule.state)
         self.step = step
         self.step_offset = rule.step_offset
@@ -187,9 +277,9 @@ cdef class Batch:
             self.ptrs[0][t] = cnp.PyArray_DATA(a)
             self.sizes[t] = cnp.PyArray_SIZE(a)
             self.index[t] = indices[t]
-            bufs = [getattr(states[t], name) for name in rule.state]
+            bufs = [getattr(states[t], name) for name in rule.state + ("master",)]
             self.buffers.append(bufs)
-            for k, b in enumerate(bufs):
+            for k, b in enumerate(bufs[:len(rule.state)]):
                 if self.slots[k] is not None:
                     self.ptrs[k + 2][t] = cnp.PyArray_DATA(<cnp.ndarray>b)
 
@@ -237,6 +327,13 @@ cdef class Batch:
                         self.slots[k] is not None
                         and cnp.PyArray_DATA(<cnp.ndarray>b) != self.ptrs[k + 2][t]):
                     return False
+            b = s.master
+            if b is not bufs[len(bufs) - 1]:
+                return False
+            if b is not None and (not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b) or (
+                    self.storage.master != NULL
+                    and cnp.PyArray_DATA(<cnp.ndarray>b) != self.storage.master[t])):
+                return False
         return True
 
     cdef bint take_grads(self, grads, Plan plan):
@@ -266,7 +363,7 @@ cdef class Batch:
                 continue
             self.rows[t].indices = NULL
             self.rows[t].last_step = NULL
-            if not _grad_fits(g, a) or plan.hits_written(
+            if not _grad_fits(g, a, self.grad_typenum) or plan.hits_written(
                     <size_t>cnp.PyArray_DATA(<cnp.ndarray>g), <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>g)):
                 return False
             if self.exact and self.last_steps[t] != NULL:
@@ -309,6 +406,9 @@ cdef class Batch:
 
     cdef int reduce_into(self, StepOptions options) except -1:
         """The reduction pass over this batch's gradients (taken by take_grads)."""
+        if self.bf16_grads:
+            raise TypeError("clip_norm, skip_nonfinite and compute_norm do not take bfloat16 "
+                            "gradients yet")
         return options.add(self.f64, self.count, self.ptrs[1], self.sizes, self.index,
                            self.scratch)
 
@@ -329,8 +429,8 @@ cdef class Batch:
         if self.schedule is not None:
             (<double *>(<char *>hp + self.lr_offset))[0] = self.schedule.at(next_step)
         with nogil:
-            status = _run_with(self.rule.id, self.f64, self.count, self.ptrs, self.n_bufs,
-                               self.sizes, hp, opt, rows)
+            status = self.storage.run(self.rule.id, self.count, self.ptrs, self.n_bufs,
+                                      self.sizes, hp, <uint64_t>next_step, opt, rows)
         _raise_for(status, self.hyper)
         self.step = next_step
         for s in self.states:
@@ -338,12 +438,15 @@ cdef class Batch:
         return 0
 
 
-cdef inline bint _grad_fits(object obj, cnp.ndarray a):
-    """A plain ndarray of a's dtype (native order) and shape, C-contiguous."""
+cdef inline bint _grad_fits(object obj, cnp.ndarray a, int typenum=-1):
+    """A plain ndarray of a's dtype (or of type number typenum), native order, of a's shape,
+    C-contiguous."""
     if type(obj) is not cnp.ndarray:
         return False
     cdef cnp.ndarray g = <cnp.ndarray>obj
-    return (cnp.PyArray_TYPE(g) == cnp.PyArray_TYPE(a) and cnp.PyArray_ISNOTSWAPPED(g)
+    if typenum < 0:
+        typenum = cnp.PyArray_TYPE(a)
+    return (cnp.PyArray_TYPE(g) == typenum and cnp.PyArray_ISNOTSWAPPED(g)
             and cnp.PyArray_NDIM(g) == cnp.PyArray_NDIM(a)
             and memcmp(cnp.PyArray_DIMS(g), cnp.PyArray_DIMS(a),
                        cnp.PyArray_NDIM(a) * sizeof(cnp.npy_intp)) == 0
@@ -678,13 +781,17 @@ cdef class _Table:
     cdef Py_ssize_t count
     cdef int n_bufs
     cdef bint f64
+    cdef Storage storage               # None: every buffer float32 (float64 if f64)
+    cdef uint64_t storage_step         # keys stochastic rounding
     cdef list indices
     cdef public list states, counters  # the front end's, for advancing its step counters
     cdef public object step            # the step number the next run is
 
     def __cinit__(self, bint f64, list indices, list sizes, list addresses, list states=None,
-                  list counters=None, step=None, list rows=None):
+                  list counters=None, step=None, list rows=None, Storage storage=None,
+                  storage_step=0):
         self.f64, self.indices, self.count = f64, indices, len(indices)
+        self.storage, self.storage_step = storage, storage_step
         self.states, self.counters, self.step = states, counters, step
         cdef Py_ssize_t k, t
         self.n = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
@@ -722,6 +829,12 @@ cdef class _Table:
         cdef int status
         cdef fo_step_options opt
         opt.grad_multiplier, opt.ema, opt.ema_decay = grad_multiplier, NULL, 0.0
+        if self.storage is not None:
+            with nogil:
+                status = self.storage.run(rule.id, self.count, self.ptrs, self.n_bufs, self.n,
+                                          hyper.data(), self.storage_step,
+                                          &opt if grad_multiplier != 1.0 else NULL, self.rows)
+            return _raise_for(status, hyper)
         with nogil:
             status = _run_with(rule.id, self.f64, self.count, self.ptrs, self.n_bufs, self.n,
                                hyper.data(), &opt if grad_multiplier != 1.0 else NULL, self.rows)
@@ -875,12 +988,15 @@ cdef class ObjectPlan:
 
 
 def run_addresses(CRule rule, bint f64, list addresses, list sizes, dict fields,
-                  list rows=None, double grad_multiplier=1.0):
+                  list rows=None, double grad_multiplier=1.0, Storage storage=None,
+                  storage_step=0):
     """One C call over raw buffer addresses (fastopt.torch's validating path: its tensors are
     not numpy arrays): addresses[k] lists buffer k's address for every tensor (param, grad,
     then the rule's state buffers; None for an unused one), fields the hyperparameter struct's;
     every gradient multiplied by grad_multiplier first.  rows: None, or per tensor None (a
     dense gradient) or (indices address, int64 (else int32), nnz, row_len) for a gradient given
-    as rows (fastopt.h, "Sparse rows"), its values at the grad's address."""
-    _Table(f64, list(range(len(sizes))), sizes, addresses, rows=rows).run(
-        rule, Hyper(rule, fields), grad_multiplier)
+    as rows (fastopt.h, "Sparse rows"), its values at the grad's address.  storage (bfloat16
+    buffers, master weights) and storage_step (the step that keys stochastic rounding): how
+    the buffers are stored (None: all float32/float64)."""
+    _Table(f64, list(range(len(sizes))), sizes, addresses, rows=rows, storage=storage,
+           storage_step=storage_step).run(rule, Hyper(rule, fields), grad_multiplier)

@@ -6,7 +6,7 @@
 # cimporting extension needs fastopt.get_include() on its include path and nothing to link.
 # Each one is nogil and returns a status (FO_OK == 0).  The `fo_*` names are the C
 # declarations (calling those directly would need the C sources compiled into your extension).
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 
 cdef extern from "fastopt.h" nogil:
     int FO_API_VERSION
@@ -26,6 +26,10 @@ cdef extern from "fastopt.h" nogil:
     enum fo_dtype:
         FO_FLOAT32
         FO_FLOAT64
+        FO_BFLOAT16
+    enum fo_rounding:
+        FO_ROUND_STOCHASTIC
+        FO_ROUND_NEAREST
     enum fo_field_type:
         FO_FIELD_DOUBLE
         FO_FIELD_INT
@@ -67,6 +71,10 @@ cdef extern from "fastopt.h" nogil:
         void **buffers[8]
         int dtype[8]
         const fo_rows *rows
+        float **master
+        int rounding
+        uint64_t seed, step
+        const uint64_t *index
     ctypedef struct fo_field:
         const char *name
         int type
@@ -145,6 +153,7 @@ cdef extern from "fastopt.h" nogil:
     int fo_set_num_threads(int n)
     int fo_get_num_threads()
     const char *fo_isa()
+    const char *fo_bf16_path()
     void fo_stream_f32(float *p, const float *g, float *m, float *v, size_t n)
 
 
@@ -156,6 +165,11 @@ cdef inline int _typed_rows(int rule, int dtype, size_t count, void ***bufs, int
                             const size_t *n, const fo_rows *rows, const void *hp) noexcept nogil:
     cdef fo_batch b
     cdef int k
+    b.master = NULL
+    b.rounding = FO_ROUND_STOCHASTIC
+    b.seed = 0
+    b.step = 0
+    b.index = NULL
     b.count = count
     b.n = n
     b.rows = rows

@@ -12,7 +12,7 @@ import numbers
 
 cimport cython
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
 
 cnp.import_array()
@@ -298,6 +298,11 @@ BUILD_FLAGS = FO_BUILD_FLAGS.decode()
 def isa():
     """The instruction set of the kernels in use: 'baseline', 'avx2' or 'avx512'."""
     return fo_isa().decode()
+
+
+def bf16_path():
+    """How bfloat16 values are rounded to nearest: 'avx512bf16' (VCVTNEPS2BF16) or 'integer'."""
+    return fo_bf16_path().decode()
 
 
 cdef inline float *_fdata(float[::1] buf) noexcept nogil:

@@ -32,7 +32,8 @@ cdef class StepOptions:
     The reduction writes each parameter's sum of squares at its global index (per_param), and
     finish() adds them in parameter order: the same total whatever the batches and threads."""
     cdef double grad_scale, clip_norm
-    cdef bint clip, skip_nonfinite, reduce
+    cdef bint clip, skip_nonfinite
+    cdef readonly bint reduce  # a reduction pass is needed
     cdef Py_ssize_t n_params
     cdef double *per_param
     cdef bint nonfinite
@@ -71,6 +72,7 @@ cdef class StepOptions:
         cdef int k, status, nonfinite = 0
         cdef double total
         cdef size_t t
+        b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
         b.count, b.n, b.rows = count, n, NULL
         for k in range(8):
             b.buffers[k] = grads if k == 1 else NULL
@@ -185,6 +187,7 @@ def norms(list addresses, list sizes, double p, bint f64):
     cdef fo_batch b
     cdef int k, status, nonfinite = 0
     cdef double total
+    b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
     b.count, b.n, b.rows = m, table.n, NULL
     for k in range(8):
         b.buffers[k] = table.ptrs if k == 1 else NULL
@@ -209,6 +212,7 @@ def scale(list addresses, list sizes, double factor, bint f64):
         table.n[i] = sizes[i]
     cdef fo_batch b
     cdef int k, status
+    b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
     b.count, b.n, b.rows = m, table.n, NULL
     for k in range(8):
         b.buffers[k] = table.ptrs if k == 0 else NULL
@@ -228,6 +232,7 @@ cdef inline int _run_with(int rule, bint f64, size_t count, void ***ptrs, int n_
     for k in range(8):
         b.buffers[k] = ptrs[k] if k < n_bufs else NULL
         b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
+    b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
     return fo_step_with(rule, &b, hp, opt, NULL)
 
 

@@ -308,6 +308,98 @@ def run_case(rule, dtype, shapes, threads, budget_s, with_numpy=True):
                 ceiling_gbs=ceiling_bytes / times.pop("ceiling") / 1e9)
 
 
+# ---- storage: bfloat16 parameters, gradients, state (fastopt.storage) ----
+
+# label -> (param dtype, grad dtype, optimizer storage options); "bf16" is ml_dtypes.bfloat16
+STORAGE_CASES = {
+    "f32": ("float32", "float32", {}),
+    "f32, bf16 state": ("float32", "float32", dict(state_dtype="bfloat16")),
+    "f32, bf16 grad+state": ("float32", "bf16", dict(state_dtype="bfloat16")),
+    "bf16, f32 state": ("bf16", "bf16", {}),
+    "bf16 stochastic": ("bf16", "bf16", dict(state_dtype="bfloat16")),
+    "bf16 nearest": ("bf16", "bf16", dict(state_dtype="bfloat16", rounding="nearest")),
+    "bf16 + master": ("bf16", "bf16", dict(state_dtype="bfloat16", master_weights=True)),
+}
+
+
+def storage_bytes(streams, param, grad, state, master):
+    """Bytes one step moves per element: the parameter read and written (with master weights:
+    the float32 master read and written, the parameter only written), the gradient read, and
+    streams - 3 state streams."""
+    p = 2 * param if not master else param + 8
+    return p + grad + (streams - 3) * state
+
+
+def run_storage_case(rule, label, n, threads, budget_s):
+    """One rule at n elements in the storage `label`, timed with all-float32 fastopt (and, for
+    the all-bfloat16 cases, torch's fused step on the same bfloat16 tensors, where torch has
+    it) in the same interleaved rounds."""
+    from fastopt import storage
+    cls, kw, streams, torch_name = RULES[rule]
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(n).astype(np.float32)
+    base_g = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    as_dtype = lambda a, d: a.astype(storage.bfloat16() if d == "bf16" else d)  # noqa: E731
+    pd, gd, options = STORAGE_CASES[label]
+    params, grads = [as_dtype(base, pd)], [as_dtype(base_g, gd)]
+    opt = cls(params, **kw, **options)
+    ref_params, ref_grads = [base.copy()], [base_g]
+    ref = cls(ref_params, **kw)
+    size = lambda d: 2 if d == "bf16" else np.dtype(d).itemsize  # noqa: E731
+    state_size = 2 if options.get("state_dtype") == "bfloat16" else 4
+    per_element = storage_bytes(streams, size(pd), size(gd), state_size,
+                                options.get("master_weights", False))
+    ceiling, ceiling_bytes = stream_runner(per_element * n)
+    fns = {"fastopt": lambda: opt.step(grads), "f32": lambda: ref.step(ref_grads), "ceiling": ceiling}
+    if pd == gd == "bf16" and options.get("state_dtype") == "bfloat16" and not options.get("master_weights"):
+        try:
+            import torch
+            torch.set_num_threads(threads)
+            t = torch.from_numpy(base).to(torch.bfloat16).requires_grad_()
+            t.grad = torch.from_numpy(base_g).to(torch.bfloat16)
+            tf = getattr(torch.optim, torch_name)([t], **TORCH_KW[torch_name], fused=True)
+            tf.step()
+            fns["torch fused"] = tf.step
+        except (ImportError, RuntimeError, TypeError, ValueError):
+            pass
+    times = time_side_by_side(fns, budget_s)
+    return dict(rule=rule, storage=label, elements=n, threads=threads, bytes_per_element=per_element,
+                bytes=per_element * n, times=times, ceiling_gbs=ceiling_bytes / times.pop("ceiling") / 1e9)
+
+
+STORAGE_HEADER = (f"{'rule':<10}{'storage':<22}{'size':>8}{'thr':>4} {'us/step':>10} {'B/el':>5} "
+                  f"{'GB/s':>6} {'%ceil':>6} {'vs f32':>8} {'vs t.fused':>10}")
+
+
+def format_storage_row(r):
+    t = r["times"]
+    gbs = r["bytes"] / t["fastopt"] / 1e9
+    fused = f"{t['torch fused'] / t['fastopt']:9.2f}x" if "torch fused" in t else "         –"
+    return (f"{r['rule']:<10}{r['storage']:<22}{size_label(r['elements']):>8}{r['threads']:>4} "
+            f"{t['fastopt'] * 1e6:>10.0f} {r['bytes_per_element']:>5} {gbs:>6.1f} "
+            f"{100 * gbs / r['ceiling_gbs']:>5.0f}% {t['f32'] / t['fastopt']:>7.2f}x {fused}")
+
+
+def run_storage_table(rules, n, threads, budget_s, results):
+    """The storage combinations of bfloat16 (needs ml_dtypes): printed and appended."""
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        print("\nbfloat16 storage: skipped (pip install ml_dtypes)")
+        return
+    print(f"\nbfloat16 storage ({fastopt.config.bf16_path()} rounding to nearest), {threads} threads: "
+          "time of all-float32 fastopt (vs f32) and of torch's fused step on the same bfloat16 "
+          "tensors (vs t.fused) / this one's; B/el: bytes moved per element")
+    print(STORAGE_HEADER)
+    for rule in rules:
+        for label in STORAGE_CASES:
+            if label == "f32":
+                continue
+            r = run_storage_case(rule, label, n, threads, budget_s)
+            r["label"] = "storage"
+            print(format_storage_row(r), flush=True)
+            results.append(r)
+
 def run_pair(rule, other, n, threads, budget_s):
     """Two rules on the same n float32 elements, timed in the same interleaved rounds."""
     fns = {}
@@ -350,6 +442,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--no-loop", action="store_true", help="skip the training-loop cases (alone: "
                     "python -m fastopt.bench_loop)")
+    ap.add_argument("--storage-only", action="store_true", help="only the bfloat16 storage table")
     args = ap.parse_args(argv)
 
     fastopt.set_num_threads(args.threads)
@@ -361,6 +454,12 @@ def main(argv=None):
         rules = args.rules.split(",")
     results = []
     fastopt.show_config()
+    if args.storage_only:
+        run_storage_table(rules, 16_000_000, args.threads, budget * 2, results)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return 0
     if not args.no_loop:  # the step where users run it leads; the isolated ceilings follow
         from fastopt import bench_loop
         results.append(dict(loop=bench_loop.run(args.threads, args.quick)))
@@ -419,6 +518,7 @@ def main(argv=None):
         stop.set()
         hog.join()
         fastopt.set_num_threads(args.threads)
+    run_storage_table(rules, 16_000_000, args.threads, budget * 2, results)
     try:
         import torch  # noqa: F401
     except ImportError:

@@ -4,7 +4,10 @@ The file is an .npz archive of plain arrays, read without pickle:
     optimizer, version, n_groups             0-d arrays
     param_groups/<i>/<hyperparameter>        0-d arrays (1-d for tuples such as betas)
     param_groups/<i>/params                  the group's parameter indices
-    state/<index>/<buffer or counter>        the state of parameter <index>
+    state/<index>/<buffer or counter>        the state of parameter <index> (a bfloat16
+                                             buffer as uint16 bits, named <buffer>.bfloat16)
+    storage_<option>                         0-d: the storage options (fastopt.storage;
+                                             state_dtype None is "")
 
 Every function here holds the optimizer's lock while it reads or writes the optimizer, so a
 checkpoint taken while another thread steps is all of one step.
@@ -20,7 +23,7 @@ import zipfile
 
 import numpy as np
 
-from fastopt import _checks
+from fastopt import _checks, storage
 
 STATE_DICT_VERSION = 1
 
@@ -39,8 +42,9 @@ def state_dict(opt):
             start += n
         state = {i: {k: (v.copy() if isinstance(v, np.ndarray) else v)
                      for k, v in s.to_dict().items()} for i, s in opt.state.items()}
+        options = dict(getattr(opt, "storage_options", storage.DEFAULTS))
     return {"optimizer": type(opt).__name__, "version": STATE_DICT_VERSION,
-            "state": state, "param_groups": groups}
+            "state": state, "param_groups": groups, "storage": options}
 
 
 def load_state_dict(opt, d):
@@ -48,10 +52,28 @@ def load_state_dict(opt, d):
     validated first: on any error nothing changes."""
     with opt._lock:
         groups, states = _validated(opt, d)
+        options = _validated_storage(opt, d)
         for group, hp in zip(opt.param_groups, groups):
             group.update(hp)
         opt.state = states
+        if options is not None:
+            opt.storage_options = options
         opt._plan = None
+
+
+def _validated_storage(opt, d):
+    """The state_dict's storage options (seed, rounding, ...), checked against the params;
+    None when it has none (a checkpoint from before bfloat16 storage)."""
+    options = d.get("storage")
+    if options is None:
+        return None
+    if not isinstance(options, dict) or set(options) - set(storage.DEFAULTS):
+        raise ValueError(f"state_dict storage must be a dict of {sorted(storage.DEFAULTS)}, "
+                         f"got {options!r}")
+    options = storage.check_options(**options)
+    for i, p in enumerate(opt.params):
+        storage.check_param_dtype(p.dtype, options, f"params[{i}]")
+    return options
 
 
 def _validated(opt, d):
@@ -114,8 +136,9 @@ def _validated(opt, d):
             else:
                 if not isinstance(v, np.ndarray):
                     raise TypeError(f"{what}.{k} must be a numpy array, got {type(v).__name__}")
+                # (the dtype is state.check's below: state buffers and master differ)
                 _checks.check_like(np.ascontiguousarray(v), params[key], f"{what}.{k}",
-                                   writeable=False)
+                                   writeable=False, dtype_ok=lambda dtype: (True, ""))
                 copied[k] = np.array(v, order="C", copy=True)
         state = state_type(**copied)
         state.check(params[key], what)
@@ -172,7 +195,12 @@ def _flatten(d):
             yield f"param_groups/{i}/{k}", np.asarray(v, dtype=np.int64) if k == "params" else v
     for i, s in d["state"].items():
         for k, v in s.items():
-            yield f"state/{i}/{k}", v
+            if isinstance(v, np.ndarray) and storage.is_bf16(v.dtype):
+                yield f"state/{i}/{k}.bfloat16", v.view(np.uint16)
+            else:
+                yield f"state/{i}/{k}", v
+    for k, v in d.get("storage", {}).items():
+        yield f"storage_{k}", np.uint64(v) if k == "seed" else ("" if v is None else v)
 
 
 _INDEX = re.compile(r"0|[1-9][0-9]*")
@@ -197,6 +225,14 @@ def _unflatten(flat, path):
     if header["version"] != STATE_DICT_VERSION:
         raise ValueError(f"{path}: fastopt checkpoint version {header['version']}; this fastopt "
                          f"reads version {STATE_DICT_VERSION}")
+    options = {}
+    for name in storage.DEFAULTS:
+        if f"storage_{name}" in flat:
+            value = flat.pop(f"storage_{name}")
+            if value.shape != ():
+                raise unreadable(f"its storage_{name} entry is not a single value")
+            value = value.item()
+            options[name] = None if name == "state_dtype" and value == "" else value
     n_groups = header["n_groups"]
     if not 0 <= n_groups <= len(flat):  # each group has at least its params entry
         raise unreadable(f"n_groups is {n_groups}, with {len(flat)} other entries")
@@ -208,6 +244,10 @@ def _unflatten(flat, path):
             raise unreadable(f"unexpected entry {key!r}")
         index, field = int(parts[1]), parts[2]
         if parts[0] == "state":
+            if field.endswith(".bfloat16"):
+                if value.dtype != np.uint16:
+                    raise unreadable(f"{key!r} is not bfloat16 bits (uint16)")
+                field, value = field[:-len(".bfloat16")], value.view(storage.bfloat16())
             state.setdefault(index, {})[field] = value
         elif index >= n_groups:
             raise unreadable(f"entry {key!r}, but n_groups is {n_groups}")
@@ -220,8 +260,11 @@ def _unflatten(flat, path):
     for i, g in enumerate(groups):
         if "params" not in g:
             raise unreadable(f"param group {i} has no 'params' entry")
-    return {"optimizer": header["optimizer"], "version": header["version"],
-            "param_groups": groups, "state": state}
+    d = {"optimizer": header["optimizer"], "version": header["version"],
+         "param_groups": groups, "state": state}
+    if options:
+        d["storage"] = options
+    return d
 
 
 def _from_array(name, value):

@@ -5,6 +5,11 @@ import sys
 from fastopt import _kernels
 
 
+def _has_ml_dtypes():
+    import importlib.util
+    return importlib.util.find_spec("ml_dtypes") is not None
+
+
 def set_num_threads(n):
     """Threads a large step may use (1..256; default: FASTOPT_NUM_THREADS, else the CPUs this
     process may use).  Calls under 131072 elements always run on the calling thread.
@@ -24,6 +29,13 @@ def isa():
     return _kernels.isa()
 
 
+def bf16_path():
+    """How bfloat16 values are rounded to nearest: 'avx512bf16' (the VCVTNEPS2BF16 instruction,
+    where the CPU has it and FASTOPT_ISA allows it) or 'integer' (shifts and adds); the same
+    bits either way.  Stochastic rounding is integer arithmetic everywhere."""
+    return _kernels.bf16_path()
+
+
 def show_config(file=None):
     """Print the version, instruction set, threads and build flags."""
     import fastopt
@@ -33,6 +45,8 @@ def show_config(file=None):
         f"  threads:      {get_num_threads()} "
         f"(FASTOPT_NUM_THREADS={os.environ.get('FASTOPT_NUM_THREADS', '')!r}; "
         "calls under 131072 elements use one)",
+        f"  bfloat16:     rounding to nearest: {bf16_path()}; stochastic: integer, keyed "
+        "generator (ml_dtypes " + ("installed" if _has_ml_dtypes() else "not installed") + ")",
         f"  build flags:  {_kernels.BUILD_FLAGS}",
         "  numerics:     no FMA contraction (-ffp-contract=off): every ISA and thread count "
         "gives the same bits",

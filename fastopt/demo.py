@@ -76,10 +76,16 @@ RULES = [
     ("AdamW", fastopt.AdamW, dict(lr=0.05, weight_decay=1e-3), dict(lr=2e-3, weight_decay=1e-2)),
     ("AdaMax", fastopt.AdaMax, dict(lr=0.1), dict(lr=4e-3)),
     ("Nadam", fastopt.Nadam, dict(lr=0.05), dict(lr=2e-3)),
+    ("RAdam", fastopt.RAdam, dict(lr=0.01, betas=(0.9, 0.99)), dict(lr=5e-3)),
+    ("Rprop", fastopt.Rprop, dict(lr=0.01), dict(lr=1e-3)),
+    ("ASGD", fastopt.ASGD, dict(lr=0.01, t0=100), dict(lr=0.1, t0=100)),
+    ("Lion", fastopt.Lion, dict(lr=0.01), dict(lr=1e-3)),
+    ("LAMB", fastopt.LAMB, dict(lr=0.005), dict(lr=5e-3)),
+    ("LARS", fastopt.LARS, dict(lr=0.5, trust_coefficient=0.02), dict(lr=0.2, trust_coefficient=0.02)),
 ]
 RULE_NAMES = [r[0] for r in RULES]
 # the problems where a plain gradient step of 0.01 is too large or too small
-# (SGD, Momentum, NAG: lr times this; 5 on the quadratic puts lr x curvature at 1.25, where
+# (SGD, Momentum, NAG, ASGD: lr times this; 5 on the quadratic puts lr x curvature at 1.25, where
 # plain SGD zig-zags across the valley and NAG still damps what Momentum overshoots)
 PROBLEM_SCALE = {"saddle": 1.0, "beale": 0.5, "rosenbrock": 0.1, "quadratic": 5.0}
 
@@ -87,7 +93,7 @@ PROBLEM_SCALE = {"saddle": 1.0, "beale": 0.5, "rosenbrock": 0.1, "quadratic": 5.
 def descend(problem, cls, hp, steps):
     """The path of `cls` on `problem`: (steps + 1, 2) points and the loss at each."""
     hp = dict(hp)
-    if cls in (fastopt.SGD,):
+    if cls in (fastopt.SGD, fastopt.ASGD):  # plain gradient steps (ASGD: with its average)
         hp["lr"] = hp["lr"] * PROBLEM_SCALE[problem.name]
     p = problem.start.copy()
     opt = cls([p], **hp)
@@ -159,7 +165,8 @@ def train_mlp(cls, hp, data, steps, batch=64, hidden=32, seed=0):
 # ---- pictures --------------------------------------------------------------------------------
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-          "#7f7f7f", "#bcbd22", "#17becf"]
+          "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#aec7e8", "#ffbb78", "#98df8a",
+          "#ff9896", "#c5b0d5"]  # one per rule (zip stops at the shorter list)
 
 
 def contour(ax, problem):

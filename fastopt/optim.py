@@ -11,7 +11,7 @@ import inspect
 
 import numpy as np
 
-from fastopt import _checks, _kernels, checkpoint
+from fastopt import _checks, _kernels, checkpoint, storage
 from fastopt._kernels import ParamGroup
 from fastopt.rules import REQUIRED, RULES
 from fastopt.state import STATE_TYPES
@@ -33,12 +33,17 @@ class Optimizer:
     the weights is not caught up).  A param group may carry its own "sparse".
 
     Attributes: param_groups (list of dicts; change hyperparameters there between steps),
-    state (dict: global parameter index -> state object, created on a parameter's first step).
+    state (dict: global parameter index -> state object, created on a parameter's first step),
+    storage_options (state_dtype, rounding, seed, master_weights: see fastopt.storage).
     """
 
     rule = None
 
     def __init__(self, params, *, sparse="lazy", ema_decay=None, **defaults):
+        options = {k: defaults.pop(k) for k in storage.DEFAULTS if k in defaults}
+        self.storage_options = storage.check_options(**options)
+        if self.storage_options["state_dtype"] == "bfloat16":
+            storage.bfloat16()  # ImportError now, not halfway through a step, without ml_dtypes
         # how a step with a SparseGrad treats the rows it does not touch (README, "Sparse
         # rows"); a param group may override it with its own "sparse" key
         self.sparse = _checks.sparse_mode("sparse", sparse)
@@ -57,7 +62,18 @@ class Optimizer:
         if not params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
         for i, p in enumerate(params):
-            _checks.check_param(p, f"params[{i}]")
+            _checks.check_param(p, f"params[{i}]", bfloat16=True)
+            storage.check_param_dtype(p.dtype, self.storage_options, f"params[{i}]")
+            if not self.rule.rows and (storage.is_bf16(p.dtype) or self.storage_options
+                                       ["state_dtype"] == "bfloat16"):
+                raise ValueError(f"{type(self).__name__}'s per-tensor norms need float32/float64 "
+                                 f"storage; params[{i}] is {p.dtype} with state_dtype "
+                                 f"{self.storage_options['state_dtype']!r} (not bfloat16 yet)")
+            if ema_decay is not None and (storage.is_bf16(p.dtype) or
+                                          self.storage_options["state_dtype"] == "bfloat16"):
+                raise ValueError(f"ema_decay needs float32/float64 storage; params[{i}] is "
+                                 f"{p.dtype} with state_dtype "
+                                 f"{self.storage_options['state_dtype']!r} (not bfloat16 yet)")
         seen = {}
         for i, p in enumerate(params):
             if id(p) in seen:
@@ -153,11 +169,15 @@ class Optimizer:
         return self._group_hyperparameters(self.param_groups[k], f"param_groups[{k}]")[1]
 
     def new_state(self, param, hp):
-        """A parameter's fresh state (filled as the rule's registry entry says)."""
+        """A parameter's fresh state (filled as the rule's registry entry says; stored as
+        storage_options say, with a float32 copy of the parameter for master weights)."""
         state = self.state_type()
+        dtype = storage.state_dtype_for(param.dtype, self.storage_options)
         for name in self.rule.required_state():
             fill = hp[self.rule.fill[name]] if name in self.rule.fill else 0.0
-            setattr(state, name, np.full_like(param, fill, order="C"))
+            setattr(state, name, np.full_like(param, fill, dtype=dtype, order="C"))
+        if self.storage_options["master_weights"]:
+            state.master = param.astype(np.float32, order="C")
         return state
 
     def _checked_step(self, grads, options=None):
@@ -165,8 +185,10 @@ class Optimizer:
         checked = [self._group_hyperparameters(g, f"param_groups[{i}]")
                    for i, g in enumerate(self.param_groups)]
         params = self.params
+        stored_as = self.storage_options
         for i, p in enumerate(params):
-            _checks.check_param(p, f"params[{i}]")
+            _checks.check_param(p, f"params[{i}]", bfloat16=True)
+            storage.check_param_dtype(p.dtype, stored_as, f"params[{i}]")
         _checks.check_grads(grads, params)
         if _kernels.reduces(options) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
             raise ValueError("clip_norm, skip_nonfinite and compute_norm need dense gradients "
@@ -192,12 +214,23 @@ class Optimizer:
         read, read_names = [], []
         for i, g in enumerate(grads):
             if isinstance(g, _kernels.SparseGrad):
+                if storage.is_bf16(params[i].dtype) or stored_as["state_dtype"] == "bfloat16":
+                    raise TypeError(f"grads[{i}] is a SparseGrad: sparse rows need float32 or "
+                                    "float64 storage (not bfloat16 yet)")
                 read += [g.indices, g.values]
                 read_names += [f"grads[{i}].indices", f"grads[{i}].values"]
             else:
                 read.append(g)
                 read_names.append(f"grads[{i}]")
         _checks.check_no_overlap(written, names, read, read_names)
+        if not self.rule.rows and any(storage.is_bf16(g.dtype) for g in grads
+                                      if isinstance(g, np.ndarray)):
+            raise TypeError(f"{type(self).__name__}'s per-tensor norms need float32/float64 "
+                            "gradients (not bfloat16 yet)")
+        if options is not None and options.reduce and any(
+                storage.is_bf16(g.dtype) for g in grads if isinstance(g, np.ndarray)):
+            raise TypeError("clip_norm, skip_nonfinite and compute_norm do not take bfloat16 "
+                            "gradients yet")
         # everything is valid: from here on nothing can fail
         plain = [_plain(g) for g in grads]
         if options is not None and not options.reduce_arrays(plain):
@@ -214,17 +247,23 @@ class Optimizer:
                 state = self.state.get(i)
                 if state is None:
                     state = self.state[i] = self.new_state(p, hp)
-                state.add_missing(p, needed)
-                if exact and state.row_step is None and isinstance(plain[i], _kernels.SparseGrad):
+                state.add_missing(p, needed, storage.state_dtype_for(p.dtype, stored_as))
+                if stored_as["master_weights"] and state.master is None:
+                    state.master = p.astype(np.float32, order="C")
+                if exact and state.row_step is None and isinstance(grads[i], _kernels.SparseGrad):
                     # every row is up to date with the parameter's steps so far
                     state.row_step = np.full(p.shape[0], state.step, dtype=np.int64)
                 if self._ema_decay is not None and state.ema is None:
                     state.ema = np.array(p, order="C", copy=True)
-                by_key.setdefault((p.dtype, state.step), []).append(i)
+                stored = tuple(getattr(state, name).dtype for name in needed)
+                grad_dtype = grads[i].values.dtype if isinstance(grads[i], _kernels.SparseGrad) \
+                    else grads[i].dtype
+                by_key.setdefault((p.dtype, grad_dtype, stored, state.step), []).append(i)
                 i += 1
-            for (_, step), indices in by_key.items():
+            for (_, grad_dtype, _, step), indices in by_key.items():
                 batch = _kernels.Batch(self.rule.crule, [params[j] for j in indices],
-                                       [self.state[j] for j in indices], indices, hyper, step)
+                                       [self.state[j] for j in indices], indices, hyper, step,
+                                       grad_dtype, stored_as)
                 batch.group_index = group_index
                 if exact:
                     batch.set_exact()
@@ -313,6 +352,8 @@ def _optimizer_class(rule):
             name, kind, default=inspect.Parameter.empty if default is REQUIRED else default))
     positional.append(inspect.Parameter("sparse", inspect.Parameter.KEYWORD_ONLY, default="lazy"))
     positional.append(inspect.Parameter("ema_decay", inspect.Parameter.KEYWORD_ONLY, default=None))
+    positional += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+                   for name, default in storage.DEFAULTS.items()]
     signature = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
                                   + positional)
 

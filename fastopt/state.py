@@ -11,7 +11,7 @@ default hyperparameters use.
 """
 import numpy as np
 
-from fastopt import _checks
+from fastopt import _checks, storage
 from fastopt.rules import RULES
 
 
@@ -51,11 +51,12 @@ class OptimizerState:
             name, fill if fill is not None else cls.INITIAL.get(name, 0.0)), order="C")
             for name in cls.REQUIRED})
 
-    def add_missing(self, param, names):
-        """Create, zero-filled, those of the named buffers that this state lacks."""
+    def add_missing(self, param, names, dtype=None):
+        """Create, zero-filled (of `dtype`, default param's), those of the named buffers that
+        this state lacks."""
         for name in names:
             if getattr(self, name) is None:
-                setattr(self, name, np.zeros_like(param, order="C"))
+                setattr(self, name, np.zeros_like(param, dtype=dtype, order="C"))
 
     def buffers(self):
         """{name: array} of the buffers this state holds."""
@@ -68,7 +69,12 @@ class OptimizerState:
             if getattr(self, name) is None:
                 raise ValueError(f"{what}.{name} is missing")
         for name, buf in self.buffers().items():
-            _checks.check_like(buf, param, f"{what}.{name}", writeable=True)
+            if name == "master":
+                _checks.check_like(buf, param, f"{what}.master", writeable=True,
+                                   dtype_ok=_master_dtype_ok(param))
+            else:
+                _checks.check_like(buf, param, f"{what}.{name}", writeable=True,
+                                   dtype_ok=_checks.state_dtype_ok(param))
         for name in self.COUNTERS:
             _checks.step_count(f"{what}.{name}", getattr(self, name))
         if self.row_step is not None:
@@ -101,16 +107,25 @@ def check_row_step(r, param, step, what, writeable=True):
         raise ValueError(f"{what} values must be in [0, step = {step}]")
 
 
+def _master_dtype_ok(param):
+    def ok(dtype):
+        if not storage.is_bf16(param.dtype):
+            return False, "master weights are for bfloat16 parameters"
+        return dtype == storage.F32, "master weights are float32"
+    return ok
+
+
 def _state_class(rule):
     crule = rule.crule
     required = rule.required_state()
     doc = (f"State of {rule.name} (C rule {crule.name!r}): buffers {', '.join(crule.state)} "
            f"(always: {', '.join(required) or 'none'}; the others when an option needs them); "
+           "master: float32 master weights of a bfloat16 parameter (master_weights=True); "
            "step: updates taken; ema: the exponential moving average of the parameter, kept "
            "when the optimizer has ema_decay.")
     return type(rule.state, (OptimizerState,), {
         "__doc__": doc, "__module__": __name__, "KERNEL": crule.name,
-        "BUFFERS": crule.state + ("ema",), "REQUIRED": required,
+        "BUFFERS": crule.state + ("ema", "master"), "REQUIRED": required,
         "INITIAL": {name: rule.defaults[hp] for name, hp in rule.fill.items()}})
 
 

@@ -46,7 +46,8 @@ import torch
 from torch.optim.optimizer import (_get_scalar_dtype, _global_optimizer_post_hooks,
                                    _global_optimizer_pre_hooks)
 
-from fastopt import _kernels
+from fastopt import _kernels, storage
+from fastopt import rules as _rules
 
 try:
     from torch.distributed.tensor import DTensor
@@ -60,7 +61,15 @@ __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "
 TORCH = _kernels.TORCH
 # a parameter's dtype -> the real dtype the kernels see (complex: its real and imaginary parts)
 _KERNEL_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
-                  torch.complex64: torch.float32, torch.complex128: torch.float64}
+                  torch.complex64: torch.float32, torch.complex128: torch.float64,
+                  torch.bfloat16: torch.bfloat16}
+# the kernels' storage code of each real dtype (csrc/fastopt.h, fo_dtype)
+_FO_DTYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+# where the storage options and the step count that keys stochastic rounding live in
+# self.state (torch's state_dict keeps non-tensor keys as they are)
+_STORAGE_KEY = "fastopt_storage"
+# rules whose step needs a norm over each whole tensor: their pass reads compute-type storage
+_PER_TENSOR_KERNELS = frozenset(r.kernel for r in _rules.RULES if not r.rows)
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
 
 
@@ -89,7 +98,7 @@ def _check_param(p, where):
         raise ValueError(f"{where} is a {p.layout} tensor; fastopt.torch needs dense tensors")
     if p.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"{where} has dtype {p.dtype}; fastopt.torch needs float32, float64, "
-                        "complex64 or complex128")
+                        "bfloat16, complex64 or complex128")
     if not _local(p).is_contiguous():
         raise ValueError(f"{where} is not contiguous; fastopt.torch updates parameters in place "
                          "and would lose the update on a copy")
@@ -137,13 +146,29 @@ class _Fastopt:
     # update's C call (the multiplier 1 / grad_scale folded into the rule's scalars)
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, *args, **kwargs):
+    def __init__(self, params, *args, state_dtype=None, rounding="stochastic", seed=0,
+                 master_weights=False, **kwargs):
+        """torch's arguments, and fastopt's storage options (fastopt.storage): state_dtype
+        (None, "float32", "bfloat16", torch.float32 or torch.bfloat16), rounding
+        ("stochastic" or "nearest"), seed, master_weights."""
         for flag in _UNSUPPORTED_FLAGS:
             if kwargs.get(flag):
                 raise ValueError(f"{flag}=True is not supported by fastopt.torch (CPU kernels "
                                  "outside autograd); use torch.optim for it")
+        options = storage.check_options(state_dtype, rounding, seed, master_weights)
         self._lock = threading.RLock()  # before torch's __init__, which adds the param groups
+        self._storage_options = options  # read by add_param_group
         super().__init__(params, *args, **kwargs)
+        if options != storage.DEFAULTS or any(
+                p.dtype == torch.bfloat16 for g in self.param_groups for p in g["params"]):
+            self.state[_STORAGE_KEY] = dict(options, step=0)
+
+    @property
+    def storage_options(self):
+        entry = self.state.get(_STORAGE_KEY)
+        if entry is None:
+            return dict(self.__dict__.get("_storage_options", storage.DEFAULTS))
+        return {k: entry[k] for k in storage.DEFAULTS}
 
     def __setstate__(self, state):
         # unpickling and copy.deepcopy come here without __init__; load_state_dict comes here
@@ -164,7 +189,12 @@ class _Fastopt:
             try:
                 group = self.param_groups[index]
                 for i, p in enumerate(group["params"]):
-                    _check_param(p, f"{type(self).__name__}: parameter {i} of param group {index}")
+                    where = f"{type(self).__name__}: parameter {i} of param group {index}"
+                    _check_param(p, where)
+                    _check_storage(p, self.storage_options, where, self.kernel)
+                    if p.dtype == torch.bfloat16 and _STORAGE_KEY not in self.state \
+                            and "_storage_options" in self.__dict__ and self.param_groups[:index]:
+                        self.state[_STORAGE_KEY] = dict(self.storage_options, step=0)
                 self._hyperparameters(index, group)
             except BaseException:
                 del self.param_groups[index:]
@@ -184,9 +214,20 @@ class _Fastopt:
             before = self.state, self.param_groups  # torch replaces both objects, never edits them
             super().load_state_dict(state_dict)
             try:
+                entry = self.state.get(_STORAGE_KEY)
+                if entry is not None:
+                    if not isinstance(entry, dict) or set(entry) != set(storage.DEFAULTS) | {"step"}:
+                        raise ValueError(f"state_dict's {_STORAGE_KEY!r} entry must hold "
+                                         f"{sorted(storage.DEFAULTS)} and 'step'")
+                    options = storage.check_options(**{k: entry[k] for k in storage.DEFAULTS})
+                    step = int(entry["step"])
+                    self.state[_STORAGE_KEY] = dict(options, step=step)
+                    _keep_stored_dtypes(self, state_dict)
                 for index, group in enumerate(self.param_groups):
                     hp = self._hyperparameters(index, group)
                     for i, p in enumerate(group["params"]):
+                        _check_storage(p, self.storage_options, self._where(index, group, i),
+                                       self.kernel)
                         state = self.state.get(p)
                         if state:
                             self._state_pointers(index, i, group, p, _local(p), state,
@@ -231,12 +272,19 @@ class _Fastopt:
                 # everything is validated before anything changes
                 work = [self._prepare_group(index, group)
                         for index, group in enumerate(self.param_groups)]
+                entry = self.state.get(_STORAGE_KEY)
+                if entry is not None:
+                    entry["step"] += 1  # keys this step's stochastic rounding
+                self._indices = {id(p): k for k, p in enumerate(
+                    p for g in self.param_groups for p in g["params"])}
                 for hp, members in work:
                     if members:
                         self._step_group(hp, members, multiplier)
-                # a step with rows takes this validating path every time (no plan to build)
+                # a step with rows takes this validating path every time (no plan to build),
+                # and so does one with bfloat16 storage or master weights
                 rows = any(isinstance(m[2], _Rows) for _, members in work for m in members)
-                self._plan = None if rows else self._make_plan([hp for hp, _ in work])
+                self._plan = None if rows or entry is not None else \
+                    self._make_plan([hp for hp, _ in work])
                 return loss
             finally:
                 torch._C._set_grad_enabled(grad_mode)
@@ -354,11 +402,15 @@ class _Fastopt:
         will write in place (a strided buffer is replaced by a fresh contiguous copy)."""
         dtype, shape, sharded = p.dtype, p.shape, local_p is not p
         pointers = []
-        for name in slots:
+        master = self.storage_options["master_weights"]
+        for name in slots + (("master",) if master else ()):
             buffer = state.get(name) if name is not None else None
             if buffer is None:
                 continue  # created on this step
-            if not isinstance(buffer, torch.Tensor) or buffer.dtype != dtype \
+            expected = _state_dtypes(p)
+            if name == "master":
+                expected = (torch.float32,)
+            if not isinstance(buffer, torch.Tensor) or buffer.dtype not in expected \
                     or buffer.shape != shape or buffer.layout != torch.strided \
                     or not buffer.is_cpu or isinstance(buffer, DTensor) != sharded:
                 raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
@@ -402,12 +454,17 @@ class _Fastopt:
                                 f"not support sparse gradients ({g.layout})")
             if not sparse:
                 self.check_dense_grad()
-            if g.dtype != dtype or g.shape != p.shape or not g.is_cpu \
+            if (g.dtype != dtype and not (dtype == torch.float32 and g.dtype == torch.bfloat16
+                                          and self.kernel not in _PER_TENSOR_KERNELS)) \
+                    or g.shape != p.shape or not g.is_cpu \
                     or isinstance(g, DTensor) != sharded:
                 raise TypeError(f"{self._where(index, group, i)}: its gradient is "
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
             if sparse:
                 self.check_sparse_grad(hp)
+                if self.sparse_grads(hp) == "rows" and self.state.get(_STORAGE_KEY) is not None:
+                    raise TypeError(f"{self._where(index, group, i)}: sparse gradients need "
+                                    "float32/float64 storage (not bfloat16 or master weights yet)")
                 local_g = _Rows.of(g) if self.sparse_grads(hp) == "rows" else g.to_dense()
             else:
                 local_g = _local_like(g, local_p, TypeError,
@@ -423,7 +480,15 @@ class _Fastopt:
             # every buffer the kernel touches spans the same nbytes from its address: two
             # overlap exactly when their addresses are closer than that
             nbytes = local_p.nbytes
-            if nbytes:
+            if nbytes and state and self.state.get(_STORAGE_KEY) is not None:
+                # storage of several sizes: compare spans
+                spans = sorted(_spans_of(local_p, local_g, state, slots))
+                for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+                    if b0 < a1:
+                        raise ValueError(f"{self._where(index, group, i)}: its gradient or a "
+                                         "state buffer shares memory with the parameter or "
+                                         "another buffer")
+            elif nbytes:
                 pointers.sort()
                 for a, b in zip(pointers, pointers[1:]):
                     if b - a < nbytes:
@@ -500,21 +565,33 @@ class _Fastopt:
             if state is None:
                 state = self.state[p] if keep else {}
             if not state:
-                state.update(self.new_state(p, hp))
+                fresh = self.new_state(p, hp)
+                dtype = _new_state_dtype(p, self.storage_options)
+                for name in slots:  # a buffer new_state fills (Adagrad's sum), stored as asked
+                    if name is not None and name in fresh and fresh[name].dtype != dtype:
+                        fresh[name] = fresh[name].to(dtype)
+                state.update(fresh)
             states.append(state)
         steps = self.advance(states, hp)  # before the buffers appear: SGD reads their absence
+        options = self.storage_options
         for (p, _, _, _), state in zip(members, states):
+            dtype = _new_state_dtype(p, options)
             for name in slots:  # options switched on later, or a checkpoint's strided buffers
                 if name is not None:
                     if state.get(name) is None:
-                        state[name] = _zeros(p)
+                        state[name] = _zeros(p, dtype)
                     elif not _local(state[name]).is_contiguous():
                         state[name] = state[name].contiguous()
+            if options["master_weights"] and state.get("master") is None:
+                state["master"] = p.detach().to(torch.float32, copy=True)
         batches = {}
+        indices = getattr(self, "_indices", {})
         for (p, local_p, local_g, _), state, t in zip(members, states, steps):
-            key = (_KERNEL_DTYPES[p.dtype], t, self.batch_extra(state))
-            batches.setdefault(key, []).append((local_p, local_g, state))
-        for (dtype, t, _), batch in batches.items():
+            stored = tuple(state[n].dtype for n in slots if n is not None)
+            grad_dtype = (local_g.values if isinstance(local_g, _Rows) else local_g).dtype
+            key = (_KERNEL_DTYPES[p.dtype], grad_dtype, stored, t, self.batch_extra(state))
+            batches.setdefault(key, []).append((local_p, local_g, state, indices.get(id(p), 0)))
+        for (dtype, _, _, t, _), batch in batches.items():
             self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]),
                              multiplier)
 
@@ -522,18 +599,33 @@ class _Fastopt:
         """One C call over a batch of (param, grad, state) of one real dtype and step number,
         all validated, param and grad local (a DTensor's shard); complex tensors go in as their
         real and imaginary parts."""
-        buffers = [None if name is None else [_local(s[name]) for _, _, s in batch]
+        buffers = [None if name is None else [_local(s[name]) for _, _, s, _ in batch]
                    for name in slots]
-        addresses = [[p.data_ptr() for p, _, _ in batch],
-                     [(g.values if isinstance(g, _Rows) else g).data_ptr() for _, g, _ in batch]]
+        addresses = [[p.data_ptr() for p, *_ in batch],
+                     [(g.values if isinstance(g, _Rows) else g).data_ptr() for _, g, *_ in batch]]
         addresses += [None if b is None else [t.data_ptr() for t in b] for b in buffers]
-        sizes = [p.numel() * (2 if p.is_complex() else 1) for p, _, _ in batch]
-        rows = [g.address() if isinstance(g, _Rows) else None for _, g, _ in batch]
-        _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                               sizes, kernel_args, rows, multiplier)
+        sizes = [p.numel() * (2 if p.is_complex() else 1) for p, *_ in batch]
+        rows = [g.address() if isinstance(g, _Rows) else None for _, g, *_ in batch]
+        entry = self.state.get(_STORAGE_KEY)
+        if entry is None:
+            _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
+                                   sizes, kernel_args, rows, multiplier)
+        else:
+            p0, g0, s0, _ = batch[0]
+            g0 = g0.values if isinstance(g0, _Rows) else g0
+            dtypes = [_FO_DTYPE[_KERNEL_DTYPES[p0.dtype]], _FO_DTYPE[g0.dtype]]
+            dtypes += [None if name is None else _FO_DTYPE[s0[name].dtype] for name in slots]
+            masters = None
+            if entry["master_weights"]:
+                masters = [_local(s["master"]).data_ptr() for _, _, s, _ in batch]
+            indices = [index for *_, index in batch]
+            _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
+                                   sizes, kernel_args, rows, multiplier,
+                                   _kernels.Storage(dtypes, indices, entry["rounding"] == "nearest",
+                                                    entry["seed"], masters), entry["step"])
         # the kernels write memory directly: tell autograd about the parameters, as an in-place
         # op would (what a graph may have saved; the state buffers are the optimizer's own)
-        torch.autograd.graph.increment_version([p for p, _, _ in batch])
+        torch.autograd.graph.increment_version([p for p, *_ in batch])
 
 
 class _Rows:
@@ -629,8 +721,67 @@ def _copy_tensors(value):
     return value
 
 
-def _zeros(p):
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
+def _keep_stored_dtypes(opt, state_dict):
+    """torch's load_state_dict casts every floating state tensor to its parameter's dtype;
+    bfloat16 parameters keep float32 state and master weights, float32 ones bfloat16 state:
+    put back the checkpoint's dtypes (copies, on the parameter's device)."""
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in zip(ids, params):
+        saved, state = state_dict["state"].get(i), opt.state.get(p)
+        if not saved or not state:
+            continue
+        for name, value in saved.items():
+            if name != "step" and isinstance(value, torch.Tensor) and value.is_floating_point() \
+                    and value.dtype in (torch.float32, torch.bfloat16) \
+                    and isinstance(state.get(name), torch.Tensor) and state[name].dtype != value.dtype:
+                state[name] = value.to(device=p.device, copy=True)
+
+
+def _zeros(p, dtype=None):
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def _state_dtypes(p):
+    """The dtypes a state buffer of p may have: p's (float64 for float64, float32 for float32
+    and bfloat16 parameters) or bfloat16; complex parameters keep their own."""
+    if p.is_complex():
+        return (p.dtype,)
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+    return (compute, torch.bfloat16)
+
+
+def _new_state_dtype(p, options):
+    if p.is_complex():
+        return p.dtype
+    if options["state_dtype"] == "bfloat16":
+        return torch.bfloat16
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _check_storage(p, options, where, kernel=None):
+    """Refuse a parameter that the storage options do not fit."""
+    if kernel in _PER_TENSOR_KERNELS and (p.dtype == torch.bfloat16
+                                          or options["state_dtype"] == "bfloat16"):
+        raise ValueError(f"{where}: per-tensor norms need float32/float64 storage, not "
+                         "bfloat16 (yet)")
+    if options["master_weights"] and p.dtype != torch.bfloat16:
+        raise ValueError(f"{where}: master_weights=True is for bfloat16 parameters, not {p.dtype}")
+    if options["state_dtype"] == "float32" and p.dtype in (torch.float64, torch.complex128):
+        raise ValueError(f"{where}: state_dtype='float32' is for float32 and bfloat16 parameters, "
+                         f"not {p.dtype}")
+    if options["state_dtype"] == "bfloat16" and p.is_complex():
+        raise ValueError(f"{where}: state_dtype='bfloat16' is for real parameters, not {p.dtype}")
+
+
+def _spans_of(local_p, local_g, state, slots):
+    out = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in (local_p, local_g)]
+    for name in tuple(slots) + ("master",):
+        t = state.get(name) if name is not None else None
+        if isinstance(t, torch.Tensor) and t.nbytes:
+            t = _local(t)
+            out.append((t.data_ptr(), t.data_ptr() + t.nbytes))
+    return [s for s in out if s[1] > s[0]]
 
 
 def _step_tensor(hp):

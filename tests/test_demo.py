@@ -66,6 +66,10 @@ def test_the_rules_behave_as_the_textbook_says():
     assert step_sizes[150:].mean() < step_sizes[5:20].mean()
 
 
+def test_every_rule_has_its_own_color():
+    assert len(set(demo.COLORS)) >= len(demo.RULES)
+
+
 def test_mlp_loss_falls_for_every_rule():
     data = demo.digits_data()
     for name, cls, _, hp in demo.RULES:

@@ -55,9 +55,11 @@ def test_classes_and_functions_carry_signature_and_formula():
         sig = inspect.signature(cls)
         assert list(sig.parameters)[0] == "params"
         # the rule's hyperparameters, and the options every optimizer has: `sparse` (how a
-        # SparseGrad step treats untouched rows) and the training step's `ema_decay`
+        # SparseGrad step treats untouched rows), the training step's `ema_decay` and the
+        # storage options (fastopt.storage)
         assert set(sig.parameters) - {"params"} == \
-            set(rule.defaults) - set(rule.fixed) | {"sparse", "ema_decay"}
+            set(rule.defaults) - set(rule.fixed) | {"sparse", "ema_decay"} | \
+            set(fastopt.storage.DEFAULTS)
         assert rule.doc.strip().splitlines()[0] in cls.__doc__
         fn = getattr(fastopt.functional, rule.function)
         assert rule.doc.strip().splitlines()[0] in fn.__doc__

@@ -69,6 +69,8 @@ static fo_asgd_params asgd_hp(int64_t t) { return (fo_asgd_params){.lr = 0.01, .
 #undef T
 #undef SFX
 
+#include "test_bf16.inc"
+
 static void test_errors(void)
 {
     float p[8] = {1, 2, 3, 4, 5, 6, 7, 8}, g[8] = {1, 1, 1, 1, 1, 1, 1, 1}, m[8] = {0}, v[8] = {0};
@@ -409,6 +411,7 @@ int main(void)
     test_step_options();
     test_rows_exact();
     test_rows();
+    test_bf16();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }

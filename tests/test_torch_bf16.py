@@ -1,0 +1,128 @@
+"""fastopt.torch with bfloat16 storage: the step on stored values is the float32 step rounded
+as the reference says (tests/bf16_reference.py), torch's own bfloat16 Adam agrees to bfloat16
+precision, checkpoints resume bit for bit, and bad combinations are refused."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastopt.torch as ft  # noqa: E402
+from bf16_reference import random_bits, round_bf16  # noqa: E402
+
+BF16 = torch.bfloat16
+
+
+def bits(t):
+    return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16).ravel()
+
+
+def f32(t):
+    return t.detach().float().numpy().ravel()
+
+
+CLASSES = [(ft.Adam, dict(lr=1e-2, weight_decay=0.1)), (ft.SGD, dict(lr=0.1, momentum=0.9)),
+           (ft.Adagrad, dict(lr=0.1, initial_accumulator_value=0.1)),
+           (ft.RMSprop, dict(lr=1e-2, centered=True, momentum=0.5)), (ft.NAdam, dict(lr=1e-2))]
+
+
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("cls,hp", CLASSES, ids=[c.__name__ for c, _ in CLASSES])
+def test_step_is_the_float32_step_rounded(cls, hp, rounding, state_dtype, master):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=gen).to(BF16).requires_grad_() for n in (40, 7)]
+    opt = cls(params, **hp, state_dtype=state_dtype, rounding=rounding, seed=21,
+              master_weights=master)
+    for step in range(1, 4):
+        grads = [torch.randn(p.shape, generator=gen).to(BF16) for p in params]
+        before = []
+        for p in params:
+            s = opt.state.get(p, {})
+            before.append((s["master"].clone() if master and "master" in s else p.detach().float(),
+                           {k: v.clone() for k, v in s.items() if k != "master"}))
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        ref_params = [b[0].clone().requires_grad_() for b in before]
+        ref = cls(ref_params, **hp)
+        for rp, (_, st), g in zip(ref_params, before, grads):
+            if st:
+                ref.state[rp] = {k: (v.float() if k != "step" else v.clone()) for k, v in st.items()}
+            rp.grad = g.float()
+        ref.step()
+        for i, (p, rp) in enumerate(zip(params, ref_params)):
+            n = p.numel()
+            if master:
+                assert torch.equal(opt.state[p]["master"], rp.detach())
+                assert np.array_equal(bits(p), round_bf16(f32(rp), "nearest"))
+            else:
+                assert np.array_equal(bits(p), round_bf16(f32(rp), rounding,
+                                                          random_bits(21, i, step, 0, n)))
+            for k, name in enumerate(opt.slots(opt._hyperparameters(0, opt.param_groups[0]))):
+                got = opt.state[p].get(name) if name else None
+                if got is None:
+                    continue
+                want = ref.state[rp][name]
+                if got.dtype == BF16:
+                    assert np.array_equal(bits(got), round_bf16(
+                        f32(want), rounding, random_bits(21, i, step, 2 + k, n))), name
+                else:
+                    assert torch.equal(got, want), name
+
+
+def test_torch_fused_adam_agrees_to_bfloat16_precision():
+    """torch's fused Adam on bfloat16 tensors (state bfloat16, to nearest) and fastopt's with
+    the same storage: a few bfloat16 ulps apart after a few steps."""
+    gen = torch.Generator().manual_seed(1)
+    init = torch.randn(500, generator=gen).to(BF16)
+    a, b = init.clone().requires_grad_(), init.clone().requires_grad_()
+    ours = ft.Adam([a], lr=1e-2, state_dtype=BF16, rounding="nearest")
+    theirs = torch.optim.Adam([b], lr=1e-2, fused=True)
+    for _ in range(5):
+        g = torch.randn(500, generator=gen).to(BF16)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    assert theirs.state[b]["exp_avg"].dtype == BF16
+    ulp = 2.0 ** (torch.floor(torch.log2(b.detach().float().abs().clamp_min(1e-6))) - 7)
+    assert torch.all((a.detach().float() - b.detach().float()).abs() <= 3 * ulp)
+
+
+def test_resume_from_state_dict_repeats_bit_for_bit():
+    gen = torch.Generator().manual_seed(2)
+    init = torch.randn(300, generator=gen).to(BF16)
+    grads = [torch.randn(300, generator=gen).to(BF16) for _ in range(6)]
+    a = init.clone().requires_grad_()
+    opt = ft.AdamW([a], lr=1e-2, state_dtype="bfloat16", seed=77)
+    for g in grads:
+        a.grad = g
+        opt.step()
+    b = init.clone().requires_grad_()
+    first = ft.AdamW([b], lr=1e-2, state_dtype="bfloat16", seed=77)
+    for g in grads[:3]:
+        b.grad = g
+        first.step()
+    saved = first.state_dict()
+    second = ft.AdamW([b], lr=1e-2)
+    second.load_state_dict(saved)
+    assert second.storage_options["seed"] == 77
+    assert second.state[b]["exp_avg"].dtype == BF16
+    for g in grads[3:]:
+        b.grad = g
+        second.step()
+    assert torch.equal(a, b)
+
+
+def test_refused_combinations():
+    p32 = torch.zeros(4, requires_grad=True)
+    with pytest.raises(ValueError, match="master_weights=True is for bfloat16"):
+        ft.Adam([p32], master_weights=True)
+    with pytest.raises(ValueError, match="unknown state_dtype"):
+        ft.Adam([p32], state_dtype=torch.float16)
+    p64 = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = ft.Adam([p64], lr=0.1)
+    p64.grad_dtype = None
+    p64.grad = torch.ones(4, dtype=BF16)
+    with pytest.raises(TypeError, match="gradient"):
+        opt.step()
+    assert torch.equal(p64, torch.zeros(4, dtype=torch.float64)) and not opt.state.get(p64)
