@@ -236,31 +236,122 @@ cdef inline int _run_with(int rule, bint f64, size_t count, void ***ptrs, int n_
     return fo_step_with(rule, &b, hp, opt, NULL)
 
 
-def gather_grads(params, tensor_type, f32, f64):
-    """The gradients of `params` (fastopt.torch.clip_grad_norm_): (addresses, sizes) of the
-    float32 ones, of the float64 ones, and the gradients themselves, in order; or None if one
-    is not a plain dense contiguous float32/float64 CPU tensor (torch's own function is then
-    the one that handles them).  A Cython loop: a few attribute reads per tensor."""
-    cdef list a32 = [], n32 = [], a64 = [], n64 = [], grads = []
+cdef class GradTables:
+    """The gradients of a list of torch parameters, for fastopt.torch.clip_grad_norm_: C
+    tables of the float32 and of the float64 ones (data pointer, element count; in order),
+    filled in one pass and used by both the norm and the scaling pass, and the gradients
+    themselves (`grads`)."""
+    cdef void **ptrs[2]
+    cdef size_t *n[2]
+    cdef size_t count[2]
+    cdef double *per_tensor
+    cdef readonly list grads
+
+    def __dealloc__(self):
+        cdef int k
+        for k in range(2):
+            free(self.ptrs[k])
+            free(self.n[k])
+        free(self.per_tensor)
+
+    @property
+    def has_float64(self):
+        return self.count[1] > 0
+
+    cdef int _fo_batch(self, int k, fo_batch *b) noexcept:
+        cdef int i
+        b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
+        b.count, b.n, b.rows = self.count[k], self.n[k], NULL
+        for i in range(8):
+            b.buffers[i] = self.ptrs[k] if i == 0 else NULL
+            b.dtype[i] = FO_FLOAT64 if k else FO_FLOAT32
+        return 0
+
+    def norm(self, double p):
+        """(value, nonzero_tensors): fo_norm over every gradient -- the sum of |g|^p (p = 2:
+        squares, 1: |g|; inf: the max of |g|, NaN if any is NaN) over float32 then float64,
+        and, for p = 0 only, the count of gradients with a nonzero element (else 0)."""
+        cdef fo_batch b
+        cdef int k, status, nonfinite
+        cdef double value = -INFINITY if isinf(p) else 0.0, part
+        cdef size_t t, nonzero = 0
+        cdef bint is_max = isinf(p)
+        for k in range(2):
+            if self.count[k] == 0:
+                continue
+            self._fo_batch(k, &b)
+            with nogil:
+                status = fo_norm(&b, 0, p, self.per_tensor if p == 0.0 else NULL, &part,
+                                 &nonfinite, NULL)
+            if status == FO_ERR_HYPERPARAM:
+                raise ValueError(f"norm type must be >= 0, got {p}")
+            _check(status)
+            if is_max:
+                value = part if part != part or part > value else value
+            else:
+                value += part
+            if p == 0.0:
+                for t in range(self.count[k]):
+                    nonzero += self.per_tensor[t] != 0.0
+        return value, nonzero
+
+    def scale(self, double factor):
+        """Every gradient *= factor (rounded to its dtype), through the threads: fo_scale."""
+        cdef fo_batch b
+        cdef int k, status
+        for k in range(2):
+            if self.count[k] == 0:
+                continue
+            self._fo_batch(k, &b)
+            with nogil:
+                status = fo_scale(&b, 0, factor)
+            _check(status)
+
+
+def gather_grads(list params, tensor_type, f32, f64):
+    """The gradients of `params` as GradTables; or None if one is not a plain dense contiguous
+    float32/float64 CPU tensor (torch's own function is then the one that handles them).  One
+    Cython loop: a few attribute reads per tensor, straight into the C tables."""
+    cdef Py_ssize_t cap = max(len(params), 1)
+    cdef GradTables tables = GradTables.__new__(GradTables)
+    cdef int k
+    cdef size_t at
+    cdef list grads = []
+    for k in range(2):
+        tables.ptrs[k] = <void **>calloc(cap, sizeof(void *))
+        tables.n[k] = <size_t *>calloc(cap, sizeof(size_t))
+        tables.count[k] = 0
+    tables.per_tensor = <double *>calloc(cap, sizeof(double))
+    if tables.per_tensor == NULL or any_null(tables.ptrs, tables.n):
+        raise MemoryError()
     for p in params:
         g = p.grad
         if g is None:
             continue
-        if type(g) is not tensor_type or not g.is_cpu:
+        if type(g) is not tensor_type:
             return None
         dtype = g.dtype
-        if dtype is not f32 and dtype is not f64:
+        if dtype is f32:
+            k = 0
+        elif dtype is f64:
+            k = 1
+        else:
+            return None
+        if not g.is_cpu:
             return None
         try:  # a sparse COO tensor says False, a compressed one raises
             if not g.is_contiguous():
                 return None
         except RuntimeError:
             return None
-        if dtype is f32:
-            a32.append(g.data_ptr())
-            n32.append(g.numel())
-        else:
-            a64.append(g.data_ptr())
-            n64.append(g.numel())
+        at = tables.count[k]
+        tables.ptrs[k][at] = <void *><uintptr_t>g.data_ptr()
+        tables.n[k][at] = g.numel()
+        tables.count[k] = at + 1
         grads.append(g)
-    return (a32, n32), (a64, n64), grads
+    tables.grads = grads
+    return tables
+
+
+cdef inline bint any_null(void ***ptrs, size_t **n) noexcept:
+    return ptrs[0] == NULL or ptrs[1] == NULL or n[0] == NULL or n[1] == NULL

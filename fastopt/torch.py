@@ -1249,32 +1249,23 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     else:
         parameters = list(parameters)
     p = float(norm_type)
-    gathered = (_kernels.gather_grads(parameters, torch.Tensor, torch.float32, torch.float64)
-                if p >= 0.0 else None)
-    if gathered is None:
+    tables = (_kernels.gather_grads(parameters, torch.Tensor, torch.float32, torch.float64)
+              if p >= 0.0 else None)
+    if tables is None:
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type,
                                               error_if_nonfinite, foreach)
     max_norm = float(max_norm)
-    tables, grads = gathered[:2], gathered[2]
+    grads = tables.grads
     if not grads:
         return torch.tensor(0.0)
-    total, nonzero_tensors = (-math.inf if math.isinf(p) else 0.0), 0
-    for f64, (addresses, sizes) in enumerate(tables):
-        if not addresses:
-            continue
-        per_tensor, sum_, _ = _kernels.norms(addresses, sizes, p, bool(f64))
-        if math.isinf(p):
-            total = sum_ if math.isnan(sum_) or sum_ > total else total
-        else:
-            total += sum_
-        nonzero_tensors += sum(1 for x in per_tensor if x != 0.0)
+    total, nonzero_tensors = tables.norm(p)
     if p == 0.0:  # torch: the 0-"norm" of the per-tensor counts
         total = float(nonzero_tensors)
     elif p == 2.0:
         total = math.sqrt(total)
     elif not math.isinf(p) and p != 1.0:
         total = total ** (1.0 / p)
-    total_norm = torch.tensor(total, dtype=torch.float64 if tables[1][0] else torch.float32)
+    total_norm = torch.tensor(total, dtype=torch.float64 if tables.has_float64 else torch.float32)
     if error_if_nonfinite and not math.isfinite(total_norm.item()):
         raise RuntimeError(
             f"The total norm of order {p} for gradients from `parameters` is non-finite, so it "
@@ -1282,9 +1273,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
             "norm anyway, set `error_if_nonfinite=False`")
     factor = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0).item()
     if factor != 1.0:  # (multiplying by 1 changes no bit)
-        for f64, (addresses, sizes) in enumerate(tables):
-            if addresses:
-                _kernels.scale(addresses, sizes, factor, bool(f64))
+        tables.scale(factor)
         torch.autograd.graph.increment_version(grads)
     return total_norm
 
