@@ -197,6 +197,11 @@ typedef struct {
  * duplicates are interleaved with other rows.  Then every touched row takes one step of the
  * rule with its summed gradient, exactly as a dense step over that row would (same loop, same
  * per-step scalars); untouched rows and their state are not read or written ("lazy").
+ * Any storage (bfloat16 buffers, master weights) works with rows: each buffer's row is
+ * row_len elements of its own type, stochastic rounding is keyed by the element's index in
+ * the tensor (row x row_len + e), so a row is written bit for bit as a dense step writes it;
+ * bfloat16 gradient rows met several times are summed in float32 and rounded once to nearest.
+ * last_step (sparse="exact") with bfloat16 storage or master weights: FO_ERR_DTYPE.
  * Validation: 0 <= indices[j] < n[t] / row_len, row_len > 0 dividing n[t] (FO_ERR_INDEX),
  * the gradient rows and the indices overlapping no written buffer (FO_ERR_OVERLAP).
  */

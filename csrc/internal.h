@@ -41,6 +41,9 @@ typedef struct {
     uint64_t key;                /* fo_absorb(seed, step) */
     const uint64_t *index;       /* per tensor: its parameter index, NULL for 0, 1, ... */
     float *const *master;        /* per tensor, or NULL */
+    const uint64_t *first;       /* per tensor: the index of its element 0 in its parameter,
+                                    which keys stochastic rounding (a touched row's: row x
+                                    row_len, rows.c); NULL for 0 */
     fo_bf16_round_fn to_nearest; /* float32 -> bfloat16, to nearest even (chosen per CPU) */
 } fo_call;
 
@@ -164,10 +167,13 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
 
 /* Sparse rows (rows.c): check tensor t's rows (its n elements, its gradient rows at `values`,
  * the written buffers), then run `span` over the batch of touched rows and dense tensors. */
-int fo_check_rows(const fo_rows *rows, size_t n, size_t elem_size, const void *values,
-                  void *const *written, int n_written);
+int fo_check_rows(const fo_rows *rows, size_t n, size_t value_size, const void *values,
+                  void *const *written, const size_t *written_size, int n_written);
+/* dtypes: each buffer's storage type (fo_dtype; buffer 0 the parameter's); a staged call's
+ * (bfloat16 buffers, master weights) spans get their tensor's parameter index, master row and
+ * element offset per touched row, so a row rounds as the dense step would round it. */
 int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
-                const size_t *n, const fo_rows *rows, int dtype, const fo_call *call,
+                const size_t *n, const fo_rows *rows, const int *dtypes, const fo_call *call,
                 const fo_catchup *catchup);
 
 #endif

@@ -408,11 +408,11 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
         const int has_rows = batch->rows && batch->rows[t].indices;
         /* sparse="exact" with a dense gradient: the tensor's rows one by one (rows.c) */
         const int dense_rows = batch->rows && !has_rows && batch->rows[t].last_step;
-        if ((has_rows || dense_rows) && call.staged)
-            return FO_ERR_DTYPE; /* sparse rows: compute-type storage */
+        if (batch->rows && batch->rows[t].last_step && call.staged)
+            return FO_ERR_DTYPE; /* sparse="exact" catches rows up in compute-type storage */
         int tensor_status =
-            has_rows ? fo_check_rows(&batch->rows[t], batch->n[t], dtype_size(param_dtype),
-                                     bufs[1][t], written, n_written)
+            has_rows ? fo_check_rows(&batch->rows[t], batch->n[t], dtype_size(call.dtype[1]),
+                                     bufs[1][t], written, size, n_written)
                      : check_tensor(batch->n[t], bufs[1][t], dtype_size(batch->dtype[1]), written,
                                     size, n_written);
         if (tensor_status == FO_OK && dense_rows && batch->n[t] &&
@@ -448,7 +448,7 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
                                     &call, span, span_call, err);
     }
     if (any_rows) /* the touched rows as the batch's tensors (rows.c) */
-        return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, param_dtype, span_call,
+        return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, call.dtype, span_call,
                            exact ? &catchup : NULL);
     fo_run(span, count, bufs, n_bufs, batch->n, span_call);
     return FO_OK;

@@ -34,29 +34,31 @@ static int disjoint(uintptr_t a, size_t na, uintptr_t b, size_t nb)
     return na == 0 || nb == 0 || a + na <= b || b + nb <= a;
 }
 
-int fo_check_rows(const fo_rows *r, size_t n, size_t elem_size, const void *values,
-                  void *const *written, int n_written)
+int fo_check_rows(const fo_rows *r, size_t n, size_t value_size, const void *values,
+                  void *const *written, const size_t *written_size, int n_written)
 {
     const int isize = row_index_size(r->index_type);
     if (!isize) return FO_ERR_DTYPE;
     if (r->nnz == 0) return FO_OK;
     if (r->row_len == 0 || n % r->row_len != 0) return FO_ERR_INDEX;
     if (!values) return FO_ERR_NULL;
-    if (r->nnz > SIZE_MAX / r->row_len / elem_size) return FO_ERR_INDEX;
+    if (r->nnz > SIZE_MAX / r->row_len / value_size) return FO_ERR_INDEX;
     const int64_t n_rows = (int64_t)(n / r->row_len);
     for (size_t j = 0; j < r->nnz; j++) {
         const int64_t i = row_index(r, j);
         if (i < 0 || i >= n_rows) return FO_ERR_INDEX;
     }
-    const size_t bytes = n * elem_size, value_bytes = r->nnz * r->row_len * elem_size;
+    const size_t value_bytes = r->nnz * r->row_len * value_size;
     for (int w = 0; w < n_written; w++) {
         if (!written[w]) return FO_ERR_NULL;
         const uintptr_t a = (uintptr_t)written[w];
+        const size_t bytes = n * written_size[w];
         if (!disjoint(a, bytes, (uintptr_t)values, value_bytes) ||
             !disjoint(a, bytes, (uintptr_t)r->indices, r->nnz * (size_t)isize))
             return FO_ERR_OVERLAP;
         for (int v = w + 1; v < n_written; v++)
-            if (!disjoint(a, bytes, (uintptr_t)written[v], bytes)) return FO_ERR_OVERLAP;
+            if (!disjoint(a, bytes, (uintptr_t)written[v], n * written_size[v]))
+                return FO_ERR_OVERLAP;
     }
     return FO_OK;
 }
@@ -116,6 +118,43 @@ static void sort_rows(size_t nnz, uint64_t n_rows, uint64_t *rows, size_t *pos, 
     }
 FO_SUM_ROWS(float, sum_rows_f32)
 FO_SUM_ROWS(double, sum_rows_f64)
+
+/* bfloat16 gradient rows: summed in float32 in the same order, the sum rounded once to
+ * nearest even (as loops.inc rounds: subnormals flushed, NaN kept quiet) into a bfloat16 row,
+ * so a row's gradient is bfloat16 like every other row's. */
+static uint16_t bf16_to_nearest(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static float bf16_widen(uint16_t h)
+{
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static void sum_rows_bf16(void *out_, const size_t *p, const size_t *end, const void *values_,
+                          size_t row_len, size_t at, size_t n)
+{
+    enum { CHUNK = 256 };
+    uint16_t *out = (uint16_t *)out_ + at;
+    const uint16_t *values = (const uint16_t *)values_ + at;
+    for (size_t done = 0; done < n; done += CHUNK) {
+        const size_t len = n - done < CHUNK ? n - done : CHUNK;
+        float acc[CHUNK];
+        const uint16_t *first = values + *p * row_len + done;
+        for (size_t i = 0; i < len; i++) acc[i] = bf16_widen(first[i]);
+        for (const size_t *q = p + 1; q < end; q++) {
+            const uint16_t *in = values + *q * row_len + done;
+            for (size_t i = 0; i < len; i++) acc[i] += bf16_widen(in[i]);
+        }
+        for (size_t i = 0; i < len; i++) out[done + i] = bf16_to_nearest(acc[i]);
+    }
+}
 typedef void (*sum_rows_fn)(void *out, const size_t *p, const size_t *end, const void *values,
                             size_t row_len, size_t at, size_t n);
 
@@ -215,7 +254,8 @@ typedef struct {
     void **const *tables; /* the row batch's buffer tables (NULL: unused buffer) */
     const size_t *sizes;
     int n_bufs;
-    size_t entries, elem;
+    size_t entries;
+    const size_t *elem; /* per buffer: its element size */
     /* rows met several times: their gradient (b[1], a scratch row) is summed here, piece by
      * piece, just before the rule reads it: sum_of[e] = d + 1 (0: a row met once), the d-th
      * sum's positions sum_tables[1][d] .. [2][d] in the gradient rows sum_tables[3][d] */
@@ -239,10 +279,11 @@ static void row_ahead_span(const fo_call *c, void *const *b, size_t t, size_t at
                r->sum_tables[3][d], r->sizes[e], at, n);
     }
     if (at == 0 && e + FO_ROW_AHEAD < r->entries) {
-        const size_t next = e + FO_ROW_AHEAD, bytes = r->sizes[next] * r->elem;
-        const size_t upto = bytes < FO_ROW_PREFETCH_BYTES ? bytes : FO_ROW_PREFETCH_BYTES;
+        const size_t next = e + FO_ROW_AHEAD;
         for (int k = 0; k < r->n_bufs; k++) {
             if (!r->tables[k]) continue;
+            const size_t bytes = r->sizes[next] * r->elem[k];
+            const size_t upto = bytes < FO_ROW_PREFETCH_BYTES ? bytes : FO_ROW_PREFETCH_BYTES;
             const char *row = r->tables[k][next];
             for (size_t off = 0; off < upto; off += 64) {
                 if (k == 1)
@@ -266,10 +307,19 @@ static int strictly_increasing(const fo_rows *r)
 }
 
 int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
-                const size_t *n, const fo_rows *rows, int dtype, const fo_call *call,
+                const size_t *n, const fo_rows *rows, const int *dtypes, const fo_call *call,
                 const fo_catchup *catchup)
 {
-    const size_t elem = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
+    /* each buffer's element size: a row of buffer k is row_len elements of its own type */
+    size_t elem[FO_MAX_BUFFERS];
+    for (int k = 0; k < n_bufs; k++)
+        elem[k] = dtypes[k] == FO_FLOAT64    ? sizeof(double)
+                  : dtypes[k] == FO_BFLOAT16 ? sizeof(uint16_t)
+                                             : sizeof(float);
+    const int compute64 = dtypes[0] == FO_FLOAT64;
+    /* a staged call (loops.inc) keys stochastic rounding by parameter index and element index
+     * within the parameter, and reads master weights per tensor: per entry here */
+    const int staged = call->staged;
     /* sizes: entries of the row batch, sort scratch, rows summed */
     size_t entries = 0, sort_len = 0, most_nnz = 0;
     for (size_t t = 0; t < count; t++) {
@@ -292,8 +342,9 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
                          + 4 * entries * sizeof(void *) + entries * sizeof(size_t) /* sum batch */
                          + sort_len * sizeof(size_t)                      /* sorted positions */
                          + most_nnz * (2 * sizeof(uint64_t) + sizeof(size_t)) /* sort scratch */
-                         + scratch_elems * elem + 64
-                         + (catchup ? entries * (sizeof(void *) + sizeof(row_catchup)) : 0);
+                         + scratch_elems * elem[1] + 64
+                         + (catchup ? entries * (sizeof(void *) + sizeof(row_catchup)) : 0)
+                         + (staged ? entries * (2 * sizeof(uint64_t) + sizeof(float *)) : 0);
     char *mem = malloc(bytes);
     if (!mem) return FO_ERR_MEMORY;
     char *at = mem;
@@ -311,6 +362,9 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
     FO_TAKE(size_t, sort_pos_b, most_nnz);
     FO_TAKE(const row_catchup *, catchup_of, catchup ? entries : 0);
     FO_TAKE(row_catchup, catchups, catchup ? entries : 0);
+    FO_TAKE(uint64_t, index_of, staged ? entries : 0); /* staged: the entry's parameter index, */
+    FO_TAKE(uint64_t, first_of, staged ? entries : 0); /* its element 0's index in it, */
+    FO_TAKE(float *, master_of, staged && call->master ? entries : 0); /* its master row */
     at = (char *)(((uintptr_t)at + 63) & ~(uintptr_t)63);
     char *scratch = at;
 #undef FO_TAKE
@@ -337,13 +391,22 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
         }                                                                                      \
         r->last_step[row] = r->step;                                                           \
     } while (0)
+/* staged: entry e is row `row` of tensor t (row 0 of a dense tensor: the whole of it) */
+#define FO_ROW_STAGED(row)                                                                     \
+    do {                                                                                       \
+        if (!staged) break;                                                                    \
+        index_of[e] = call->index ? call->index[t] : (uint64_t)t;                              \
+        first_of[e] = (uint64_t)(row) * r->row_len;                                            \
+        if (call->master) master_of[e] = call->master[t] + (size_t)(row) * r->row_len;         \
+    } while (0)
     for (size_t t = 0; t < count; t++) {
         const fo_rows *r = &rows[t];
         if (!r->indices && r->last_step) { /* a dense gradient, row by row (exact) */
-            const size_t row_bytes = r->row_len * elem;
             for (size_t row = 0; n[t] && row < n[t] / r->row_len; row++) {
                 for (int k = 0; k < n_bufs; k++)
-                    if (bufs[k]) row_bufs[k][e] = (char *)bufs[k][t] + row * row_bytes;
+                    if (bufs[k])
+                        row_bufs[k][e] = (char *)bufs[k][t] + row * r->row_len * elem[k];
+                FO_ROW_STAGED(row);
                 FO_ROW_CATCHUP(row);
                 sum_of[e] = 0;
                 sizes[e++] = r->row_len;
@@ -352,6 +415,7 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
         }
         if (!r->indices) { /* a dense tensor: itself */
             if (catchup) catchup_of[e] = NULL;
+            FO_ROW_STAGED(0);
             for (int k = 0; k < n_bufs; k++)
                 if (bufs[k]) row_bufs[k][e] = bufs[k][t];
             sum_of[e] = 0;
@@ -359,7 +423,7 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
             continue;
         }
         if (r->nnz == 0) continue;
-        const size_t row_bytes = r->row_len * elem;
+        const size_t row_bytes = r->row_len * elem[1]; /* a gradient row's */
         char *const values = (char *)bufs[1][t];
         size_t *pos = positions + used_pos;
         used_pos += r->nnz;
@@ -375,15 +439,16 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
             const uint64_t row = sort_rows_a[s];
             size_t end = s + 1;
             while (end < r->nnz && sort_rows_a[end] == row) end++;
-            const size_t offset = (size_t)row * row_bytes;
             for (int k = 0; k < n_bufs; k++)
-                if (bufs[k] && k != 1) row_bufs[k][e] = (char *)bufs[k][t] + offset;
+                if (bufs[k] && k != 1)
+                    row_bufs[k][e] = (char *)bufs[k][t] + (size_t)row * r->row_len * elem[k];
             FO_ROW_CATCHUP(row);
+            FO_ROW_STAGED(row);
             sum_of[e] = end - s == 1 ? 0 : d + 1;
             if (end - s == 1) {
                 row_bufs[1][e] = values + pos[s] * row_bytes;
             } else {
-                char *sum = scratch + used_scratch * elem;
+                char *sum = scratch + used_scratch * elem[1];
                 used_scratch += r->row_len;
                 row_bufs[1][e] = sum;
                 sum_bufs[0][d] = sum;
@@ -396,7 +461,17 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
             s = end;
         }
     }
-    const sum_rows_fn sum = dtype == FO_FLOAT64 ? sum_rows_f64 : sum_rows_f32;
+    const sum_rows_fn sum = dtypes[1] == FO_BFLOAT16 ? sum_rows_bf16
+                            : compute64                ? sum_rows_f64
+                                                       : sum_rows_f32;
+    fo_call row_call; /* staged: the call with the entries' keys and master rows */
+    if (staged) {
+        row_call = *call;
+        row_call.index = index_of;
+        row_call.first = first_of;
+        row_call.master = call->master ? master_of : NULL;
+        call = &row_call;
+    }
     if (d && !ahead) {
         /* one row length per sum pass (its scalars): tensors of different row lengths each
          * get their own pass */
@@ -417,7 +492,7 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
         const row_ahead r = {span,  call, (void **const *)row_bufs, sizes, n_bufs, e, elem,
                              sum_of, (void **const *)sum_bufs, sum,
                              catchup ? catchup_of : NULL,
-                             dtype == FO_FLOAT64 ? catch_up_f64 : catch_up_f32,
+                             compute64 ? catch_up_f64 : catch_up_f32,
                              catchup ? catchup->coupled : 0, n_rule_bufs};
         const fo_call ahead_call = {.scalars = &r, .n_bufs = n_bufs + 1};
         fo_run(row_ahead_span, e, (void *const *const *)row_bufs, n_bufs + 1, sizes, &ahead_call);
@@ -425,6 +500,7 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
         fo_run(span, e, (void *const *const *)row_bufs, n_bufs, sizes, call);
     }
 #undef FO_ROW_CATCHUP
+#undef FO_ROW_STAGED
     free(mem);
     return FO_OK;
 }

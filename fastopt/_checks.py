@@ -83,7 +83,8 @@ INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 def check_sparse_grad(g, param, what):
     """A SparseGrad of `param`: 1-D int32/int64 indices in [0, param.shape[0]), values shaped
-    (len(indices),) + param.shape[1:] in param's dtype, both C-contiguous."""
+    (len(indices),) + param.shape[1:] in a gradient's dtype (param's, or bfloat16 for a float32
+    param), both C-contiguous."""
     if param.ndim < 1:
         raise ValueError(f"{what} is a SparseGrad, but the parameter is a scalar (rows need "
                          "ndim >= 1)")
@@ -95,8 +96,9 @@ def check_sparse_grad(g, param, what):
         raise ValueError(f"{what}.indices must be 1-D, got shape {indices.shape}")
     if not indices.flags.c_contiguous:
         raise ValueError(f"{what}.indices must be C-contiguous")
-    if values.dtype != param.dtype:
-        raise TypeError(f"{what}.values has dtype {values.dtype}, the parameter has {param.dtype}")
+    ok, need = grad_dtype_ok(param)(values.dtype)
+    if not ok:
+        raise TypeError(f"{what}.values has dtype {values.dtype}: {need}")
     expected = (len(indices),) + param.shape[1:]
     if values.shape != expected:
         raise ValueError(f"{what}.values has shape {values.shape}, expected {expected} "

@@ -151,9 +151,9 @@ cdef class SparseGrad:
         return (SparseGrad, (self.indices, self.values))
 
 
-cdef bint _rows_fit(SparseGrad g, cnp.ndarray a, fo_rows *rows):
-    """Whether g is a valid row gradient of `a` (what _checks.check_sparse_grad checks, indices
-    in range included); fills `rows` if so."""
+cdef bint _rows_fit(SparseGrad g, cnp.ndarray a, int grad_typenum, fo_rows *rows):
+    """Whether g is a valid row gradient of `a` with values of numpy type grad_typenum (what
+    _checks.check_sparse_grad checks, indices in range included); fills `rows` if so."""
     if type(g.indices) is not cnp.ndarray or type(g.values) is not cnp.ndarray:
         return False
     cdef cnp.ndarray idx = <cnp.ndarray>g.indices, v = <cnp.ndarray>g.values
@@ -168,7 +168,7 @@ cdef bint _rows_fit(SparseGrad g, cnp.ndarray a, fo_rows *rows):
     else:
         return False
     cdef size_t nnz = <size_t>cnp.PyArray_DIMS(idx)[0]
-    if cnp.PyArray_TYPE(v) != cnp.PyArray_TYPE(a) or not cnp.PyArray_ISNOTSWAPPED(v) \
+    if cnp.PyArray_TYPE(v) != grad_typenum or not cnp.PyArray_ISNOTSWAPPED(v) \
             or cnp.PyArray_NDIM(v) != nd or <size_t>cnp.PyArray_DIMS(v)[0] != nnz \
             or not cnp.PyArray_IS_C_CONTIGUOUS(v) \
             or memcmp(cnp.PyArray_DIMS(v) + 1, cnp.PyArray_DIMS(a) + 1,
@@ -347,7 +347,7 @@ cdef class Batch:
             a = <cnp.ndarray>self.params[t]
             if type(g) is SparseGrad:
                 sg = <SparseGrad>g
-                if not _rows_fit(sg, a, &self.rows[t]) \
+                if not _rows_fit(sg, a, self.grad_typenum, &self.rows[t]) \
                         or plan.hits_written(<size_t>cnp.PyArray_DATA(<cnp.ndarray>sg.values),
                                              <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>sg.values)) \
                         or plan.hits_written(<size_t>cnp.PyArray_DATA(<cnp.ndarray>sg.indices),

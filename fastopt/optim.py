@@ -211,12 +211,17 @@ class Optimizer:
                 if state.row_step is not None:
                     written.append(state.row_step)
                     names.append(f"state[{i}].row_step")
+        exact_of = [group.get("sparse", self.sparse) == "exact"
+                    for group in self.param_groups for _ in group["params"]]
         read, read_names = [], []
         for i, g in enumerate(grads):
             if isinstance(g, _kernels.SparseGrad):
-                if storage.is_bf16(params[i].dtype) or stored_as["state_dtype"] == "bfloat16":
-                    raise TypeError(f"grads[{i}] is a SparseGrad: sparse rows need float32 or "
-                                    "float64 storage (not bfloat16 yet)")
+                if exact_of[i] and (storage.is_bf16(params[i].dtype) or storage.is_bf16(
+                        g.values.dtype) or stored_as["state_dtype"] == "bfloat16"
+                        or stored_as["master_weights"]):
+                    raise TypeError(f'grads[{i}] is a SparseGrad: sparse="exact" needs float32 '
+                                    'or float64 storage (bfloat16 storage and master weights '
+                                    'take sparse="lazy")')
                 read += [g.indices, g.values]
                 read_names += [f"grads[{i}].indices", f"grads[{i}].values"]
             else:

@@ -462,9 +462,6 @@ class _Fastopt:
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
             if sparse:
                 self.check_sparse_grad(hp)
-                if self.sparse_grads(hp) == "rows" and self.state.get(_STORAGE_KEY) is not None:
-                    raise TypeError(f"{self._where(index, group, i)}: sparse gradients need "
-                                    "float32/float64 storage (not bfloat16 or master weights yet)")
                 local_g = _Rows.of(g) if self.sparse_grads(hp) == "rows" else g.to_dense()
             else:
                 local_g = _local_like(g, local_p, TypeError,
@@ -775,7 +772,8 @@ def _check_storage(p, options, where, kernel=None):
 
 
 def _spans_of(local_p, local_g, state, slots):
-    out = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in (local_p, local_g)]
+    own = (local_p,) if isinstance(local_g, _Rows) else (local_p, local_g)  # rows: checked in C
+    out = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in own]
     for name in tuple(slots) + ("master",):
         t = state.get(name) if name is not None else None
         if isinstance(t, torch.Tensor) and t.nbytes:
