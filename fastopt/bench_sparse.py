@@ -7,13 +7,12 @@ beforehand, uncoalesced, as backward leaves them).  Every fastopt.torch class th
 sparse gradients against torch's (default hyperparameters); the numpy SparseGrad step of
 fastopt.<IN_LOOP_RULE> against a dense step of it over the whole table.  Interleaved rounds, medians (fastopt.benchmark.time_side_by_side).
 """
-import argparse
 import sys
 
 import numpy as np
 
 import fastopt
-from fastopt.benchmark import IN_LOOP_RULE, time_side_by_side
+from fastopt.benchmark import IN_LOOP_RULE, section_main, time_side_by_side
 
 ROWS, DIM, BATCH = 1_000_000, 64, 16_384
 GRADIENTS = 8  # distinct batches, used in turn
@@ -135,12 +134,7 @@ def run(threads, quick=False, budget_s=1.0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m fastopt.bench_sparse", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=fastopt.get_num_threads())
-    args = ap.parse_args(argv)
-    run(args.threads, args.quick)
-    return 0
+    return section_main("fastopt.bench_sparse", __doc__, run, argv)
 
 
 if __name__ == "__main__":

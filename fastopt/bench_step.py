@@ -12,7 +12,6 @@ side by side in one run (interleaved rounds, medians; fastopt.benchmark.time_sid
                 protocol) against torch (its clip, its fused optimizer); the same numbers
   schedule      a step with lr=fastopt.schedules.cosine(...) against a fixed lr, 1e3 elements
 """
-import argparse
 import math
 import sys
 
@@ -20,7 +19,7 @@ import numpy as np
 
 import fastopt
 from fastopt import schedules
-from fastopt.benchmark import IN_LOOP_RULE, MODELS, RULES, time_side_by_side
+from fastopt.benchmark import IN_LOOP_RULE, MODELS, RULES, section_main, time_side_by_side
 
 MANY_SMALL = [(1000,)] * 2000
 OPTIMIZER = getattr(fastopt, IN_LOOP_RULE)
@@ -146,12 +145,7 @@ def run(threads, quick=False, budget=1.0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m fastopt.bench_step", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=fastopt.get_num_threads())
-    args = ap.parse_args(argv)
-    run(args.threads, args.quick)
-    return 0
+    return section_main("fastopt.bench_step", __doc__, run, argv)
 
 
 if __name__ == "__main__":

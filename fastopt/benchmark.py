@@ -434,6 +434,17 @@ LEGEND = ("ratios: the other implementation's time / fastopt's (>1: fastopt is f
           "streaming kernel's GB/s at the same footprint, timed in the same interleaved rounds\n")
 
 
+def section_main(module, doc, run, argv=None):
+    """The command line of one benchmark section run alone (python -m fastopt.bench_<name>):
+    --quick and --threads, handed to the section's run(threads, quick)."""
+    ap = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=fastopt.get_num_threads())
+    args = ap.parse_args(argv)
+    run(args.threads, args.quick)
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastopt bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and rules, under a minute")
