@@ -161,9 +161,10 @@ cdef extern from "fastopt.h" nogil:
 # step(rule, batch, hp, err): fo_step; the typed functions below wrap it like fastopt.h's.
 cdef int step(int rule, const fo_batch *batch, const void *hp, fo_error *err) noexcept nogil
 
-cdef inline int _typed_rows(int rule, int dtype, size_t count, void ***bufs, int n_bufs,
-                            const size_t *n, const fo_rows *rows, const void *hp) noexcept nogil:
-    cdef fo_batch b
+cdef inline void plain_batch(fo_batch *b, size_t count, const size_t *n, void ***bufs, int n_bufs,
+                             int dtype, const fo_rows *rows) noexcept nogil:
+    """A batch whose buffers share one storage type, without bfloat16 options: buffer k is
+    bufs[k] for k < n_bufs (NULL: unused), rows NULL for dense gradients."""
     cdef int k
     b.master = NULL
     b.rounding = FO_ROUND_STOCHASTIC
@@ -176,6 +177,11 @@ cdef inline int _typed_rows(int rule, int dtype, size_t count, void ***bufs, int
     for k in range(8):
         b.buffers[k] = bufs[k] if k < n_bufs else NULL
         b.dtype[k] = dtype
+
+cdef inline int _typed_rows(int rule, int dtype, size_t count, void ***bufs, int n_bufs,
+                            const size_t *n, const fo_rows *rows, const void *hp) noexcept nogil:
+    cdef fo_batch b
+    plain_batch(&b, count, n, bufs, n_bufs, dtype, rows)
     return step(rule, &b, hp, NULL)
 
 cdef inline int _typed(int rule, int dtype, size_t count, void ***bufs, int n_bufs,

@@ -82,14 +82,10 @@ cdef class StepOptions:
                  const Py_ssize_t *index, double *scratch) except -1:
         """The sums of squares of `count` gradients, parameter index[t] for gradient t."""
         cdef fo_batch b
-        cdef int k, status, nonfinite = 0
+        cdef int status, nonfinite = 0
         cdef double total
         cdef size_t t
-        b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
-        b.count, b.n, b.rows = count, n, NULL
-        for k in range(8):
-            b.buffers[k] = grads if k == 1 else NULL
-            b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
+        _gradient_batch(&b, count, n, grads, f64)
         with nogil:
             status = fo_norm(&b, 1, 2.0, scratch, &total, &nonfinite, NULL)
         _check(status)
@@ -187,6 +183,14 @@ cdef double _nonnegative_real(str name, value) except? -1.0:
     return x
 
 
+cdef void _gradient_batch(fo_batch *b, size_t count, const size_t *n, void **grads,
+                          bint f64) noexcept:
+    """A batch of gradients alone (buffer 1), as the reduction pass reads them."""
+    cdef void **bufs[2]
+    bufs[0], bufs[1] = NULL, grads
+    plain_batch(b, count, n, bufs, 2, FO_FLOAT64 if f64 else FO_FLOAT32, NULL)
+
+
 def norms(list addresses, list sizes, double p, bint f64):
     """(per-buffer sums, total, nonfinite) of fo_norm over buffers of one dtype (float64 if
     f64, else float32) given by their raw addresses and element counts."""
@@ -198,13 +202,9 @@ def norms(list addresses, list sizes, double p, bint f64):
         table.ptrs[i] = <void *><uintptr_t>addresses[i]
         table.n[i] = sizes[i]
     cdef fo_batch b
-    cdef int k, status, nonfinite = 0
+    cdef int status, nonfinite = 0
     cdef double total
-    b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
-    b.count, b.n, b.rows = m, table.n, NULL
-    for k in range(8):
-        b.buffers[k] = table.ptrs if k == 1 else NULL
-        b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
+    _gradient_batch(&b, m, table.n, table.ptrs, f64)
     with nogil:
         status = fo_norm(&b, 1, p, table.scratch, &total, &nonfinite, NULL)
     if status == FO_ERR_HYPERPARAM:
@@ -213,39 +213,12 @@ def norms(list addresses, list sizes, double p, bint f64):
     return [table.scratch[i] for i in range(m)], total, bool(nonfinite)
 
 
-def scale(list addresses, list sizes, double factor, bint f64):
-    """Multiply every buffer (raw address, element count; one dtype) in place by `factor`
-    (rounded to the dtype), through the threads: fo_scale."""
-    cdef Py_ssize_t m = len(addresses), i
-    if len(sizes) != m:
-        raise ValueError("scale: as many sizes as addresses")
-    table = _IndexTable(m)
-    for i in range(m):
-        table.ptrs[i] = <void *><uintptr_t>addresses[i]
-        table.n[i] = sizes[i]
-    cdef fo_batch b
-    cdef int k, status
-    b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
-    b.count, b.n, b.rows = m, table.n, NULL
-    for k in range(8):
-        b.buffers[k] = table.ptrs if k == 0 else NULL
-        b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
-    with nogil:
-        status = fo_scale(&b, 0, factor)
-    _check(status)
-
-
 cdef inline int _run_with(int rule, bint f64, size_t count, void ***ptrs, int n_bufs, size_t *n,
                           void *hp, const fo_step_options *opt,
                           const fo_rows *rows=NULL) noexcept nogil:
     """fo_step_with over pointer tables of one dtype (opt NULL: fo_step; rows: see fo_batch)."""
     cdef fo_batch b
-    cdef int k
-    b.count, b.n, b.rows = count, n, rows
-    for k in range(8):
-        b.buffers[k] = ptrs[k] if k < n_bufs else NULL
-        b.dtype[k] = FO_FLOAT64 if f64 else FO_FLOAT32
-    b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
+    plain_batch(&b, count, n, ptrs, n_bufs, FO_FLOAT64 if f64 else FO_FLOAT32, rows)
     return fo_step_with(rule, &b, hp, opt, NULL)
 
 
@@ -272,12 +245,10 @@ cdef class GradTables:
         return self.count[1] > 0
 
     cdef int _fo_batch(self, int k, fo_batch *b) noexcept:
-        cdef int i
-        b.master, b.rounding, b.seed, b.step, b.index = NULL, FO_ROUND_STOCHASTIC, 0, 0, NULL
-        b.count, b.n, b.rows = self.count[k], self.n[k], NULL
-        for i in range(8):
-            b.buffers[i] = self.ptrs[k] if i == 0 else NULL
-            b.dtype[i] = FO_FLOAT64 if k else FO_FLOAT32
+        """The float32 (k = 0) or float64 (k = 1) gradients as buffer 0 of a batch."""
+        cdef void **bufs[1]
+        bufs[0] = self.ptrs[k]
+        plain_batch(b, self.count[k], self.n[k], bufs, 1, FO_FLOAT64 if k else FO_FLOAT32, NULL)
         return 0
 
     def norm(self, double p):
