@@ -59,8 +59,9 @@ def rmsprop(theta, grad, s, lr, rho=0.9, eps=1e-8, weight_decay=0.0, momentum=0.
     return theta - lr * step
 
 
-def adam(theta, grad, s, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-         maximize=False, decoupled=False):
+def _adam_moments(theta, grad, s, lr, betas, weight_decay, maximize, decoupled):
+    """Adam's first steps, shared by Adam and RAdam: the decay (decoupled: θ ← θ(1 − ηλ); else
+    L2 in g), then t, m and v updated in s.  Returns (θ, t, m, v)."""
     b1, b2 = betas
     if decoupled:
         theta = theta * (1 - lr * weight_decay)
@@ -71,6 +72,13 @@ def adam(theta, grad, s, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, ams
     m = b1 * s.get("m", np.zeros_like(theta)) + (1 - b1) * g
     v = b2 * s.get("v", np.zeros_like(theta)) + (1 - b2) * g * g
     s.update(t=t, m=m, v=v)
+    return theta, t, m, v
+
+
+def adam(theta, grad, s, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+         maximize=False, decoupled=False):
+    b1, b2 = betas
+    theta, t, m, v = _adam_moments(theta, grad, s, lr, betas, weight_decay, maximize, decoupled)
     m_hat = m / (1 - b1 ** t)
     v_hat = v / (1 - b2 ** t)
     if amsgrad:
@@ -122,15 +130,7 @@ def lion(theta, grad, s, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=
 def radam(theta, grad, s, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
           maximize=False, decoupled=False):
     b1, b2 = betas
-    if decoupled:
-        theta = theta * (1 - lr * weight_decay)
-        g = _grad(theta, grad, 0.0, maximize)
-    else:
-        g = _grad(theta, grad, weight_decay, maximize)
-    t = s.get("t", 0) + 1
-    m = b1 * s.get("m", np.zeros_like(theta)) + (1 - b1) * g
-    v = b2 * s.get("v", np.zeros_like(theta)) + (1 - b2) * g * g
-    s.update(t=t, m=m, v=v)
+    theta, t, m, v = _adam_moments(theta, grad, s, lr, betas, weight_decay, maximize, decoupled)
     m_hat = m / (1 - b1 ** t)
     rho_inf = 2 / (1 - b2) - 1
     rho_t = rho_inf - 2 * t * b2 ** t / (1 - b2 ** t)
