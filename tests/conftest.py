@@ -71,6 +71,19 @@ def case_id(case):
     return cls.__name__ + ("-" + "-".join(f"{k}={v}" for k, v in hp.items()) if hp else "")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch with one intra-op thread for a module of tiny tensors: a second thread gains
+    nothing there, and OpenMP's spinning workers make them several times slower on a busy
+    2-vCPU machine (three small-CNN runs: 51 s, 1 thread 7 s; sparse ops ~2 ms a call).
+    fastopt's results do not depend on it."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

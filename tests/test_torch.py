@@ -39,14 +39,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These models are tiny: a second intra-op thread gains nothing, and OpenMP's spinning
-    workers make them ~7x slower on a busy 2-vCPU machine (three CNN runs: 51 s, 1 thread 7 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def mlp():

@@ -11,12 +11,7 @@ STEPS = 12
 BAD_STEPS = {3: math.inf, 4: math.nan, 9: -math.inf}  # a skipped step, twice in a row, later
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(make_optimizer, inject=True):

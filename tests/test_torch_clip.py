@@ -8,14 +8,7 @@ import fastopt  # noqa: E402
 import fastopt.torch as ft  # noqa: E402
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small tensors: torch's spinning OpenMP workers only slow them down on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SIZES = [1000, 5000, 3, 1, 131_001]  # one large enough to be split across threads

@@ -11,14 +11,7 @@ import fastopt.torch as ft  # noqa: E402
 STEPS = 60
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """torch's sparse ops on these tiny tensors wait for OpenMP workers (~2 ms a call on a busy
-    machine); one thread keeps the module fast.  fastopt's results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batches(seed, n_rows, steps=STEPS):
