@@ -33,7 +33,7 @@
 extern "C" {
 #endif
 
-#define FO_API_VERSION 3
+#define FO_API_VERSION 4
 
 /* ---- the rules -----------------------------------------------------------------------------
  * X(rule, state buffers...): each rule's name and its state buffers, in the order of its
@@ -53,7 +53,8 @@ extern "C" {
     X(rprop, prev, step_size)                                                                  \
     X(asgd, ax)                                                                                \
     X(lamb, m, v)                                                                              \
-    X(lars, momentum_buffer)
+    X(lars, momentum_buffer)                                                                   \
+    X(rowwise_adagrad, sum)
 
 /* Every rule starts from g = (maximize ? -grad : grad) + weight_decay * theta (L2), except
  * where a rule decouples the decay.  F(c, type, name) per field of fo_<rule>_params (c: context
@@ -104,6 +105,13 @@ extern "C" {
 #define FO_FIELDS_lars(F, c)                                                                      \
     F(c, double, lr) F(c, double, momentum) F(c, double, weight_decay)                             \
     F(c, double, trust_coefficient) F(c, int, maximize)
+/* Row rules (fo_rule_info.per_row): each state buffer holds one value per row.  Tensor t is
+ * n[t] / row_len rows of row_len elements, row_len = batch->rows[t].row_len when batch->rows is
+ * set (indices NULL for a dense gradient), else 1 (a flat buffer is rows of one element, as the
+ * typed entries take it); its state buffers hold n[t] / row_len values.  row_len must divide
+ * n[t] (FO_ERR_INDEX); bfloat16 storage and master weights: FO_ERR_DTYPE. */
+#define FO_FIELDS_rowwise_adagrad(F, c)                                                           \
+    F(c, double, lr) F(c, double, eps) F(c, double, weight_decay) F(c, int, maximize)
 
 /* ---- status, conventions, storage types ---------------------------------------------------- */
 
@@ -295,6 +303,7 @@ typedef struct {
     size_t params_size;        /* sizeof(fo_<rule>_params) */
     int n_fields;
     const fo_field *fields;    /* the fields of fo_<rule>_params, in order */
+    int per_row;               /* 1: a row rule (its state buffers hold one value per row) */
 } fo_rule_info;
 
 /* The description of rule `rule` (0 <= rule < FO_N_RULES), or NULL. */

@@ -45,6 +45,10 @@ typedef struct {
                                     which keys stochastic rounding (a touched row's: row x
                                     row_len, rows.c); NULL for 0 */
     fo_bf16_round_fn to_nearest; /* float32 -> bfloat16, to nearest even (chosen per CPU) */
+    /* row rules (FO_ROW_RULES): per tensor its row length, and the buffers (bit k: buffer k)
+     * that hold one value per row; a span then covers whole rows (rows.c) */
+    const size_t *row_len;
+    unsigned per_row;
 } fo_call;
 
 /* One rule's loop over elements [at, at + n) of tensor t, whose buffers (param, grad, then the
@@ -78,6 +82,15 @@ typedef struct {
  * state buffers (FO_TENSOR_SCALAR).  The same bits for any thread count and instruction set.
  */
 #define FO_TENSOR_RULES(X) X(lamb, 2) X(lars, 2)
+
+/*
+ * Row rules (fastopt.h, fo_rule_info.per_row): a per-row reduction, then the row's update, in
+ * one span over whole rows.  Their state buffers hold one value per row, so they always run
+ * as a row batch (rows.c): a touched row, or a dense tensor's whole rows in chunks, per entry,
+ * each entry run whole by one thread (the same bits for any thread count); the rule's loop
+ * (FO_ROW_SPAN) takes the entry's row length after n.  Compute-type storage only.
+ */
+#define FO_ROW_RULES(X) X(rowwise_adagrad)
 #define FO_MAX_SUMS 2
 
 /* sparse="exact" (fastopt.h, fo_rows.last_step): the rules whose steps with a zero gradient
@@ -168,12 +181,17 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
 /* Sparse rows (rows.c): check tensor t's rows (its n elements, its gradient rows at `values`,
  * the written buffers), then run `span` over the batch of touched rows and dense tensors. */
 int fo_check_rows(const fo_rows *rows, size_t n, size_t value_size, const void *values,
-                  void *const *written, const size_t *written_size, int n_written);
+                  void *const *written, const size_t *written_bytes, int n_written);
 /* dtypes: each buffer's storage type (fo_dtype; buffer 0 the parameter's); a staged call's
  * (bfloat16 buffers, master weights) spans get their tensor's parameter index, master row and
  * element offset per touched row, so a row rounds as the dense step would round it. */
 int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
                 const size_t *n, const fo_rows *rows, const int *dtypes, const fo_call *call,
                 const fo_catchup *catchup);
+/* A row rule's batch (FO_ROW_RULES): fo_run_rows with the buffers of mask `per_row` holding one
+ * value per row, dense tensors run as chunks of whole rows, and every entry run whole. */
+int fo_run_row_rule(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
+                    const size_t *n, const fo_rows *rows, const int *dtypes, const fo_call *call,
+                    const fo_catchup *catchup, unsigned per_row);
 
 #endif

@@ -156,10 +156,17 @@ typedef int (*fo_prepare_fn)(const void *hp, void *scalars, unsigned *uses, fo_e
     static const fo_field rule##_fields[] = {FO_FIELDS_##rule(FO_FIELD_ENTRY, fo_##rule##_params)};
 FO_RULES(FO_RULE_TABLES)
 
+/* bit r: rule r is a row rule (FO_ROW_RULES) */
+#define FO_ROW_RULE_BIT(rule) | (1ull << FO_RULE_##rule)
+#define FO_ROW_RULE_MASK (0ull FO_ROW_RULES(FO_ROW_RULE_BIT))
+_Static_assert(FO_N_RULES <= 64, "FO_ROW_RULE_MASK holds 64 rules");
+#define FO_IS_ROW_RULE(rule) ((int)((FO_ROW_RULE_MASK >> (rule)) & 1u))
+
 #define FO_COUNT(array) ((int)(sizeof(array) / sizeof *(array)))
 #define FO_RULE_ENTRY(rule, ...)                                                               \
     [FO_RULE_##rule] = {{#rule, FO_COUNT(rule##_state), rule##_state,                         \
-                         sizeof(fo_##rule##_params), FO_COUNT(rule##_fields), rule##_fields},  \
+                         sizeof(fo_##rule##_params), FO_COUNT(rule##_fields), rule##_fields,   \
+                         FO_IS_ROW_RULE(FO_RULE_##rule)},                                      \
                         rule##_prepare_any},
 static const struct {
     fo_rule_info info;
@@ -235,27 +242,24 @@ int fo_check(int rule, const void *hp, unsigned *uses, fo_error *err)
 }
 
 /*
- * One tensor's buffers: the gradient (read) and written[0..n_written), n elements of
- * grad_size and size[i] bytes.  All must be non-NULL when n > 0, and no written buffer may
- * overlap another buffer: the loops read each element once and write it once, which is only
- * correct for disjoint buffers.
+ * One tensor's buffers: the gradient (read, grad_bytes long) and written[0..n_written), bytes[i]
+ * long.  All must be non-NULL when the tensor has elements, and no written buffer may overlap
+ * another buffer: the loops read each element once and write it once, which is only correct
+ * for disjoint buffers.
  */
-static int check_tensor(size_t n, const void *grad, size_t grad_size, void *const *written,
-                        const size_t *size, int n_written)
+static int check_tensor(const void *grad, size_t grad_bytes, void *const *written,
+                        const size_t *bytes, int n_written)
 {
-    if (n == 0) return FO_OK;
+    if (grad_bytes == 0) return FO_OK;
     if (!grad) return FO_ERR_NULL;
     for (int i = 0; i < n_written; i++)
         if (!written[i]) return FO_ERR_NULL;
-    size_t widest = grad_size;
-    for (int i = 0; i < n_written; i++) widest = size[i] > widest ? size[i] : widest;
-    if (n > SIZE_MAX / widest) return FO_ERR_OVERLAP; /* no two such buffers can be disjoint */
-    const uintptr_t g = (uintptr_t)grad, g_end = g + (uintptr_t)(n * grad_size);
+    const uintptr_t g = (uintptr_t)grad, g_end = g + (uintptr_t)grad_bytes;
     for (int i = 0; i < n_written; i++) {
-        const uintptr_t a = (uintptr_t)written[i], a_end = a + (uintptr_t)(n * size[i]);
+        const uintptr_t a = (uintptr_t)written[i], a_end = a + (uintptr_t)bytes[i];
         if (a < g_end && g < a_end) return FO_ERR_OVERLAP;
         for (int j = i + 1; j < n_written; j++) {
-            const uintptr_t b = (uintptr_t)written[j], b_end = b + (uintptr_t)(n * size[j]);
+            const uintptr_t b = (uintptr_t)written[j], b_end = b + (uintptr_t)bytes[j];
             if (a < b_end && b < a_end) return FO_ERR_OVERLAP;
         }
     }
@@ -380,6 +384,8 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     call.staged |= batch->master != NULL;
     /* a per-tensor pass reads the buffers as they are stored: the compute type only */
     if (call.staged && tensor_passes[rule].scalar) return FO_ERR_DTYPE;
+    const int row_rule = FO_IS_ROW_RULE(rule); /* its state: one value per row, unstaged */
+    if (call.staged && row_rule) return FO_ERR_DTYPE;
     if (has_ema) { /* in the parameter's storage type, which must be the compute type */
         if (call.staged) return FO_ERR_DTYPE;
         bufs[n_own] = opt->ema;
@@ -393,31 +399,35 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
 
     int any_rows = 0, exact = 0;
     for (size_t t = 0; t < count; t++) {
-        void *written[FO_MAX_BUFFERS + 1];
-        size_t size[FO_MAX_BUFFERS + 1];
-        int n_written = 0;
-        for (int i = 0; i < n_used; i++) {
-            if (used[i] == 1) continue;
-            size[n_written] = dtype_size(call.dtype[used[i]]);
-            written[n_written++] = bufs[used[i]][t];
-        }
-        if (batch->master) {
-            size[n_written] = sizeof(float);
-            written[n_written++] = batch->master[t];
-        }
+        const size_t n = batch->n[t];
+        if (n > SIZE_MAX / 8) return FO_ERR_OVERLAP; /* no two such buffers can be disjoint */
         const int has_rows = batch->rows && batch->rows[t].indices;
         /* sparse="exact" with a dense gradient: the tensor's rows one by one (rows.c) */
         const int dense_rows = batch->rows && !has_rows && batch->rows[t].last_step;
+        /* rows of row_len elements: a row rule's state has n / row_len values */
+        const size_t row_len = batch->rows ? batch->rows[t].row_len : 1;
+        if (n && (dense_rows || row_rule) && (row_len == 0 || n % row_len)) return FO_ERR_INDEX;
+        void *written[FO_MAX_BUFFERS + 1];
+        size_t bytes[FO_MAX_BUFFERS + 1];
+        int n_written = 0;
+        for (int i = 0; i < n_used; i++) {
+            const int k = used[i];
+            if (k == 1) continue;
+            const int one_per_row = row_rule && k >= 2 && k < n_rule_bufs;
+            bytes[n_written] = (one_per_row ? n / row_len : n) * dtype_size(call.dtype[k]);
+            written[n_written++] = bufs[k][t];
+        }
+        if (batch->master) {
+            bytes[n_written] = n * sizeof(float);
+            written[n_written++] = batch->master[t];
+        }
         if (batch->rows && batch->rows[t].last_step && call.staged)
             return FO_ERR_DTYPE; /* sparse="exact" catches rows up in compute-type storage */
-        int tensor_status =
-            has_rows ? fo_check_rows(&batch->rows[t], batch->n[t], dtype_size(call.dtype[1]),
-                                     bufs[1][t], written, size, n_written)
-                     : check_tensor(batch->n[t], bufs[1][t], dtype_size(batch->dtype[1]), written,
-                                    size, n_written);
-        if (tensor_status == FO_OK && dense_rows && batch->n[t] &&
-            (batch->rows[t].row_len == 0 || batch->n[t] % batch->rows[t].row_len))
-            tensor_status = FO_ERR_INDEX;
+        const int tensor_status =
+            has_rows ? fo_check_rows(&batch->rows[t], n, dtype_size(call.dtype[1]), bufs[1][t],
+                                     written, bytes, n_written)
+                     : check_tensor(bufs[1][t], n * dtype_size(batch->dtype[1]), written, bytes,
+                                    n_written);
         if (tensor_status != FO_OK) return tensor_status;
         any_rows |= has_rows || dense_rows;
         exact |= batch->rows && batch->rows[t].last_step != NULL;
@@ -446,6 +456,25 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
         }
         return run_with_tensor_pass(rule, which, count, bufs, n_rule_bufs, n_bufs, batch->n,
                                     &call, span, span_call, err);
+    }
+    if (row_rule) {
+        /* every state buffer one value per row: a missed step must leave them as they are */
+        for (int k = 2; exact && k < n_rule_bufs; k++)
+            FO_REQUIRE(catchup.decay[k] == 1.0 && catchup.coupled != k, "rule",
+                       "has no closed form for the steps a row missed (sparse=\"exact\")");
+        unsigned per_row = 0;
+        for (int k = 2; k < n_rule_bufs; k++) per_row |= 1u << k;
+        fo_rows *flat = NULL; /* no rows given: rows of one element */
+        if (!batch->rows) {
+            flat = calloc(count, sizeof *flat);
+            if (!flat) return FO_ERR_MEMORY;
+            for (size_t t = 0; t < count; t++) flat[t].row_len = 1;
+        }
+        const int status = fo_run_row_rule(span, count, bufs, n_bufs, batch->n,
+                                           flat ? flat : batch->rows, call.dtype, span_call,
+                                           exact ? &catchup : NULL, per_row);
+        free(flat);
+        return status;
     }
     if (any_rows) /* the touched rows as the batch's tensors (rows.c) */
         return fo_run_rows(span, count, bufs, n_bufs, batch->n, batch->rows, call.dtype, span_call,

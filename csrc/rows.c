@@ -35,7 +35,7 @@ static int disjoint(uintptr_t a, size_t na, uintptr_t b, size_t nb)
 }
 
 int fo_check_rows(const fo_rows *r, size_t n, size_t value_size, const void *values,
-                  void *const *written, const size_t *written_size, int n_written)
+                  void *const *written, const size_t *written_bytes, int n_written)
 {
     const int isize = row_index_size(r->index_type);
     if (!isize) return FO_ERR_DTYPE;
@@ -52,12 +52,12 @@ int fo_check_rows(const fo_rows *r, size_t n, size_t value_size, const void *val
     for (int w = 0; w < n_written; w++) {
         if (!written[w]) return FO_ERR_NULL;
         const uintptr_t a = (uintptr_t)written[w];
-        const size_t bytes = n * written_size[w];
+        const size_t bytes = written_bytes[w];
         if (!disjoint(a, bytes, (uintptr_t)values, value_bytes) ||
             !disjoint(a, bytes, (uintptr_t)r->indices, r->nnz * (size_t)isize))
             return FO_ERR_OVERLAP;
         for (int v = w + 1; v < n_written; v++)
-            if (!disjoint(a, bytes, (uintptr_t)written[v], n * written_size[v]))
+            if (!disjoint(a, bytes, (uintptr_t)written[v], written_bytes[v]))
                 return FO_ERR_OVERLAP;
     }
     return FO_OK;
@@ -306,9 +306,17 @@ static int strictly_increasing(const fo_rows *r)
     return 1;
 }
 
-int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
-                const size_t *n, const fo_rows *rows, const int *dtypes, const fo_call *call,
-                const fo_catchup *catchup)
+/* A row rule's dense tensor runs as entries of whole rows, about this many elements each */
+#define FO_ROW_CHUNK ((size_t)8192)
+
+static size_t rows_per_chunk(size_t row_len)
+{
+    return row_len == 0 || row_len >= FO_ROW_CHUNK ? 1 : FO_ROW_CHUNK / row_len;
+}
+
+static int run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
+                    const size_t *n, const fo_rows *rows, const int *dtypes, const fo_call *call,
+                    const fo_catchup *catchup, unsigned per_row)
 {
     /* each buffer's element size: a row of buffer k is row_len elements of its own type */
     size_t elem[FO_MAX_BUFFERS];
@@ -324,8 +332,13 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
     size_t entries = 0, sort_len = 0, most_nnz = 0;
     for (size_t t = 0; t < count; t++) {
         const fo_rows *r = &rows[t];
-        if (!r->indices) { /* dense: itself, or each of its rows (exact) */
-            entries += r->last_step && n[t] ? n[t] / r->row_len : 1;
+        if (!r->indices) { /* dense: itself, each of its rows (exact), or chunks of rows */
+            if (!r->last_step && !per_row) {
+                entries += 1;
+                continue;
+            }
+            const size_t n_rows = n[t] ? n[t] / r->row_len : 0, chunk = rows_per_chunk(r->row_len);
+            entries += r->last_step ? n_rows : (n_rows + chunk - 1) / chunk;
             continue;
         }
         entries += r->nnz;   /* at most: one per touched row */
@@ -344,7 +357,8 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
                          + most_nnz * (2 * sizeof(uint64_t) + sizeof(size_t)) /* sort scratch */
                          + scratch_elems * elem[1] + 64
                          + (catchup ? entries * (sizeof(void *) + sizeof(row_catchup)) : 0)
-                         + (staged ? entries * (2 * sizeof(uint64_t) + sizeof(float *)) : 0);
+                         + (staged ? entries * (2 * sizeof(uint64_t) + sizeof(float *)) : 0)
+                         + (per_row ? entries * sizeof(size_t) : 0);
     char *mem = malloc(bytes);
     if (!mem) return FO_ERR_MEMORY;
     char *at = mem;
@@ -365,6 +379,7 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
     FO_TAKE(uint64_t, index_of, staged ? entries : 0); /* staged: the entry's parameter index, */
     FO_TAKE(uint64_t, first_of, staged ? entries : 0); /* its element 0's index in it, */
     FO_TAKE(float *, master_of, staged && call->master ? entries : 0); /* its master row */
+    FO_TAKE(size_t, row_len_of, per_row ? entries : 0); /* a row rule's: its row length */
     at = (char *)(((uintptr_t)at + 63) & ~(uintptr_t)63);
     char *scratch = at;
 #undef FO_TAKE
@@ -391,6 +406,14 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
         }                                                                                      \
         r->last_step[row] = r->step;                                                           \
     } while (0)
+/* buffer k of tensor t at row `row`: a row of row_len elements, or one value (per_row) */
+#define FO_ROW_AT(k, row)                                                                      \
+    ((char *)bufs[k][t] + (size_t)(row) * ((per_row >> (k)) & 1u ? 1 : r->row_len) * elem[k])
+/* entry e's row length, for a row rule's span */
+#define FO_ROW_LEN()                                                                           \
+    do {                                                                                       \
+        if (per_row) row_len_of[e] = r->row_len;                                               \
+    } while (0)
 /* staged: entry e is row `row` of tensor t (row 0 of a dense tensor: the whole of it) */
 #define FO_ROW_STAGED(row)                                                                     \
     do {                                                                                       \
@@ -404,12 +427,24 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
         if (!r->indices && r->last_step) { /* a dense gradient, row by row (exact) */
             for (size_t row = 0; n[t] && row < n[t] / r->row_len; row++) {
                 for (int k = 0; k < n_bufs; k++)
-                    if (bufs[k])
-                        row_bufs[k][e] = (char *)bufs[k][t] + row * r->row_len * elem[k];
+                    if (bufs[k]) row_bufs[k][e] = FO_ROW_AT(k, row);
+                FO_ROW_LEN();
                 FO_ROW_STAGED(row);
                 FO_ROW_CATCHUP(row);
                 sum_of[e] = 0;
                 sizes[e++] = r->row_len;
+            }
+            continue;
+        }
+        if (!r->indices && per_row) { /* a row rule's dense tensor: chunks of whole rows */
+            const size_t n_rows = n[t] ? n[t] / r->row_len : 0, chunk = rows_per_chunk(r->row_len);
+            for (size_t row = 0; row < n_rows; row += chunk) {
+                for (int k = 0; k < n_bufs; k++)
+                    if (bufs[k]) row_bufs[k][e] = FO_ROW_AT(k, row);
+                if (catchup) catchup_of[e] = NULL;
+                FO_ROW_LEN();
+                sum_of[e] = 0;
+                sizes[e++] = (n_rows - row < chunk ? n_rows - row : chunk) * r->row_len;
             }
             continue;
         }
@@ -440,8 +475,8 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
             size_t end = s + 1;
             while (end < r->nnz && sort_rows_a[end] == row) end++;
             for (int k = 0; k < n_bufs; k++)
-                if (bufs[k] && k != 1)
-                    row_bufs[k][e] = (char *)bufs[k][t] + (size_t)row * r->row_len * elem[k];
+                if (bufs[k] && k != 1) row_bufs[k][e] = FO_ROW_AT(k, row);
+            FO_ROW_LEN();
             FO_ROW_CATCHUP(row);
             FO_ROW_STAGED(row);
             sum_of[e] = end - s == 1 ? 0 : d + 1;
@@ -472,6 +507,15 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
         row_call.master = call->master ? master_of : NULL;
         call = &row_call;
     }
+    /* a row rule's entries each run whole (a grain as long as the longest) */
+    size_t grain = 1;
+    if (per_row) {
+        row_call = *call;
+        row_call.row_len = row_len_of;
+        row_call.per_row = per_row;
+        call = &row_call;
+        for (size_t i = 0; i < e; i++) grain = sizes[i] > grain ? sizes[i] : grain;
+    }
     if (d && !ahead) {
         /* one row length per sum pass (its scalars): tensors of different row lengths each
          * get their own pass */
@@ -495,12 +539,29 @@ int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_b
                              compute64 ? catch_up_f64 : catch_up_f32,
                              catchup ? catchup->coupled : 0, n_rule_bufs};
         const fo_call ahead_call = {.scalars = &r, .n_bufs = n_bufs + 1};
-        fo_run(row_ahead_span, e, (void *const *const *)row_bufs, n_bufs + 1, sizes, &ahead_call);
+        fo_run_blocks(row_ahead_span, e, (void *const *const *)row_bufs, n_bufs + 1, sizes,
+                      &ahead_call, grain);
     } else {
-        fo_run(span, e, (void *const *const *)row_bufs, n_bufs, sizes, call);
+        fo_run_blocks(span, e, (void *const *const *)row_bufs, n_bufs, sizes, call, grain);
     }
 #undef FO_ROW_CATCHUP
 #undef FO_ROW_STAGED
+#undef FO_ROW_AT
+#undef FO_ROW_LEN
     free(mem);
     return FO_OK;
+}
+
+int fo_run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
+                const size_t *n, const fo_rows *rows, const int *dtypes, const fo_call *call,
+                const fo_catchup *catchup)
+{
+    return run_rows(span, count, bufs, n_bufs, n, rows, dtypes, call, catchup, 0);
+}
+
+int fo_run_row_rule(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
+                    const size_t *n, const fo_rows *rows, const int *dtypes, const fo_call *call,
+                    const fo_catchup *catchup, unsigned per_row)
+{
+    return run_rows(span, count, bufs, n_bufs, n, rows, dtypes, call, catchup, per_row);
 }

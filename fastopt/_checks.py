@@ -26,9 +26,9 @@ def check_param(a, what, bfloat16=False):
         raise ValueError(f"{what} is read-only; parameters are updated in place")
 
 
-def check_like(buf, param, what, *, writeable, dtype_ok=None):
-    """buf must be an array of param's shape and dtype (or one that dtype_ok(dtype) accepts:
-    (ok, "what is expected")), C-contiguous (and writeable if asked)."""
+def check_like(buf, param, what, *, writeable, dtype_ok=None, shape=None):
+    """buf must be an array of param's shape (or `shape`) and dtype (or one that
+    dtype_ok(dtype) accepts: (ok, "what is expected")), C-contiguous (and writeable if asked)."""
     if not isinstance(buf, np.ndarray):
         raise TypeError(f"{what} must be a numpy array, got {type(buf).__name__}")
     if dtype_ok is not None:
@@ -38,7 +38,10 @@ def check_like(buf, param, what, *, writeable, dtype_ok=None):
                             f"({expected})")
     elif buf.dtype != param.dtype:
         raise TypeError(f"{what} has dtype {buf.dtype}, the parameter has {param.dtype}")
-    if buf.shape != param.shape:
+    if shape is not None and buf.shape != shape:
+        raise ValueError(f"{what} has shape {buf.shape}; one value per row of the parameter "
+                         f"(shape {param.shape}) is {shape}")
+    if shape is None and buf.shape != param.shape:
         raise ValueError(f"{what} has shape {buf.shape}, the parameter has {param.shape}")
     if not buf.flags.c_contiguous:
         raise ValueError(f"{what} must be C-contiguous")

@@ -276,6 +276,7 @@ cdef class Batch:
             a = params[t]
             self.ptrs[0][t] = cnp.PyArray_DATA(a)
             self.sizes[t] = cnp.PyArray_SIZE(a)
+            self.rows[t].row_len = _row_len(a)  # a row rule's rows, with a dense gradient
             self.index[t] = indices[t]
             bufs = [getattr(states[t], name) for name in rule.state + ("master",)]
             self.buffers.append(bufs)
@@ -425,7 +426,7 @@ cdef class Batch:
             opt = &with_ema
         if self.step_offset >= 0:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
-        cdef const fo_rows *rows = self.rows if self.any_rows else NULL
+        cdef const fo_rows *rows = self.rows if self.any_rows or self.rule.per_row else NULL
         if self.schedule is not None:
             (<double *>(<char *>hp + self.lr_offset))[0] = self.schedule.at(next_step)
         with nogil:
@@ -451,6 +452,28 @@ cdef inline bint _grad_fits(object obj, cnp.ndarray a, int typenum=-1):
             and memcmp(cnp.PyArray_DIMS(g), cnp.PyArray_DIMS(a),
                        cnp.PyArray_NDIM(a) * sizeof(cnp.npy_intp)) == 0
             and cnp.PyArray_IS_C_CONTIGUOUS(g))
+
+
+cdef inline size_t _row_len(cnp.ndarray a):
+    """Elements per row of `a` viewed as rows along axis 0 (a 0-d array: one row of one)."""
+    if cnp.PyArray_NDIM(a) == 0 or cnp.PyArray_DIMS(a)[0] == 0 or cnp.PyArray_SIZE(a) == 0:
+        return 1
+    return <size_t>(cnp.PyArray_SIZE(a) // cnp.PyArray_DIMS(a)[0])
+
+
+cdef inline bint _state_fits(object obj, cnp.ndarray a, bint per_row):
+    """A state buffer of `a`: _grad_fits, or for a row rule (per_row) one value per row, of
+    shape a.shape[:1]."""
+    if not per_row:
+        return _grad_fits(obj, a)
+    if type(obj) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray b = <cnp.ndarray>obj
+    cdef int nd = 1 if cnp.PyArray_NDIM(a) > 0 else 0
+    return (cnp.PyArray_TYPE(b) == cnp.PyArray_TYPE(a) and cnp.PyArray_ISNOTSWAPPED(b)
+            and cnp.PyArray_NDIM(b) == nd
+            and (nd == 0 or cnp.PyArray_DIMS(b)[0] == cnp.PyArray_DIMS(a)[0])
+            and cnp.PyArray_IS_C_CONTIGUOUS(b))
 
 
 cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
@@ -691,7 +714,7 @@ def run_single(CRule rule, Hyper hyper, type state_type, object param, object gr
                 return False
             addr[k + 2] = NULL
             continue
-        if not _grad_fits(b, p) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b):
+        if not _state_fits(b, p, rule.per_row) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b):
             return False
         written.append(b)
         addr[k + 2] = cnp.PyArray_DATA(<cnp.ndarray>b) if (hyper.uses >> k) & 1 else NULL
@@ -711,8 +734,11 @@ def run_single(CRule rule, Hyper hyper, type state_type, object param, object gr
         (<int64_t *>(<char *>hp + rule.step_offset))[0] = next_step
     cdef int status
     cdef bint f64 = typ == cnp.NPY_FLOAT64
+    cdef fo_rows rows
+    memset(&rows, 0, sizeof(rows))
+    rows.row_len = _row_len(p)  # (a row rule's; the others ignore a dense tensor's rows)
     with nogil:
-        status = _run(rule.id, f64, 1, ptrs, n_bufs, &n, hp)
+        status = _run_with(rule.id, f64, 1, ptrs, n_bufs, &n, hp, NULL, &rows)
     _raise_for(status, hyper)
     state.step = next_step
     return True

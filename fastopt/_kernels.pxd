@@ -48,6 +48,7 @@ cdef extern from "fastopt.h" nogil:
         FO_RULE_asgd
         FO_RULE_lamb
         FO_RULE_lars
+        FO_RULE_rowwise_adagrad
         FO_N_RULES
 
     const char *fo_strerror(int status)
@@ -86,6 +87,7 @@ cdef extern from "fastopt.h" nogil:
         size_t params_size
         int n_fields
         const fo_field *fields
+        int per_row
 
     int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
     ctypedef struct fo_step_options:
@@ -147,6 +149,9 @@ cdef extern from "fastopt.h" nogil:
         int64_t step
     ctypedef struct fo_lars_params:
         double lr, momentum, weight_decay, trust_coefficient
+        int maximize
+    ctypedef struct fo_rowwise_adagrad_params:
+        double lr, eps, weight_decay
         int maximize
 
 
@@ -447,3 +452,25 @@ cdef inline int lars_many_f64(size_t count, double **param, const double **grad,
     cdef void **b[3]
     b[:] = [<void **>param, <void **>grad, <void **>momentum_buffer]
     return _typed(FO_RULE_lars, FO_FLOAT64, count, b, 3, n, hp)
+
+cdef inline int rowwise_adagrad_f32(float *param, const float *grad, float *sum, size_t n, const fo_rowwise_adagrad_params *hp) noexcept nogil:
+    # rows of one element (fastopt.h, row rules); rows of more: _typed_rows with fo_rows
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&sum]
+    return _typed(FO_RULE_rowwise_adagrad, FO_FLOAT32, 1, b, 3, &n, hp)
+
+cdef inline int rowwise_adagrad_many_f32(size_t count, float **param, const float **grad, float **sum, const size_t *n, const fo_rowwise_adagrad_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>sum]
+    return _typed(FO_RULE_rowwise_adagrad, FO_FLOAT32, count, b, 3, n, hp)
+
+cdef inline int rowwise_adagrad_f64(double *param, const double *grad, double *sum, size_t n, const fo_rowwise_adagrad_params *hp) noexcept nogil:
+    # rows of one element (fastopt.h, row rules); rows of more: _typed_rows with fo_rows
+    cdef void **b[3]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&sum]
+    return _typed(FO_RULE_rowwise_adagrad, FO_FLOAT64, 1, b, 3, &n, hp)
+
+cdef inline int rowwise_adagrad_many_f64(size_t count, double **param, const double **grad, double **sum, const size_t *n, const fo_rowwise_adagrad_params *hp) noexcept nogil:
+    cdef void **b[3]
+    b[:] = [<void **>param, <void **>grad, <void **>sum]
+    return _typed(FO_RULE_rowwise_adagrad, FO_FLOAT64, count, b, 3, n, hp)

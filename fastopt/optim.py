@@ -64,9 +64,9 @@ class Optimizer:
         for i, p in enumerate(params):
             _checks.check_param(p, f"params[{i}]", bfloat16=True)
             storage.check_param_dtype(p.dtype, self.storage_options, f"params[{i}]")
-            if not self.rule.rows and (storage.is_bf16(p.dtype) or self.storage_options
-                                       ["state_dtype"] == "bfloat16"):
-                raise ValueError(f"{type(self).__name__}'s per-tensor norms need float32/float64 "
+            if self.rule.plain_storage and (storage.is_bf16(p.dtype) or self.storage_options
+                                            ["state_dtype"] == "bfloat16"):
+                raise ValueError(f"{type(self).__name__}'s {self.rule.plain_storage} need float32/float64 "
                                  f"storage; params[{i}] is {p.dtype} with state_dtype "
                                  f"{self.storage_options['state_dtype']!r} (not bfloat16 yet)")
             if ema_decay is not None and (storage.is_bf16(p.dtype) or
@@ -175,7 +175,7 @@ class Optimizer:
         dtype = storage.state_dtype_for(param.dtype, self.storage_options)
         for name in self.rule.required_state():
             fill = hp[self.rule.fill[name]] if name in self.rule.fill else 0.0
-            setattr(state, name, np.full_like(param, fill, dtype=dtype, order="C"))
+            setattr(state, name, state.new_buffer(param, name, fill, dtype))
         if self.storage_options["master_weights"]:
             state.master = param.astype(np.float32, order="C")
         return state
@@ -228,10 +228,10 @@ class Optimizer:
                 read.append(g)
                 read_names.append(f"grads[{i}]")
         _checks.check_no_overlap(written, names, read, read_names)
-        if not self.rule.rows and any(storage.is_bf16(g.dtype) for g in grads
-                                      if isinstance(g, np.ndarray)):
-            raise TypeError(f"{type(self).__name__}'s per-tensor norms need float32/float64 "
-                            "gradients (not bfloat16 yet)")
+        if self.rule.plain_storage and any(storage.is_bf16(
+                (g.values if isinstance(g, _kernels.SparseGrad) else g).dtype) for g in grads):
+            raise TypeError(f"{type(self).__name__}'s {self.rule.plain_storage} need "
+                            "float32/float64 gradients (not bfloat16 yet)")
         if options is not None and options.reduce and any(
                 storage.is_bf16(g.dtype) for g in grads if isinstance(g, np.ndarray)):
             raise TypeError("clip_norm, skip_nonfinite and compute_norm do not take bfloat16 "

@@ -57,6 +57,10 @@ class Rule:
         self.rows = rows  # takes fastopt.SparseGrad rows (not where norms are per whole tensor)
 
         self.crule = _kernels.RULES[kernel]
+        # why the rule needs float32/float64 storage (no bfloat16 yet), or None: norms per whole
+        # tensor read the buffers as stored; a row rule's span reduces whole rows unstaged
+        self.plain_storage = ("per-tensor norms" if not rows else
+                              "per-row accumulators" if self.crule.per_row else None)
         # hyperparameters that are one C field each, of the same name, holding a real number:
         # the engine writes a change to them straight into the C struct
         self.direct = frozenset(k for k, kind in self.kinds.items()
@@ -269,6 +273,13 @@ RULES = [
     (1 when ||theta|| or the denominator is 0);  v <- momentum v + lr local (g + weight_decay theta)
     theta <- theta - v.  g is the gradient after `maximize`; the norms are computed in double
     in a fixed order.""", benchmark=(dict(lr=0.1), 7), rows=False),
+    Rule("RowwiseAdagrad", "rowwise_adagrad", "rowwise_adagrad", "RowwiseAdagradState",
+         [("lr", 0.01, REAL), ("eps", 1e-8, REAL), ("weight_decay", 0.0, REAL),
+          ("maximize", False, FLAG)],
+         lambda hp: dict(_common(hp), eps=hp["eps"]), f"""
+    One accumulator per row along axis 0 (a 1-D parameter's rows are its elements):
+    G_r <- G_r + mean over row r of g^2 (summed in double);  theta_r <- theta_r - lr g_r / (sqrt(G_r) + eps)
+    State `sum`: shape param.shape[:1], 4 bytes per row for float32.  {_G}"""),
 ]
 BY_NAME = {r.name: r for r in RULES}
 BY_FUNCTION = {r.function: r for r in RULES}

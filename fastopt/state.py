@@ -1,7 +1,8 @@
 """Per-parameter optimizer state: the buffers a rule keeps between steps, and its step count.
 
 A state is created on the parameter's first step with its parameter's shape and dtype,
-zero-filled (or with the initial value the rule's registry entry names, `fill`).  Buffers that
+zero-filled (or with the initial value the rule's registry entry names, `fill`); a row rule's
+buffers (RowwiseAdagrad's `sum`) hold one value per row along axis 0, shape param.shape[:1].  Buffers that
 only some options use (AMSGrad's max_v, a momentum buffer) are None until needed.  States can be
 used on their own with fastopt.functional.
 
@@ -20,6 +21,7 @@ class OptimizerState:
     present, the rest created when an option needs them) and integer fields in COUNTERS."""
 
     KERNEL = None  # the C rule
+    PER_ROW = ()   # the buffers holding one value per row (a row rule's state buffers)
     BUFFERS = ()
     REQUIRED = ()
     COUNTERS = ("step",)
@@ -40,6 +42,13 @@ class OptimizerState:
     INITIAL = {}  # buffer -> its start value when not given (the default of the hyperparameter that fills it)
 
     @classmethod
+    def new_buffer(cls, param, name, value=0.0, dtype=None):
+        """Buffer `name` for `param`, filled with `value`, of `dtype` (default param's): of
+        param's shape, or param.shape[:1] for a buffer with one value per row."""
+        shape = param.shape[:1] if name in cls.PER_ROW else param.shape
+        return np.full(shape, value, dtype=param.dtype if dtype is None else dtype)
+
+    @classmethod
     def new(cls, param, fill=None, **initial):
         """A fresh state for `param`, step 0: its required buffers filled with `fill` if given,
         else with their start value (`initial`, e.g. RpropState.new(p, step_size=lr), or the
@@ -47,8 +56,8 @@ class OptimizerState:
         unknown = set(initial) - set(cls.REQUIRED)
         if unknown:
             raise TypeError(f"{cls.__name__}.new: no required buffer(s) {sorted(unknown)}")
-        return cls(**{name: np.full_like(param, initial.get(
-            name, fill if fill is not None else cls.INITIAL.get(name, 0.0)), order="C")
+        return cls(**{name: cls.new_buffer(param, name, initial.get(
+            name, fill if fill is not None else cls.INITIAL.get(name, 0.0)))
             for name in cls.REQUIRED})
 
     def add_missing(self, param, names, dtype=None):
@@ -56,7 +65,7 @@ class OptimizerState:
         this state lacks."""
         for name in names:
             if getattr(self, name) is None:
-                setattr(self, name, np.zeros_like(param, dtype=dtype, order="C"))
+                setattr(self, name, self.new_buffer(param, name, 0.0, dtype))
 
     def buffers(self):
         """{name: array} of the buffers this state holds."""
@@ -74,7 +83,8 @@ class OptimizerState:
                                    dtype_ok=_master_dtype_ok(param))
             else:
                 _checks.check_like(buf, param, f"{what}.{name}", writeable=True,
-                                   dtype_ok=_checks.state_dtype_ok(param))
+                                   dtype_ok=_checks.state_dtype_ok(param),
+                                   shape=param.shape[:1] if name in self.PER_ROW else None)
         for name in self.COUNTERS:
             _checks.step_count(f"{what}.{name}", getattr(self, name))
         if self.row_step is not None:
@@ -122,10 +132,13 @@ def _state_class(rule):
            f"(always: {', '.join(required) or 'none'}; the others when an option needs them); "
            "master: float32 master weights of a bfloat16 parameter (master_weights=True); "
            "step: updates taken; ema: the exponential moving average of the parameter, kept "
-           "when the optimizer has ema_decay.")
+           "when the optimizer has ema_decay." + (
+               f" {', '.join(crule.state)}: one value per row along axis 0 (shape "
+               "param.shape[:1])." if crule.per_row else ""))
     return type(rule.state, (OptimizerState,), {
         "__doc__": doc, "__module__": __name__, "KERNEL": crule.name,
         "BUFFERS": crule.state + ("ema", "master"), "REQUIRED": required,
+        "PER_ROW": crule.state if crule.per_row else (),
         "INITIAL": {name: rule.defaults[hp] for name, hp in rule.fill.items()}})
 
 

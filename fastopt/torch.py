@@ -56,7 +56,8 @@ except ImportError:  # a torch built without distributed
         pass
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
-           "Rprop", "ASGD", "Lion", "LAMB", "LARS", "SparseAdam"]
+           "Rprop", "ASGD", "Lion", "LAMB", "LARS", "SparseAdam",
+           "RowwiseAdagrad"]
 
 TORCH = _kernels.TORCH
 # a parameter's dtype -> the real dtype the kernels see (complex: its real and imaginary parts)
@@ -68,8 +69,9 @@ _FO_DTYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 # where the storage options and the step count that keys stochastic rounding live in
 # self.state (torch's state_dict keeps non-tensor keys as they are)
 _STORAGE_KEY = "fastopt_storage"
-# rules whose step needs a norm over each whole tensor: their pass reads compute-type storage
-_PER_TENSOR_KERNELS = frozenset(r.kernel for r in _rules.RULES if not r.rows)
+# rules that need float32/float64 storage -> why (norms per whole tensor read the buffers as
+# stored; a row rule's span reduces whole rows)
+_PLAIN_STORAGE_KERNELS = {r.kernel: r.plain_storage for r in _rules.RULES if r.plain_storage}
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
 
 
@@ -329,7 +331,8 @@ class _Fastopt:
                 if counters is None:
                     return None
                 tables.append(_kernels._Table(dtype == torch.float64, indices, sizes, addresses,
-                                              states, counters, self.planned_step(states[0])))
+                                              states, counters, self.planned_step(states[0]),
+                                              [self.dense_rows(p) for p, *_ in batch]))
                 # autograd is told about the parameters (what a graph may have saved); the
                 # state buffers are the optimizer's own
                 written += [p for p, *_ in batch]
@@ -400,7 +403,8 @@ class _Fastopt:
     def _state_pointers(self, index, i, group, p, local_p, state, slots):
         """Checks a parameter's existing state; returns the addresses of the buffers the kernel
         will write in place (a strided buffer is replaced by a fresh contiguous copy)."""
-        dtype, shape, sharded = p.dtype, p.shape, local_p is not p
+        dtype, sharded = p.dtype, local_p is not p
+        shape = p.shape[:1] if self.per_row else p.shape
         pointers = []
         master = self.storage_options["master_weights"]
         for name in slots + (("master",) if master else ()):
@@ -416,8 +420,8 @@ class _Fastopt:
                 raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
                                  f"{_describe(buffer)}; it must be a dense tensor like its "
                                  f"parameter ({_describe(p)})")
-            local = _local_like(buffer, local_p, ValueError,
-                                f"{self._where(index, group, i)}: state {name!r} is")
+            local = buffer if self.per_row else _local_like(  # (a row rule: no DTensors)
+                buffer, local_p, ValueError, f"{self._where(index, group, i)}: state {name!r} is")
             if local.is_contiguous():
                 pointers.append(local.data_ptr())
         for name in self.counters:
@@ -455,13 +459,17 @@ class _Fastopt:
             if not sparse:
                 self.check_dense_grad()
             if (g.dtype != dtype and not (dtype == torch.float32 and g.dtype == torch.bfloat16
-                                          and self.kernel not in _PER_TENSOR_KERNELS)) \
+                                          and self.kernel not in _PLAIN_STORAGE_KERNELS)) \
                     or g.shape != p.shape or not g.is_cpu \
                     or isinstance(g, DTensor) != sharded:
                 raise TypeError(f"{self._where(index, group, i)}: its gradient is "
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
             if sparse:
                 self.check_sparse_grad(hp)
+                if self.per_row and g.sparse_dim() != 1:
+                    raise TypeError(f"{self._where(index, group, i)}: its sparse gradient has "
+                                    f"{g.sparse_dim()} sparse dimensions; {type(self).__name__}'s "
+                                    "rows are along dim 0 (one sparse dimension)")
                 local_g = _Rows.of(g) if self.sparse_grads(hp) == "rows" else g.to_dense()
             else:
                 local_g = _local_like(g, local_p, TypeError,
@@ -477,8 +485,8 @@ class _Fastopt:
             # every buffer the kernel touches spans the same nbytes from its address: two
             # overlap exactly when their addresses are closer than that
             nbytes = local_p.nbytes
-            if nbytes and state and self.state.get(_STORAGE_KEY) is not None:
-                # storage of several sizes: compare spans
+            if nbytes and state and (self.state.get(_STORAGE_KEY) is not None or self.per_row):
+                # storage of several sizes, or per-row state: compare spans
                 spans = sorted(_spans_of(local_p, local_g, state, slots))
                 for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
                     if b0 < a1:
@@ -498,9 +506,16 @@ class _Fastopt:
     # ---- the update ------------------------------------------------------------------------
 
     counters = ("step",)
+    # a row rule (RowwiseAdagrad): its state buffers hold one value per row, shape p.shape[:1]
+    per_row = False
 
     def slots(self, hp):
         raise NotImplementedError
+
+    def dense_rows(self, p):
+        """How the kernels take p with a dense gradient: None, or for a row rule its rows
+        (fastopt.h: no indices, p's row length)."""
+        return (0, True, 0, _row_len(p)) if self.per_row else None
 
     def sparse_grads(self, hp):
         """How a sparse COO gradient is taken: None (refused, as torch refuses it), "rows"
@@ -576,7 +591,7 @@ class _Fastopt:
             for name in slots:  # options switched on later, or a checkpoint's strided buffers
                 if name is not None:
                     if state.get(name) is None:
-                        state[name] = _zeros(p, dtype)
+                        state[name] = _zeros(p, dtype, self.per_row)
                     elif not _local(state[name]).is_contiguous():
                         state[name] = state[name].contiguous()
             if options["master_weights"] and state.get("master") is None:
@@ -602,7 +617,7 @@ class _Fastopt:
                      [(g.values if isinstance(g, _Rows) else g).data_ptr() for _, g, *_ in batch]]
         addresses += [None if b is None else [t.data_ptr() for t in b] for b in buffers]
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, *_ in batch]
-        rows = [g.address() if isinstance(g, _Rows) else None for _, g, *_ in batch]
+        rows = [g.address() if isinstance(g, _Rows) else self.dense_rows(p) for p, g, *_ in batch]
         entry = self.state.get(_STORAGE_KEY)
         if entry is None:
             _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
@@ -735,8 +750,16 @@ def _keep_stored_dtypes(opt, state_dict):
                 state[name] = value.to(device=p.device, copy=True)
 
 
-def _zeros(p, dtype=None):
+def _zeros(p, dtype=None, per_row=False):
+    """A state buffer of p: p's shape, or one value per row along dim 0 (a row rule's)."""
+    if per_row:
+        return torch.zeros(p.shape[:1], dtype=p.dtype if dtype is None else dtype)
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def _row_len(p):
+    """Elements per row of p viewed as rows along dim 0 (a 0-d tensor: one row of one)."""
+    return p.numel() // p.shape[0] if p.dim() and p.shape[0] and p.numel() else 1
 
 
 def _state_dtypes(p):
@@ -758,10 +781,10 @@ def _new_state_dtype(p, options):
 
 def _check_storage(p, options, where, kernel=None):
     """Refuse a parameter that the storage options do not fit."""
-    if kernel in _PER_TENSOR_KERNELS and (p.dtype == torch.bfloat16
-                                          or options["state_dtype"] == "bfloat16"):
-        raise ValueError(f"{where}: per-tensor norms need float32/float64 storage, not "
-                         "bfloat16 (yet)")
+    if kernel in _PLAIN_STORAGE_KERNELS and (p.dtype == torch.bfloat16
+                                             or options["state_dtype"] == "bfloat16"):
+        raise ValueError(f"{where}: {_PLAIN_STORAGE_KERNELS[kernel]} need float32/float64 "
+                         "storage, not bfloat16 (yet)")
     if options["master_weights"] and p.dtype != torch.bfloat16:
         raise ValueError(f"{where}: master_weights=True is for bfloat16 parameters, not {p.dtype}")
     if options["state_dtype"] == "float32" and p.dtype in (torch.float64, torch.complex128):
@@ -1157,7 +1180,9 @@ class Lion(_Fastopt, torch.optim.Optimizer):
 
 class _WholeTensors:
     """Per-tensor norms (LAMB, LARS) need whole tensors: a DTensor's shard would give the
-    shard's norm, so sharded parameters are refused."""
+    shard's norm, so sharded parameters are refused (and a row rule's per-row state, which is
+    not sharded with its parameter yet)."""
+    needs = "its per-tensor norms need whole tensors"
 
     def add_param_group(self, param_group):
         with self._lock:
@@ -1166,7 +1191,7 @@ class _WholeTensors:
             if any(isinstance(p, DTensor) for p in self.param_groups[index]["params"]):
                 del self.param_groups[index:]
                 raise ValueError(f"{type(self).__name__}: param group {index} has DTensor "
-                                 "(sharded) parameters; its per-tensor norms need whole tensors")
+                                 f"(sharded) parameters; {self.needs}")
 
 
 class LAMB(_WholeTensors, _Fastopt, torch.optim.Optimizer):
@@ -1220,6 +1245,52 @@ class LARS(_WholeTensors, _Fastopt, torch.optim.Optimizer):
     def kernel_args(self, hp, step, state):
         return dict(_common(hp), momentum=hp["momentum"],
                     trust_coefficient=hp["trust_coefficient"])
+
+
+class RowwiseAdagrad(_WholeTensors, _Fastopt, torch.optim.Optimizer):
+    """Row-wise Adagrad (FBGEMM/torchrec's embedding optimizer), rows along dim 0 (a 1-D
+    parameter's rows are its elements): g = grad (-grad when maximize) + weight_decay p;
+    G_r <- G_r + mean over row r of g^2;  p_r <- p_r - lr g_r / (sqrt(G_r) + eps).  State per
+    parameter: "step" and "sum" (G, shape p.shape[:1]: 4 bytes per row for float32).  Dense and
+    sparse COO gradients (nn.Embedding / nn.EmbeddingBag with sparse=True): a sparse step
+    updates the touched rows and their G only, duplicates summed.  A torch.optim.Optimizer with
+    torch's conventions, its step in fastopt's kernel; float32/float64 real parameters."""
+
+    kernel = "rowwise_adagrad"
+    per_row = True
+    needs = "its per-row state is not sharded with them (yet)"
+    ranges = (_LR, _WEIGHT_DECAY, _EPS)
+
+    def __init__(self, params, lr=0.01, eps=1e-8, weight_decay=0.0, *, maximize=False,
+                 foreach=None, differentiable=False):
+        _constructor_checks(lr, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable))
+
+    def add_param_group(self, param_group):
+        with self._lock:
+            index = len(self.param_groups)
+            super().add_param_group(param_group)
+            complex_params = [i for i, p in enumerate(self.param_groups[index]["params"])
+                              if p.is_complex()]
+            if complex_params:
+                del self.param_groups[index:]
+                raise TypeError(f"RowwiseAdagrad: parameter {complex_params[0]} of param group "
+                                f"{index} is complex; its rows' mean of g^2 is for real "
+                                "parameters")
+
+    def slots(self, hp):
+        return ("sum",)
+
+    def sparse_grads(self, hp):
+        return "rows"
+
+    def new_state(self, p, hp):
+        return {"step": _step_tensor(hp), "sum": _zeros(p, None, per_row=True)}
+
+    def kernel_args(self, hp, step, state):
+        return dict(_common(hp), eps=hp["eps"])
 
 
 for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam, Rprop, ASGD,

@@ -191,6 +191,16 @@ def lars(theta, grad, s, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0
     return theta - v
 
 
+def rowwise_adagrad(theta, grad, s, lr=0.01, eps=1e-8, weight_decay=0.0, maximize=False):
+    """One accumulator per row along axis 0 (a 1-D theta's rows are its elements, a 0-d
+    theta is one row): G_r += mean of g^2 over the row; theta_r -= lr g_r / (sqrt(G_r) + eps)."""
+    g = _grad(theta, grad, weight_decay, maximize)
+    rows = g.reshape(theta.shape[0] if theta.ndim else 1, -1)
+    G = s.get("G", np.zeros(rows.shape[0])) + (rows * rows).mean(axis=1)
+    s["G"] = G
+    return (theta.reshape(rows.shape) - lr * rows / (np.sqrt(G)[:, None] + eps)).reshape(theta.shape)
+
+
 def comparable(state, shape):
     """The elements whose float32 result a float64 reference predicts: all, except where a
     sign was decided by rounding (Lion)."""
@@ -201,5 +211,5 @@ def comparable(state, shape):
 RULES = {
     "SGD": sgd, "Adagrad": adagrad, "Adadelta": adadelta, "RMSprop": rmsprop, "Adam": adam,
     "AdamW": adamw, "AdaMax": adamax, "Nadam": nadam, "Lion": lion, "RAdam": radam,
-    "Rprop": rprop, "ASGD": asgd, "LAMB": lamb, "LARS": lars,
+    "Rprop": rprop, "ASGD": asgd, "LAMB": lamb, "LARS": lars, "RowwiseAdagrad": rowwise_adagrad,
 }

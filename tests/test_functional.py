@@ -29,6 +29,7 @@ README_DEFAULTS = {
     "asgd": dict(lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0),
     "lamb": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0),
     "lars": dict(momentum=0.9, weight_decay=0.0, trust_coefficient=0.001),  # lr: no default
+    "rowwise_adagrad": dict(lr=0.01, eps=1e-8, weight_decay=0.0),
     # the SGD shorthands: lr has no default
     "momentum": dict(momentum=0.9, nesterov=False, weight_decay=0.0),
     "nag": dict(momentum=0.9, nesterov=True, weight_decay=0.0),
@@ -40,7 +41,8 @@ STATES = {"sgd": fastopt.SGDState, "adagrad": fastopt.AdagradState,
           "adam": fastopt.AdamState, "adamw": fastopt.AdamState, "adamax": fastopt.AdaMaxState,
           "nadam": fastopt.NadamState, "momentum": fastopt.SGDState, "nag": fastopt.SGDState,
           "lion": fastopt.LionState, "radam": fastopt.RAdamState, "rprop": fastopt.RpropState,
-          "asgd": fastopt.ASGDState, "lamb": fastopt.LAMBState, "lars": fastopt.LARSState}
+          "asgd": fastopt.ASGDState, "lamb": fastopt.LAMBState, "lars": fastopt.LARSState,
+          "rowwise_adagrad": fastopt.RowwiseAdagradState}
 
 # (function, hyperparameters, the state buffers they need): every option of every function
 CASES = [
@@ -90,6 +92,8 @@ CASES = [
     ("lars", dict(lr=0.1), ("momentum_buffer",)),
     ("lars", dict(lr=0.5, momentum=0.5, weight_decay=0.01, trust_coefficient=0.02, maximize=True),
      ("momentum_buffer",)),
+    ("rowwise_adagrad", dict(), ("sum",)),
+    ("rowwise_adagrad", dict(lr=0.05, eps=1e-6, weight_decay=0.1, maximize=True), ("sum",)),
 ]
 
 
@@ -129,8 +133,9 @@ def test_matches_reference(case, dtype):
             ref = reference_step(name, ref, grad.astype(np.float64), ref_state, hp)
         assert param.dtype == dtype and param.shape == shape and state.step == STEPS
         assert sorted(state.buffers()) == sorted(needed)
-        for buf in state.buffers().values():
-            assert buf.dtype == dtype and buf.shape == shape
+        for name_, buf in state.buffers().items():  # a row rule's: one value per row
+            assert buf.dtype == dtype
+            assert buf.shape == (shape[:1] if name_ in state.PER_ROW else shape)
         if dtype == np.float64:
             np.testing.assert_allclose(param, ref, rtol=1e-12, atol=1e-12)
         else:

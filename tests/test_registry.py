@@ -92,5 +92,8 @@ def test_a_rules_name_lives_in_at_most_eight_files():
     texts = {path: open(path, encoding="utf-8").read().lower() for path in sources}
     for crule in _kernels.RULES:
         word = re.compile(r"(?<![a-z])" + crule + r"(?![a-z])")  # adam, not nadam or adamax
-        where = [os.path.relpath(p, ROOT) for p, t in texts.items() if word.search(t)]
+        # nor adagrad inside rowwise_adagrad: longer rule names containing it are left out
+        longer = re.compile("|".join(re.escape(r) for r in _kernels.RULES if r != crule and crule in r)
+                            or "(?!)")
+        where = [os.path.relpath(p, ROOT) for p, t in texts.items() if word.search(longer.sub("", t))]
         assert len(where) <= 8, (crule, where)

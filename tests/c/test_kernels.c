@@ -27,7 +27,7 @@ enum {
     SGD = FO_RULE_sgd, ADAGRAD = FO_RULE_adagrad, ADADELTA = FO_RULE_adadelta,
     RMSPROP = FO_RULE_rmsprop, ADAM = FO_RULE_adam, ADAMAX = FO_RULE_adamax, NADAM = FO_RULE_nadam,
     LION = FO_RULE_lion, RADAM = FO_RULE_radam, RPROP = FO_RULE_rprop, ASGD = FO_RULE_asgd,
-    LAMB = FO_RULE_lamb, LARS = FO_RULE_lars,
+    LAMB = FO_RULE_lamb, LARS = FO_RULE_lars, ROWWISE = FO_RULE_rowwise_adagrad,
     N_RULES = FO_N_RULES
 };
 #define RULE_NAMES(rule) (fo_describe(rule)->name)
@@ -56,6 +56,8 @@ static fo_rprop_params rprop_hp(void) { return (fo_rprop_params){.lr = RPROP_LR,
 /* t0 = 0: mu is 1 on steps 1 and 2 (ax copied), 1/2 on step 3 (averaged) */
 static fo_lamb_params lamb_hp(int64_t t) { return (fo_lamb_params){.lr = 0.01, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-6, .weight_decay = 0.1, .step = t}; }
 static fo_lars_params lars_hp(void) { return (fo_lars_params){.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01, .trust_coefficient = 0.01}; }
+/* without rows: rows of one element (fastopt.h, row rules) */
+static fo_rowwise_adagrad_params rowwise_hp(void) { return (fo_rowwise_adagrad_params){.lr = 0.1, .eps = 1e-8, .weight_decay = 0.01}; }
 static fo_asgd_params asgd_hp(int64_t t) { return (fo_asgd_params){.lr = 0.01, .lambd = 1e-4, .alpha = 0.75, .t0 = 0, .weight_decay = 0.01, .step = t}; }
 
 #define T float
@@ -123,7 +125,7 @@ static void test_errors(void)
 /* The generic entry: the rule table, errors that name the field, storage types, rule ids. */
 static void test_generic(void)
 {
-    CHECK(13 == N_RULES, "every rule of FO_RULES has a case here (%d rules)", (int)N_RULES);
+    CHECK(14 == N_RULES, "every rule of FO_RULES has a case here (%d rules)", (int)N_RULES);
     for (int rule = 0; rule < N_RULES; rule++) {
         const fo_rule_info *info = fo_describe(rule);
         CHECK(info && info->n_state >= 1 && info->n_fields >= 3, "fo_describe(%d)", rule);
@@ -154,6 +156,59 @@ static void test_generic(void)
 
 /* The step's options: the reduction pass (fo_norm: thread counts, per tensor, inf/NaN, norm
  * types), the gradient multiplier every rule folds in, the EMA, and their refusals. */
+/* A row rule with rows of several elements (fastopt.h, row rules): its state one value per row,
+ * against the formula in double; refusals. */
+static void test_row_rule(void)
+{
+    enum { ROWS = 5, LEN = 7, N = ROWS * LEN };
+    /* param, grad and sum in one allocation, the sum right after the grad: disjoint */
+    float *mem = malloc((2 * N + ROWS) * sizeof(float));
+    float *p = mem, *g = mem + N, *sum = mem + 2 * N;
+    double ref[N], G[ROWS] = {0};
+    lcg = 11;
+    for (int i = 0; i < N; i++) ref[i] = p[i] = (float)uniform();
+    for (int r = 0; r < ROWS; r++) sum[r] = 0;
+    const fo_rowwise_adagrad_params hp = rowwise_hp();
+    fo_rows rows = {.row_len = LEN};
+    size_t n = N;
+    void *bp = p, *bg = g, *bs = sum;
+    fo_batch batch = {.count = 1, .n = &n, .buffers = {&bp, &bg, &bs}, .rows = &rows};
+    for (int step = 0; step < 3; step++) {
+        for (int i = 0; i < N; i++) g[i] = (float)uniform();
+        CHECK(fo_step(FO_RULE_rowwise_adagrad, &batch, &hp, NULL) == FO_OK, "row rule status");
+        for (int r = 0; r < ROWS; r++) {
+            double squares = 0;
+            for (int e = 0; e < LEN; e++) {
+                const double x = g[r * LEN + e] + hp.weight_decay * ref[r * LEN + e];
+                squares += x * x;
+            }
+            G[r] += squares / LEN;
+            for (int e = 0; e < LEN; e++) {
+                const double x = g[r * LEN + e] + hp.weight_decay * ref[r * LEN + e];
+                ref[r * LEN + e] -= hp.lr * x / (sqrt(G[r]) + hp.eps);
+            }
+        }
+    }
+    double worst = 0;
+    for (int i = 0; i < N; i++) worst = fmax(worst, fabs(p[i] - ref[i]));
+    for (int r = 0; r < ROWS; r++) worst = fmax(worst, fabs(sum[r] - G[r]) / G[r]);
+    CHECK(worst < 1e-5, "row rule vs the formula: %g", worst);
+    float before[N];
+    memcpy(before, p, sizeof before);
+    rows.row_len = 6; /* does not divide 35 */
+    CHECK(fo_step(FO_RULE_rowwise_adagrad, &batch, &hp, NULL) == FO_ERR_INDEX, "row_len 6 of 35");
+    rows.row_len = LEN;
+    bs = g + N - 2; /* the sum overlapping the grad's last elements */
+    CHECK(fo_step(FO_RULE_rowwise_adagrad, &batch, &hp, NULL) == FO_ERR_OVERLAP, "sum on grad");
+    bs = sum;
+    batch.dtype[2] = FO_BFLOAT16;
+    CHECK(fo_step(FO_RULE_rowwise_adagrad, &batch, &hp, NULL) == FO_ERR_DTYPE, "bfloat16 sum");
+    CHECK(memcmp(before, p, sizeof before) == 0, "a refused row rule call wrote");
+    CHECK(fo_describe(FO_RULE_rowwise_adagrad)->per_row == 1 && fo_describe(FO_RULE_adagrad)->per_row == 0,
+          "fo_rule_info.per_row");
+    free(mem);
+}
+
 static void test_step_options(void)
 {
     enum { A = 5000, B = 150001, C = 3 };
@@ -408,6 +463,7 @@ int main(void)
     }
     test_errors();
     test_generic();
+    test_row_rule();
     test_step_options();
     test_rows_exact();
     test_rows();
