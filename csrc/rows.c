@@ -102,6 +102,17 @@ static void sort_rows(size_t nnz, uint64_t n_rows, uint64_t *rows, size_t *pos, 
     }
 }
 
+/* A hot row's gradient rows lie anywhere in the values (Zipf batches: thousands of them for
+ * one row): each is a few cache misses the hardware cannot foresee, so the sums prefetch the
+ * gradient row FO_SUM_AHEAD positions on (its first FO_ROW_PREFETCH_BYTES). */
+#define FO_SUM_AHEAD 8
+#define FO_ROW_PREFETCH_BYTES 512 /* past that, a row streams and the hardware prefetches */
+static inline void prefetch_rows(const char *row, size_t bytes)
+{
+    const size_t upto = bytes < FO_ROW_PREFETCH_BYTES ? bytes : FO_ROW_PREFETCH_BYTES;
+    for (size_t off = 0; off < upto; off += 64) __builtin_prefetch(row + off, 0);
+}
+
 /* The sum of a row's gradient rows (positions p .. end of `values`, rows of row_len), elements
  * [at, at + n), in the order of the positions: out = v[p0]; out += v[p1]; ... */
 #define FO_SUM_ROWS(T, name)                                                                   \
@@ -110,8 +121,12 @@ static void sort_rows(size_t nnz, uint64_t n_rows, uint64_t *rows, size_t *pos, 
     {                                                                                          \
         T *restrict out = (T *)out_ + at;                                                      \
         const T *values = (const T *)values_ + at;                                             \
+        for (const size_t *q = p + 1; q < end && q <= p + FO_SUM_AHEAD; q++)                   \
+            prefetch_rows((const char *)(values + *q * row_len), n * sizeof(T));               \
         memcpy(out, values + *p * row_len, n * sizeof(T));                                     \
         for (p++; p < end; p++) {                                                              \
+            if (p + FO_SUM_AHEAD < end)                                                        \
+                prefetch_rows((const char *)(values + p[FO_SUM_AHEAD] * row_len), n * sizeof(T)); \
             const T *restrict in = values + *p * row_len;                                      \
             for (size_t i = 0; i < n; i++) out[i] += in[i];                                    \
         }                                                                                      \
@@ -246,7 +261,6 @@ typedef void (*catch_up_fn)(void *const *b, size_t at, size_t n, const row_catch
  * is wrapped: starting row e, it prefetches row e + FO_ROW_AHEAD, whose buffers it finds in
  * the batch's tables through the entry number that an extra buffer slot carries. */
 #define FO_ROW_AHEAD 4
-#define FO_ROW_PREFETCH_BYTES 512 /* past that, a row streams and the hardware prefetches */
 
 typedef struct {
     fo_span_fn span;
