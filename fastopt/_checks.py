@@ -38,10 +38,10 @@ def check_like(buf, param, what, *, writeable, dtype_ok=None, shape=None):
                             f"({expected})")
     elif buf.dtype != param.dtype:
         raise TypeError(f"{what} has dtype {buf.dtype}, the parameter has {param.dtype}")
-    if shape is not None and buf.shape != shape:
+    if shape is not None and shape != param.shape and buf.shape != shape:
         raise ValueError(f"{what} has shape {buf.shape}; one value per row of the parameter "
                          f"(shape {param.shape}) is {shape}")
-    if shape is None and buf.shape != param.shape:
+    if (shape is None or shape == param.shape) and buf.shape != param.shape:
         raise ValueError(f"{what} has shape {buf.shape}, the parameter has {param.shape}")
     if not buf.flags.c_contiguous:
         raise ValueError(f"{what} must be C-contiguous")
@@ -59,13 +59,14 @@ def grad_dtype_ok(param):
     return ok
 
 
-def state_dtype_ok(param):
-    """A state buffer's dtype: the compute type (float32, float64 for float64 parameters) or
-    bfloat16."""
+def state_dtype_ok(param, bfloat16=True):
+    """A state buffer's dtype: the compute type (float32, float64 for float64 parameters) or,
+    unless the rule refuses it, bfloat16."""
     def ok(dtype):
-        if storage.state_dtype_ok(dtype, param.dtype):
+        if storage.state_dtype_ok(dtype, param.dtype) and (bfloat16 or not storage.is_bf16(dtype)):
             return True, ""
-        return False, f"its state must be {storage.compute_dtype(param.dtype)} or bfloat16"
+        return False, (f"its state must be {storage.compute_dtype(param.dtype)}"
+                       + (" or bfloat16" if bfloat16 else ""))
     return ok
 
 

@@ -137,8 +137,9 @@ def _validated(opt, d):
                 if not isinstance(v, np.ndarray):
                     raise TypeError(f"{what}.{k} must be a numpy array, got {type(v).__name__}")
                 # (the dtype is state.check's below: state buffers and master differ)
-                _checks.check_like(np.ascontiguousarray(v), params[key], f"{what}.{k}",
-                                   writeable=False, dtype_ok=lambda dtype: (True, ""))
+                _checks.check_like(np.asarray(v, order="C"), params[key], f"{what}.{k}",
+                                   writeable=False, dtype_ok=lambda dtype: (True, ""),
+                                   shape=state_type.buffer_shape(params[key], k))
                 copied[k] = np.array(v, order="C", copy=True)
         state = state_type(**copied)
         state.check(params[key], what)

@@ -42,11 +42,15 @@ class OptimizerState:
     INITIAL = {}  # buffer -> its start value when not given (the default of the hyperparameter that fills it)
 
     @classmethod
+    def buffer_shape(cls, param, name):
+        """Buffer `name`'s shape: param's, or param.shape[:1] for one value per row."""
+        return param.shape[:1] if name in cls.PER_ROW else param.shape
+
+    @classmethod
     def new_buffer(cls, param, name, value=0.0, dtype=None):
-        """Buffer `name` for `param`, filled with `value`, of `dtype` (default param's): of
-        param's shape, or param.shape[:1] for a buffer with one value per row."""
-        shape = param.shape[:1] if name in cls.PER_ROW else param.shape
-        return np.full(shape, value, dtype=param.dtype if dtype is None else dtype)
+        """Buffer `name` for `param`, filled with `value`, of `dtype` (default param's)."""
+        return np.full(cls.buffer_shape(param, name), value,
+                       dtype=param.dtype if dtype is None else dtype)
 
     @classmethod
     def new(cls, param, fill=None, **initial):
@@ -82,9 +86,10 @@ class OptimizerState:
                 _checks.check_like(buf, param, f"{what}.master", writeable=True,
                                    dtype_ok=_master_dtype_ok(param))
             else:
+                # a row rule's reduction reads compute-type storage only
                 _checks.check_like(buf, param, f"{what}.{name}", writeable=True,
-                                   dtype_ok=_checks.state_dtype_ok(param),
-                                   shape=param.shape[:1] if name in self.PER_ROW else None)
+                                   dtype_ok=_checks.state_dtype_ok(param, not self.PER_ROW),
+                                   shape=self.buffer_shape(param, name))
         for name in self.COUNTERS:
             _checks.step_count(f"{what}.{name}", getattr(self, name))
         if self.row_step is not None:
