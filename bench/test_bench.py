@@ -85,9 +85,10 @@ def test_python_side_cost(benchmark, call):
 
 @pytest.mark.parametrize("implementation", ["fastopt.torch", "torch"])
 @pytest.mark.parametrize("distribution", ["zipf", "uniform"])
-@pytest.mark.parametrize("rule", ["SparseAdam", "Adagrad", "SGD"])
+@pytest.mark.parametrize("rule", ["SparseAdam", "Adagrad", "SGD", "RowwiseAdagrad"])
 def test_sparse_embedding(benchmark, rule, distribution, implementation):
-    """A 1M x 64 nn.Embedding(sparse=True), 16,384 indices per step (fastopt.bench_sparse)."""
+    """A 1M x 64 nn.Embedding(sparse=True), 16,384 indices per step (fastopt.bench_sparse;
+    RowwiseAdagrad against torch's sparse Adagrad)."""
     pytest.importorskip("torch")
     from fastopt.bench_sparse import torch_runners
     benchmark.group = f"sparse {rule} {distribution}"

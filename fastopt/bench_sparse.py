@@ -16,9 +16,7 @@ from fastopt.benchmark import IN_LOOP_RULE, section_main, time_side_by_side
 
 ROWS, DIM, BATCH = 1_000_000, 64, 16_384
 GRADIENTS = 8  # distinct batches, used in turn
-# the torch.optim class a fastopt.torch class is compared with where torch has none of its name:
-# RowwiseAdagrad against the element-wise sparse Adagrad a torch user would take instead
-TORCH_INSTEAD = {"RowwiseAdagrad": "Adagrad"}
+
 
 
 def draw_indices(distribution, rng, rows=ROWS, batch=BATCH):
@@ -51,8 +49,7 @@ def torch_runners(name, distribution, threads, hp):
     rng = np.random.default_rng(0)
     batches = [torch.from_numpy(draw_indices(distribution, rng)) for _ in range(GRADIENTS)]
     out, distinct = {}, int(np.mean([len(np.unique(b.numpy())) for b in batches]))
-    for label, module, cls in (("fastopt.torch", ft, name),
-                               ("torch", torch.optim, TORCH_INSTEAD.get(name, name))):
+    for label, module, cls in (("fastopt.torch", ft, name), ("torch", torch.optim, against(name))):
         torch.manual_seed(0)
         emb = torch.nn.Embedding(ROWS, DIM, sparse=True)
         grads = []
@@ -93,6 +90,13 @@ def numpy_runners(distribution):
     return {"SparseGrad": sparse_step, "dense": lambda: dense_opt.step([dense_grad])}
 
 
+def against(name):
+    """The torch.optim class a fastopt.torch class is compared with: its namesake, or where
+    torch has none, the one it names (`bench_against`)."""
+    import fastopt.torch as ft
+    return getattr(getattr(ft, name), "bench_against", name)
+
+
 def torch_cases():
     """The fastopt.torch classes that take sparse gradients (they say how: sparse_grads)."""
     import fastopt.torch as ft
@@ -119,7 +123,7 @@ def run(threads, quick=False, budget_s=1.0):
                 fns, distinct = torch_runners(name, distribution, threads, {})
                 t = time_side_by_side(fns, budget_s * 2)
                 ratio = t["torch"] / t["fastopt.torch"]
-                label = f"torch {name}" + (f" ({TORCH_INSTEAD[name]})" if name in TORCH_INSTEAD else "")
+                label = f"torch {name}" + (f" ({against(name)})" if against(name) != name else "")
                 print(f"{label:<26}{distribution:>9}{distinct:>7} "
                       f"{t['fastopt.torch'] * 1e6:>10.0f} {t['torch'] * 1e6:>10.0f} "
                       f"{ratio:>7.2f}x", flush=True)

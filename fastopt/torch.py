@@ -1258,6 +1258,7 @@ class RowwiseAdagrad(_WholeTensors, _Fastopt, torch.optim.Optimizer):
 
     kernel = "rowwise_adagrad"
     per_row = True
+    bench_against = "Adagrad"  # torch's class a user would take instead (its sparse Adagrad)
     needs = "its per-row state is not sharded with them (yet)"
     ranges = (_LR, _WEIGHT_DECAY, _EPS)
 
