@@ -341,7 +341,7 @@ class _Fastopt:
                           if state for t in state.values() if isinstance(t, torch.Tensor)]
         return _kernels.ObjectPlan(_kernels.RULES[self.kernel], self, groups,
                                    torch.autograd.graph.increment_version, written,
-                                   [_span(t) for t in written + states_written])
+                                   [_span(t) for t in written + states_written], torch.Tensor)
 
     def refreshed_hyperparameters(self, index, group, hp):
         """A planned group's values changed (an lr schedule): the new hyperparameters, checked

@@ -414,3 +414,43 @@ def test_values_changed_between_steps_match_torch(name, hp, change, replans):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
     assert plans[1] is plans[5]  # the lr changes kept the plan
     assert (plans[6] is not plans[5]) == replans
+
+
+class _ShadowGrad(torch.nn.Parameter):
+    """A parameter type that routes .grad through its own property (the plan must not read
+    torch's getter directly for it)."""
+    reads = 0
+
+    @property
+    def grad(self):
+        type(self).reads += 1
+        return torch.nn.Parameter.grad.__get__(self)
+
+    @grad.setter
+    def grad(self, value):
+        torch.nn.Parameter.grad.__set__(self, value)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "parameter", "own grad property"])
+def test_planned_steps_read_each_parameter_type_like_torch(kind):
+    """The plan reads .grad through torch's getter for tensors and parameters and through a
+    subclass's own property where it has one: the same numbers as torch.optim, step after step."""
+    make = {"tensor": lambda t: t.clone().requires_grad_(),
+            "parameter": lambda t: torch.nn.Parameter(t.clone()),
+            "own grad property": lambda t: _ShadowGrad(t.clone())}[kind]
+    init = [torch.randn(5, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    ours, theirs = [make(t) for t in init], [t.clone().requires_grad_() for t in init]
+    opts = ft.Adam(ours, lr=0.1), torch.optim.Adam(theirs, lr=0.1)
+    _ShadowGrad.reads = 0
+    for step in range(6):
+        g = torch.Generator().manual_seed(100 + step)
+        grads = [torch.randn(5, 3, generator=g) for _ in init]
+        for params, opt in zip((ours, theirs), opts):
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+            opt.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    assert opts[0]._plan is not None
+    if kind == "own grad property":
+        assert _ShadowGrad.reads >= 6 * len(init)  # the planned steps went through it too
