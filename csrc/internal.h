@@ -174,7 +174,10 @@ void fo_bf16_nearest_avx512bf16(uint16_t *dst, const float *src, size_t n);
 void fo_run(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
             const size_t *n, const fo_call *call);
 /* fo_run whose spans start at multiples of `grain` within each tensor (and cover whole grains,
- * the tensor's last one aside): blocks that each one thread sums, for fixed-order reductions. */
+ * the tensor's last one aside): blocks that each one thread sums, for fixed-order reductions.
+ * grain FO_WHOLE_TENSORS: every tensor is one span (a row rule's entries, rows.c), run by the
+ * thread whose piece of the range holds its first element. */
+#define FO_WHOLE_TENSORS ((size_t)-1)
 void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int n_bufs,
                    const size_t *n, const fo_call *call, size_t grain);
 

@@ -414,7 +414,8 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
             const int k = used[i];
             if (k == 1) continue;
             const int one_per_row = row_rule && k >= 2 && k < n_rule_bufs;
-            bytes[n_written] = (one_per_row ? n / row_len : n) * dtype_size(call.dtype[k]);
+            /* (a tensor of no elements writes nothing, whatever its row length) */
+            bytes[n_written] = (one_per_row ? (n ? n / row_len : 0) : n) * dtype_size(call.dtype[k]);
             written[n_written++] = bufs[k][t];
         }
         if (batch->master) {

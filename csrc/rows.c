@@ -521,14 +521,13 @@ static int run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int
         row_call.master = call->master ? master_of : NULL;
         call = &row_call;
     }
-    /* a row rule's entries each run whole (a grain as long as the longest) */
-    size_t grain = 1;
+    /* a row rule's entries each run whole */
+    const size_t grain = per_row ? FO_WHOLE_TENSORS : 1;
     if (per_row) {
         row_call = *call;
         row_call.row_len = row_len_of;
         row_call.per_row = per_row;
         call = &row_call;
-        for (size_t i = 0; i < e; i++) grain = sizes[i] > grain ? sizes[i] : grain;
     }
     if (d && !ahead) {
         /* one row length per sum pass (its scalars): tensors of different row lengths each

@@ -169,7 +169,7 @@ int fo_set_num_threads(int n)
  * a whole number of grains, starts at a grain boundary of its tensor. */
 static inline size_t padded(const job *j, size_t n)
 {
-    return j->grain > 1 ? (n + j->grain - 1) / j->grain * j->grain : n;
+    return j->grain > 1 && j->grain != FO_WHOLE_TENSORS ? (n + j->grain - 1) / j->grain * j->grain : n;
 }
 
 static void run_piece(const job *j, size_t t, size_t at, size_t n)
@@ -208,9 +208,16 @@ static void work(job *j, int is_caller)
             const size_t left = j->total - at;
             size_t piece = left / j->per_thread_share; /* guided: a share of what is left */
             piece = piece > FO_MAX_PIECE ? FO_MAX_PIECE : piece < FO_MIN_PIECE ? FO_MIN_PIECE : piece;
-            if (j->grain > 1) piece = (piece + j->grain - 1) / j->grain * j->grain;
+            if (j->grain > 1 && j->grain != FO_WHOLE_TENSORS)
+                piece = (piece + j->grain - 1) / j->grain * j->grain;
             take = piece < left ? piece : left;
         } while (!atomic_compare_exchange_weak(&j->cursor, &at, at + take));
+        if (j->grain == FO_WHOLE_TENSORS) { /* the tensors that start in the piece, each whole */
+            while (t < j->count && base < at) base += j->n[t++];
+            for (; t < j->count && base < at + take; base += j->n[t++])
+                if (j->n[t]) run_piece(j, t, 0, j->n[t]);
+            continue;
+        }
         while (take) { /* the piece may cover the end of one tensor and the start of others */
             while (base + padded(j, j->n[t]) <= at) base += padded(j, j->n[t++]);
             const size_t length = padded(j, j->n[t]), off = at - base;

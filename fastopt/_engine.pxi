@@ -897,6 +897,23 @@ cdef class _Member:
     cdef size_t nbytes
     cdef _Table table
     cdef Py_ssize_t slot
+    # its state dict and the values it held when planned (their buffers are in the tables): a
+    # buffer replaced since (opt.state[p]["exp_avg"] = ...) must not be written through a
+    # stale pointer; None where the group keeps no state
+    cdef dict state
+    cdef tuple values
+
+    cdef inline bint state_unchanged(self):
+        if self.state is None:
+            return True
+        if len(self.state) != len(self.values):
+            return False
+        cdef Py_ssize_t k = 0
+        for v in self.state.values():
+            if v is not self.values[k]:
+                return False
+            k += 1
+        return True
 
 
 cdef class ObjectPlan:
@@ -964,9 +981,11 @@ cdef class ObjectPlan:
             for t in range(table.count):
                 where[table.indices[t]] = (table, t)
         members, with_grad = [], 0
-        for p, has_grad, address, _, nbytes in described:
+        for p, has_grad, address, state, nbytes in described:
             m = _Member()
             m.param, m.has_grad, m.address, m.nbytes = p, has_grad, address, nbytes
+            if state is not None:
+                m.state, m.values = state, tuple(state.values())
             if has_grad:
                 m.table, m.slot = where[with_grad]
                 with_grad += 1
@@ -1006,7 +1025,7 @@ cdef class ObjectPlan:
             for t in range(len(members)):
                 m = members[t]
                 p = m.param
-                if params_list[t] is not p:
+                if params_list[t] is not p or not m.state_unchanged():
                     return False
                 direct = self.grad_of != NULL and self._known(p)
                 grad = self.grad_of.get(p, self.grad_of.closure) if direct else p.grad

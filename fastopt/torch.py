@@ -412,14 +412,20 @@ class _Fastopt:
             if buffer is None:
                 continue  # created on this step
             expected = _state_dtypes(p)
+            if self.state.get(_STORAGE_KEY) is None or self.kernel in _PLAIN_STORAGE_KERNELS:
+                # without storage options every buffer is the compute type (the kernels take
+                # them so); a rule that needs compute-type storage has nothing else
+                expected = expected[:1]
             if name == "master":
                 expected = (torch.float32,)
             if not isinstance(buffer, torch.Tensor) or buffer.dtype not in expected \
                     or buffer.shape != shape or buffer.layout != torch.strided \
                     or not buffer.is_cpu or isinstance(buffer, DTensor) != sharded:
+                like = (f"of shape {tuple(shape)} (one value per row of its parameter, "
+                        f"{_describe(p)})" if self.per_row else f"like its parameter ({_describe(p)})")
                 raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
-                                 f"{_describe(buffer)}; it must be a dense tensor like its "
-                                 f"parameter ({_describe(p)})")
+                                 f"{_describe(buffer)}; it must be a dense "
+                                 f"{' or '.join(str(d) for d in expected)} tensor {like}")
             local = buffer if self.per_row else _local_like(  # (a row rule: no DTensors)
                 buffer, local_p, ValueError, f"{self._where(index, group, i)}: state {name!r} is")
             if local.is_contiguous():
@@ -452,6 +458,13 @@ class _Fastopt:
             if dtype not in _KERNEL_DTYPES or p.layout != strided or not p.is_cpu \
                     or not local_p.is_contiguous():
                 _check_param(p, self._where(index, group, i))
+            if (dtype == torch.bfloat16 and self.state.get(_STORAGE_KEY) is None) or (
+                    self.per_row and p.is_complex()):
+                # p.data replaced after construction by a tensor its storage options (made for
+                # its first dtype) or its rule cannot take
+                raise TypeError(f"{self._where(index, group, i)} is now {dtype}; "
+                                f"{type(self).__name__} was made for its earlier dtype (make the "
+                                "optimizer after changing the parameter's dtype)")
             sparse = g.layout == torch.sparse_coo and not sharded and not p.is_complex()
             if g.layout != strided and (not sparse or self.sparse_grads(hp) is None):
                 raise TypeError(f"{self._where(index, group, i)}: {type(self).__name__} does "
@@ -668,7 +681,12 @@ class _Rows:
         return cls(rows, values, row_len)
 
     def address(self):
-        return (self.indices.data_ptr(), True, self.indices.numel(), self.row_len)
+        # no rows: a real address all the same (NULL indices would mean a dense gradient)
+        indices = self.indices if self.indices.numel() else _NO_ROWS
+        return (indices.data_ptr(), True, self.indices.numel(), self.row_len)
+
+
+_NO_ROWS = torch.zeros(1, dtype=torch.int64)
 
 
 def _gather_counters(states, names):

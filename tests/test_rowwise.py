@@ -293,6 +293,8 @@ def _threaded_run(threads):
                 indices = rng.integers(0, s[0], size=n)
                 grads.append(fastopt.SparseGrad(indices, rng.standard_normal(
                     (n,) + s[1:]).astype(d)))
+            # a dense tensor of long rows in the same row batch as the sparse rows
+            grads[-1] = rng.standard_normal(shapes[-1]).astype(dtypes[-1])
             opt.step(grads)
     finally:
         fastopt.set_num_threads(previous)
@@ -443,3 +445,29 @@ def test_torch_dense_matches_reference_and_state_dict_round_trip(torch_rowwise):
     for a, b in zip(model.parameters(), other.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(opt.state[a]["sum"], other_opt.state[b]["sum"])
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0)])
+def test_parameters_without_elements_take_empty_rows(shape):
+    """No rows, or rows of no elements: a step (dense or of no rows) changes nothing and fails
+    nowhere."""
+    p = np.zeros(shape, np.float32)
+    opt = fastopt.RowwiseAdagrad([p])
+    opt.step([fastopt.SparseGrad(np.zeros(0, np.int64), np.zeros((0,) + shape[1:], np.float32))])
+    opt.step([np.zeros(shape, np.float32)])
+    assert opt.state[0].step == 2 and opt.state[0].sum.shape == shape[:1]
+    assert not opt.state[0].sum.any()
+
+
+def test_torch_empty_batches_and_empty_rows(torch_rowwise):
+    """An embedding step on no indices (an empty sparse gradient) or on rows of no elements: the
+    step is taken (its count advances) and nothing else changes."""
+    torch, RowwiseAdagrad = torch_rowwise
+    for rows, dim, batch in ((5, 4, []), (5, 0, [1, 2])):
+        emb = torch.nn.Embedding(rows, dim, sparse=True)
+        before = emb.weight.detach().clone()
+        opt = RowwiseAdagrad(emb.parameters(), lr=0.1)
+        emb(torch.tensor(batch, dtype=torch.long)).sum().backward()
+        opt.step()
+        assert opt.state[emb.weight]["step"] == 1
+        assert torch.equal(emb.weight.detach(), before)

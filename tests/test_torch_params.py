@@ -454,3 +454,40 @@ def test_planned_steps_read_each_parameter_type_like_torch(kind):
     assert opts[0]._plan is not None
     if kind == "own grad property":
         assert _ShadowGrad.reads >= 6 * len(init)  # the planned steps went through it too
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_state_buffer_replaced_between_steps_is_used_like_torch(name):
+    """A state buffer replaced by the user between planned steps (a momentum reset) is the one
+    the next step reads and writes, as in torch.optim; the replaced one is never written."""
+    hp = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.05)
+    buffer = "momentum_buffer" if name == "SGD" else "exp_avg"
+    nets = model(), model()
+    opts = getattr(torch.optim, name)(nets[0].parameters(), **hp), getattr(ft, name)(nets[1].parameters(), **hp)
+    for step in range(8):
+        if step == 4:
+            for net, opt in zip(nets, opts):
+                old = opt.state[first(net).weight][buffer]
+                kept = old.clone()
+                opt.state[first(net).weight][buffer] = torch.zeros_like(old)
+        for net, opt in zip(nets, opts):
+            train(net, opt, steps=1, start=step)
+        if step == 4:
+            assert torch.equal(old, kept)  # fastopt's old buffer: not written after the swap
+        for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_parameter_made_bfloat16_after_construction_is_refused():
+    """p.data replaced by a bfloat16 tensor after the optimizer was made for float32 (no
+    bfloat16 storage options): a TypeError naming the parameter, nothing changed."""
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.1)
+    train(net, opt, steps=1)
+    w = first(net).weight
+    w.data = w.data.to(torch.bfloat16)
+    w.grad = torch.ones_like(w)
+    before = {k: v.clone() for k, v in opt.state[w].items()}
+    with pytest.raises(TypeError, match="now torch.bfloat16"):
+        opt.step()
+    assert all(torch.equal(opt.state[w][k], v) for k, v in before.items())
