@@ -225,6 +225,7 @@ cdef class Batch:
     cdef Py_ssize_t lr_offset    # of the struct's `lr` field, where the schedule's value goes
     cdef int64_t step
     cdef list params, states, indices, buffers
+    cdef list shapes             # a row rule's: each parameter's shape when planned
     cdef bint exact              # sparse="exact": rows caught up through their last steps
     cdef list row_steps          # per tensor its state's row_step (exact), or None
     cdef int64_t **last_steps
@@ -271,6 +272,7 @@ cdef class Batch:
         # per tensor: every buffer its state holds, in slot order, used by this batch or not,
         # so a step can tell that none was replaced since the full validation
         self.buffers = []
+        self.shapes = [p.shape for p in params] if rule.per_row else None
         cdef cnp.ndarray a
         for t in range(self.count):
             a = params[t]
@@ -304,6 +306,8 @@ cdef class Batch:
             if params[i] is not a or cnp.PyArray_DATA(a) != self.ptrs[0][t] \
                     or not cnp.PyArray_ISWRITEABLE(a):
                 return False
+            if self.rule.per_row and (<object>a).shape != self.shapes[t]:
+                return False  # reshaped in place: its rows (and state's length) are others now
             s = self.states[t]
             if state.get(i) is not s or s.step != self.step:
                 return False
@@ -902,6 +906,7 @@ cdef class _Member:
     # stale pointer; None where the group keeps no state
     cdef dict state
     cdef tuple values
+    cdef object shape  # a row rule's: the parameter's shape (its rows) when planned
 
     cdef inline bint state_unchanged(self):
         if self.state is None:
@@ -986,6 +991,7 @@ cdef class ObjectPlan:
             m.param, m.has_grad, m.address, m.nbytes = p, has_grad, address, nbytes
             if state is not None:
                 m.state, m.values = state, tuple(state.values())
+            m.shape = p.shape
             if has_grad:
                 m.table, m.slot = where[with_grad]
                 with_grad += 1
@@ -1027,6 +1033,8 @@ cdef class ObjectPlan:
                 p = m.param
                 if params_list[t] is not p or not m.state_unchanged():
                     return False
+                if self.rule.per_row and p.shape != m.shape:
+                    return False  # p.data reshaped: its rows are others now
                 direct = self.grad_of != NULL and self._known(p)
                 grad = self.grad_of.get(p, self.grad_of.closure) if direct else p.grad
                 if grad is None:

@@ -471,3 +471,33 @@ def test_torch_empty_batches_and_empty_rows(torch_rowwise):
         opt.step()
         assert opt.state[emb.weight]["step"] == 1
         assert torch.equal(emb.weight.detach(), before)
+
+
+def test_a_parameter_reshaped_in_place_gets_its_new_rows(rng):
+    """A parameter reshaped in place between steps (same memory, other rows): the next step
+    does not run on the old rows; the state, one value per old row, no longer fits and is
+    refused by name, nothing changed."""
+    p = rng.standard_normal((4, 3))
+    opt = fastopt.RowwiseAdagrad([p], lr=0.1)
+    opt.step([np.ones((4, 3))])
+    opt.step([np.ones((4, 3))])  # planned
+    p.shape = (2, 6)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"state\[0\]\.sum has shape \(4,\)"):
+        opt.step([np.ones((2, 6))])
+    assert_same_snapshot(snapshot(opt), before)
+
+
+def test_torch_parameter_reshaped_after_planning_is_checked(torch_rowwise):
+    """The same through fastopt.torch's planned step: p.data viewed with other rows."""
+    torch, RowwiseAdagrad = torch_rowwise
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = RowwiseAdagrad([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.ones(4, 3)
+        opt.step()
+    p.data = p.data.view(2, 6)
+    p.grad = torch.ones(2, 6)
+    with pytest.raises(ValueError, match="state 'sum'"):
+        opt.step()
+    assert opt.state[p]["step"] == 2
