@@ -482,7 +482,8 @@ class _Fastopt:
                 if self.per_row and g.sparse_dim() != 1:
                     raise TypeError(f"{self._where(index, group, i)}: its sparse gradient has "
                                     f"{g.sparse_dim()} sparse dimensions; {type(self).__name__}'s "
-                                    "rows are along dim 0 (one sparse dimension)")
+                                    "rows are along dim 0 (one sparse dimension: "
+                                    "grad.to_sparse(1), as nn.Embedding(sparse=True) gives)")
                 local_g = _Rows.of(g) if self.sparse_grads(hp) == "rows" else g.to_dense()
             else:
                 local_g = _local_like(g, local_p, TypeError,
