@@ -323,6 +323,18 @@ static int strictly_increasing(const fo_rows *r)
 /* A row rule's dense tensor runs as entries of whole rows, about this many elements each */
 #define FO_ROW_CHUNK ((size_t)8192)
 
+/* A row rule's tensors, longest rows first: an entry runs whole on one thread, so a row
+ * far longer than the others should start first, not finish last (the order changes no bit). */
+typedef struct {
+    size_t row_len, t;
+} tensor_order;
+static int longest_rows_first(const void *a_, const void *b_)
+{
+    const tensor_order *a = a_, *b = b_;
+    if (a->row_len != b->row_len) return a->row_len > b->row_len ? -1 : 1;
+    return a->t < b->t ? -1 : a->t > b->t;
+}
+
 static size_t rows_per_chunk(size_t row_len)
 {
     return row_len == 0 || row_len >= FO_ROW_CHUNK ? 1 : FO_ROW_CHUNK / row_len;
@@ -372,7 +384,7 @@ static int run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int
                          + scratch_elems * elem[1] + 64
                          + (catchup ? entries * (sizeof(void *) + sizeof(row_catchup)) : 0)
                          + (staged ? entries * (2 * sizeof(uint64_t) + sizeof(float *)) : 0)
-                         + (per_row ? entries * sizeof(size_t) : 0);
+                         + (per_row ? entries * sizeof(size_t) + count * sizeof(tensor_order) : 0);
     char *mem = malloc(bytes);
     if (!mem) return FO_ERR_MEMORY;
     char *at = mem;
@@ -394,6 +406,7 @@ static int run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int
     FO_TAKE(uint64_t, first_of, staged ? entries : 0); /* its element 0's index in it, */
     FO_TAKE(float *, master_of, staged && call->master ? entries : 0); /* its master row */
     FO_TAKE(size_t, row_len_of, per_row ? entries : 0); /* a row rule's: its row length */
+    FO_TAKE(tensor_order, order, per_row ? count : 0);   /* and its tensors' order */
     at = (char *)(((uintptr_t)at + 63) & ~(uintptr_t)63);
     char *scratch = at;
 #undef FO_TAKE
@@ -436,7 +449,12 @@ static int run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int
         first_of[e] = (uint64_t)(row) * r->row_len;                                            \
         if (call->master) master_of[e] = call->master[t] + (size_t)(row) * r->row_len;         \
     } while (0)
-    for (size_t t = 0; t < count; t++) {
+    if (per_row) {
+        for (size_t t = 0; t < count; t++) order[t] = (tensor_order){rows[t].row_len, t};
+        qsort(order, count, sizeof *order, longest_rows_first);
+    }
+    for (size_t i = 0; i < count; i++) {
+        const size_t t = per_row ? order[i].t : i;
         const fo_rows *r = &rows[t];
         if (!r->indices && r->last_step) { /* a dense gradient, row by row (exact) */
             for (size_t row = 0; n[t] && row < n[t] / r->row_len; row++) {
