@@ -63,6 +63,8 @@ CASES = [
     (fastopt.LARS, dict(lr=0.1)),
     (fastopt.LARS, dict(lr=0.5, momentum=0.5, weight_decay=0.01, trust_coefficient=0.02,
                         maximize=True)),
+    (fastopt.RowwiseAdagrad, dict(lr=0.05)),
+    (fastopt.RowwiseAdagrad, dict(lr=0.05, eps=1e-6, weight_decay=0.1, maximize=True)),
 ]
 
 

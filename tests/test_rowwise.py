@@ -1,6 +1,7 @@
 """RowwiseAdagrad (one Adagrad accumulator per row along axis 0) in every API: dense and sparse
-rows against a float64 numpy reference written here from the formula, sparse="exact", the
-refusals (nothing changed), thread counts, checkpoints, EMA, grad_scale and fastopt.torch."""
+rows against the float64 numpy reference (tests/reference.py), sparse="exact", the refusals
+(nothing changed), thread counts, checkpoints, EMA, grad_scale and fastopt.torch.  The shared
+suites (tests/conftest.py's CASES) run it through every generic check besides."""
 import copy
 
 import ml_dtypes
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 
 import fastopt
+import reference
 from fastopt import functional as F
 from conftest import assert_same_snapshot, snapshot
+from test_sparse import draw_rows
 
 STEPS = 50
 DENSE_SHAPES = [(12, 5), (9,), (), (6, 2, 3)]  # rows of 5, of one element, one row, rows of 2x3
@@ -18,13 +21,12 @@ HPS = [dict(lr=0.05), dict(lr=0.05, weight_decay=0.1, maximize=True),
        dict(lr=0.1, eps=1e-3, maximize=True)]
 
 
-def ref_step(theta, grad, G, lr, eps=1e-8, weight_decay=0.0, maximize=False):
-    """One step in float64: returns (theta, G).  G has one entry per row along axis 0."""
-    g = (-grad if maximize else grad) + weight_decay * theta
-    rows = g.reshape(G.size, -1)  # a 0-d theta is one row of one element
-    G = G + (rows * rows).mean(axis=1).reshape(G.shape)
-    new = theta.reshape(rows.shape) - lr * rows / (np.sqrt(G).reshape(-1, 1) + eps)
-    return new.reshape(theta.shape), G
+def ref_step(theta, grad, G, **hp):
+    """One step of the reference in float64: returns (theta, G), G one entry per row along
+    axis 0 (shape () for a 0-d theta, as the state's)."""
+    s = {"G": G.reshape(-1)}
+    theta = reference.rowwise_adagrad(theta, grad, s, **hp)
+    return theta, s["G"].reshape(G.shape)
 
 
 def ref_lazy(theta, G, indices, values, hp):
@@ -32,16 +34,6 @@ def ref_lazy(theta, G, indices, values, hp):
     for r in np.unique(indices):
         g = values[indices == r].astype(np.float64).sum(axis=0)
         theta[r:r + 1], G[r:r + 1] = ref_step(theta[r:r + 1], g[None], G[r:r + 1], **hp)
-
-
-def draw_rows(rng, n_rows, index_dtype):
-    """Each row touched with probability 0.3 (so rows sit out several steps), in random order
-    with duplicates."""
-    touched = np.flatnonzero(rng.random(n_rows) < 0.3)
-    indices = np.concatenate([touched, rng.choice(touched, size=2 * len(touched))]) \
-        if len(touched) else touched
-    rng.shuffle(indices)
-    return indices.astype(index_dtype)
 
 
 def assert_close(got, ref, dtype):
@@ -501,3 +493,13 @@ def test_torch_parameter_reshaped_after_planning_is_checked(torch_rowwise):
     with pytest.raises(ValueError, match="state 'sum'"):
         opt.step()
     assert opt.state[p]["step"] == 2
+
+
+def test_torch_refuses_complex_parameters(torch_rowwise):
+    """A row's mean of g^2 is for real parameters: a complex one is refused when its group is
+    added, and the optimizer keeps the groups it had."""
+    torch, RowwiseAdagrad = torch_rowwise
+    opt = RowwiseAdagrad([torch.nn.Parameter(torch.ones(3, 2))])
+    with pytest.raises(TypeError, match="is complex"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, 2, dtype=torch.complex64))]})
+    assert len(opt.param_groups) == 1

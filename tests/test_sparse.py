@@ -34,7 +34,8 @@ def lazy_reference(ref_fn, theta, indices, values, row_states, step, hp):
         g = values[indices == r].astype(np.float64).sum(axis=0)
         s = row_states.setdefault(int(r), {})
         s["t"] = step
-        theta[r] = ref_fn(theta[r], g, s, **hp)
+        # the row as a tensor of one row (a row rule's reference reduces along it)
+        theta[r:r + 1] = ref_fn(theta[r:r + 1], g[None], s, **hp)
 
 
 def run_both(cls, hp, dtype, index_dtype, rng):
