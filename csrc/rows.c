@@ -107,10 +107,15 @@ static void sort_rows(size_t nnz, uint64_t n_rows, uint64_t *rows, size_t *pos, 
  * gradient row FO_SUM_AHEAD positions on (its first FO_ROW_PREFETCH_BYTES). */
 #define FO_SUM_AHEAD 8
 #define FO_ROW_PREFETCH_BYTES 512 /* past that, a row streams and the hardware prefetches */
-static inline void prefetch_rows(const char *row, size_t bytes)
+static inline void prefetch_rows(const char *row, size_t bytes, int for_write)
 {
     const size_t upto = bytes < FO_ROW_PREFETCH_BYTES ? bytes : FO_ROW_PREFETCH_BYTES;
-    for (size_t off = 0; off < upto; off += 64) __builtin_prefetch(row + off, 0);
+    for (size_t off = 0; off < upto; off += 64) {
+        if (for_write)
+            __builtin_prefetch(row + off, 1);
+        else
+            __builtin_prefetch(row + off, 0);
+    }
 }
 
 /* The sum of a row's gradient rows (positions p .. end of `values`, rows of row_len), elements
@@ -122,11 +127,11 @@ static inline void prefetch_rows(const char *row, size_t bytes)
         T *restrict out = (T *)out_ + at;                                                      \
         const T *values = (const T *)values_ + at;                                             \
         for (const size_t *q = p + 1; q < end && q <= p + FO_SUM_AHEAD; q++)                   \
-            prefetch_rows((const char *)(values + *q * row_len), n * sizeof(T));               \
+            prefetch_rows((const char *)(values + *q * row_len), n * sizeof(T), 0);            \
         memcpy(out, values + *p * row_len, n * sizeof(T));                                     \
         for (p++; p < end; p++) {                                                              \
             if (p + FO_SUM_AHEAD < end)                                                        \
-                prefetch_rows((const char *)(values + p[FO_SUM_AHEAD] * row_len), n * sizeof(T)); \
+                prefetch_rows((const char *)(values + p[FO_SUM_AHEAD] * row_len), n * sizeof(T), 0); \
             const T *restrict in = values + *p * row_len;                                      \
             for (size_t i = 0; i < n; i++) out[i] += in[i];                                    \
         }                                                                                      \
@@ -294,18 +299,9 @@ static void row_ahead_span(const fo_call *c, void *const *b, size_t t, size_t at
     }
     if (at == 0 && e + FO_ROW_AHEAD < r->entries) {
         const size_t next = e + FO_ROW_AHEAD;
-        for (int k = 0; k < r->n_bufs; k++) {
-            if (!r->tables[k]) continue;
-            const size_t bytes = r->sizes[next] * r->elem[k];
-            const size_t upto = bytes < FO_ROW_PREFETCH_BYTES ? bytes : FO_ROW_PREFETCH_BYTES;
-            const char *row = r->tables[k][next];
-            for (size_t off = 0; off < upto; off += 64) {
-                if (k == 1)
-                    __builtin_prefetch(row + off, 0);
-                else
-                    __builtin_prefetch(row + off, 1);
-            }
-        }
+        for (int k = 0; k < r->n_bufs; k++) /* the gradient (k = 1) is only read */
+            if (r->tables[k])
+                prefetch_rows(r->tables[k][next], r->sizes[next] * r->elem[k], k != 1);
     }
     if (r->catchup_of && r->catchup_of[e])
         r->catch_up(b, at, n, r->catchup_of[e], r->coupled, r->n_rule_bufs);
