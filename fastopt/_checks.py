@@ -38,11 +38,12 @@ def check_like(buf, param, what, *, writeable, dtype_ok=None, shape=None):
                             f"({expected})")
     elif buf.dtype != param.dtype:
         raise TypeError(f"{what} has dtype {buf.dtype}, the parameter has {param.dtype}")
-    if shape is not None and shape != param.shape and buf.shape != shape:
-        raise ValueError(f"{what} has shape {buf.shape}; one value per row of the parameter "
-                         f"(shape {param.shape}) is {shape}")
-    if (shape is None or shape == param.shape) and buf.shape != param.shape:
-        raise ValueError(f"{what} has shape {buf.shape}, the parameter has {param.shape}")
+    expected = param.shape if shape is None else shape
+    if buf.shape != expected:
+        raise ValueError(f"{what} has shape {buf.shape}, the parameter has {param.shape}"
+                         if expected == param.shape else
+                         f"{what} has shape {buf.shape}; one value per row of the parameter "
+                         f"(shape {param.shape}) is {expected}")
     if not buf.flags.c_contiguous:
         raise ValueError(f"{what} must be C-contiguous")
     if writeable and not buf.flags.writeable:

@@ -72,6 +72,8 @@ _STORAGE_KEY = "fastopt_storage"
 # rules that need float32/float64 storage -> why (norms per whole tensor read the buffers as
 # stored; a row rule's span reduces whole rows)
 _PLAIN_STORAGE_KERNELS = {r.kernel: r.plain_storage for r in _rules.RULES if r.plain_storage}
+# row rules: a row's mean of g^2 is for real parameters
+_PER_ROW_KERNELS = frozenset(r.kernel for r in _rules.RULES if r.crule.per_row)
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
 
 
@@ -804,6 +806,8 @@ def _check_storage(p, options, where, kernel=None):
                                              or options["state_dtype"] == "bfloat16"):
         raise ValueError(f"{where}: {_PLAIN_STORAGE_KERNELS[kernel]} need float32/float64 "
                          "storage, not bfloat16 (yet)")
+    if kernel in _PER_ROW_KERNELS and p.is_complex():
+        raise TypeError(f"{where} is complex; a row's mean of g^2 is for real parameters")
     if options["master_weights"] and p.dtype != torch.bfloat16:
         raise ValueError(f"{where}: master_weights=True is for bfloat16 parameters, not {p.dtype}")
     if options["state_dtype"] == "float32" and p.dtype in (torch.float64, torch.complex128):
@@ -1287,18 +1291,6 @@ class RowwiseAdagrad(_WholeTensors, _Fastopt, torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize, foreach=foreach,
                                       differentiable=differentiable))
-
-    def add_param_group(self, param_group):
-        with self._lock:
-            index = len(self.param_groups)
-            super().add_param_group(param_group)
-            complex_params = [i for i, p in enumerate(self.param_groups[index]["params"])
-                              if p.is_complex()]
-            if complex_params:
-                del self.param_groups[index:]
-                raise TypeError(f"RowwiseAdagrad: parameter {complex_params[0]} of param group "
-                                f"{index} is complex; its rows' mean of g^2 is for real "
-                                "parameters")
 
     def slots(self, hp):
         return ("sum",)
