@@ -33,7 +33,7 @@
 extern "C" {
 #endif
 
-#define FO_API_VERSION 4
+#define FO_API_VERSION 5
 
 /* ---- the rules -----------------------------------------------------------------------------
  * X(rule, state buffers...): each rule's name and its state buffers, in the order of its
@@ -54,7 +54,8 @@ extern "C" {
     X(asgd, ax)                                                                                \
     X(lamb, m, v)                                                                              \
     X(lars, momentum_buffer)                                                                   \
-    X(rowwise_adagrad, sum)
+    X(rowwise_adagrad, sum)                                                                    \
+    X(adafactor, row_var, col_var, variance)
 
 /* Every rule starts from g = (maximize ? -grad : grad) + weight_decay * theta (L2), except
  * where a rule decouples the decay.  F(c, type, name) per field of fo_<rule>_params (c: context
@@ -112,6 +113,16 @@ extern "C" {
  * n[t] (FO_ERR_INDEX); bfloat16 storage and master weights: FO_ERR_DTYPE. */
 #define FO_FIELDS_rowwise_adagrad(F, c)                                                           \
     F(c, double, lr) F(c, double, eps) F(c, double, weight_decay) F(c, int, maximize)
+/* Factored rules (fo_rule_info.factored): a tensor is a vector, or matrices of matrix_rows x
+ * row_len elements (batch->rows[t], indices NULL; without batch->rows every tensor is a
+ * vector).  Adafactor: row_var holds one value per matrix row, col_var one per matrix column
+ * (both NULL for a vector), variance one per element of a vector (NULL for matrices).  Its
+ * per-tensor norms and row and column sums take passes before the update (in double, in an
+ * order fixed by the shapes: the same bits for any thread count); gradients given by rows and
+ * bfloat16 storage: FO_ERR_RULE, FO_ERR_DTYPE. */
+#define FO_FIELDS_adafactor(F, c) /* torch.optim.Adafactor's; the decay is decoupled */         \
+    F(c, double, lr) F(c, double, beta2_decay) F(c, double, eps1) F(c, double, eps2)              \
+    F(c, double, d) F(c, double, weight_decay) F(c, int, maximize) F(c, int64_t, step)
 
 /* ---- status, conventions, storage types ---------------------------------------------------- */
 
@@ -227,6 +238,9 @@ struct fo_rows {
      * (row_len must still divide n[t]). */
     int64_t *last_step;
     int64_t step; /* this step's number (>= 1), with last_step */
+    /* factored rules (fo_rule_info.factored) only: rows per matrix; the tensor is n / (matrix_rows
+     * row_len) matrices of matrix_rows rows of row_len elements.  0: the tensor is a vector. */
+    size_t matrix_rows;
 };
 
 /* One step of `rule` over `batch`; hp points to the rule's fo_<rule>_params.  err may be NULL. */
@@ -304,6 +318,7 @@ typedef struct {
     int n_fields;
     const fo_field *fields;    /* the fields of fo_<rule>_params, in order */
     int per_row;               /* 1: a row rule (its state buffers hold one value per row) */
+    int factored;              /* 1: a factored rule (its state is sized by fo_rows.matrix_rows) */
 } fo_rule_info;
 
 /* The description of rule `rule` (0 <= rule < FO_N_RULES), or NULL. */

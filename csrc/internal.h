@@ -91,6 +91,17 @@ typedef struct {
  * (FO_ROW_SPAN) takes the entry's row length after n.  Compute-type storage only.
  */
 #define FO_ROW_RULES(X) X(rowwise_adagrad)
+
+/*
+ * Factored rules (fastopt.h, fo_rule_info.factored): state sized by each tensor's layout
+ * (fo_rows.matrix_rows and row_len) and passes over tiles before the update.  The rule's prepare
+ * part has FO_STATE_SIZE (each state buffer's elements for a layout, SIZE_MAX: a layout the
+ * rule does not take) and FO_FACTORED (the passes, then the update span through fo_run, with
+ * the tensors' descriptions at the buffer slot after the rule's); its loop part the spans of
+ * fo_loops.factored.  Compute-type storage only; no gradients given by rows.
+ */
+#define FO_FACTORED_RULES(X) X(adafactor)
+#define FO_FACTORED_PASSES 3
 #define FO_MAX_SUMS 2
 
 /* sparse="exact" (fastopt.h, fo_rows.last_step): the rules whose steps with a zero gradient
@@ -113,6 +124,8 @@ typedef struct {
     /* per-tensor passes (FO_TENSOR_RULES; NULL for the other rules): b[slot] is the tensor's
      * (double *) results, n_sums per block; `at` a multiple of FO_NORM_BLOCK */
     fo_span_fn reduce[FO_N_RULES][2];
+    /* factored rules' passes (FO_FACTORED_RULES): spans over entries that the rule defines */
+    fo_span_fn factored[FO_N_RULES][2][FO_FACTORED_PASSES];
     /* the reduction: b[0] the buffer, b[1] the tensor's (double *) results, two per block
      * (value, and a sum of x - x: NaN iff an element is inf or NaN); `at` a multiple of
      * FO_NORM_BLOCK (fo_run_blocks) */

@@ -130,6 +130,13 @@ static void gradient_terms_scaled(fo_gradient_options *options, int maximize, do
 #define FO_NO_CLOSED_FORM(cond, field_name)                                                    \
     FO_REQUIRE(cond, field_name, "has no closed form for the steps a row missed (sparse=\"exact\")")
 
+/* A factored rule's parts (internal.h, FO_FACTORED_RULES): its state's sizes, its passes */
+#define FO_STATE_SIZE(rule) static size_t rule##_state_size(int k, size_t n, const fo_rows *rows)
+#define FO_FACTORED(rule)                                                                      \
+    static int rule##_run(const fo_##rule##_scalars *s, size_t count, void *const *const *bufs, \
+                          int n_bufs, const size_t *n, const fo_rows *rows, int which,          \
+                          fo_span_fn span, const fo_call *span_call)
+
 #define FO_PART FO_PART_PREPARE
 #include "rules/all.inc"
 #undef FO_PART
@@ -162,11 +169,32 @@ FO_RULES(FO_RULE_TABLES)
 _Static_assert(FO_N_RULES <= 64, "FO_ROW_RULE_MASK holds 64 rules");
 #define FO_IS_ROW_RULE(rule) ((int)((FO_ROW_RULE_MASK >> (rule)) & 1u))
 
+typedef size_t (*fo_state_size_fn)(int k, size_t n, const fo_rows *rows);
+typedef int (*fo_factored_fn)(const void *s, size_t count, void *const *const *bufs, int n_bufs,
+                              const size_t *n, const fo_rows *rows, int which, fo_span_fn span,
+                              const fo_call *span_call);
+#define FO_FACTORED_TABLE(rule)                                                                \
+    static int rule##_run_any(const void *s, size_t count, void *const *const *bufs,          \
+                              int n_bufs, const size_t *n, const fo_rows *rows, int which,      \
+                              fo_span_fn span, const fo_call *span_call)                        \
+    {                                                                                          \
+        return rule##_run((const fo_##rule##_scalars *)s, count, bufs, n_bufs, n, rows, which, \
+                          span, span_call);                                                    \
+    }
+FO_FACTORED_RULES(FO_FACTORED_TABLE)
+#define FO_FACTORED_ENTRY(rule) [FO_RULE_##rule] = {rule##_state_size, rule##_run_any},
+static const struct {
+    fo_state_size_fn state_size; /* NULL: not a factored rule */
+    fo_factored_fn run;
+} factored_rules[FO_N_RULES] = {FO_FACTORED_RULES(FO_FACTORED_ENTRY)};
+#define FO_FACTORED_BIT(rule) | (1ull << FO_RULE_##rule)
+#define FO_IS_FACTORED(rule) ((int)(((0ull FO_FACTORED_RULES(FO_FACTORED_BIT)) >> (rule)) & 1u))
+
 #define FO_COUNT(array) ((int)(sizeof(array) / sizeof *(array)))
 #define FO_RULE_ENTRY(rule, ...)                                                               \
     [FO_RULE_##rule] = {{#rule, FO_COUNT(rule##_state), rule##_state,                         \
                          sizeof(fo_##rule##_params), FO_COUNT(rule##_fields), rule##_fields,   \
-                         FO_IS_ROW_RULE(FO_RULE_##rule)},                                      \
+                         FO_IS_ROW_RULE(FO_RULE_##rule), FO_IS_FACTORED(FO_RULE_##rule)},     \
                         rule##_prepare_any},
 static const struct {
     fo_rule_info info;
@@ -357,13 +385,15 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
                "is not supported by this rule (its prepare part skips gradient_terms)");
 
     const int n_rule_bufs = 2 + rules[rule].info.n_state;
-    /* a per-tensor pass's slot: each tensor's scalar, after the rule's buffers */
-    const int n_own = n_rule_bufs + (tensor_passes[rule].scalar != NULL);
+    const int factored = FO_IS_FACTORED(rule);
+    /* a per-tensor pass's slot (each tensor's scalar), or a factored rule's (its tensors'
+     * descriptions), after the rule's buffers */
+    const int n_own = n_rule_bufs + (tensor_passes[rule].scalar != NULL || factored);
     const int has_ema = opt && opt->ema;
     if (has_ema && n_own >= FO_MAX_BUFFERS) return FO_ERR_RULE;
     const int n_bufs = n_own + has_ema; /* the EMA buffer after the rule's */
     const size_t count = batch->count;
-    void *const *bufs[FO_MAX_BUFFERS];
+    void *const *bufs[FO_MAX_BUFFERS] = {0};
     int used[FO_MAX_BUFFERS], n_used = 0; /* the buffers this call touches */
     for (int k = 0; k < n_rule_bufs; k++) {
         const int is_used = k < 2 || (uses >> (k - 2)) & 1u;
@@ -383,7 +413,7 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     if (batch->master && param_dtype != FO_BFLOAT16) return FO_ERR_DTYPE;
     call.staged |= batch->master != NULL;
     /* a per-tensor pass reads the buffers as they are stored: the compute type only */
-    if (call.staged && tensor_passes[rule].scalar) return FO_ERR_DTYPE;
+    if (call.staged && (tensor_passes[rule].scalar || factored)) return FO_ERR_DTYPE;
     const int row_rule = FO_IS_ROW_RULE(rule); /* its state: one value per row, unstaged */
     if (call.staged && row_rule) return FO_ERR_DTYPE;
     if (has_ema) { /* in the parameter's storage type, which must be the compute type */
@@ -407,15 +437,23 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
         /* rows of row_len elements: a row rule's state has n / row_len values */
         const size_t row_len = batch->rows ? batch->rows[t].row_len : 1;
         if (n && (dense_rows || row_rule) && (row_len == 0 || n % row_len)) return FO_ERR_INDEX;
+        const fo_rows *layout = batch->rows ? &batch->rows[t] : NULL;
+        if (factored && factored_rules[rule].state_size(0, n, layout) == SIZE_MAX)
+            return FO_ERR_INDEX;
         void *written[FO_MAX_BUFFERS + 1];
         size_t bytes[FO_MAX_BUFFERS + 1];
         int n_written = 0;
         for (int i = 0; i < n_used; i++) {
             const int k = used[i];
             if (k == 1) continue;
-            const int one_per_row = row_rule && k >= 2 && k < n_rule_bufs;
+            const int is_state = k >= 2 && k < n_rule_bufs;
             /* (a tensor of no elements writes nothing, whatever its row length) */
-            bytes[n_written] = (one_per_row ? (n ? n / row_len : 0) : n) * dtype_size(call.dtype[k]);
+            const size_t elements = !is_state ? n
+                                    : row_rule ? (n ? n / row_len : 0)
+                                    : factored ? factored_rules[rule].state_size(k - 2, n, layout)
+                                               : n;
+            if (factored && is_state && elements == 0) continue; /* unused by this tensor */
+            bytes[n_written] = elements * dtype_size(call.dtype[k]);
             written[n_written++] = bufs[k][t];
         }
         if (batch->master) {
@@ -449,12 +487,15 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     const fo_call ema_call = {.scalars = &ema, .n_bufs = n_bufs};
     const fo_span_fn span = has_ema ? fo_active()->ema[which] : rule_span;
     const fo_call *span_call = has_ema ? &ema_call : &call;
-    if (tensor_passes[rule].scalar) {
+    if (tensor_passes[rule].scalar || factored) {
         if (any_rows) { /* a norm over the touched rows is not the tensor's */
             err->field = "rows";
             err->requirement = "are not supported by this rule (its norms are per whole tensor)";
             return FO_ERR_RULE;
         }
+        if (factored)
+            return factored_rules[rule].run(scalars, count, bufs, n_bufs, batch->n, batch->rows,
+                                            which, span, span_call);
         return run_with_tensor_pass(rule, which, count, bufs, n_rule_bufs, n_bufs, batch->n,
                                     &call, span, span_call, err);
     }

@@ -42,8 +42,8 @@ def check_like(buf, param, what, *, writeable, dtype_ok=None, shape=None):
     if buf.shape != expected:
         raise ValueError(f"{what} has shape {buf.shape}, the parameter has {param.shape}"
                          if expected == param.shape else
-                         f"{what} has shape {buf.shape}; one value per row of the parameter "
-                         f"(shape {param.shape}) is {expected}")
+                         f"{what} has shape {buf.shape}; for a parameter of shape "
+                         f"{param.shape} it must be {expected}")
     if not buf.flags.c_contiguous:
         raise ValueError(f"{what} must be C-contiguous")
     if writeable and not buf.flags.writeable:
@@ -169,6 +169,13 @@ def pair(name, x):
         raise TypeError(f"{name} must be a pair of numbers, got {x!r}")
     # the ranges are the C rule's to check
     return (real(f"{name}[0]", x[0]), real(f"{name}[1]", x[1]))
+
+
+def optional_pair(name, x):
+    """A pair whose first number may be None (Adafactor's eps: None is the dtype's epsilon)."""
+    if not isinstance(x, (tuple, list, np.ndarray)) or len(x) != 2:
+        raise TypeError(f"{name} must be a pair (number or None, number), got {x!r}")
+    return (None if x[0] is None else real(f"{name}[0]", x[0]), real(f"{name}[1]", x[1]))
 
 
 def flag(name, x):

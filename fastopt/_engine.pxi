@@ -245,7 +245,8 @@ cdef class Batch:
         self.f64 = dtypes[0] == FO_FLOAT64
         self.bf16_grads = dtypes[1] == FO_BFLOAT16
         for slot, name in zip(self.slots, rule.state):
-            dtypes.append(_fo_dtype(getattr(states[0], name).dtype) if slot is not None else None)
+            b = getattr(states[0], name) if slot is not None else None  # (None: not its buffer)
+            dtypes.append(_fo_dtype(b.dtype) if b is not None else dtypes[0])
         options = options or {}
         masters = None
         if options.get("master_weights"):
@@ -272,18 +273,18 @@ cdef class Batch:
         # per tensor: every buffer its state holds, in slot order, used by this batch or not,
         # so a step can tell that none was replaced since the full validation
         self.buffers = []
-        self.shapes = [p.shape for p in params] if rule.per_row else None
+        self.shapes = [p.shape for p in params] if rule.per_row or rule.factored else None
         cdef cnp.ndarray a
         for t in range(self.count):
             a = params[t]
             self.ptrs[0][t] = cnp.PyArray_DATA(a)
             self.sizes[t] = cnp.PyArray_SIZE(a)
-            self.rows[t].row_len = _row_len(a)  # a row rule's rows, with a dense gradient
+            _set_layout(a, &self.rows[t], rule)  # a row or factored rule's view of it
             self.index[t] = indices[t]
             bufs = [getattr(states[t], name) for name in rule.state + ("master",)]
             self.buffers.append(bufs)
             for k, b in enumerate(bufs[:len(rule.state)]):
-                if self.slots[k] is not None:
+                if self.slots[k] is not None and b is not None:  # (None: not this tensor's)
                     self.ptrs[k + 2][t] = cnp.PyArray_DATA(<cnp.ndarray>b)
 
     def __dealloc__(self):
@@ -306,7 +307,7 @@ cdef class Batch:
             if params[i] is not a or cnp.PyArray_DATA(a) != self.ptrs[0][t] \
                     or not cnp.PyArray_ISWRITEABLE(a):
                 return False
-            if self.rule.per_row and (<object>a).shape != self.shapes[t]:
+            if self.shapes is not None and (<object>a).shape != self.shapes[t]:
                 return False  # reshaped in place: its rows (and state's length) are others now
             s = self.states[t]
             if state.get(i) is not s or s.step != self.step:
@@ -430,7 +431,7 @@ cdef class Batch:
             opt = &with_ema
         if self.step_offset >= 0:
             (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
-        cdef const fo_rows *rows = self.rows if self.any_rows or self.rule.per_row else NULL
+        cdef const fo_rows *rows = self.rows if self.any_rows or self.shapes is not None else NULL
         if self.schedule is not None:
             (<double *>(<char *>hp + self.lr_offset))[0] = self.schedule.at(next_step)
         with nogil:
@@ -465,19 +466,27 @@ cdef inline size_t _row_len(cnp.ndarray a):
     return <size_t>(cnp.PyArray_SIZE(a) // cnp.PyArray_DIMS(a)[0])
 
 
-cdef inline bint _state_fits(object obj, cnp.ndarray a, bint per_row):
-    """A state buffer of `a`: _grad_fits, or for a row rule (per_row) one value per row, of
-    shape a.shape[:1]."""
-    if not per_row:
+cdef inline bint _state_fits(object obj, cnp.ndarray a, tuple shape):
+    """A state buffer of `a`: _grad_fits, or (a row or factored rule's) of a's dtype and the
+    given shape."""
+    if shape is None:
         return _grad_fits(obj, a)
     if type(obj) is not cnp.ndarray:
         return False
     cdef cnp.ndarray b = <cnp.ndarray>obj
-    cdef int nd = 1 if cnp.PyArray_NDIM(a) > 0 else 0
     return (cnp.PyArray_TYPE(b) == cnp.PyArray_TYPE(a) and cnp.PyArray_ISNOTSWAPPED(b)
-            and cnp.PyArray_NDIM(b) == nd
-            and (nd == 0 or cnp.PyArray_DIMS(b)[0] == cnp.PyArray_DIMS(a)[0])
-            and cnp.PyArray_IS_C_CONTIGUOUS(b))
+            and (<object>b).shape == shape and cnp.PyArray_IS_C_CONTIGUOUS(b))
+
+
+cdef inline void _set_layout(cnp.ndarray a, fo_rows *rows, CRule rule) noexcept:
+    """How the C rule views `a`: a row rule's rows along axis 0; a factored rule's matrices,
+    its last two dimensions (none: a vector)."""
+    cdef int nd = cnp.PyArray_NDIM(a)
+    if rule.factored:
+        rows.matrix_rows = <size_t>cnp.PyArray_DIMS(a)[nd - 2] if nd >= 2 else 0
+        rows.row_len = <size_t>cnp.PyArray_DIMS(a)[nd - 1] if nd >= 2 else 1
+    else:
+        rows.row_len = _row_len(a)  # (a row rule's; the others ignore a dense tensor's rows)
 
 
 cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
@@ -711,14 +720,17 @@ def run_single(CRule rule, Hyper hyper, type state_type, object param, object gr
     cdef list written = [p]
     cdef int k, n_bufs = 2 + len(rule.state)
     addr[0], addr[1] = cnp.PyArray_DATA(p), cnp.PyArray_DATA(<cnp.ndarray>grad)
+    cdef bint shaped = rule.per_row or rule.factored
     for k, name in enumerate(rule.state):
         b = getattr(state, name)
+        shape = state_type.buffer_shape(param, name) if shaped else None
         if b is None:
-            if (hyper.uses >> k) & 1:
+            if (hyper.uses >> k) & 1 and (shape is not None or not shaped):
                 return False
             addr[k + 2] = NULL
             continue
-        if not _state_fits(b, p, rule.per_row) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b):
+        if (shaped and shape is None) or not _state_fits(b, p, shape) \
+                or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b):
             return False
         written.append(b)
         addr[k + 2] = cnp.PyArray_DATA(<cnp.ndarray>b) if (hyper.uses >> k) & 1 else NULL
@@ -740,7 +752,7 @@ def run_single(CRule rule, Hyper hyper, type state_type, object param, object gr
     cdef bint f64 = typ == cnp.NPY_FLOAT64
     cdef fo_rows rows
     memset(&rows, 0, sizeof(rows))
-    rows.row_len = _row_len(p)  # (a row rule's; the others ignore a dense tensor's rows)
+    _set_layout(p, &rows, rule)
     with nogil:
         status = _run_with(rule.id, f64, 1, ptrs, n_bufs, &n, hp, NULL, &rows)
     _raise_for(status, hyper)
@@ -829,13 +841,15 @@ cdef class _Table:
             raise MemoryError()
         self.rows = NULL
         if rows is not None and any(r is not None for r in rows):
-            # (indices address, int64?, nnz, row_len) per tensor with a row gradient
+            # (indices address, int64?, nnz, row_len[, matrix_rows]) per tensor with a row
+            # gradient or a layout (a row or factored rule's dense tensor)
             self.rows = <fo_rows *>calloc(max(self.count, 1), sizeof(fo_rows))
             if self.rows == NULL:
                 raise MemoryError()
             for t in range(self.count):
                 if rows[t] is not None:
-                    address, wide, nnz, row_len = rows[t]
+                    address, wide, nnz, row_len = rows[t][:4]
+                    self.rows[t].matrix_rows = rows[t][4] if len(rows[t]) > 4 else 0
                     self.rows[t].indices = <const void *><uintptr_t>address
                     self.rows[t].index_type = FO_INT64 if wide else FO_INT32
                     self.rows[t].nnz = nnz
@@ -1033,8 +1047,8 @@ cdef class ObjectPlan:
                 p = m.param
                 if params_list[t] is not p or not m.state_unchanged():
                     return False
-                if self.rule.per_row and p.shape != m.shape:
-                    return False  # p.data reshaped: its rows are others now
+                if (self.rule.per_row or self.rule.factored) and p.shape != m.shape:
+                    return False  # p.data reshaped: its rows (or matrices) are others now
                 direct = self.grad_of != NULL and self._known(p)
                 grad = self.grad_of.get(p, self.grad_of.closure) if direct else p.grad
                 if grad is None:

@@ -49,6 +49,7 @@ cdef extern from "fastopt.h" nogil:
         FO_RULE_lamb
         FO_RULE_lars
         FO_RULE_rowwise_adagrad
+        FO_RULE_adafactor
         FO_N_RULES
 
     const char *fo_strerror(int status)
@@ -66,6 +67,7 @@ cdef extern from "fastopt.h" nogil:
         size_t row_len
         int64_t *last_step
         int64_t step
+        size_t matrix_rows
     ctypedef struct fo_batch:
         size_t count
         const size_t *n
@@ -88,6 +90,7 @@ cdef extern from "fastopt.h" nogil:
         int n_fields
         const fo_field *fields
         int per_row
+        int factored
 
     int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
     ctypedef struct fo_step_options:
@@ -153,6 +156,10 @@ cdef extern from "fastopt.h" nogil:
     ctypedef struct fo_rowwise_adagrad_params:
         double lr, eps, weight_decay
         int maximize
+    ctypedef struct fo_adafactor_params:
+        double lr, beta2_decay, eps1, eps2, d, weight_decay
+        int maximize
+        int64_t step
 
 
     int fo_set_num_threads(int n)
@@ -474,3 +481,25 @@ cdef inline int rowwise_adagrad_many_f64(size_t count, double **param, const dou
     cdef void **b[3]
     b[:] = [<void **>param, <void **>grad, <void **>sum]
     return _typed(FO_RULE_rowwise_adagrad, FO_FLOAT64, count, b, 3, n, hp)
+
+cdef inline int adafactor_f32(float *param, const float *grad, float *row_var, float *col_var, float *variance, size_t n, const fo_adafactor_params *hp) noexcept nogil:
+    # a vector (fastopt.h, factored rules); matrices: _typed_rows with fo_rows.matrix_rows
+    cdef void **b[5]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&row_var, <void **>&col_var, <void **>&variance]
+    return _typed(FO_RULE_adafactor, FO_FLOAT32, 1, b, 5, &n, hp)
+
+cdef inline int adafactor_many_f32(size_t count, float **param, const float **grad, float **row_var, float **col_var, float **variance, const size_t *n, const fo_adafactor_params *hp) noexcept nogil:
+    cdef void **b[5]
+    b[:] = [<void **>param, <void **>grad, <void **>row_var, <void **>col_var, <void **>variance]
+    return _typed(FO_RULE_adafactor, FO_FLOAT32, count, b, 5, n, hp)
+
+cdef inline int adafactor_f64(double *param, const double *grad, double *row_var, double *col_var, double *variance, size_t n, const fo_adafactor_params *hp) noexcept nogil:
+    # a vector (fastopt.h, factored rules); matrices: _typed_rows with fo_rows.matrix_rows
+    cdef void **b[5]
+    b[:] = [<void **>&param, <void **>&grad, <void **>&row_var, <void **>&col_var, <void **>&variance]
+    return _typed(FO_RULE_adafactor, FO_FLOAT64, 1, b, 5, &n, hp)
+
+cdef inline int adafactor_many_f64(size_t count, double **param, const double **grad, double **row_var, double **col_var, double **variance, const size_t *n, const fo_adafactor_params *hp) noexcept nogil:
+    cdef void **b[5]
+    b[:] = [<void **>param, <void **>grad, <void **>row_var, <void **>col_var, <void **>variance]
+    return _typed(FO_RULE_adafactor, FO_FLOAT64, count, b, 5, n, hp)

@@ -136,6 +136,9 @@ def _validated(opt, d):
             else:
                 if not isinstance(v, np.ndarray):
                     raise TypeError(f"{what}.{k} must be a numpy array, got {type(v).__name__}")
+                if not state_type.applies(params[key], k):
+                    raise ValueError(f"{what}.{k} does not apply to a parameter of shape "
+                                     f"{tuple(params[key].shape)}")
                 # (the dtype is state.check's below: state buffers and master differ)
                 _checks.check_like(np.asarray(v, order="C"), params[key], f"{what}.{k}",
                                    writeable=False, dtype_ok=lambda dtype: (True, ""),

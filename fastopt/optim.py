@@ -174,6 +174,8 @@ class Optimizer:
         state = self.state_type()
         dtype = storage.state_dtype_for(param.dtype, self.storage_options)
         for name in self.rule.required_state():
+            if not state.applies(param, name):
+                continue
             fill = hp[self.rule.fill[name]] if name in self.rule.fill else 0.0
             setattr(state, name, state.new_buffer(param, name, fill, dtype))
         if self.storage_options["master_weights"]:
@@ -260,7 +262,7 @@ class Optimizer:
                     state.row_step = np.full(p.shape[0], state.step, dtype=np.int64)
                 if self._ema_decay is not None and state.ema is None:
                     state.ema = np.array(p, order="C", copy=True)
-                stored = tuple(getattr(state, name).dtype for name in needed)
+                stored = tuple(getattr(getattr(state, name), "dtype", None) for name in needed)
                 grad_dtype = grads[i].values.dtype if isinstance(grads[i], _kernels.SparseGrad) \
                     else grads[i].dtype
                 by_key.setdefault((p.dtype, grad_dtype, stored, state.step), []).append(i)

@@ -15,15 +15,18 @@ from fastopt import _checks, _kernels
 from fastopt._kernels import TEXTBOOK
 
 REAL, NONNEGATIVE, FLAG, BETAS, PAIR = "real", "nonnegative", "flag", "betas", "pair"
+OPTIONAL_PAIR = "optional pair"
 _KIND_CHECKS = {REAL: _checks.real, NONNEGATIVE: _checks.nonnegative, FLAG: _checks.flag,
-                BETAS: lambda name, x: _checks.betas(x), PAIR: _checks.pair}
+                BETAS: lambda name, x: _checks.betas(x), PAIR: _checks.pair,
+                OPTIONAL_PAIR: _checks.optional_pair}
 REQUIRED = object()  # a hyperparameter without a default (Momentum's and NAG's lr)
 
 # how a C field is named in error messages when it is not a hyperparameter of the same name
 FIELD_NAMES = {"beta1": "beta1 (betas[0])", "beta2": "beta2 (betas[1])",
                "eta_minus": "eta_minus (etas[0])", "eta_plus": "eta_plus (etas[1])",
                "step_size_min": "step_size_min (step_sizes[0])",
-               "step_size_max": "step_size_max (step_sizes[1])"}
+               "step_size_max": "step_size_max (step_sizes[1])",
+               "eps1": "eps1 (eps[0])", "eps2": "eps2 (eps[1])"}
 
 
 class Rule:
@@ -37,12 +40,14 @@ class Rule:
     c_fields(hp): the C struct's fields (without `step`) from checked hyperparameters;
     doc: the formula; benchmark: (hyperparameters, memory streams per element) for
     `python -m fastopt bench`, None to leave the rule out; torch: the torch.optim class that
-    the benchmark compares it with.
+    the benchmark compares it with; state_shapes: {state buffer: its shape from the
+    parameter's shape, None where it does not apply} for state not shaped like the parameter
+    (a factored rule's), state_doc: what the state class's docstring adds about them.
     """
 
     def __init__(self, name, function, kernel, state, params, c_fields, doc, *,
                  keyword_only=("maximize",), fixed=None, fill=None, benchmark=None, torch=None,
-                 rows=True):
+                 rows=True, state_shapes=None, state_doc=""):
         self.name, self.function, self.kernel, self.state = name, function, kernel, state
         self.params = tuple(params)
         self.fixed = dict(fixed or {})
@@ -55,6 +60,8 @@ class Rule:
         self.benchmark = benchmark  # (hyperparameters, memory streams per element) or None
         self.torch = torch  # the torch.optim class with the same update for these hyperparameters
         self.rows = rows  # takes fastopt.SparseGrad rows (not where norms are per whole tensor)
+        self.state_shapes = dict(state_shapes or {})
+        self.state_doc = state_doc
 
         self.crule = _kernels.RULES[kernel]
         # why the rule needs float32/float64 storage (no bfloat16 yet), or None: norms per whole
@@ -280,6 +287,28 @@ RULES = [
     One accumulator per row along axis 0 (a 1-D parameter's rows are its elements):
     G_r <- G_r + mean over row r of g^2 (summed in double);  theta_r <- theta_r - lr g_r / (sqrt(G_r) + eps)
     State `sum`: shape param.shape[:1], 4 bytes per row for float32.  {_G}"""),
+    Rule("Adafactor", "adafactor", "adafactor", "AdafactorState",
+         [("lr", 1e-2, REAL), ("beta2_decay", -0.8, REAL), ("eps", (None, 1e-3), OPTIONAL_PAIR),
+          ("d", 1.0, REAL), ("weight_decay", 0.0, REAL), ("maximize", False, FLAG)],
+         lambda hp: dict(_common(hp), beta2_decay=hp["beta2_decay"],
+                         eps1=-1.0 if hp["eps"][0] is None else hp["eps"][0], eps2=hp["eps"][1],
+                         d=hp["d"]), """
+    torch.optim.Adafactor's rule, per tensor, with t the step, w = t^beta2_decay,
+    rho = min(lr, 1 / sqrt(t)), (eps1, eps2) = eps (eps1 None: the dtype's machine epsilon):
+    alpha = max(eps2, ||theta|| / sqrt(n)) rho     (theta before this step's decay)
+    ndim >= 2, factored over the last two dimensions (the leading ones a batch of matrices):
+      R <- lerp(R, mean over the last axis of g^2, w);  C <- lerp(C, mean over axis -2 of g^2, w)
+      v = R C / max(mean of R over its matrix, eps1)     (state row_var R, col_var C)
+    ndim <= 1:  v <- lerp(v, g^2, w)                     (state variance)
+    u = g / sqrt(max(v, eps1^2));  theta <- theta (1 - lr weight_decay) - alpha u / max(1, RMS(u) / d)
+    lerp(a, b, w) = a + w (b - a);  RMS(u) = ||u|| / sqrt(n);  g is the gradient after `maximize`;
+    the norms and sums are computed in double in a fixed order.""",
+         benchmark=(dict(lr=1e-2), 6), torch="Adafactor", rows=False,
+         state_shapes={"row_var": lambda s: s[:-1] + (1,) if len(s) >= 2 else None,
+                       "col_var": lambda s: s[:-2] + (1,) + s[-1:] if len(s) >= 2 else None,
+                       "variance": lambda s: s if len(s) < 2 else None},
+         state_doc="row_var (shape[:-1] + (1,)) and col_var (shape[:-2] + (1, shape[-1])) for "
+                   "a parameter with ndim >= 2, variance (the parameter's shape) otherwise."),
 ]
 BY_NAME = {r.name: r for r in RULES}
 BY_FUNCTION = {r.function: r for r in RULES}

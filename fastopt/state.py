@@ -22,6 +22,8 @@ class OptimizerState:
 
     KERNEL = None  # the C rule
     PER_ROW = ()   # the buffers holding one value per row (a row rule's state buffers)
+    SHAPES = {}    # buffer -> its shape from the parameter's, None where it does not apply
+                   # (a factored rule's: the registry's Rule.state_shapes)
     BUFFERS = ()
     REQUIRED = ()
     COUNTERS = ("step",)
@@ -43,8 +45,15 @@ class OptimizerState:
 
     @classmethod
     def buffer_shape(cls, param, name):
-        """Buffer `name`'s shape: param's, or param.shape[:1] for one value per row."""
+        """Buffer `name`'s shape: param's, param.shape[:1] for one value per row, or what the
+        rule's state_shapes say (None: the buffer does not apply to this parameter)."""
+        if name in cls.SHAPES:
+            return cls.SHAPES[name](param.shape)
         return param.shape[:1] if name in cls.PER_ROW else param.shape
+
+    @classmethod
+    def applies(cls, param, name):
+        return name not in cls.SHAPES or cls.SHAPES[name](param.shape) is not None
 
     @classmethod
     def new_buffer(cls, param, name, value=0.0, dtype=None):
@@ -62,13 +71,13 @@ class OptimizerState:
             raise TypeError(f"{cls.__name__}.new: no required buffer(s) {sorted(unknown)}")
         return cls(**{name: cls.new_buffer(param, name, initial.get(
             name, fill if fill is not None else cls.INITIAL.get(name, 0.0)))
-            for name in cls.REQUIRED})
+            for name in cls.REQUIRED if cls.applies(param, name)})
 
     def add_missing(self, param, names, dtype=None):
         """Create, zero-filled (of `dtype`, default param's), those of the named buffers that
         this state lacks."""
         for name in names:
-            if getattr(self, name) is None:
+            if getattr(self, name) is None and self.applies(param, name):
                 setattr(self, name, self.new_buffer(param, name, 0.0, dtype))
 
     def buffers(self):
@@ -79,16 +88,19 @@ class OptimizerState:
         """Raise unless the required and `needed` buffers exist, every buffer fits `param`
         (shape, dtype, C-contiguous, writeable) and the counters are valid."""
         for name in tuple(self.REQUIRED) + tuple(needed):
-            if getattr(self, name) is None:
+            if getattr(self, name) is None and self.applies(param, name):
                 raise ValueError(f"{what}.{name} is missing")
         for name, buf in self.buffers().items():
+            if not self.applies(param, name):
+                raise ValueError(f"{what}.{name} does not apply to a parameter of shape "
+                                 f"{tuple(param.shape)}")
             if name == "master":
                 _checks.check_like(buf, param, f"{what}.master", writeable=True,
                                    dtype_ok=_master_dtype_ok(param))
             else:
                 # a row rule's reduction reads compute-type storage only
                 _checks.check_like(buf, param, f"{what}.{name}", writeable=True,
-                                   dtype_ok=_checks.state_dtype_ok(param, not self.PER_ROW),
+                                   dtype_ok=_checks.state_dtype_ok(param, not (self.PER_ROW or self.SHAPES)),
                                    shape=self.buffer_shape(param, name))
         for name in self.COUNTERS:
             _checks.step_count(f"{what}.{name}", getattr(self, name))
@@ -139,11 +151,13 @@ def _state_class(rule):
            "step: updates taken; ema: the exponential moving average of the parameter, kept "
            "when the optimizer has ema_decay." + (
                f" {', '.join(crule.state)}: one value per row along axis 0 (shape "
-               "param.shape[:1])." if crule.per_row else ""))
+               "param.shape[:1])." if crule.per_row else "") + (
+               f" {rule.state_doc}" if rule.state_doc else ""))
     return type(rule.state, (OptimizerState,), {
         "__doc__": doc, "__module__": __name__, "KERNEL": crule.name,
         "BUFFERS": crule.state + ("ema", "master"), "REQUIRED": required,
         "PER_ROW": crule.state if crule.per_row else (),
+        "SHAPES": dict(rule.state_shapes),
         "INITIAL": {name: rule.defaults[hp] for name, hp in rule.fill.items()}})
 
 

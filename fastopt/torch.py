@@ -55,7 +55,7 @@ except ImportError:  # a torch built without distributed
     class DTensor:  # noqa: D101 - never instantiated: isinstance is always False
         pass
 
-__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
+__all__ = ["Adafactor", "SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
            "Rprop", "ASGD", "Lion", "LAMB", "LARS", "SparseAdam",
            "RowwiseAdagrad"]
 
@@ -74,6 +74,9 @@ _STORAGE_KEY = "fastopt_storage"
 _PLAIN_STORAGE_KERNELS = {r.kernel: r.plain_storage for r in _rules.RULES if r.plain_storage}
 # row rules: a row's mean of g^2 is for real parameters
 _PER_ROW_KERNELS = frozenset(r.kernel for r in _rules.RULES if r.crule.per_row)
+# rules whose state is not shaped like the parameter: each buffer's shape from the parameter's
+_STATE_SHAPES = {r.kernel: r.state_shapes for r in _rules.RULES if r.state_shapes}
+_REAL_ONLY = _PER_ROW_KERNELS | frozenset(_STATE_SHAPES)
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
 
 
@@ -325,7 +328,8 @@ class _Fastopt:
             for (dtype, *_), indices in by_key.items():
                 batch = [with_grad[i] for i in indices]
                 addresses = [[p.data_ptr() for p, *_ in batch], None]
-                addresses += [None if name is None else [m[3][name].data_ptr() for m in batch]
+                addresses += [None if name is None else
+                              [m[3][name].data_ptr() if name in m[3] else 0 for m in batch]
                               for name in slots]
                 sizes = [p.numel() * (2 if p.is_complex() else 1) for p, *_ in batch]
                 states = [m[3] if keep else {} for m in batch]
@@ -406,13 +410,16 @@ class _Fastopt:
         """Checks a parameter's existing state; returns the addresses of the buffers the kernel
         will write in place (a strided buffer is replaced by a fresh contiguous copy)."""
         dtype, sharded = p.dtype, local_p is not p
-        shape = p.shape[:1] if self.per_row else p.shape
         pointers = []
         master = self.storage_options["master_weights"]
         for name in slots + (("master",) if master else ()):
             buffer = state.get(name) if name is not None else None
+            shape = self.buffer_shape(p, name) if name != "master" else p.shape
             if buffer is None:
                 continue  # created on this step
+            if shape is None:
+                raise ValueError(f"{self._where(index, group, i)}: state {name!r} does not apply "
+                                 f"to a parameter of shape {tuple(p.shape)}")
             expected = _state_dtypes(p)
             if self.state.get(_STORAGE_KEY) is None or self.kernel in _PLAIN_STORAGE_KERNELS:
                 # without storage options every buffer is the compute type (the kernels take
@@ -423,12 +430,12 @@ class _Fastopt:
             if not isinstance(buffer, torch.Tensor) or buffer.dtype not in expected \
                     or buffer.shape != shape or buffer.layout != torch.strided \
                     or not buffer.is_cpu or isinstance(buffer, DTensor) != sharded:
-                like = (f"of shape {tuple(shape)} (one value per row of its parameter, "
-                        f"{_describe(p)})" if self.per_row else f"like its parameter ({_describe(p)})")
+                like = (f"like its parameter ({_describe(p)})" if shape == p.shape else
+                        f"of shape {tuple(shape)} (for its parameter, {_describe(p)})")
                 raise ValueError(f"{self._where(index, group, i)}: state {name!r} is "
                                  f"{_describe(buffer)}; it must be a dense "
                                  f"{' or '.join(str(d) for d in expected)} tensor {like}")
-            local = buffer if self.per_row else _local_like(  # (a row rule: no DTensors)
+            local = buffer if shape != p.shape else _local_like(  # (own shapes: no DTensors)
                 buffer, local_p, ValueError, f"{self._where(index, group, i)}: state {name!r} is")
             if local.is_contiguous():
                 pointers.append(local.data_ptr())
@@ -461,7 +468,7 @@ class _Fastopt:
                     or not local_p.is_contiguous():
                 _check_param(p, self._where(index, group, i))
             if (dtype == torch.bfloat16 and self.state.get(_STORAGE_KEY) is None) or (
-                    self.per_row and p.is_complex()):
+                    self.kernel in _REAL_ONLY and p.is_complex()):
                 # p.data replaced after construction by a tensor its storage options (made for
                 # its first dtype) or its rule cannot take
                 raise TypeError(f"{self._where(index, group, i)} is now {dtype}; "
@@ -501,7 +508,8 @@ class _Fastopt:
             # every buffer the kernel touches spans the same nbytes from its address: two
             # overlap exactly when their addresses are closer than that
             nbytes = local_p.nbytes
-            if nbytes and state and (self.state.get(_STORAGE_KEY) is not None or self.per_row):
+            if nbytes and state and (self.state.get(_STORAGE_KEY) is not None
+                                     or self.kernel in _REAL_ONLY):
                 # storage of several sizes, or per-row state: compare spans
                 spans = sorted(_spans_of(local_p, local_g, state, slots))
                 for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
@@ -530,8 +538,19 @@ class _Fastopt:
 
     def dense_rows(self, p):
         """How the kernels take p with a dense gradient: None, or for a row rule its rows
-        (fastopt.h: no indices, p's row length)."""
+        (fastopt.h: no indices, p's row length), for a factored rule its matrices (its last
+        two dimensions, none for ndim <= 1)."""
+        if self.kernel in _STATE_SHAPES:
+            return (0, True, 0, p.shape[-1], p.shape[-2]) if p.dim() >= 2 else None
         return (0, True, 0, _row_len(p)) if self.per_row else None
+
+    def buffer_shape(self, p, name):
+        """State buffer `name`'s shape for p: p's, one value per row (a row rule's), or the
+        rule's own (the registry's state_shapes); None where the buffer is not p's."""
+        shapes = _STATE_SHAPES.get(self.kernel)
+        if shapes and name in shapes:
+            return shapes[name](tuple(p.shape))
+        return p.shape[:1] if self.per_row else p.shape
 
     def sparse_grads(self, hp):
         """How a sparse COO gradient is taken: None (refused, as torch refuses it), "rows"
@@ -607,7 +626,9 @@ class _Fastopt:
             for name in slots:  # options switched on later, or a checkpoint's strided buffers
                 if name is not None:
                     if state.get(name) is None:
-                        state[name] = _zeros(p, dtype, self.per_row)
+                        shape = self.buffer_shape(p, name)
+                        if shape is not None:
+                            state[name] = _zeros(p, dtype, shape)
                     elif not _local(state[name]).is_contiguous():
                         state[name] = state[name].contiguous()
             if options["master_weights"] and state.get("master") is None:
@@ -615,7 +636,7 @@ class _Fastopt:
         batches = {}
         indices = getattr(self, "_indices", {})
         for (p, local_p, local_g, _), state, t in zip(members, states, steps):
-            stored = tuple(state[n].dtype for n in slots if n is not None)
+            stored = tuple(getattr(state.get(n), "dtype", None) for n in slots if n is not None)
             grad_dtype = (local_g.values if isinstance(local_g, _Rows) else local_g).dtype
             key = (_KERNEL_DTYPES[p.dtype], grad_dtype, stored, t, self.batch_extra(state))
             batches.setdefault(key, []).append((local_p, local_g, state, indices.get(id(p), 0)))
@@ -627,11 +648,12 @@ class _Fastopt:
         """One C call over a batch of (param, grad, state) of one real dtype and step number,
         all validated, param and grad local (a DTensor's shard); complex tensors go in as their
         real and imaginary parts."""
-        buffers = [None if name is None else [_local(s[name]) for _, _, s, _ in batch]
-                   for name in slots]
+        buffers = [None if name is None else [s.get(name) for _, _, s, _ in batch]
+                   for name in slots]  # (a buffer not some parameter's: None, its address 0)
         addresses = [[p.data_ptr() for p, *_ in batch],
                      [(g.values if isinstance(g, _Rows) else g).data_ptr() for _, g, *_ in batch]]
-        addresses += [None if b is None else [t.data_ptr() for t in b] for b in buffers]
+        addresses += [None if b is None else [0 if t is None else _local(t).data_ptr() for t in b]
+                      for b in buffers]
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, *_ in batch]
         rows = [g.address() if isinstance(g, _Rows) else self.dense_rows(p) for p, g, *_ in batch]
         entry = self.state.get(_STORAGE_KEY)
@@ -771,10 +793,10 @@ def _keep_stored_dtypes(opt, state_dict):
                 state[name] = value.to(device=p.device, copy=True)
 
 
-def _zeros(p, dtype=None, per_row=False):
-    """A state buffer of p: p's shape, or one value per row along dim 0 (a row rule's)."""
-    if per_row:
-        return torch.zeros(p.shape[:1], dtype=p.dtype if dtype is None else dtype)
+def _zeros(p, dtype=None, shape=None):
+    """A state buffer of p: p's shape, or `shape` (a rule's own: _Fastopt.buffer_shape)."""
+    if shape is not None and shape != p.shape:
+        return torch.zeros(shape, dtype=p.dtype if dtype is None else dtype)
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
 
@@ -806,8 +828,8 @@ def _check_storage(p, options, where, kernel=None):
                                              or options["state_dtype"] == "bfloat16"):
         raise ValueError(f"{where}: {_PLAIN_STORAGE_KERNELS[kernel]} need float32/float64 "
                          "storage, not bfloat16 (yet)")
-    if kernel in _PER_ROW_KERNELS and p.is_complex():
-        raise TypeError(f"{where} is complex; a row's mean of g^2 is for real parameters")
+    if kernel in _REAL_ONLY and p.is_complex():
+        raise TypeError(f"{where} is complex; {kernel}'s means of g^2 are for real parameters")
     if options["master_weights"] and p.dtype != torch.bfloat16:
         raise ValueError(f"{where}: master_weights=True is for bfloat16 parameters, not {p.dtype}")
     if options["state_dtype"] == "float32" and p.dtype in (torch.float64, torch.complex128):
@@ -1299,14 +1321,53 @@ class RowwiseAdagrad(_WholeTensors, _Fastopt, torch.optim.Optimizer):
         return "rows"
 
     def new_state(self, p, hp):
-        return {"step": _step_tensor(hp), "sum": _zeros(p, None, per_row=True)}
+        return {"step": _step_tensor(hp), "sum": _zeros(p, None, p.shape[:1])}
 
     def kernel_args(self, hp, step, state):
         return dict(_common(hp), eps=hp["eps"])
 
 
+class Adafactor(_WholeTensors, _Fastopt, torch.optim.Adafactor):
+    """torch.optim.Adafactor with its step in fastopt's kernel: per-tensor norms and the row
+    and column sums of g^2 in double, in an order fixed by the shapes, then the update.  State:
+    "step", and "row_var" and "col_var" (a parameter with dim >= 2) or "variance", torch's
+    layout.  float32/float64 real parameters, whole (not sharded) tensors."""
+
+    kernel = "adafactor"
+    ranges = (_LR, _WEIGHT_DECAY,
+              ("beta2_decay", None, "beta2_decay should be <= 0", lambda x: -math.inf < x <= 0.0,
+               "finite and <= 0"),
+              ("d", None, "Clipping threshold d should be >= 1", lambda x: 1.0 <= x < math.inf,
+               "finite and >= 1"))
+
+    def _hyperparameters(self, index, group):
+        hp = super()._hyperparameters(index, group)
+        eps = group["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise TypeError(f"{type(self).__name__}: param group {index}: eps must be a pair "
+                            f"(eps1 or None, eps2), got {eps!r}")
+        eps1, eps2 = eps  # eps1 None: the parameter dtype's machine epsilon, as torch
+        if eps1 is not None and (type(eps1) is not float or not _finite_nonneg(eps1)):
+            eps1 = self._number(index, "eps", 0, "epsilon1 should be >= 0", *_NONNEG, eps1)
+        if type(eps2) is not float or not _finite_nonneg(eps2):
+            eps2 = self._number(index, "eps", 1, "epsilon2 should be >= 0", *_NONNEG, eps2)
+        hp["eps"] = (eps1, eps2)
+        return hp
+
+    def slots(self, hp):
+        return ("row_var", "col_var", "variance")
+
+    def new_state(self, p, hp):
+        return {"step": _step_tensor(hp)}  # (the buffers that are p's follow, zero-filled)
+
+    def kernel_args(self, hp, step, state):
+        eps1, eps2 = hp["eps"]
+        return dict(_common(hp), beta2_decay=hp["beta2_decay"],
+                    eps1=-1.0 if eps1 is None else eps1, eps2=eps2, d=hp["d"], step=step)
+
+
 for _cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Adamax, NAdam, RAdam, Rprop, ASGD,
-             SparseAdam):
+             SparseAdam, Adafactor):
     _cls.__doc__ = (f"torch.optim.{_cls.__name__}, with its step in fastopt's C kernels "
                     "(see fastopt.torch).\n\n" + (getattr(torch.optim, _cls.__name__).__doc__ or ""))
 del _cls

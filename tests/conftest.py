@@ -65,6 +65,9 @@ CASES = [
                         maximize=True)),
     (fastopt.RowwiseAdagrad, dict(lr=0.05)),
     (fastopt.RowwiseAdagrad, dict(lr=0.05, eps=1e-6, weight_decay=0.1, maximize=True)),
+    (fastopt.Adafactor, dict(lr=0.05)),
+    (fastopt.Adafactor, dict(lr=0.05, beta2_decay=-0.5, eps=(1e-6, 1e-2), d=2.0, weight_decay=0.1,
+                             maximize=True)),
 ]
 
 

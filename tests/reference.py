@@ -201,6 +201,36 @@ def rowwise_adagrad(theta, grad, s, lr=0.01, eps=1e-8, weight_decay=0.0, maximiz
     return (theta.reshape(rows.shape) - lr * rows / (np.sqrt(G)[:, None] + eps)).reshape(theta.shape)
 
 
+def _lerp(a, b, w):
+    return a + w * (b - a)
+
+
+def adafactor(theta, grad, s, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+              weight_decay=0.0, maximize=False):
+    """torch.optim.Adafactor's formulas, written from its documentation, in float64."""
+    eps1 = np.finfo(np.float32).eps if eps[0] is None else eps[0]
+    g = -grad if maximize else grad
+    t = s.get("t", 0) + 1
+    w = t ** beta2_decay
+    rho = min(lr, 1 / np.sqrt(t))
+    n = theta.size
+    alpha = max(eps[1], np.sqrt(np.sum(theta * theta)) / np.sqrt(n)) * rho
+    if theta.ndim >= 2:
+        R = _lerp(s.get("row_var", np.zeros(theta.shape[:-1] + (1,))),
+                  np.mean(g * g, axis=-1, keepdims=True), w)
+        C = _lerp(s.get("col_var", np.zeros(theta.shape[:-2] + (1,) + theta.shape[-1:])),
+                  np.mean(g * g, axis=-2, keepdims=True), w)
+        s.update(row_var=R, col_var=C)
+        v = R * C / np.maximum(np.mean(R, axis=-2, keepdims=True), eps1)
+    else:
+        v = _lerp(s.get("variance", np.zeros(theta.shape)), g * g, w)
+        s["variance"] = v
+    s["t"] = t
+    u = g / np.sqrt(np.maximum(v, eps1 * eps1))
+    denom = max(1.0, np.sqrt(np.sum(u * u)) / (np.sqrt(n) * d))
+    return theta * (1 - lr * weight_decay) - alpha / denom * u
+
+
 def comparable(state, shape):
     """The elements whose float32 result a float64 reference predicts: all, except where a
     sign was decided by rounding (Lion)."""
@@ -212,4 +242,5 @@ RULES = {
     "SGD": sgd, "Adagrad": adagrad, "Adadelta": adadelta, "RMSprop": rmsprop, "Adam": adam,
     "AdamW": adamw, "AdaMax": adamax, "Nadam": nadam, "Lion": lion, "RAdam": radam,
     "Rprop": rprop, "ASGD": asgd, "LAMB": lamb, "LARS": lars, "RowwiseAdagrad": rowwise_adagrad,
+    "Adafactor": adafactor,
 }

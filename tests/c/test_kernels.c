@@ -28,7 +28,7 @@ enum {
     RMSPROP = FO_RULE_rmsprop, ADAM = FO_RULE_adam, ADAMAX = FO_RULE_adamax, NADAM = FO_RULE_nadam,
     LION = FO_RULE_lion, RADAM = FO_RULE_radam, RPROP = FO_RULE_rprop, ASGD = FO_RULE_asgd,
     LAMB = FO_RULE_lamb, LARS = FO_RULE_lars, ROWWISE = FO_RULE_rowwise_adagrad,
-    N_RULES = FO_N_RULES
+    ADAFACTOR = FO_RULE_adafactor, N_RULES = FO_N_RULES
 };
 #define RULE_NAMES(rule) (fo_describe(rule)->name)
 enum { N_BUFS = 5 }; /* param, grad, up to three state buffers */
@@ -58,6 +58,7 @@ static fo_lamb_params lamb_hp(int64_t t) { return (fo_lamb_params){.lr = 0.01, .
 static fo_lars_params lars_hp(void) { return (fo_lars_params){.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01, .trust_coefficient = 0.01}; }
 /* without rows: rows of one element (fastopt.h, row rules) */
 static fo_rowwise_adagrad_params rowwise_hp(void) { return (fo_rowwise_adagrad_params){.lr = 0.1, .eps = 1e-8, .weight_decay = 0.01}; }
+static fo_adafactor_params adafactor_hp(int64_t t) { return (fo_adafactor_params){.lr = 0.01, .beta2_decay = -0.8, .eps1 = -1.0, .eps2 = 1e-3, .d = 1.0, .weight_decay = 0.1, .step = t}; }
 static fo_asgd_params asgd_hp(int64_t t) { return (fo_asgd_params){.lr = 0.01, .lambd = 1e-4, .alpha = 0.75, .t0 = 0, .weight_decay = 0.01, .step = t}; }
 
 #define T float
@@ -125,7 +126,7 @@ static void test_errors(void)
 /* The generic entry: the rule table, errors that name the field, storage types, rule ids. */
 static void test_generic(void)
 {
-    CHECK(14 == N_RULES, "every rule of FO_RULES has a case here (%d rules)", (int)N_RULES);
+    CHECK(15 == N_RULES, "every rule of FO_RULES has a case here (%d rules)", (int)N_RULES);
     for (int rule = 0; rule < N_RULES; rule++) {
         const fo_rule_info *info = fo_describe(rule);
         CHECK(info && info->n_state >= 1 && info->n_fields >= 3, "fo_describe(%d)", rule);
@@ -207,6 +208,114 @@ static void test_row_rule(void)
     CHECK(fo_describe(FO_RULE_rowwise_adagrad)->per_row == 1 && fo_describe(FO_RULE_adagrad)->per_row == 0,
           "fo_rule_info.per_row");
     free(mem);
+}
+
+/* A factored rule (fastopt.h, Adafactor): matrices given by fo_rows, against the formula in
+ * double; one tile and many (a split matrix), the same bits for 1 and 3 threads; refusals. */
+static void factored_reference(double *p, const float *g, double *R, double *C, size_t B,
+                               size_t r, size_t c, const fo_adafactor_params *hp)
+{
+    const size_t n = B * r * c;
+    const double eps1 = 1.1920928955078125e-07, t = (double)hp->step, w = pow(t, hp->beta2_decay);
+    const double rho = fmin(hp->lr, 1.0 / sqrt(t));
+    double pp = 0, uu = 0;
+    for (size_t i = 0; i < n; i++) pp += p[i] * p[i];
+    const double alpha = fmax(hp->eps2, sqrt(pp / (double)n)) * rho;
+    double *u = malloc(n * sizeof(double));
+    for (size_t m = 0; m < B; m++) {
+        double mean = 0;
+        for (size_t i = 0; i < r; i++) {
+            double s = 0;
+            for (size_t j = 0; j < c; j++) s += (double)g[(m * r + i) * c + j] * g[(m * r + i) * c + j];
+            R[m * r + i] += w * (s / (double)c - R[m * r + i]);
+            mean += R[m * r + i] / (double)r;
+        }
+        for (size_t j = 0; j < c; j++) {
+            double s = 0;
+            for (size_t i = 0; i < r; i++) s += (double)g[(m * r + i) * c + j] * g[(m * r + i) * c + j];
+            C[m * c + j] += w * (s / (double)r - C[m * c + j]);
+        }
+        for (size_t i = 0; i < r; i++)
+            for (size_t j = 0; j < c; j++) {
+                const size_t e = (m * r + i) * c + j;
+                const double v = R[m * r + i] * C[m * c + j] / fmax(mean, eps1);
+                u[e] = g[e] / sqrt(fmax(v, eps1 * eps1));
+                uu += u[e] * u[e];
+            }
+    }
+    const double denom = fmax(1.0, sqrt(uu / (double)n) / hp->d);
+    for (size_t i = 0; i < n; i++) p[i] = p[i] * (1 - hp->lr * hp->weight_decay) - alpha / denom * u[i];
+    free(u);
+}
+
+static void test_factored(void)
+{
+    /* 3 matrices of 4 x 5 (tiles of whole matrices), 300 x 5000 (split into tiles) */
+    static const size_t shapes[][3] = {{3, 4, 5}, {1, 300, 5000}};
+    for (int k = 0; k < 2; k++) {
+        const size_t B = shapes[k][0], r = shapes[k][1], c = shapes[k][2], n = B * r * c;
+        float *p = malloc(n * sizeof(float)), *g = malloc(n * sizeof(float));
+        float *R = calloc(B * r, sizeof(float)), *C = calloc(B * c, sizeof(float));
+        double *ref = malloc(n * sizeof(double)), *Rd = calloc(B * r, sizeof(double));
+        double *Cd = calloc(B * c, sizeof(double));
+        lcg = 5;
+        for (size_t i = 0; i < n; i++) ref[i] = p[i] = (float)uniform();
+        fo_rows rows = {.row_len = c, .matrix_rows = r};
+        size_t count_n = n;
+        void *bp = p, *bg = g, *br = R, *bc = C, *bv = NULL;
+        fo_batch batch = {.count = 1, .n = &count_n, .buffers = {&bp, &bg, &br, &bc, &bv}, .rows = &rows};
+        float *first = NULL;
+        for (int64_t t = 1; t <= 3; t++) {
+            for (size_t i = 0; i < n; i++) g[i] = (float)uniform();
+            const fo_adafactor_params hp = adafactor_hp(t);
+            factored_reference(ref, g, Rd, Cd, B, r, c, &hp);
+            fo_set_num_threads(t == 3 ? 3 : 1);
+            if (t == 3) { /* the last step on one thread first, from a copy, then on three */
+                first = malloc(n * sizeof(float));
+                float *R1 = malloc(B * r * sizeof(float)), *C1 = malloc(B * c * sizeof(float));
+                memcpy(first, p, n * sizeof(float));
+                memcpy(R1, R, B * r * sizeof(float));
+                memcpy(C1, C, B * c * sizeof(float));
+                void *fp = first, *fr = R1, *fc = C1;
+                fo_batch one = batch;
+                one.buffers[0] = (void *const *)&fp;
+                one.buffers[2] = (void *const *)&fr;
+                one.buffers[3] = (void *const *)&fc;
+                fo_set_num_threads(1);
+                CHECK(fo_step(FO_RULE_adafactor, &one, &hp, NULL) == FO_OK, "factored, 1 thread");
+                fo_set_num_threads(3);
+                free(R1);
+                free(C1);
+            }
+            CHECK(fo_step(FO_RULE_adafactor, &batch, &hp, NULL) == FO_OK, "factored status");
+        }
+        fo_set_num_threads(2);
+        CHECK(memcmp(first, p, n * sizeof(float)) == 0, "factored %zux%zu: 1 thread == 3 threads", r, c);
+        double worst = 0;
+        for (size_t i = 0; i < n; i++) worst = fmax(worst, fabs(p[i] - ref[i]));
+        for (size_t i = 0; i < B * r; i++) worst = fmax(worst, fabs(R[i] - Rd[i]) / Rd[i]);
+        for (size_t j = 0; j < B * c; j++) worst = fmax(worst, fabs(C[j] - Cd[j]) / Cd[j]);
+        CHECK(worst < 2e-5, "factored %zux%zu vs the formula: %g", r, c, worst);
+        float *before = malloc(n * sizeof(float));
+        memcpy(before, p, n * sizeof(float));
+        const fo_adafactor_params hp = adafactor_hp(4);
+        rows.matrix_rows = r + 1; /* matrices that do not tile the tensor */
+        CHECK(fo_step(FO_RULE_adafactor, &batch, &hp, NULL) == FO_ERR_INDEX, "factored: bad layout");
+        rows.matrix_rows = r;
+        bc = NULL;
+        CHECK(fo_step(FO_RULE_adafactor, &batch, &hp, NULL) == FO_ERR_NULL, "factored: no col_var");
+        bc = g;
+        CHECK(fo_step(FO_RULE_adafactor, &batch, &hp, NULL) == FO_ERR_OVERLAP, "col_var on grad");
+        bc = C;
+        batch.dtype[2] = FO_BFLOAT16;
+        CHECK(fo_step(FO_RULE_adafactor, &batch, &hp, NULL) == FO_ERR_DTYPE, "bfloat16 row_var");
+        CHECK(memcmp(before, p, n * sizeof(float)) == 0, "a refused factored call wrote");
+        free(before);
+        free(first);
+        free(p), free(g), free(R), free(C), free(ref), free(Rd), free(Cd);
+    }
+    CHECK(fo_describe(FO_RULE_adafactor)->factored == 1 && fo_describe(FO_RULE_adam)->factored == 0,
+          "fo_rule_info.factored");
 }
 
 static void test_step_options(void)
@@ -464,6 +573,7 @@ int main(void)
     test_errors();
     test_generic();
     test_row_rule();
+    test_factored();
     test_step_options();
     test_rows_exact();
     test_rows();
