@@ -218,6 +218,13 @@ def time_side_by_side(fns, budget_s, min_rounds=7):
     return {name: float(np.median(s)) for name, s in samples.items()}
 
 
+def stream_count(streams, shapes):
+    """Element streams a step over tensors of these shapes moves: streams per element, or the
+    rule's function of each shape (registry: Rule.benchmark)."""
+    per = streams if callable(streams) else (lambda shape: streams)
+    return sum(per(tuple(s)) * math.prod(s) for s in shapes)
+
+
 def stream_runner(n_bytes):
     """The 7-stream kernel over the same memory footprint; returns (step, bytes it moves)."""
     n = max(1, n_bytes // 28)
@@ -296,7 +303,7 @@ def run_case(rule, dtype, shapes, threads, budget_s, with_numpy=True):
     grads = [(rng.standard_normal(s) * 1e-3).astype(dtype) for s in shapes]
     opt = cls(params, **kw)
     n = sum(math.prod(s) for s in shapes)
-    bytes_moved = streams * n * np.dtype(dtype).itemsize
+    bytes_moved = stream_count(streams, shapes) * np.dtype(dtype).itemsize
     ceiling, ceiling_bytes = stream_runner(bytes_moved)
     fns = {"fastopt": lambda: opt.step(grads), "ceiling": ceiling}
     if with_numpy and rule in NUMPY_RULES:
@@ -336,6 +343,7 @@ def run_storage_case(rule, label, n, threads, budget_s):
     it) in the same interleaved rounds."""
     from fastopt import storage
     cls, kw, streams, torch_name = RULES[rule]
+    streams = stream_count(streams, [(n,)]) // n
     rng = np.random.default_rng(0)
     base = rng.standard_normal(n).astype(np.float32)
     base_g = (rng.standard_normal(n) * 1e-3).astype(np.float32)

@@ -38,8 +38,8 @@ class Rule:
     BETAS; keyword_only: those after `*`; fixed: {hyperparameter: value} that the class sets
     and does not take (NAG's nesterov=True); fill: {state buffer: hyperparameter giving its initial value};
     c_fields(hp): the C struct's fields (without `step`) from checked hyperparameters;
-    doc: the formula; benchmark: (hyperparameters, memory streams per element) for
-    `python -m fastopt bench`, None to leave the rule out; torch: the torch.optim class that
+    doc: the formula; benchmark: (hyperparameters, memory streams per element, or a function
+    of a tensor's shape giving them) for `python -m fastopt bench`, None to leave the rule out; torch: the torch.optim class that
     the benchmark compares it with; state_shapes: {state buffer: its shape from the
     parameter's shape, None where it does not apply} for state not shaped like the parameter
     (a factored rule's), state_doc: what the state class's docstring adds about them.
@@ -150,6 +150,19 @@ _ADAM_PARAMS = [("lr", 1e-3, REAL), ("betas", (0.9, 0.999), BETAS), ("eps", 1e-8
                 ("weight_decay", 0.0, REAL), ("amsgrad", False, FLAG),
                 ("maximize", False, FLAG), ("decoupled_weight_decay", False, FLAG)]
 _G = "g is the gradient after `maximize` (g <- -g) and L2 weight_decay (g <- g + weight_decay theta)."
+
+def _adafactor_streams(shape):
+    """The memory streams per element Adafactor's step must move for a tensor of this shape
+    (csrc/rules/adafactor.inc): a vector's pass reads param, grad and variance, its update reads
+    them and writes param and variance (8); a 1 x 1 matrix's pass also reads and writes its two
+    factors, which its update reads (11); a matrix's pass reads param and grad, its update
+    reads them and writes param (5), and a matrix over FO_IN_CACHE (16384) elements is read
+    again for its update norm (6)."""
+    if len(shape) < 2:
+        return 8
+    size = shape[-1] * shape[-2]
+    return 11 if size == 1 else 5 if size <= 16384 else 6
+
 
 RULES = [
     Rule("SGD", "sgd", "sgd", "SGDState", _SGD_PARAMS, _sgd_fields, f"""
@@ -303,7 +316,7 @@ RULES = [
     u = g / sqrt(max(v, eps1^2));  theta <- theta (1 - lr weight_decay) - alpha u / max(1, RMS(u) / d)
     lerp(a, b, w) = a + w (b - a);  RMS(u) = ||u|| / sqrt(n);  g is the gradient after `maximize`;
     the norms and sums are computed in double in a fixed order.""",
-         benchmark=(dict(lr=1e-2), 6), torch="Adafactor", rows=False,
+         benchmark=(dict(lr=1e-2), _adafactor_streams), torch="Adafactor", rows=False,
          state_shapes={"row_var": lambda s: s[:-1] + (1,) if len(s) >= 2 else None,
                        "col_var": lambda s: s[:-2] + (1,) + s[-1:] if len(s) >= 2 else None,
                        "variance": lambda s: s if len(s) < 2 else None},

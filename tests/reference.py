@@ -195,8 +195,9 @@ def rowwise_adagrad(theta, grad, s, lr=0.01, eps=1e-8, weight_decay=0.0, maximiz
     """One accumulator per row along axis 0 (a 1-D theta's rows are its elements, a 0-d
     theta is one row): G_r += mean of g^2 over the row; theta_r -= lr g_r / (sqrt(G_r) + eps)."""
     g = _grad(theta, grad, weight_decay, maximize)
-    rows = g.reshape(theta.shape[0] if theta.ndim else 1, -1)
-    G = s.get("G", np.zeros(rows.shape[0])) + (rows * rows).mean(axis=1)
+    n_rows = theta.shape[0] if theta.ndim else 1
+    rows = g.reshape(n_rows, g.size // n_rows if n_rows else 0)  # (-1 is ambiguous when empty)
+    G = s.get("G", np.zeros(rows.shape[0])) + (rows * rows).sum(axis=1) / max(rows.shape[1], 1)
     s["G"] = G
     return (theta.reshape(rows.shape) - lr * rows / (np.sqrt(G)[:, None] + eps)).reshape(theta.shape)
 
@@ -206,14 +207,19 @@ def _lerp(a, b, w):
 
 
 def adafactor(theta, grad, s, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
-              weight_decay=0.0, maximize=False):
-    """torch.optim.Adafactor's formulas, written from its documentation, in float64."""
-    eps1 = np.finfo(np.float32).eps if eps[0] is None else eps[0]
+              weight_decay=0.0, maximize=False, dtype=np.float32):
+    """torch.optim.Adafactor's formulas, written from its documentation, in float64.  `dtype`
+    is the parameter's type, whose machine epsilon eps1 = None stands for (the generic suites
+    leave it float32: with their O(1) gradients no clamp at eps1 is reached in either type)."""
+    eps1 = np.finfo(dtype).eps if eps[0] is None else eps[0]
     g = -grad if maximize else grad
     t = s.get("t", 0) + 1
     w = t ** beta2_decay
     rho = min(lr, 1 / np.sqrt(t))
     n = theta.size
+    if n == 0:  # nothing to update (and no norm to divide by its size)
+        s["t"] = t
+        return theta.copy()
     alpha = max(eps[1], np.sqrt(np.sum(theta * theta)) / np.sqrt(n)) * rho
     if theta.ndim >= 2:
         R = _lerp(s.get("row_var", np.zeros(theta.shape[:-1] + (1,))),

@@ -30,6 +30,7 @@ README_DEFAULTS = {
     "lamb": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0),
     "lars": dict(momentum=0.9, weight_decay=0.0, trust_coefficient=0.001),  # lr: no default
     "rowwise_adagrad": dict(lr=0.01, eps=1e-8, weight_decay=0.0),
+    "adafactor": dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0),
     # the SGD shorthands: lr has no default
     "momentum": dict(momentum=0.9, nesterov=False, weight_decay=0.0),
     "nag": dict(momentum=0.9, nesterov=True, weight_decay=0.0),
@@ -42,7 +43,7 @@ STATES = {"sgd": fastopt.SGDState, "adagrad": fastopt.AdagradState,
           "nadam": fastopt.NadamState, "momentum": fastopt.SGDState, "nag": fastopt.SGDState,
           "lion": fastopt.LionState, "radam": fastopt.RAdamState, "rprop": fastopt.RpropState,
           "asgd": fastopt.ASGDState, "lamb": fastopt.LAMBState, "lars": fastopt.LARSState,
-          "rowwise_adagrad": fastopt.RowwiseAdagradState}
+          "rowwise_adagrad": fastopt.RowwiseAdagradState, "adafactor": fastopt.AdafactorState}
 
 # (function, hyperparameters, the state buffers they need): every option of every function
 CASES = [
@@ -94,6 +95,11 @@ CASES = [
      ("momentum_buffer",)),
     ("rowwise_adagrad", dict(), ("sum",)),
     ("rowwise_adagrad", dict(lr=0.05, eps=1e-6, weight_decay=0.1, maximize=True), ("sum",)),
+    # a factored rule: which of its buffers a parameter has depends on its shape (a matrix:
+    # row_var and col_var; a vector: variance)
+    ("adafactor", dict(), ("row_var", "col_var", "variance")),
+    ("adafactor", dict(lr=0.05, beta2_decay=-0.5, eps=(1e-6, 1e-2), d=2.0, weight_decay=0.1,
+                       maximize=True), ("row_var", "col_var", "variance")),
 ]
 
 
@@ -132,10 +138,13 @@ def test_matches_reference(case, dtype):
             getattr(F, name)(param, grad, state, **hp)
             ref = reference_step(name, ref, grad.astype(np.float64), ref_state, hp)
         assert param.dtype == dtype and param.shape == shape and state.step == STEPS
-        assert sorted(state.buffers()) == sorted(needed)
+        # a factored rule's buffers: those that apply to this shape, shaped as the rule says
+        assert sorted(state.buffers()) == sorted(k for k in needed if state.applies(param, k))
         for name_, buf in state.buffers().items():  # a row rule's: one value per row
             assert buf.dtype == dtype
-            assert buf.shape == (shape[:1] if name_ in state.PER_ROW else shape)
+            expected = (state.SHAPES[name_](shape) if name_ in state.SHAPES else
+                        shape[:1] if name_ in state.PER_ROW else shape)
+            assert buf.shape == expected
         if dtype == np.float64:
             np.testing.assert_allclose(param, ref, rtol=1e-12, atol=1e-12)
         else:
@@ -195,6 +204,11 @@ BAD = [
     ("lamb", dict(eps=-1e-6), ValueError, "eps"),
     ("lars", dict(lr=0.1, trust_coefficient=-1.0), ValueError, "trust_coefficient"),
     ("lars", dict(lr=0.1, momentum=float("nan")), ValueError, "momentum"),
+    ("adafactor", dict(beta2_decay=0.5), ValueError, "beta2_decay"),
+    ("adafactor", dict(eps=(-1e-3, 1e-3)), ValueError, "eps1"),
+    ("adafactor", dict(eps=(None, -1.0)), ValueError, "eps2"),
+    ("adafactor", dict(d=0.5), ValueError, "d"),
+    ("adafactor", dict(eps=(None,)), TypeError, "eps"),
 ]
 
 
