@@ -172,7 +172,7 @@ def pair(name, x):
 
 
 def optional_pair(name, x):
-    """A pair whose first number may be None (Adafactor's eps: None is the dtype's epsilon)."""
+    """A pair whose first number may be None (an eps pair whose None means the dtype's epsilon)."""
     if not isinstance(x, (tuple, list, np.ndarray)) or len(x) != 2:
         raise TypeError(f"{name} must be a pair (number or None, number), got {x!r}")
     return (None if x[0] is None else real(f"{name}[0]", x[0]), real(f"{name}[1]", x[1]))

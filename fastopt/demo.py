@@ -82,6 +82,7 @@ RULES = [
     ("Lion", fastopt.Lion, dict(lr=0.01), dict(lr=1e-3)),
     ("LAMB", fastopt.LAMB, dict(lr=0.005), dict(lr=5e-3)),
     ("LARS", fastopt.LARS, dict(lr=0.5, trust_coefficient=0.02), dict(lr=0.2, trust_coefficient=0.02)),
+    ("Adafactor", fastopt.Adafactor, dict(lr=0.05), dict(lr=1e-2)),
 ]
 RULE_NAMES = [r[0] for r in RULES]
 # the problems where a plain gradient step of 0.01 is too large or too small
@@ -166,7 +167,7 @@ def train_mlp(cls, hp, data, steps, batch=64, hidden=32, seed=0):
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
           "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#aec7e8", "#ffbb78", "#98df8a",
-          "#ff9896", "#c5b0d5"]  # one per rule (zip stops at the shorter list)
+          "#ff9896", "#c5b0d5", "#c49c94"]  # one per rule (zip stops at the shorter list)
 
 
 def contour(ax, problem):
