@@ -175,7 +175,10 @@ def optional_pair(name, x):
     """A pair whose first number may be None (an eps pair whose None means the dtype's epsilon)."""
     if not isinstance(x, (tuple, list, np.ndarray)) or len(x) != 2:
         raise TypeError(f"{name} must be a pair (number or None, number), got {x!r}")
-    return (None if x[0] is None else real(f"{name}[0]", x[0]), real(f"{name}[1]", x[1]))
+    first = None if x[0] is None else real(f"{name}[0]", x[0])
+    if first is not None and first < 0.0:  # (None is the C rule's -1, which a user never gives)
+        raise ValueError(f"Invalid {name}1 ({name}[0]): {first} (must be >= 0, or None)")
+    return (first, real(f"{name}[1]", x[1]))
 
 
 def flag(name, x):

@@ -123,7 +123,7 @@ def _validated(opt, d):
             raise ValueError(f"state_dict state {key} lacks {sorted(missing)}")
         what = f"state_dict state {key}"
         for k in (n for n in group_of[key][1].used_state() if n is not None):
-            if k not in fields:
+            if k not in fields and state_type.applies(params[key], k):
                 raise ValueError(f"{what} lacks {k!r}")
         copied = {}
         for k, v in fields.items():
@@ -196,6 +196,11 @@ def _flatten(d):
     yield "n_groups", len(d["param_groups"])
     for i, g in enumerate(d["param_groups"]):
         for k, v in g.items():
+            if isinstance(v, (tuple, list)) and any(x is None for x in v):
+                # a tuple with None (Adafactor's eps): the numbers, and where the Nones were
+                yield f"param_groups/{i}/{k}", [0.0 if x is None else x for x in v]
+                yield f"param_groups/{i}/{k}.none", np.array([x is None for x in v])
+                continue
             yield f"param_groups/{i}/{k}", np.asarray(v, dtype=np.int64) if k == "params" else v
     for i, s in d["state"].items():
         for k, v in s.items():
@@ -240,7 +245,7 @@ def _unflatten(flat, path):
     n_groups = header["n_groups"]
     if not 0 <= n_groups <= len(flat):  # each group has at least its params entry
         raise unreadable(f"n_groups is {n_groups}, with {len(flat)} other entries")
-    groups, state = [{} for _ in range(n_groups)], {}
+    groups, state, nones = [{} for _ in range(n_groups)], {}, []
     for key, value in flat.items():
         parts = key.split("/")
         if len(parts) != 3 or parts[0] not in ("param_groups", "state") \
@@ -259,8 +264,17 @@ def _unflatten(flat, path):
             raise unreadable(f"{key!r} is not a list of parameter indices")
         elif value.ndim > 1:
             raise unreadable(f"{key!r} is not a number or a tuple of numbers")
+        elif field.endswith(".none"):
+            if value.dtype != np.bool_:
+                raise unreadable(f"{key!r} is not a mask of Nones")
+            nones.append((index, field[:-len(".none")], value))
         else:
             groups[index][field] = _from_array(field, value)
+    for index, field, mask in nones:
+        values = groups[index].get(field)
+        if not isinstance(values, tuple) or len(values) != len(mask):
+            raise unreadable(f"param group {index}'s {field!r} does not fit its mask of Nones")
+        groups[index][field] = tuple(None if none else x for x, none in zip(values, mask))
     for i, g in enumerate(groups):
         if "params" not in g:
             raise unreadable(f"param group {i} has no 'params' entry")

@@ -467,8 +467,10 @@ class _Fastopt:
             if dtype not in _KERNEL_DTYPES or p.layout != strided or not p.is_cpu \
                     or not local_p.is_contiguous():
                 _check_param(p, self._where(index, group, i))
+            if self.kernel in _STATE_SHAPES and p.is_complex():  # torch's error, at the step
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
             if (dtype == torch.bfloat16 and self.state.get(_STORAGE_KEY) is None) or (
-                    self.kernel in _REAL_ONLY and p.is_complex()):
+                    self.kernel in _PER_ROW_KERNELS and p.is_complex()):
                 # p.data replaced after construction by a tensor its storage options (made for
                 # its first dtype) or its rule cannot take
                 raise TypeError(f"{self._where(index, group, i)} is now {dtype}; "
@@ -828,8 +830,8 @@ def _check_storage(p, options, where, kernel=None):
                                              or options["state_dtype"] == "bfloat16"):
         raise ValueError(f"{where}: {_PLAIN_STORAGE_KERNELS[kernel]} need float32/float64 "
                          "storage, not bfloat16 (yet)")
-    if kernel in _REAL_ONLY and p.is_complex():
-        raise TypeError(f"{where} is complex; {kernel}'s means of g^2 are for real parameters")
+    if kernel in _PER_ROW_KERNELS and p.is_complex():
+        raise TypeError(f"{where} is complex; a row's mean of g^2 is for real parameters")
     if options["master_weights"] and p.dtype != torch.bfloat16:
         raise ValueError(f"{where}: master_weights=True is for bfloat16 parameters, not {p.dtype}")
     if options["state_dtype"] == "float32" and p.dtype in (torch.float64, torch.complex128):

@@ -234,6 +234,7 @@ def adafactor(theta, grad, s, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0
     s["t"] = t
     u = g / np.sqrt(np.maximum(v, eps1 * eps1))
     denom = max(1.0, np.sqrt(np.sum(u * u)) / (np.sqrt(n) * d))
+    s["clipped"] = s.get("clipped", 0) + (denom > 1.0)  # steps where RMS(u) / d exceeded 1
     return theta * (1 - lr * weight_decay) - alpha / denom * u
 
 

@@ -11,7 +11,7 @@ from conftest import assert_same_snapshot, snapshot
 
 ALL = [fastopt.SGD, fastopt.Adagrad, fastopt.Adadelta, fastopt.RMSprop, fastopt.Adam,
        fastopt.AdamW, fastopt.AdaMax, fastopt.Nadam, fastopt.Lion, fastopt.RAdam, fastopt.Rprop,
-       fastopt.ASGD, fastopt.LAMB]
+       fastopt.ASGD, fastopt.LAMB, fastopt.Adafactor]
 
 
 def trained(cls=fastopt.Adam, **hp):
@@ -111,6 +111,13 @@ def test_bad_common_hyperparameters(cls, name, value, error):
     (fastopt.LARS, dict(lr=0.1, trust_coefficient=math.nan), ValueError, "trust_coefficient"),
     (fastopt.LARS, dict(lr=-0.1), ValueError, "lr"),
     (fastopt.LARS, dict(momentum=0.9), TypeError, "lr"),
+    (fastopt.Adafactor, dict(beta2_decay=0.1), ValueError, "beta2_decay"),
+    (fastopt.Adafactor, dict(eps=(-1e-30, 1e-3)), ValueError, r"eps1 \(eps\[0\]\)"),
+    (fastopt.Adafactor, dict(eps=(None, -1.0)), ValueError, r"eps2 \(eps\[1\]\)"),
+    (fastopt.Adafactor, dict(eps=(None, math.nan)), ValueError, r"eps\[1\]"),
+    (fastopt.Adafactor, dict(eps=1e-3), TypeError, "eps"),
+    (fastopt.Adafactor, dict(d=0.5), ValueError, "d"),
+    (fastopt.Adafactor, dict(weight_decay=-0.1), ValueError, "weight_decay"),
 ])
 def test_bad_rule_hyperparameters(cls, hp, error, match):
     with pytest.raises(error, match=match):

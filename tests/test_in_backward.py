@@ -29,6 +29,7 @@ EVERY_CLASS = [
     ("AdamW", dict(lr=1e-2)),
     ("Adamax", dict(lr=1e-2)),
     ("NAdam", dict(lr=1e-2)),
+    ("Adafactor", dict(lr=1e-2, weight_decay=0.1)),  # per-tensor norms: each step whole tensors
 ]
 
 

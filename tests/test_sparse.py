@@ -9,7 +9,8 @@ import reference
 from conftest import CASES, assert_same_snapshot, case_id, snapshot
 from test_rules import reference_kwargs, reference_name
 
-CASES = [c for c in CASES if c[0].rule.rows]  # LAMB, LARS: norms over whole tensors, no rows
+# LAMB, LARS, Adafactor: norms over whole tensors, no rows
+CASES = [c for c in CASES if c[0].rule.rows]
 
 SHAPES = [(12, 5), (9,), (6, 2, 3)]  # rows of 5, of one element, of 2 x 3
 STEPS = 50
@@ -211,7 +212,8 @@ def test_empty_and_zero_width_rows(rng):
     assert opt.state[0].step == 1
 
 
-@pytest.mark.parametrize("cls, hp", [(fastopt.LAMB, {}), (fastopt.LARS, dict(lr=0.1))])
+@pytest.mark.parametrize("cls, hp", [(fastopt.LAMB, {}), (fastopt.LARS, dict(lr=0.1)),
+                                     (fastopt.Adafactor, {})])
 def test_rules_with_per_tensor_norms_refuse_rows(cls, hp, rng):
     opt = cls([rng.standard_normal((4, 3))], **hp)
     opt.step([rng.standard_normal((4, 3))])
@@ -338,7 +340,7 @@ def test_exact_adamw_decay_compounds(rng):
     (fastopt.Adadelta, dict(weight_decay=0.1), "weight_decay"),
     (fastopt.AdaMax, {}, "AdaMax"), (fastopt.Nadam, {}, "Nadam"), (fastopt.RAdam, {}, "RAdam"),
     (fastopt.Lion, dict(lr=1e-4), "Lion"), (fastopt.Rprop, {}, "Rprop"),
-    (fastopt.ASGD, {}, "ASGD"), (fastopt.LAMB, {}, "LAMB")])
+    (fastopt.ASGD, {}, "ASGD"), (fastopt.LAMB, {}, "LAMB"), (fastopt.Adafactor, {}, "Adafactor")])
 def test_exact_without_closed_form_is_refused(cls, hp, named):
     with pytest.raises(ValueError, match=named):
         cls([np.zeros((3, 2))], sparse="exact", **hp)

@@ -36,6 +36,9 @@ CASES = [
     ("Rprop", dict(lr=1e-3, etas=(0.4, 1.3), step_sizes=(1e-5, 1e-2), maximize=True)),
     ("ASGD", dict(lr=1e-2)),
     ("ASGD", dict(lr=5e-2, lambd=1e-2, alpha=0.5, t0=50, weight_decay=1e-3, maximize=True)),
+    ("Adafactor", dict(lr=1e-2)),
+    ("Adafactor", dict(lr=5e-2, beta2_decay=-0.5, eps=(1e-6, 1e-2), d=2.0, weight_decay=0.1,
+                       maximize=True)),
 ]
 
 
@@ -125,8 +128,9 @@ def test_state_dict_layout_matches_torch(name, hp):
 
 @pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
 @pytest.mark.parametrize("name, hp", [CASES[1], CASES[6], CASES[8], CASES[14], CASES[17],
-                                      CASES[19], CASES[21]],
-                         ids=["SGD", "RMSprop", "Adam", "NAdam", "RAdam", "Rprop", "ASGD"])
+                                      CASES[19], CASES[21], CASES[23]],
+                         ids=["SGD", "RMSprop", "Adam", "NAdam", "RAdam", "Rprop", "ASGD",
+                              "Adafactor"])
 def test_checkpoints_move_both_ways(name, hp, direction):
     first, second = (torch.optim, ft) if direction == "torch->fastopt" else (ft, torch.optim)
     torch.manual_seed(0)

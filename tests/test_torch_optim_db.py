@@ -4,7 +4,8 @@ torch ships, in torch.testing._internal.common_optimizers.optim_db, the configur
 (optim_inputs_func, with the foreach/fused/differentiable variants torch tests on CPU) and the
 error inputs (optim_error_inputs_func) of each optimizer.  For every class fastopt.torch has,
 every CPU configuration trains the same parameters for 10 steps with torch's class and with
-fastopt.torch's, from the same start, in float32, float64, complex64 and complex128, and
+fastopt.torch's, from the same start, in float32, float64, complex64 and complex128 (where
+torch's class takes complex parameters; where it refuses them, fastopt.torch's must too), and
 the parameters and state must agree: float64/complex128 to 1e-12 relative, float32/complex64
 within accumulated rounding.  Every error input must raise torch's exception and message.
 
@@ -28,7 +29,7 @@ from torch.testing._internal.common_optimizers import (  # noqa: E402
 import fastopt.torch as ft  # noqa: E402
 
 CLASSES = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
-           "Rprop", "ASGD"]
+           "Rprop", "ASGD", "Adafactor"]
 INFOS = {info.name: info for info in optim_db if info.name in CLASSES}
 assert sorted(INFOS) == sorted(CLASSES)  # the database still covers every class we have
 
@@ -129,6 +130,13 @@ def test_parity_with_torch_on_every_optim_db_config(config, dtype):
     name, desc, kwargs = config
     if dtype.is_complex and kwargs.get("fused"):
         pytest.skip("torch's fused kernels refuse complex parameters: nothing to compare with")
+    if dtype.is_complex and not INFOS[name].supports_complex:
+        # torch's class refuses complex parameters (Adafactor): fastopt.torch's must too
+        with pytest.raises(RuntimeError, match="complex"):
+            train(getattr(torch.optim, name), name, kwargs, dtype)
+        with pytest.raises((RuntimeError, TypeError), match="complex"):
+            train(getattr(ft, name), name, kwargs, dtype)
+        return
     ref_params, ref_opt = train(getattr(torch.optim, name), name, kwargs, dtype)
     our_params, our_opt = train(getattr(ft, name), name, kwargs, dtype)
     tolerance = TOLERANCE[dtype]
