@@ -197,7 +197,7 @@ def _flatten(d):
     for i, g in enumerate(d["param_groups"]):
         for k, v in g.items():
             if isinstance(v, (tuple, list)) and any(x is None for x in v):
-                # a tuple with None (Adafactor's eps): the numbers, and where the Nones were
+                # a tuple with None (an eps pair's default): the numbers, and where the Nones were
                 yield f"param_groups/{i}/{k}", [0.0 if x is None else x for x in v]
                 yield f"param_groups/{i}/{k}.none", np.array([x is None for x in v])
                 continue
