@@ -273,7 +273,7 @@ cdef class Batch:
         # per tensor: every buffer its state holds, in slot order, used by this batch or not,
         # so a step can tell that none was replaced since the full validation
         self.buffers = []
-        self.shapes = [p.shape for p in params] if rule.per_row or rule.factored else None
+        self.shapes = [p.shape for p in params] if rule.shaped_state else None
         cdef cnp.ndarray a
         for t in range(self.count):
             a = params[t]
@@ -720,7 +720,7 @@ def run_single(CRule rule, Hyper hyper, type state_type, object param, object gr
     cdef list written = [p]
     cdef int k, n_bufs = 2 + len(rule.state)
     addr[0], addr[1] = cnp.PyArray_DATA(p), cnp.PyArray_DATA(<cnp.ndarray>grad)
-    cdef bint shaped = rule.per_row or rule.factored
+    cdef bint shaped = rule.shaped_state
     for k, name in enumerate(rule.state):
         b = getattr(state, name)
         shape = state_type.buffer_shape(param, name) if shaped else None
@@ -1047,7 +1047,7 @@ cdef class ObjectPlan:
                 p = m.param
                 if params_list[t] is not p or not m.state_unchanged():
                     return False
-                if (self.rule.per_row or self.rule.factored) and p.shape != m.shape:
+                if self.rule.shaped_state and p.shape != m.shape:
                     return False  # p.data reshaped: its rows (or matrices) are others now
                 direct = self.grad_of != NULL and self._known(p)
                 grad = self.grad_of.get(p, self.grad_of.closure) if direct else p.grad

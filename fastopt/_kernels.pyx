@@ -55,6 +55,7 @@ cdef class CRule:
     cdef readonly dict double_offsets     # name -> offset of each double field
     cdef readonly bint per_row            # a row rule: its state holds one value per row
     cdef readonly bint factored           # a factored rule: its state is sized by matrices
+    cdef readonly bint shaped_state       # either: state not shaped like its parameter
 
     def __repr__(self):
         return f"<C rule {self.name}: state {self.state}, fields {tuple(self.fields)}>"
@@ -78,6 +79,7 @@ cdef dict _read_rules():
         r.double_offsets = {name: f[1] for name, f in r.fields.items() if f[0] == FO_FIELD_DOUBLE}
         r.per_row = info.per_row != 0
         r.factored = info.factored != 0
+        r.shaped_state = r.per_row or r.factored
         if r.params_size > MAX_PARAMS_SIZE or 2 + info.n_state > FO_MAX_BUFFERS:
             raise ImportError(f"fastopt: C rule {r.name} does not fit the bindings")
         rules[r.name] = r

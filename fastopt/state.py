@@ -53,7 +53,8 @@ class OptimizerState:
 
     @classmethod
     def applies(cls, param, name):
-        return name not in cls.SHAPES or cls.SHAPES[name](param.shape) is not None
+        """Whether buffer `name` is one of param's (buffer_shape gives it a shape)."""
+        return cls.buffer_shape(param, name) is not None
 
     @classmethod
     def new_buffer(cls, param, name, value=0.0, dtype=None):

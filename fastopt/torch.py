@@ -74,9 +74,10 @@ _STORAGE_KEY = "fastopt_storage"
 _PLAIN_STORAGE_KERNELS = {r.kernel: r.plain_storage for r in _rules.RULES if r.plain_storage}
 # row rules: a row's mean of g^2 is for real parameters
 _PER_ROW_KERNELS = frozenset(r.kernel for r in _rules.RULES if r.crule.per_row)
-# rules whose state is not shaped like the parameter: each buffer's shape from the parameter's
+# factored rules: each state buffer's shape from the parameter's (the registry's state_shapes)
 _STATE_SHAPES = {r.kernel: r.state_shapes for r in _rules.RULES if r.state_shapes}
-_REAL_ONLY = _PER_ROW_KERNELS | frozenset(_STATE_SHAPES)
+# rules whose state buffers are not shaped like the parameter (row and factored rules)
+_SHAPED_STATE_KERNELS = frozenset(r.kernel for r in _rules.RULES if r.crule.shaped_state)
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
 
 
@@ -511,8 +512,8 @@ class _Fastopt:
             # overlap exactly when their addresses are closer than that
             nbytes = local_p.nbytes
             if nbytes and state and (self.state.get(_STORAGE_KEY) is not None
-                                     or self.kernel in _REAL_ONLY):
-                # storage of several sizes, or per-row state: compare spans
+                                     or self.kernel in _SHAPED_STATE_KERNELS):
+                # storage of several sizes, or state of its own shapes: compare spans
                 spans = sorted(_spans_of(local_p, local_g, state, slots))
                 for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
                     if b0 < a1:
