@@ -13,6 +13,10 @@
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
 from libc.stdint cimport int32_t
+from cpython.dict cimport PyDict_Next, PyDict_Size
+from cpython.object cimport PyObject
+from cpython.list cimport PyList_GET_ITEM
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
 
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
@@ -915,23 +919,53 @@ cdef class _Member:
     cdef size_t nbytes
     cdef _Table table
     cdef Py_ssize_t slot
-    # its state dict and the values it held when planned (their buffers are in the tables): a
-    # buffer replaced since (opt.state[p]["exp_avg"] = ...) must not be written through a
-    # stale pointer; None where the group keeps no state
-    cdef dict state
-    cdef tuple values
     cdef object shape  # a row rule's: the parameter's shape (its rows) when planned
+    # the last gradient address found clear of every written buffer (a gradient is usually
+    # where it was: the same tensor, or the allocator's same block)
+    cdef uintptr_t clear_grad
 
-    cdef inline bint state_unchanged(self):
-        if self.state is None:
-            return True
-        if len(self.state) != len(self.values):
+
+cdef class _StateSnapshot:
+    """An optimizer's state (a dict of per-parameter dicts) as it was when planned: the same
+    entries in the same order, each holding the same values.  A state dict or buffer replaced
+    since (opt.state[p] = {...}, opt.state[p]["exp_avg"] = ...) must not be written through a
+    stale pointer.  Walked in the dict's own order, so no key is hashed."""
+    cdef object state
+    cdef list keys, dicts, values
+
+    def __cinit__(self, state):
+        self.state = state
+        self.keys, self.dicts, self.values = [], [], []
+        if not isinstance(state, dict):
+            self.keys = None  # never unchanged: each step validates
+            return
+        for k, v in state.items():
+            self.keys.append(k)
+            self.dicts.append(v)
+            self.values.append(tuple(v.values()) if type(v) is dict else None)
+
+    cdef bint unchanged(self):
+        cdef Py_ssize_t pos = 0, inner, i = 0, j
+        cdef PyObject *key
+        cdef PyObject *value
+        cdef PyObject *item
+        cdef PyObject *held
+        if self.keys is None or PyDict_Size(self.state) != len(self.keys):
             return False
-        cdef Py_ssize_t k = 0
-        for v in self.state.values():
-            if v is not self.values[k]:
+        while PyDict_Next(self.state, &pos, &key, &value):
+            if key != PyList_GET_ITEM(self.keys, i) or value != PyList_GET_ITEM(self.dicts, i):
                 return False
-            k += 1
+            held = PyList_GET_ITEM(self.values, i)
+            i += 1
+            if held == <PyObject *>None:
+                continue
+            if PyDict_Size(<object>value) != PyTuple_GET_SIZE(<object>held):
+                return False
+            inner, j = 0, 0
+            while PyDict_Next(<object>value, &inner, NULL, &item):
+                if item != PyTuple_GET_ITEM(<object>held, j):
+                    return False
+                j += 1
         return True
 
 
@@ -952,7 +986,8 @@ cdef class ObjectPlan:
     wrote.
     """
     cdef CRule rule
-    cdef object groups_list, state, mark_written, written
+    cdef object groups_list, mark_written, written
+    cdef _StateSnapshot state
     cdef list groups, members, hps, keys
     cdef _Spans spans
     # the tensor type's own getter of .grad and its methods, called without attribute lookups
@@ -971,7 +1006,7 @@ cdef class ObjectPlan:
             self.is_contiguous, self.data_ptr = tensor_type.is_contiguous, tensor_type.data_ptr
         self.spans = _Spans(written_spans)
         self.groups_list = front.param_groups
-        self.state = front.state
+        self.state = _StateSnapshot(front.state)
         self.groups = groups
         self.mark_written = mark_written
         self.written = written
@@ -1000,11 +1035,9 @@ cdef class ObjectPlan:
             for t in range(table.count):
                 where[table.indices[t]] = (table, t)
         members, with_grad = [], 0
-        for p, has_grad, address, state, nbytes in described:
+        for p, has_grad, address, _, nbytes in described:
             m = _Member()
             m.param, m.has_grad, m.address, m.nbytes = p, has_grad, address, nbytes
-            if state is not None:
-                m.state, m.values = state, tuple(state.values())
             m.shape = p.shape
             if has_grad:
                 m.table, m.slot = where[with_grad]
@@ -1018,14 +1051,15 @@ cdef class ObjectPlan:
         group, hp), which raises for an invalid value or returns None when the change reaches
         the plan's tables (another state buffer); the tables stay otherwise.  grad_multiplier:
         every gradient is multiplied by it first (GradScaler's unscaling), in the C call."""
-        if front.param_groups is not self.groups_list or front.state is not self.state \
-                or len(self.groups_list) != len(self.groups):
+        if front.param_groups is not self.groups_list or front.state is not self.state.state \
+                or len(self.groups_list) != len(self.groups) or not self.state.unchanged():
             return False
         cdef Py_ssize_t gi, t
         cdef _Table table
         cdef _Member m
         cdef list members, params_list
         cdef uintptr_t at
+        cdef bint shaped = self.rule.shaped_state, getter = self.grad_of != NULL
         # every check first; a gradient's address goes straight into its table, which only a
         # complete pass of checks lets run
         for gi in range(len(self.groups)):
@@ -1045,11 +1079,11 @@ cdef class ObjectPlan:
             for t in range(len(members)):
                 m = members[t]
                 p = m.param
-                if params_list[t] is not p or not m.state_unchanged():
+                if params_list[t] is not p:
                     return False
-                if self.rule.shaped_state and p.shape != m.shape:
+                if shaped and p.shape != m.shape:
                     return False  # p.data reshaped: its rows (or matrices) are others now
-                direct = self.grad_of != NULL and self._known(p)
+                direct = getter and self._known(p)
                 grad = self.grad_of.get(p, self.grad_of.closure) if direct else p.grad
                 if grad is None:
                     if m.has_grad:
@@ -1070,8 +1104,10 @@ cdef class ObjectPlan:
                         at = grad.data_ptr()
                 except RuntimeError:
                     return False
-                if self.spans.hits(<size_t>at, m.nbytes):
-                    return False
+                if at != m.clear_grad:
+                    if self.spans.hits(<size_t>at, m.nbytes):
+                        return False
+                    m.clear_grad = at
                 m.table.ptrs[1][m.slot] = <void *>at
         # every gradient fits: this is the step
         for gi in range(len(self.groups)):

@@ -456,10 +456,12 @@ def test_planned_steps_read_each_parameter_type_like_torch(kind):
         assert _ShadowGrad.reads >= 6 * len(init)  # the planned steps went through it too
 
 
+@pytest.mark.parametrize("what", ["buffer", "state dict"])
 @pytest.mark.parametrize("name", ["Adam", "SGD"])
-def test_state_buffer_replaced_between_steps_is_used_like_torch(name):
-    """A state buffer replaced by the user between planned steps (a momentum reset) is the one
-    the next step reads and writes, as in torch.optim; the replaced one is never written."""
+def test_state_buffer_replaced_between_steps_is_used_like_torch(name, what):
+    """A state buffer, or a parameter's whole state dict, replaced by the user between planned
+    steps (a momentum reset) is the one the next step reads and writes, as in torch.optim; the
+    replaced one is never written."""
     hp = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.05)
     buffer = "momentum_buffer" if name == "SGD" else "exp_avg"
     nets = model(), model()
@@ -467,9 +469,14 @@ def test_state_buffer_replaced_between_steps_is_used_like_torch(name):
     for step in range(8):
         if step == 4:
             for net, opt in zip(nets, opts):
-                old = opt.state[first(net).weight][buffer]
+                state = opt.state[first(net).weight]
+                old = state[buffer]
                 kept = old.clone()
-                opt.state[first(net).weight][buffer] = torch.zeros_like(old)
+                if what == "buffer":
+                    state[buffer] = torch.zeros_like(old)
+                else:  # a fresh dict: zeroed buffers, the same step count
+                    opt.state[first(net).weight] = {k: torch.zeros_like(v) if k == buffer else v.clone()
+                                                    for k, v in state.items()}
         for net, opt in zip(nets, opts):
             train(net, opt, steps=1, start=step)
         if step == 4:
