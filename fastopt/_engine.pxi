@@ -13,7 +13,7 @@
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
 from libc.stdint cimport int32_t
-from cpython.dict cimport PyDict_Next, PyDict_Size
+from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetItem, PyDict_Size
 from cpython.object cimport PyObject
 from cpython.list cimport PyList_GET_ITEM
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
@@ -228,7 +228,11 @@ cdef class Batch:
     cdef Schedule schedule       # the group's lr schedule, or None
     cdef Py_ssize_t lr_offset    # of the struct's `lr` field, where the schedule's value goes
     cdef int64_t step
+    cdef object step_object  # the int the last step wrote into each state (compared by identity first)
     cdef list params, states, indices, buffers
+    # per tensor its state's instance dict, where the fields a step reads are plain instance
+    # attributes (no descriptor on the class): read without getattr's type lookups
+    cdef list fields
     cdef list shapes             # a row rule's: each parameter's shape when planned
     cdef bint exact              # sparse="exact": rows caught up through their last steps
     cdef list row_steps          # per tensor its state's row_step (exact), or None
@@ -277,6 +281,7 @@ cdef class Batch:
         # per tensor: every buffer its state holds, in slot order, used by this batch or not,
         # so a step can tell that none was replaced since the full validation
         self.buffers = []
+        self.fields = [_instance_fields(s, rule.state) for s in states]
         self.shapes = [p.shape for p in params] if rule.shaped_state else None
         cdef cnp.ndarray a
         for t in range(self.count):
@@ -305,6 +310,8 @@ cdef class Batch:
         """Same params (and data pointers, still writeable), same states and buffers."""
         cdef Py_ssize_t t, k
         cdef cnp.ndarray a
+        cdef tuple names = self.rule.state
+        cdef Py_ssize_t n_state = len(names)
         for t in range(self.count):
             i = self.indices[t]
             a = self.params[t]
@@ -314,31 +321,35 @@ cdef class Batch:
             if self.shapes is not None and (<object>a).shape != self.shapes[t]:
                 return False  # reshaped in place: its rows (and state's length) are others now
             s = self.states[t]
-            if state.get(i) is not s or s.step != self.step:
+            d = self.fields[t]
+            if state.get(i) is not s:
+                return False
+            v = _field(s, d, "step")
+            if v is not self.step_object and v != self.step:
                 return False
             if self.exact:
-                r = s.row_step
+                r = _field(s, d, "row_step")
                 if r is not self.row_steps[t] or (
                         r is not None and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>r)):
                     return False
             if self.ema != NULL:
-                e = s.ema
+                e = _field(s, d, "ema")
                 if e is not self.emas[t] or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>e) \
                         or cnp.PyArray_DATA(<cnp.ndarray>e) != self.ema[t]:
                     return False
             bufs = self.buffers[t]
-            for k, name in enumerate(self.rule.state):
-                b = getattr(s, name)
-                if b is not bufs[k]:
+            for k in range(n_state):
+                b = _field(s, d, <str>PyTuple_GET_ITEM(names, k))
+                if <PyObject *>b != PyList_GET_ITEM(bufs, k):
                     return False
                 if b is None:
                     continue
                 if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b) or (
-                        self.slots[k] is not None
+                        self.ptrs[k + 2] != NULL
                         and cnp.PyArray_DATA(<cnp.ndarray>b) != self.ptrs[k + 2][t]):
                     return False
-            b = s.master
-            if b is not bufs[len(bufs) - 1]:
+            b = _field(s, d, "master")
+            if <PyObject *>b != PyList_GET_ITEM(bufs, n_state):
                 return False
             if b is not None and (not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b) or (
                     self.storage.master != NULL
@@ -443,9 +454,37 @@ cdef class Batch:
                                       self.sizes, hp, <uint64_t>next_step, opt, rows)
         _raise_for(status, self.hyper)
         self.step = next_step
-        for s in self.states:
-            s.step = next_step
+        self.step_object = step = next_step
+        cdef Py_ssize_t t
+        for t in range(self.count):
+            d = self.fields[t]
+            if d is None:
+                (<object>PyList_GET_ITEM(self.states, t)).step = step
+            else:
+                PyDict_SetItem(d, "step", step)
         return 0
+
+
+cdef object _instance_fields(object state, tuple buffers):
+    """state's instance dict if every field a planned step reads or writes (step, the rule's
+    buffers, master, ema, row_step) is a plain instance attribute, else None (getattr then)."""
+    d = getattr(state, "__dict__", None)
+    if type(d) is not dict:
+        return None
+    for name in buffers + ("step", "master", "ema", "row_step"):
+        if hasattr(_lookup(type(state), name), "__set__"):
+            return None  # a data descriptor (property, slot) comes before the instance dict
+    return d
+
+
+cdef inline object _field(object state, object fields, str name):
+    """getattr(state, name), from its instance dict where _instance_fields gave one."""
+    cdef PyObject *value
+    if fields is not None:
+        value = PyDict_GetItem(fields, name)
+        if value != NULL:
+            return <object>value
+    return getattr(state, name)
 
 
 cdef inline bint _grad_fits(object obj, cnp.ndarray a, int typenum=-1):
@@ -543,6 +582,9 @@ cdef class Plan:
     cdef dict state
     cdef frozenset direct
     cdef _Spans written
+    # the rule takes no SparseGrad rows (its norms are over whole tensors): plain_step leaves
+    # a step given rows to the caller's full path, which names the error
+    cdef public bint dense_only
 
     def __cinit__(self, list groups, dict state, list batches, list hypers, direct):
         self.groups = groups
@@ -622,31 +664,39 @@ cdef class Plan:
         schedule's lr, are written into the plan on the way) and every grad is valid.
         Returns False, having changed no parameter or state, otherwise.  options: the
         reduction pass first, then the update with its multiplier, or nothing (skipped)."""
+        return self._run(groups, state, grads, options)
+
+    cdef bint _run(self, list groups, dict state, grads, StepOptions options) except -1:
         if groups is not self.groups or state is not self.state:
             return False
-        cdef Py_ssize_t k, n_groups = len(groups)
+        cdef Py_ssize_t k, j, at = 0, n_groups = len(groups)
         if n_groups != len(self.group_lists) or len(state) != len(self.params):
             return False
         if type(grads) is not list and type(grads) is not tuple:
             return False
         if len(grads) != len(self.params):
             return False
+        cdef list lst
         for k in range(n_groups):
             g = groups[k]
             lst = self.group_lists[k]
-            if type(g) is not ParamGroup or g.get("params") is not lst:
+            if type(g) is not ParamGroup or PyDict_GetItem(g, "params") != <PyObject *>lst:
                 return False
             if (<ParamGroup>g).version != self.versions[k] \
                     and not self._refresh_group(k, <ParamGroup>g, None):
                 return False
-        cdef list params = []
-        for lst in self.group_lists:
-            params.extend(lst)
-        if len(params) != len(self.params):
+            # the same parameters in the same places (no list built for the comparison)
+            if at + len(lst) > len(self.params):
+                return False
+            for j in range(len(lst)):
+                if PyList_GET_ITEM(lst, j) != PyList_GET_ITEM(self.params, at + j):
+                    return False
+            at += len(lst)
+        if at != len(self.params):
             return False
         cdef Batch b
         for b in self.batches:
-            if not b.unchanged(params, state) or not b.take_grads(grads, self):
+            if not b.unchanged(self.params, state) or not b.take_grads(grads, self):
                 return False
         if options is not None and options.reduce:
             for b in self.batches:
@@ -673,9 +723,35 @@ cdef class Plan:
         """run() holding `lock` (the optimizer's), taken and released here at C cost."""
         lock.acquire()
         try:
-            return self.run(groups, state, grads, options)
+            return self._run(groups, state, grads, options)
         finally:
             PyThread_release_lock(lock.lock)
+
+    cdef object plain_step(self, front, grads, grad_scale, clip_norm, skip_nonfinite,
+                           compute_norm):
+        """The optimizer's step with its keywords at their defaults (no reduction pass), at C
+        cost: holding front._lock, run() over front.param_groups and front.state.  Returns
+        PLAIN_RESULT, or None, having changed nothing, for anything else (other keywords,
+        rows where the rule takes none, a plan that no longer fits): the caller's full path
+        then handles the step or names the error."""
+        if clip_norm is not None or skip_nonfinite is not False or compute_norm is not False \
+                or not ((type(grad_scale) is float or type(grad_scale) is int) and grad_scale == 1):
+            return None
+        if self.dense_only and (type(grads) is list or type(grads) is tuple):
+            for g in grads:
+                if type(g) is SparseGrad:
+                    return None
+        cdef StepLock lock = front._lock
+        groups, state = front.param_groups, front.state
+        if type(groups) is not list or type(state) is not dict:
+            return None
+        lock.acquire()
+        try:
+            if not self._run(<list>groups, <dict>state, grads, None):
+                return None
+        finally:
+            PyThread_release_lock(lock.lock)
+        return PLAIN_RESULT
 
     def run_validated(self, grads, StepOptions options=None):
         """One step with grads that the caller has validated completely (plain arrays: views
@@ -687,6 +763,32 @@ cdef class Plan:
                 raise RuntimeError("fastopt: a validated step was refused by the engine")
         for b in self.batches:
             b.run(options)
+
+
+def optimizer_step(self, grads, *, grad_scale=1.0, clip_norm=None, skip_nonfinite=False,
+                   compute_norm=False):
+    """Update every parameter in place from `grads` (one array per parameter, same shape and
+    dtype, C-contiguous, or a fastopt.SparseGrad of its rows: see fastopt.Optimizer's `sparse`).
+    Nothing is changed if any input is invalid.  Calls from several threads are serialized
+    (one lock per optimizer).
+
+    The training step's options (at most two passes over the gradients: a reduction when
+    a norm or the finiteness check is needed, then the update, the factor folded into the
+    rule's per-step scalars):
+      g <- g / grad_scale                                     (unscaling mixed precision)
+      skip_nonfinite: if any gradient element is inf or NaN, nothing changes (parameters,
+          states, step counts) and the result says skipped
+      clip_norm: g <- g min(1, clip_norm / (total_norm + 1e-6))   (torch's clip_grad_norm_)
+    Returns a StepResult: total_norm (the L2 norm over all gradients after unscaling, in
+    double with a fixed summation order; None unless clip_norm, skip_nonfinite or
+    compute_norm) and skipped."""
+    plan = self._plan
+    if type(plan) is Plan:
+        result = (<Plan>plan).plain_step(self, grads, grad_scale, clip_norm, skip_nonfinite,
+                                         compute_norm)
+        if result is not None:
+            return result
+    return self._full_step(grads, grad_scale, clip_norm, skip_nonfinite, compute_norm)
 
 
 def reduces(StepOptions options):

@@ -124,23 +124,13 @@ class Optimizer:
         except (TypeError, ValueError) as e:
             raise type(e)(f"{where}: {e}") from None
 
-    def step(self, grads, *, grad_scale=1.0, clip_norm=None, skip_nonfinite=False,
-             compute_norm=False):
-        """Update every parameter in place from `grads` (one array per parameter, same shape and
-        dtype, C-contiguous, or a fastopt.SparseGrad of its rows: see `sparse` above).  Nothing
-        is changed if any input is invalid.  Calls from several
-        threads are serialized (one lock per optimizer).
+    # step(grads, *, grad_scale=1.0, clip_norm=None, skip_nonfinite=False, compute_norm=False),
+    # documented in fastopt/_engine.pxi: with its keywords at their defaults and a plan that
+    # still fits it runs at C cost, with no Python frame; anything else goes to _full_step
+    step = _kernels.optimizer_step
 
-        The training step's options (at most two passes over the gradients: a reduction when
-        a norm or the finiteness check is needed, then the update, the factor folded into the
-        rule's per-step scalars):
-          g <- g / grad_scale                                     (unscaling mixed precision)
-          skip_nonfinite: if any gradient element is inf or NaN, nothing changes (parameters,
-              states, step counts) and the result says skipped
-          clip_norm: g <- g min(1, clip_norm / (total_norm + 1e-6))   (torch's clip_grad_norm_)
-        Returns a StepResult: total_norm (the L2 norm over all gradients after unscaling, in
-        double with a fixed summation order; None unless clip_norm, skip_nonfinite or
-        compute_norm) and skipped."""
+    def _full_step(self, grads, grad_scale, clip_norm, skip_nonfinite, compute_norm):
+        """step() past the plan's plain path: other keywords, or a plan to check or build."""
         if not self.rule.rows:  # before the plan, which takes rows as they come
             _refuse_rows(self.rule, grads)
         if type(grad_scale) in (float, int) and grad_scale == 1.0 and clip_norm is None \
@@ -280,6 +270,7 @@ class Optimizer:
                     batch.set_ema(self._ema_decay)
                 batches.append(batch)
         plan = _kernels.Plan(self.param_groups, self.state, batches, hypers, self.rule.direct)
+        plan.dense_only = not self.rule.rows
         if all(isinstance(g, ParamGroup) for g in self.param_groups):
             self._plan = plan
         # grads may be any sequence of ndarrays (subclasses included): plain views of them
