@@ -631,7 +631,8 @@ cdef class Plan:
         cdef Hyper old = self.hypers[k], new
         cdef unsigned uses = old.uses, new_uses
         cdef double saved[64]
-        if "lr" in g.changed and (self.scheduled[k] or type(g.get("lr")) is Schedule):
+        cdef PyObject *item
+        if "lr" in g.changed and (self.scheduled[k] or _item_is_schedule(g, "lr")):
             return 0  # a schedule set or replaced: the batches are built again
         if "sparse" in g.changed:
             return 0  # the batches are built again
@@ -639,7 +640,11 @@ cdef class Plan:
             memcpy(saved, old.storage, sizeof(saved))
             offsets = old.rule.double_offsets
             for key in g.changed:
-                value = g[key]
+                item = PyDict_GetItem(g, key)
+                if item == NULL:  # removed: the full path names it
+                    memcpy(old.storage, saved, sizeof(saved))
+                    return 0
+                value = <object>item
                 if type(value) is not float and (type(value) is bool or not isinstance(value, numbers.Real)):
                     memcpy(old.storage, saved, sizeof(saved))
                     return 0
@@ -882,7 +887,7 @@ cdef class ParamGroup(dict):
     def __setitem__(self, key, value):
         self.version += 1
         self.changed.add(key)
-        dict.__setitem__(self, key, value)
+        PyDict_SetItem(self, key, value)  # (dict's own store: no method lookup)
 
     def __delitem__(self, key):
         self._touch((key,))
@@ -1010,6 +1015,11 @@ cdef bint _same_values(dict group, tuple key):
 
 
 cdef object _MISSING = object()
+
+
+cdef inline bint _item_is_schedule(dict d, key):
+    cdef PyObject *value = PyDict_GetItem(d, key)
+    return value != NULL and type(<object>value) is Schedule
 
 
 cdef class _Member:

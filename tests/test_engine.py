@@ -183,6 +183,67 @@ def test_fast_path_notices_replaced_params_and_states():
         opt.step([np.ones(10), np.ones(10)])
 
 
+class _PropertyState(fastopt.AdamState):
+    """An AdamState whose m and step are properties: a data descriptor on the class comes
+    before the instance dict, so the plan must read (and write) them through it."""
+    reads = 0
+
+    @property
+    def m(self):
+        _PropertyState.reads += 1
+        return self.__dict__["_m"]
+
+    @m.setter
+    def m(self, value):
+        self.__dict__["_m"] = value
+
+    @property
+    def step(self):
+        return self.__dict__["_t"]
+
+    @step.setter
+    def step(self, value):
+        self.__dict__["_t"] = value
+
+
+def test_fast_path_reads_and_writes_state_fields_through_class_properties():
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal(40)
+    plain_p = p.copy()
+    opt, plain = fastopt.Adam([p], lr=0.05), fastopt.Adam([plain_p], lr=0.05)
+    grads = [[rng.standard_normal(40)] for _ in range(8)]
+    opt.step(grads[0])
+    plain.step(grads[0])
+    old = opt.state[0]
+    opt.state[0] = _PropertyState(m=old.m, v=old.v, step=old.step)
+    for g in grads[1:]:
+        opt.step(g)
+        plain.step(g)
+    np.testing.assert_array_equal(p, plain_p)
+    assert opt.state[0].step == plain.state[0].step == 8
+    assert opt.state[0].__dict__["_t"] == 8  # written through the setter, not the dict
+    _PropertyState.reads = 0
+    opt.step(grads[1])
+    assert _PropertyState.reads >= 1  # the planned step went through the property
+
+
+def test_fast_path_with_a_group_key_removed_takes_the_default():
+    """del group["lr"] between planned steps: the next step uses the optimizer's default, as a
+    group made without that key does (the plan does not read the missing key)."""
+    p, q = np.zeros(6), np.zeros(6)
+    opt = fastopt.Adam([p], lr=0.1)
+    default = fastopt.Adam([q])
+    for _ in range(2):
+        opt.step([np.ones(6)])
+        default.step([np.ones(6)])
+    del opt.param_groups[0]["lr"]
+    before = p.copy()
+    opt.step([np.ones(6)])
+    default_before = q.copy()
+    default.step([np.ones(6)])
+    np.testing.assert_allclose(p - before, q - default_before, rtol=1e-12)
+
+
 def test_plain_dict_groups_and_other_sequences_still_work():
     p = np.ones(8)
     opt = fastopt.SGD([p], lr=0.5)
