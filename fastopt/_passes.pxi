@@ -143,6 +143,33 @@ cdef class StepOptions:
     def result(self):
         return StepResult(self.total_norm, self.skipped)
 
+    @property
+    def grad_multiplier(self):
+        """After the reduction: what the update multiplies every gradient by (the clip factor
+        over grad_scale)."""
+        return self.c.grad_multiplier
+
+    def reduce_tables(self, GradTables tables):
+        """The reduction pass over gather_grads' gradients (fastopt.torch's step with
+        clip_norm): the float32 ones, then the float64 ones, each in parameter order; True if
+        the update goes ahead."""
+        cdef int k
+        cdef size_t t, at = 0
+        self.start()
+        if self.reduce:
+            if <Py_ssize_t>(tables.count[0] + tables.count[1]) > self.n_params:
+                raise ValueError("reduce_tables: more gradients than the options' n_params")
+            for k in range(2):
+                if tables.count[k] == 0:
+                    continue
+                table = _IndexTable(tables.count[k])
+                for t in range(tables.count[k]):
+                    (<_IndexTable>table).index[t] = at + t
+                self.add(k == 1, tables.count[k], tables.ptrs[k], tables.n[k],
+                         (<_IndexTable>table).index, (<_IndexTable>table).scratch)
+                at += tables.count[k]
+        return self.finish()
+
 
 cdef class _IndexTable:
     """Pointer, size, parameter index and scratch arrays for one add() call."""

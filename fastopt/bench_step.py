@@ -7,9 +7,9 @@ side by side in one run (interleaved rounds, medians; fastopt.benchmark.time_sid
   numpy step    the in-loop rule (fastopt.benchmark.IN_LOOP_RULE, a 7-stream rule) on the
                 ResNet-50 set: step(grads, clip_norm=, skip_nonfinite=True) against the plain
                 step (one extra read of the gradients: 4 of 28 bytes)
-  GradScaler    scaler.unscale_ + clip_grad_norm_ + optimizer step + scaler.update on the
-                ResNet-50 set: fastopt.torch (its clip, its optimizer through the fused
-                protocol) against torch (its clip, its fused optimizer); the same numbers
+  GradScaler    clipping under GradScaler on the ResNet-50 set, the same numbers:
+                fastopt.torch's scaler.step(opt, clip_norm=...) (the clip inside the update)
+                against torch's scaler.unscale_ + clip_grad_norm_ + fused step
   schedule      a step with lr=fastopt.schedules.cosine(...) against a fixed lr, 1e3 elements
 """
 import math
@@ -54,30 +54,38 @@ def numpy_step_runners(shapes):
 
 
 def grad_scaler_runners(shapes, threads):
+    """torch: scaler.unscale_, clip_grad_norm_, scaler.step (fused), scaler.update -- four
+    passes over the gradients; fastopt.torch: scaler.step(opt, clip_norm=...) (GradScaler's
+    inf check, then the step's norm pass and the update with the clip and the unscaling
+    folded in), scaler.update."""
     import torch
     import fastopt.torch as ft
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     out = {}
-    for label, make, clip in (
-            ("fastopt", lambda ps: getattr(ft, TORCH_NAME)(ps, lr=1e-3), ft.clip_grad_norm_),
-            ("torch", lambda ps: getattr(torch.optim, TORCH_NAME)(ps, lr=1e-3, fused=True),
-             torch.nn.utils.clip_grad_norm_)):
+    for label, make in (
+            ("fastopt", lambda ps: getattr(ft, TORCH_NAME)(ps, lr=1e-3)),
+            ("torch", lambda ps: getattr(torch.optim, TORCH_NAME)(ps, lr=1e-3, fused=True))):
         params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
         for p in params:
             p.grad = torch.randn(p.shape, generator=g) * 1e-3
         opt = make(params)
         # scale 1, never grown: every round unscales the same gradients (by 1, a full pass
-        # on both sides), clips them (the limit below their norm) and steps
+        # on torch's side), clips them (the limit below their norm) and steps
         scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10 ** 9)
         scaler.scale(torch.ones(()))  # (what a loss's scaling does first: makes the scale)
-        limit = 0.5 * clip(params, math.inf).item()
+        limit = 0.5 * ft.clip_grad_norm_(params, math.inf).item()
 
-        def step(opt=opt, scaler=scaler, clip=clip, params=params, limit=limit):
-            scaler.unscale_(opt)
-            clip(params, limit)
-            scaler.step(opt)
-            scaler.update()
+        if label == "fastopt":
+            def step(opt=opt, scaler=scaler, limit=limit):
+                scaler.step(opt, clip_norm=limit)
+                scaler.update()
+        else:
+            def step(opt=opt, scaler=scaler, params=params, limit=limit):
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, limit)
+                scaler.step(opt)
+                scaler.update()
         out[label] = step
     return out
 

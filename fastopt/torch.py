@@ -166,6 +166,7 @@ class _Fastopt:
         options = storage.check_options(state_dtype, rounding, seed, master_weights)
         self._lock = threading.RLock()  # before torch's __init__, which adds the param groups
         self._storage_options = options  # read by add_param_group
+        self.total_norm = None  # what the last step(clip_norm=...) measured
         super().__init__(params, *args, **kwargs)
         if options != storage.DEFAULTS or any(
                 p.dtype == torch.bfloat16 for g in self.param_groups for p in g["params"]):
@@ -244,25 +245,37 @@ class _Fastopt:
                 self.state, self.param_groups = before
                 raise
 
-    def step(self, closure=None):
-        """One update of every parameter with a gradient (torch.optim's `step`)."""
+    def step(self, closure=None, *, clip_norm=None):
+        """One update of every parameter with a gradient (torch.optim's `step`).
+
+        clip_norm: clip by the global norm inside the update (fastopt's option; torch's
+        optimizers have none): total_norm = the L2 norm over every gradient of the optimizer
+        (after GradScaler's unscaling), in double with a fixed summation order, read in one
+        pass before the update; then every gradient is multiplied by
+        min(1, clip_norm / (total_norm + 1e-6)) inside the update's own pass (torch's
+        clip_grad_norm_ formula; the gradients themselves are not written).  The step keeps
+        total_norm in `self.total_norm` (None after a step without clip_norm).  It takes
+        dense contiguous float32/float64 CPU gradients (fastopt.torch.clip_grad_norm_ takes
+        the others) and needs the whole model's gradients in this process (not FSDP2's
+        DTensor shards).  With GradScaler: scaler.step(optimizer, clip_norm=...)."""
         # torch wraps step() in a profiler range and its hook calls, ~10 us a step; that
         # wrapper runs only when a profiler or a hook is there to see it
         if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
                 or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
                 or torch._C._autograd._profiler_enabled()):
-            return self._hooked_step(closure)
-        return self._step(closure)
+            return self._hooked_step(closure, clip_norm=clip_norm)
+        return self._step(closure, clip_norm)
 
     step.hooked = True  # tells torch's __init__ not to wrap it again
 
-    def _step(self, closure=None):
+    def _step(self, closure=None, clip_norm=None):
         with self._lock:
             loss = None
             if closure is not None:
                 # inside the lock: the step applies exactly the gradients its closure computed
                 with torch.enable_grad():
                     loss = closure()
+            self.total_norm = None
             # torch.amp.GradScaler's fused protocol (its attributes, only where it set them)
             found_inf = self.__dict__.get("found_inf")
             if found_inf is not None and float(found_inf) != 0.0:
@@ -271,6 +284,9 @@ class _Fastopt:
             multiplier = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
             if not math.isfinite(multiplier) or multiplier < 0.0:
                 raise ValueError(f"grad_scale must be finite and > 0, got {float(grad_scale)}")
+            if clip_norm is not None:  # the norm pass (reads only), the factor into the update
+                multiplier, self.total_norm = self._clipped(
+                    clip_norm, 1.0 if grad_scale is None else float(grad_scale))
             grad_mode = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)  # torch.no_grad() without its ~1 us of wrapping
             try:
@@ -298,6 +314,19 @@ class _Fastopt:
                 torch._C._set_grad_enabled(grad_mode)
 
     _hooked_step = torch.optim.Optimizer.profile_hook_step(_step)
+
+    def _clipped(self, clip_norm, scale):
+        """(the update's gradient multiplier, total_norm) for step(clip_norm=...): the
+        numpy API's step options (fastopt.StepOptions) over this optimizer's gradients."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        options = _kernels.StepOptions(len(params), scale, clip_norm)  # checks clip_norm first
+        tables = _kernels.gather_grads(params, torch.Tensor, torch.float32, torch.float64)
+        if tables is None:
+            raise TypeError("clip_norm takes dense contiguous float32/float64 CPU gradients "
+                            "(not sparse, bfloat16, complex or DTensor ones); "
+                            "fastopt.torch.clip_grad_norm_ takes the others")
+        options.reduce_tables(tables)
+        return options.grad_multiplier, options.total_norm
 
     def _make_plan(self, hps):
         """After a validated step: the engine's plan for the next ones (fastopt/_engine.pxi,
