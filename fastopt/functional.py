@@ -59,7 +59,16 @@ def _function(rule):
                                      default=inspect.Parameter.empty if d is REQUIRED else d)
                    for name, d, _ in rule.params if name not in rule.fixed]
 
+    crule, state_type, check, run_single = (rule.crule, STATE_TYPES[rule.state], rule.check,
+                                            _kernels.run_single)
+    schedule_type = _kernels.Schedule
+
     def function(param, grad, state, **hyperparameters):
+        # plain inputs and fixed numbers (no schedule): the cached check and the engine's
+        # C-speed checks, in this one frame; anything else: step_one
+        if type(hyperparameters.get("lr")) is not schedule_type and run_single(
+                crule, check(hyperparameters, copy=False)[1], state_type, param, grad, state):
+            return
         step_one(rule, param, grad, state, hyperparameters)
 
     function.__name__ = function.__qualname__ = rule.function
