@@ -15,6 +15,10 @@ from libc.string cimport memcmp
 from libc.stdint cimport int32_t
 from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetItem, PyDict_Size
 from cpython.object cimport PyObject
+
+
+cdef extern from "Python.h":
+    object PyObject_GenericGetDict(object o, void *context)
 from cpython.list cimport PyList_GET_ITEM
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
@@ -324,6 +328,8 @@ cdef class Batch:
             d = self.fields[t]
             if state.get(i) is not s:
                 return False
+            if d is not None and PyObject_GenericGetDict(s, NULL) is not d:
+                return False  # s.__dict__ replaced: the plan's view of its fields is stale
             v = _field(s, d, "step")
             if v is not self.step_object and v != self.step:
                 return False
@@ -468,6 +474,9 @@ cdef class Batch:
 cdef object _instance_fields(object state, tuple buffers):
     """state's instance dict if every field a planned step reads or writes (step, the rule's
     buffers, master, ema, row_step) is a plain instance attribute, else None (getattr then)."""
+    cls = type(state)
+    if cls.__setattr__ is not object.__setattr__ or cls.__getattribute__ is not object.__getattribute__:
+        return None  # the class sees its own attribute reads and writes
     d = getattr(state, "__dict__", None)
     if type(d) is not dict:
         return None
@@ -578,7 +587,7 @@ cdef class Plan:
     direct: the hyperparameters that are one C field each, of the same name, holding a real
     number (lr, eps, ...): a change to them is written straight into the group's Hyper.
     """
-    cdef list groups, group_lists, batches, params, hypers, versions, scheduled
+    cdef list groups, group_lists, group_sizes, batches, params, hypers, versions, scheduled
     cdef dict state
     cdef frozenset direct
     cdef _Spans written
@@ -589,6 +598,7 @@ cdef class Plan:
     def __cinit__(self, list groups, dict state, list batches, list hypers, direct):
         self.groups = groups
         self.group_lists = [g["params"] for g in groups]
+        self.group_sizes = [len(lst) for lst in self.group_lists]
         self.versions = [getattr(g, "version", -1) for g in groups]
         self.scheduled = [type(g.get("lr")) is Schedule for g in groups]
         self.params = [p for g in groups for p in g["params"]]
@@ -690,8 +700,9 @@ cdef class Plan:
             if (<ParamGroup>g).version != self.versions[k] \
                     and not self._refresh_group(k, <ParamGroup>g, None):
                 return False
-            # the same parameters in the same places (no list built for the comparison)
-            if at + len(lst) > len(self.params):
+            # the same parameters in the same places (no list built for the comparison), as
+            # many in each group as planned (a parameter moved to the next group takes its lr)
+            if len(lst) != self.group_sizes[k]:
                 return False
             for j in range(len(lst)):
                 if PyList_GET_ITEM(lst, j) != PyList_GET_ITEM(self.params, at + j):
@@ -1037,6 +1048,17 @@ cdef class _Member:
     cdef uintptr_t clear_grad
 
 
+cdef tuple _dict_values(object d):
+    """A dict's (or a dict subclass's) values in PyDict_Next's order (an OrderedDict's own
+    order may differ)."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject *value
+    out = []
+    while PyDict_Next(d, &pos, NULL, &value):
+        out.append(<object>value)
+    return tuple(out)
+
+
 cdef class _StateSnapshot:
     """An optimizer's state (a dict of per-parameter dicts) as it was when planned: the same
     entries in the same order, each holding the same values.  A state dict or buffer replaced
@@ -1054,7 +1076,9 @@ cdef class _StateSnapshot:
         for k, v in state.items():
             self.keys.append(k)
             self.dicts.append(v)
-            self.values.append(tuple(v.values()) if type(v) is dict else None)
+            # a dict (or a subclass: OrderedDict, defaultdict) by its values in the order the
+            # walk below sees them; anything else by identity alone
+            self.values.append(_dict_values(v) if isinstance(v, dict) else None)
 
     cdef bint unchanged(self):
         cdef Py_ssize_t pos = 0, inner, i = 0, j
@@ -1100,6 +1124,9 @@ cdef class ObjectPlan:
     cdef CRule rule
     cdef object groups_list, mark_written, written
     cdef _StateSnapshot state
+    # the state buffers' storages: a buffer whose storage is swapped in place (t.data = ...)
+    # keeps its identity, and the tables' pointers must stay valid memory
+    cdef object keep_alive
     cdef list groups, members, hps, keys
     cdef _Spans spans
     # the tensor type's own getter of .grad and its methods, called without attribute lookups
@@ -1108,8 +1135,9 @@ cdef class ObjectPlan:
     cdef object grad_descr, known_type, known_param, is_contiguous, data_ptr
 
     def __cinit__(self, CRule rule, front, list groups, mark_written, list written,
-                  list written_spans, tensor_type=None):
+                  list written_spans, tensor_type=None, keep_alive=None):
         self.rule = rule
+        self.keep_alive = keep_alive
         self.grad_of = NULL
         if tensor_type is not None:
             self.grad_of = _getset(tensor_type, "grad")

@@ -185,6 +185,7 @@ class _Fastopt:
         super().__setstate__(state)
         if "_lock" not in self.__dict__:
             self._lock = threading.RLock()
+        self.__dict__.setdefault("total_norm", None)
 
     # ---- the methods that read or write parameters and state, each under the lock ---------
 
@@ -257,7 +258,9 @@ class _Fastopt:
         total_norm in `self.total_norm` (None after a step without clip_norm).  It takes
         dense contiguous float32/float64 CPU gradients (fastopt.torch.clip_grad_norm_ takes
         the others) and needs the whole model's gradients in this process (not FSDP2's
-        DTensor shards).  With GradScaler: scaler.step(optimizer, clip_norm=...)."""
+        DTensor shards).  With GradScaler: scaler.step(optimizer, clip_norm=...).  A NaN
+        total_norm leaves the factor at 1 (the numpy API's rule; torch's clip_grad_norm_
+        would multiply every gradient by NaN); GradScaler skips such a step anyway."""
         # torch wraps step() in a profiler range and its hook calls, ~10 us a step; that
         # wrapper runs only when a profiler or a hook is there to see it
         if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
@@ -284,14 +287,16 @@ class _Fastopt:
             multiplier = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
             if not math.isfinite(multiplier) or multiplier < 0.0:
                 raise ValueError(f"grad_scale must be finite and > 0, got {float(grad_scale)}")
+            total_norm = None
             if clip_norm is not None:  # the norm pass (reads only), the factor into the update
-                multiplier, self.total_norm = self._clipped(
+                multiplier, total_norm = self._clipped(
                     clip_norm, 1.0 if grad_scale is None else float(grad_scale))
             grad_mode = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)  # torch.no_grad() without its ~1 us of wrapping
             try:
                 plan = self.__dict__.get("_plan")
                 if plan is not None and plan.run(self, _group_key, multiplier):
+                    self.total_norm = total_norm  # (only a step that happened reports one)
                     return loss
                 # everything is validated before anything changes
                 work = [self._prepare_group(index, group)
@@ -309,6 +314,7 @@ class _Fastopt:
                 rows = any(isinstance(m[2], _Rows) for _, members in work for m in members)
                 self._plan = None if rows or entry is not None else \
                     self._make_plan([hp for hp, _ in work])
+                self.total_norm = total_norm
                 return loss
             finally:
                 torch._C._set_grad_enabled(grad_mode)
@@ -377,7 +383,8 @@ class _Fastopt:
                           if state for t in state.values() if isinstance(t, torch.Tensor)]
         return _kernels.ObjectPlan(_kernels.RULES[self.kernel], self, groups,
                                    torch.autograd.graph.increment_version, written,
-                                   [_span(t) for t in written + states_written], torch.Tensor)
+                                   [_span(t) for t in written + states_written], torch.Tensor,
+                                   [t.untyped_storage() for t in states_written])
 
     def refreshed_hyperparameters(self, index, group, hp):
         """A planned group's values changed (an lr schedule): the new hyperparameters, checked

@@ -244,6 +244,66 @@ def test_fast_path_with_a_group_key_removed_takes_the_default():
     np.testing.assert_allclose(p - before, q - default_before, rtol=1e-12)
 
 
+def _planned_and_validated(edit):
+    """Two Adam runs of three steps, `edit(opt)` before the third; the second run drops the
+    plan first, so its third step takes the validating path: (params, state) of each."""
+    out = []
+    for planned in (True, False):
+        p = np.zeros(5)
+        opt = fastopt.Adam([p], lr=0.1)
+        opt.step([np.ones(5)])
+        opt.step([np.ones(5)])
+        edit(opt)
+        if not planned:
+            opt._plan = None
+        opt.step([np.ones(5)])
+        out.append((p.copy(), opt.state[0]))
+    return out
+
+
+def test_fast_path_sees_a_state_whose_instance_dict_was_replaced():
+    def edit(opt):
+        s = opt.state[0]
+        s.__dict__ = dict(s.__dict__, m=np.zeros(5), v=np.zeros(5))
+    (p1, s1), (p2, s2) = _planned_and_validated(edit)
+    np.testing.assert_array_equal(p1, p2)
+    assert s1.step == s2.step == 3
+    np.testing.assert_array_equal(s1.m, s2.m)
+
+
+class _CountingState(fastopt.AdamState):
+    """A state class that sees its own attribute writes."""
+    step_writes = 0
+
+    def __setattr__(self, name, value):
+        if name == "step":
+            _CountingState.step_writes += 1
+        object.__setattr__(self, name, value)
+
+
+def test_fast_path_goes_through_a_state_classes_setattr():
+    def edit(opt):
+        old = opt.state[0]
+        opt.state[0] = _CountingState(m=old.m, v=old.v, step=old.step)
+    _CountingState.step_writes = 0
+    (p1, s1), (p2, s2) = _planned_and_validated(edit)
+    np.testing.assert_array_equal(p1, p2)
+    assert s1.step == s2.step == 3
+    assert _CountingState.step_writes >= 4  # two constructions and both third steps
+
+
+def test_fast_path_sees_a_parameter_moved_to_another_group():
+    """The flattened parameter order unchanged, but b now takes group 1's lr of 0."""
+    a, b, c = np.zeros(3), np.zeros(3), np.zeros(3)
+    opt = fastopt.SGD([{"params": [a, b], "lr": 1.0}, {"params": [c], "lr": 0.0}], lr=1.0)
+    opt.step([np.ones(3)] * 3)
+    del opt.param_groups[0]["params"][1]
+    opt.param_groups[1]["params"].insert(0, b)
+    before = b.copy()
+    opt.step([np.ones(3)] * 3)
+    np.testing.assert_array_equal(b, before)
+
+
 def test_plain_dict_groups_and_other_sequences_still_work():
     p = np.ones(8)
     opt = fastopt.SGD([p], lr=0.5)

@@ -150,3 +150,17 @@ def test_step_clip_norm_refusals_change_nothing():
         assert all(torch.equal(a, b) for a, b in zip((p, z), before))
         after = {k: v for s in opt.state.values() for k, v in s.items()}
         assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_total_norm_reports_only_steps_that_happened():
+    import copy
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = ft.SGD([p], lr=0.1)
+    assert opt.total_norm is None and copy.deepcopy(opt).total_norm is None
+    p.grad = torch.full((4,), 1.0)
+    opt.step(clip_norm=10.0)
+    assert opt.total_norm == pytest.approx(2.0)
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.step(clip_norm=10.0)
+    assert opt.total_norm is None

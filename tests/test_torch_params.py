@@ -1,6 +1,7 @@
 """fastopt.torch takes parameters in every form torch.optim takes, keeps named state dicts
 loadable both ways, and validates every group, gradient and state buffer before a step or a
 load changes anything (against torch.optim itself, and bit for bit against a snapshot)."""
+import collections
 import copy
 import pickle
 
@@ -456,24 +457,28 @@ def test_planned_steps_read_each_parameter_type_like_torch(kind):
         assert _ShadowGrad.reads >= 6 * len(init)  # the planned steps went through it too
 
 
-@pytest.mark.parametrize("what", ["buffer", "state dict"])
+@pytest.mark.parametrize("what", ["buffer", "state dict", "OrderedDict state"])
 @pytest.mark.parametrize("name", ["Adam", "SGD"])
 def test_state_buffer_replaced_between_steps_is_used_like_torch(name, what):
     """A state buffer, or a parameter's whole state dict, replaced by the user between planned
     steps (a momentum reset) is the one the next step reads and writes, as in torch.optim; the
-    replaced one is never written."""
+    replaced one is never written.  Also for a state held in a dict subclass (OrderedDict)."""
     hp = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.05)
     buffer = "momentum_buffer" if name == "SGD" else "exp_avg"
     nets = model(), model()
     opts = getattr(torch.optim, name)(nets[0].parameters(), **hp), getattr(ft, name)(nets[1].parameters(), **hp)
     for step in range(8):
+        if step == 2 and what == "OrderedDict state":  # planned with a dict subclass as state
+            for net, opt in zip(nets, opts):
+                weight = first(net).weight
+                opt.state[weight] = collections.OrderedDict(opt.state[weight])
         if step == 4:
             for net, opt in zip(nets, opts):
                 state = opt.state[first(net).weight]
                 old = state[buffer]
                 kept = old.clone()
-                if what == "buffer":
-                    state[buffer] = torch.zeros_like(old)
+                if what != "state dict":
+                    opt.state[first(net).weight][buffer] = torch.zeros_like(old)
                 else:  # a fresh dict: zeroed buffers, the same step count
                     opt.state[first(net).weight] = {k: torch.zeros_like(v) if k == buffer else v.clone()
                                                     for k, v in state.items()}
