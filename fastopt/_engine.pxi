@@ -14,13 +14,13 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
 from libc.stdint cimport int32_t
 from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetItem, PyDict_Size
+from cpython.list cimport PyList_GET_ITEM
 from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
 
 cdef extern from "Python.h":
     object PyObject_GenericGetDict(object o, void *context)
-from cpython.list cimport PyList_GET_ITEM
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
 
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
@@ -481,7 +481,7 @@ cdef object _instance_fields(object state, tuple buffers):
     if type(d) is not dict:
         return None
     for name in buffers + ("step", "master", "ema", "row_step"):
-        if hasattr(_lookup(type(state), name), "__set__"):
+        if hasattr(_lookup(cls, name), "__set__"):
             return None  # a data descriptor (property, slot) comes before the instance dict
     return d
 
@@ -708,8 +708,6 @@ cdef class Plan:
                 if PyList_GET_ITEM(lst, j) != PyList_GET_ITEM(self.params, at + j):
                     return False
             at += len(lst)
-        if at != len(self.params):
-            return False
         cdef Batch b
         for b in self.batches:
             if not b.unchanged(self.params, state) or not b.take_grads(grads, self):
@@ -737,6 +735,10 @@ cdef class Plan:
 
     def run_locked(self, StepLock lock, list groups, dict state, grads, StepOptions options=None):
         """run() holding `lock` (the optimizer's), taken and released here at C cost."""
+        return self._run_locked(lock, groups, state, grads, options)
+
+    cdef bint _run_locked(self, StepLock lock, list groups, dict state, grads,
+                          StepOptions options) except -1:
         lock.acquire()
         try:
             return self._run(groups, state, grads, options)
@@ -757,17 +759,11 @@ cdef class Plan:
             for g in grads:
                 if type(g) is SparseGrad:
                     return None
-        cdef StepLock lock = front._lock
         groups, state = front.param_groups, front.state
         if type(groups) is not list or type(state) is not dict:
             return None
-        lock.acquire()
-        try:
-            if not self._run(<list>groups, <dict>state, grads, None):
-                return None
-        finally:
-            PyThread_release_lock(lock.lock)
-        return PLAIN_RESULT
+        return PLAIN_RESULT if self._run_locked(front._lock, <list>groups, <dict>state, grads,
+                                                None) else None
 
     def run_validated(self, grads, StepOptions options=None):
         """One step with grads that the caller has validated completely (plain arrays: views

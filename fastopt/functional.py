@@ -34,9 +34,14 @@ def step_one(rule, param, grad, state, given):
         if type(step) is int and step >= 0:
             given = dict(given, lr=schedule(step + 1))
     hp, hyper = rule.check(given, copy=False)
+    if not _kernels.run_single(rule.crule, hyper, STATE_TYPES[rule.state], param, grad, state):
+        _validated_step(rule, param, grad, state, hyper)
+
+
+def _validated_step(rule, param, grad, state, hyper):
+    """The update the engine's C-speed checks did not take (an ndarray or state subclass, or
+    an input to refuse): everything validated in Python, naming what is wrong, then run."""
     state_type = STATE_TYPES[rule.state]
-    if _kernels.run_single(rule.crule, hyper, state_type, param, grad, state):
-        return
     _checks.check_param(param, "param")
     _checks.check_like(grad, param, "grad", writeable=False)
     check_state(rule, param, state, "state")
@@ -64,12 +69,13 @@ def _function(rule):
     schedule_type = _kernels.Schedule
 
     def function(param, grad, state, **hyperparameters):
-        # plain inputs and fixed numbers (no schedule): the cached check and the engine's
-        # C-speed checks, in this one frame; anything else: step_one
-        if type(hyperparameters.get("lr")) is not schedule_type and run_single(
-                crule, check(hyperparameters, copy=False)[1], state_type, param, grad, state):
-            return
-        step_one(rule, param, grad, state, hyperparameters)
+        # fixed numbers (no schedule): step_one's steps in this one frame (the cached check,
+        # the engine's C-speed checks), the full validation only where those refuse
+        if type(hyperparameters.get("lr")) is schedule_type:
+            return step_one(rule, param, grad, state, hyperparameters)
+        hyper = check(hyperparameters, copy=False)[1]
+        if not run_single(crule, hyper, state_type, param, grad, state):
+            _validated_step(rule, param, grad, state, hyper)
 
     function.__name__ = function.__qualname__ = rule.function
     function.__signature__ = inspect.Signature(parameters)

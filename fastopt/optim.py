@@ -143,9 +143,10 @@ class Optimizer:
             options = _kernels.StepOptions(sum(len(g["params"]) for g in self.param_groups),
                                            grad_scale, clip_norm, skip_nonfinite, compute_norm)
         plan = self._plan
-        if plan is not None and plan.run_locked(self._lock, self.param_groups, self.state, grads,
-                                                options):
-            return result if options is None else options.result()
+        # (with the keywords at their defaults step() has just tried the plan: not again)
+        if plan is not None and options is not None and plan.run_locked(
+                self._lock, self.param_groups, self.state, grads, options):
+            return options.result()
         with self._lock:
             plan = self._plan
             if plan is not None:

@@ -117,3 +117,15 @@ def assert_same_snapshot(a, b):
             else:
                 assert state_a[i][k] == state_b[i][k]
     assert groups_a == groups_b
+
+
+def continue_from_checkpoint(a, b, via_file, folder):
+    """b takes a's parameters' values and a's checkpoint: through a file in `folder`
+    (save/load) or through state_dict/load_state_dict."""
+    for pa, pb in zip(a.params, b.params):
+        pb[...] = pa
+    if via_file:
+        a.save(folder / "checkpoint.npz")
+        b.load(folder / "checkpoint.npz")
+    else:
+        b.load_state_dict(a.state_dict())

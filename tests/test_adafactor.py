@@ -18,7 +18,7 @@ import pytest
 
 import fastopt
 import reference
-from conftest import assert_same_snapshot, snapshot
+from conftest import assert_same_snapshot, continue_from_checkpoint, snapshot
 from fastopt import functional as F
 
 try:
@@ -418,13 +418,7 @@ def test_numpy_checkpoint_continues_identically(hp, via_file, tmp_path):
     steps = [[np.asarray(rng.standard_normal(s)) for s in shapes] for _ in range(6)]
     for gs in steps[:3]:
         a.step(gs)
-    for pa, pb in zip(a.params, b.params):
-        pb[...] = pa
-    if via_file:
-        a.save(tmp_path / "adafactor.npz")
-        b.load(tmp_path / "adafactor.npz")
-    else:
-        b.load_state_dict(a.state_dict())
+    continue_from_checkpoint(a, b, via_file, tmp_path)
     for gs in steps[3:]:
         a.step(gs)
         b.step(gs)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from conftest import CASES, assert_same_snapshot, case_id, snapshot
+from conftest import CASES, assert_same_snapshot, case_id, continue_from_checkpoint, snapshot
 
 
 def make(cls, hp, seed=0):
@@ -28,13 +28,7 @@ def test_round_trip_continues_identically(case, via_file, tmp_path):
     train(a, 7, seed=1)
     a.param_groups[1]["lr"] = 0.002  # a changed hyperparameter travels too
     b = make(cls, hp)
-    for pa, pb in zip(a.params, b.params):
-        pb[...] = pa
-    if via_file:
-        a.save(tmp_path / "opt.npz")
-        b.load(tmp_path / "opt.npz")
-    else:
-        b.load_state_dict(a.state_dict())
+    continue_from_checkpoint(a, b, via_file, tmp_path)
     assert b.param_groups[1]["lr"] == 0.002
     train(a, 5, seed=2)
     train(b, 5, seed=2)
