@@ -283,7 +283,7 @@ RULES = [
     Per tensor: m, v, m_hat, v_hat as in Adam;  r = m_hat / (sqrt(v_hat) + eps) + weight_decay theta
     theta <- theta - lr (||theta|| / ||r||) r   (the ratio is 1 when either norm is 0)
     g is the gradient after `maximize`; the norms are computed in double in a fixed order.""",
-         benchmark=(dict(lr=1e-3), 11), rows=False),
+         benchmark=(dict(lr=1e-3), 10), rows=False),
     Rule("LARS", "lars", "lars", "LARSState",
          [("lr", REQUIRED, REAL), ("momentum", 0.9, REAL), ("weight_decay", 0.0, REAL),
           ("trust_coefficient", 0.001, REAL), ("maximize", False, FLAG)],
