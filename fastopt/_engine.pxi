@@ -243,6 +243,11 @@ cdef class Batch:
     cdef int64_t **last_steps
     cdef readonly tuple slots
     cdef public Py_ssize_t group_index
+    # per tensor, per array it holds (the parameter, its state buffers, master, ema: `width`
+    # of them), the byte size and dtype it had when planned (_as_planned)
+    cdef Py_ssize_t width
+    cdef Py_ssize_t *nbytes
+    cdef list descrs
 
     def __cinit__(self, CRule rule, list params, list states, list indices, Hyper hyper,
                   int64_t step, grad_dtype=None, dict options=None):
@@ -269,6 +274,11 @@ cdef class Batch:
         self.step = step
         self.step_offset = rule.step_offset
         self.sizes = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
+        self.width = len(rule.state) + 3
+        self.nbytes = <Py_ssize_t *>calloc(max(self.count * self.width, 1), sizeof(Py_ssize_t))
+        self.descrs = [None] * (self.count * self.width)
+        if self.nbytes == NULL:
+            raise MemoryError()
         self.rows = <fo_rows *>calloc(max(self.count, 1), sizeof(fo_rows))
         self.index = <Py_ssize_t *>calloc(max(self.count, 1), sizeof(Py_ssize_t))
         self.scratch = <double *>calloc(max(self.count, 1), sizeof(double))
@@ -296,11 +306,28 @@ cdef class Batch:
             self.index[t] = indices[t]
             bufs = [getattr(states[t], name) for name in rule.state + ("master",)]
             self.buffers.append(bufs)
+            for k, b in enumerate([a] + bufs):
+                self._plan_layout(t, k, b)
             for k, b in enumerate(bufs[:len(rule.state)]):
                 if self.slots[k] is not None and b is not None:  # (None: not this tensor's)
                     self.ptrs[k + 2][t] = cnp.PyArray_DATA(<cnp.ndarray>b)
 
+    cdef void _plan_layout(self, Py_ssize_t t, Py_ssize_t k, b):
+        """Remember array b (or None) as array k of tensor t."""
+        if b is not None:
+            self.nbytes[t * self.width + k] = cnp.PyArray_NBYTES(<cnp.ndarray>b)
+            self.descrs[t * self.width + k] = (<cnp.ndarray>b).dtype
+
+    cdef inline bint _as_planned(self, Py_ssize_t t, Py_ssize_t k, cnp.ndarray b):
+        """Array k of tensor t is still what the plan's pointers were made for: an array can be
+        resized, re-strided or re-typed in place, keeping its identity and address
+        (b.resize(n, refcheck=False), b.strides = ..., b.dtype = ...)."""
+        return cnp.PyArray_NBYTES(b) == self.nbytes[t * self.width + k] \
+            and <PyObject *>cnp.PyArray_DESCR(b) == PyList_GET_ITEM(self.descrs, t * self.width + k) \
+            and cnp.PyArray_IS_C_CONTIGUOUS(b) and cnp.PyArray_ISWRITEABLE(b)
+
     def __dealloc__(self):
+        free(self.nbytes)
         free(self.sizes)
         free(self.rows)
         free(self.index)
@@ -320,7 +347,7 @@ cdef class Batch:
             i = self.indices[t]
             a = self.params[t]
             if params[i] is not a or cnp.PyArray_DATA(a) != self.ptrs[0][t] \
-                    or not cnp.PyArray_ISWRITEABLE(a):
+                    or not self._as_planned(t, 0, a):
                 return False
             if self.shapes is not None and (<object>a).shape != self.shapes[t]:
                 return False  # reshaped in place: its rows (and state's length) are others now
@@ -331,8 +358,8 @@ cdef class Batch:
             if d is not None and PyObject_GenericGetDict(s, NULL) is not d:
                 return False  # s.__dict__ replaced: the plan's view of its fields is stale
             v = _field(s, d, "step")
-            if v is not self.step_object and v != self.step:
-                return False
+            if v is not self.step_object and (type(v) is not int or v != self.step):
+                return False  # (1.0 or True: the validating path says what is wrong)
             if self.exact:
                 r = _field(s, d, "row_step")
                 if r is not self.row_steps[t] or (
@@ -340,7 +367,7 @@ cdef class Batch:
                     return False
             if self.ema != NULL:
                 e = _field(s, d, "ema")
-                if e is not self.emas[t] or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>e) \
+                if e is not self.emas[t] or not self._as_planned(t, self.width - 1, e) \
                         or cnp.PyArray_DATA(<cnp.ndarray>e) != self.ema[t]:
                     return False
             bufs = self.buffers[t]
@@ -350,14 +377,14 @@ cdef class Batch:
                     return False
                 if b is None:
                     continue
-                if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b) or (
+                if not self._as_planned(t, k + 1, b) or (
                         self.ptrs[k + 2] != NULL
                         and cnp.PyArray_DATA(<cnp.ndarray>b) != self.ptrs[k + 2][t]):
                     return False
             b = _field(s, d, "master")
             if <PyObject *>b != PyList_GET_ITEM(bufs, n_state):
                 return False
-            if b is not None and (not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b) or (
+            if b is not None and (not self._as_planned(t, n_state + 1, b) or (
                     self.storage.master != NULL
                     and cnp.PyArray_DATA(<cnp.ndarray>b) != self.storage.master[t])):
                 return False
@@ -424,6 +451,7 @@ cdef class Batch:
             raise MemoryError()
         for t in range(self.count):
             self.ema[t] = cnp.PyArray_DATA(<cnp.ndarray>self.emas[t])
+            self._plan_layout(t, self.width - 1, self.emas[t])
         self.ema_decay = decay
 
     def set_schedule(self, Schedule schedule):
@@ -439,10 +467,28 @@ cdef class Batch:
         return options.add(self.f64, self.count, self.ptrs[1], self.sizes, self.index,
                            self.scratch)
 
+    cdef void *_next_hyper(self) noexcept:
+        """The group's struct with this batch's next step and its scheduled lr written in."""
+        cdef int64_t next_step = self.step + 1
+        cdef void *hp = self.hyper.data()
+        if self.step_offset >= 0:
+            (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
+        if self.schedule is not None:
+            (<double *>(<char *>hp + self.lr_offset))[0] = self.schedule.at(next_step)
+        return hp
+
+    cdef int precheck(self) except -1:
+        """Raise what run() would raise for its values at the next step (the step count, the
+        schedule's lr), changing nothing: a step of several batches checks them all before
+        any batch runs."""
+        if fo_check(self.rule.id, self._next_hyper(), NULL, NULL) != FO_OK:
+            _raise_for(FO_ERR_HYPERPARAM, self.hyper)
+        return 0
+
     cdef int run(self, StepOptions options=None) except -1:
         cdef int status
         cdef int64_t next_step = self.step + 1
-        cdef void *hp = self.hyper.data()
+        cdef void *hp = self._next_hyper()
         cdef fo_step_options with_ema
         cdef const fo_step_options *opt = &options.c if options is not None else NULL
         if self.ema != NULL:
@@ -450,11 +496,7 @@ cdef class Batch:
             with_ema.ema = self.ema
             with_ema.ema_decay = self.ema_decay
             opt = &with_ema
-        if self.step_offset >= 0:
-            (<int64_t *>(<char *>hp + self.step_offset))[0] = next_step
         cdef const fo_rows *rows = self.rows if self.any_rows or self.shapes is not None else NULL
-        if self.schedule is not None:
-            (<double *>(<char *>hp + self.lr_offset))[0] = self.schedule.at(next_step)
         with nogil:
             status = self.storage.run(self.rule.id, self.count, self.ptrs, self.n_bufs,
                                       self.sizes, hp, <uint64_t>next_step, opt, rows)
@@ -718,9 +760,19 @@ cdef class Plan:
                     return False
         if options is not None and not self._reduce(options):
             return True  # skipped: nothing changed
+        self._run_batches(options)
+        return True
+
+    cdef int _run_batches(self, StepOptions options) except -1:
+        """Every batch's C call; with several, each one's values are checked first, so that
+        a refused value (a step-dependent one: a schedule's lr, a step count) changes nothing."""
+        cdef Batch b
+        if len(self.batches) > 1:
+            for b in self.batches:
+                b.precheck()
         for b in self.batches:
             b.run(options)
-        return True
+        return 0
 
     cdef bint _reduce(self, StepOptions options) except -1:
         """The reduction pass over the taken grads, if the options need one; True if the
@@ -773,8 +825,7 @@ cdef class Plan:
         for b in self.batches:
             if not b.take_grads(grads, self):
                 raise RuntimeError("fastopt: a validated step was refused by the engine")
-        for b in self.batches:
-            b.run(options)
+        self._run_batches(options)
 
 
 def optimizer_step(self, grads, *, grad_scale=1.0, clip_norm=None, skip_nonfinite=False,
@@ -946,6 +997,7 @@ cdef class _Table:
     cdef list indices
     cdef public list states, counters  # the front end's, for advancing its step counters
     cdef public object step            # the step number the next run is
+    cdef list counters_left            # a copy of each counter array as the last step left it
 
     def __cinit__(self, bint f64, list indices, list sizes, list addresses, list states=None,
                   list counters=None, step=None, list rows=None, Storage storage=None,
@@ -953,6 +1005,7 @@ cdef class _Table:
         self.f64, self.indices, self.count = f64, indices, len(indices)
         self.storage, self.storage_step = storage, storage_step
         self.states, self.counters, self.step = states, counters, step
+        self.counters_left = [c.copy() for c in counters] if counters is not None else []
         cdef Py_ssize_t k, t
         self.n = <size_t *>calloc(max(self.count, 1), sizeof(size_t))
         if self.n == NULL:
@@ -987,6 +1040,29 @@ cdef class _Table:
         for t in range(self.count):
             self.n[t] = sizes[t]
 
+    cdef bint counters_unchanged(self):
+        """The step counters hold what the last planned step left (not reset in place:
+        state["step"].zero_())."""
+        cdef Py_ssize_t i
+        for i in range(len(self.counters_left)):
+            if not _same_bytes(self.counters[i], self.counters_left[i]):
+                return False
+        return True
+
+    cdef void restore_counters(self):
+        cdef Py_ssize_t i
+        cdef cnp.ndarray now, left
+        for i in range(len(self.counters_left)):
+            now, left = self.counters[i], self.counters_left[i]
+            memcpy(cnp.PyArray_DATA(now), cnp.PyArray_DATA(left), cnp.PyArray_NBYTES(left))
+
+    cdef void keep_counters(self):
+        cdef Py_ssize_t i
+        cdef cnp.ndarray now, left
+        for i in range(len(self.counters_left)):
+            now, left = self.counters[i], self.counters_left[i]
+            memcpy(cnp.PyArray_DATA(left), cnp.PyArray_DATA(now), cnp.PyArray_NBYTES(left))
+
     cdef int run(self, CRule rule, Hyper hyper, double grad_multiplier=1.0) except -1:
         cdef int status
         cdef fo_step_options opt
@@ -1009,14 +1085,22 @@ cdef class _Table:
             free(self.ptrs[k])
 
 
+cdef inline bint _same_bytes(cnp.ndarray a, cnp.ndarray b):
+    return cnp.PyArray_NBYTES(a) == cnp.PyArray_NBYTES(b) and \
+        memcmp(cnp.PyArray_DATA(a), cnp.PyArray_DATA(b), cnp.PyArray_NBYTES(a)) == 0
+
+
 cdef bint _same_values(dict group, tuple key):
-    """Does a param group still hold key's (name, value) pairs, and nothing else but its params?
-    (Identity first: a value nobody reassigned is the same object.)"""
+    """Does a param group still hold key's (name, value, items) entries, and nothing else but
+    its params?  (Identity first: a value nobody reassigned is the same object; a list, which
+    can change in place (betas[0] = ...), is also compared with its items when planned.)"""
     if len(group) != len(key) + 1:
         return False
-    for name, value in key:
+    for name, value, items in key:
         now = group.get(name, _MISSING)
         if now is not value and (type(now) is not type(value) or now != value):
+            return False
+        if items is not None and tuple(now) != items:
             return False
     return True
 
@@ -1036,6 +1120,11 @@ cdef class _Member:
     cdef bint has_grad
     cdef uintptr_t address
     cdef size_t nbytes
+    cdef object dtype
+    # its gradient's dtype and size, and its state buffers (and their addresses) in the tables
+    cdef object grad_dtype
+    cdef size_t grad_nbytes
+    cdef tuple state_buffers, state_addresses
     cdef _Table table
     cdef Py_ssize_t slot
     cdef object shape  # a row rule's: the parameter's shape (its rows) when planned
@@ -1128,15 +1217,21 @@ cdef class ObjectPlan:
     # the tensor type's own getter of .grad and its methods, called without attribute lookups
     # (about a third of the per-tensor cost), for parameters of a type known to use them
     cdef PyGetSetDef *grad_of
+    cdef PyGetSetDef *dtype_of
+    cdef PyGetSetDef *nbytes_of
     cdef object grad_descr, known_type, known_param, is_contiguous, data_ptr
 
     def __cinit__(self, CRule rule, front, list groups, mark_written, list written,
                   list written_spans, tensor_type=None, keep_alive=None):
         self.rule = rule
         self.keep_alive = keep_alive
-        self.grad_of = NULL
+        self.grad_of = self.dtype_of = self.nbytes_of = NULL
         if tensor_type is not None:
             self.grad_of = _getset(tensor_type, "grad")
+            self.dtype_of = _getset(tensor_type, "dtype")
+            self.nbytes_of = _getset(tensor_type, "nbytes")
+            if self.dtype_of == NULL or self.nbytes_of == NULL:
+                self.grad_of = NULL  # (all three or none: attribute reads then)
             self.grad_descr = _lookup(tensor_type, "grad")
             self.known_type = tensor_type
             self.is_contiguous, self.data_ptr = tensor_type.is_contiguous, tensor_type.data_ptr
@@ -1161,6 +1256,29 @@ cdef class ObjectPlan:
             return True
         return False
 
+    cdef bint _fits(self, t, dtype, size_t nbytes, bint direct) except -1:
+        """Tensor t still has this dtype and byte size: t.data = ... swaps both (and the
+        memory, which the address checks see)."""
+        try:
+            if direct:
+                return self.dtype_of.get(t, self.dtype_of.closure) is dtype and \
+                    <size_t>self.nbytes_of.get(t, self.nbytes_of.closure) == nbytes
+            return t.dtype is dtype and t.nbytes == nbytes
+        except RuntimeError:  # a sparse tensor has no nbytes (and never runs planned)
+            return False
+
+    cdef bint _buffers_in_place(self, _Member m) except -1:
+        """m's state buffers are where the tables point (not moved by b.data = ... or
+        b.set_(...), which keep the tensor object)."""
+        cdef Py_ssize_t i
+        for i in range(PyTuple_GET_SIZE(m.state_buffers)):
+            b = <object>PyTuple_GET_ITEM(m.state_buffers, i)
+            at = PyObject_CallOneArg(self.data_ptr, b) if type(b) is self.known_type \
+                else b.data_ptr()
+            if at != <object>PyTuple_GET_ITEM(m.state_addresses, i):
+                return False
+        return True
+
     @staticmethod
     def _members(list described, list tables):
         cdef _Table table
@@ -1171,9 +1289,13 @@ cdef class ObjectPlan:
             for t in range(table.count):
                 where[table.indices[t]] = (table, t)
         members, with_grad = [], 0
-        for p, has_grad, address, _, nbytes in described:
+        for p, has_grad, address, _, nbytes, grad_layout, buffers in described:
             m = _Member()
             m.param, m.has_grad, m.address, m.nbytes = p, has_grad, address, nbytes
+            m.dtype = p.dtype
+            m.grad_dtype, m.grad_nbytes = grad_layout if has_grad else (None, 0)
+            m.state_buffers = tuple(buffers)
+            m.state_addresses = tuple(b.data_ptr() for b in buffers)
             m.shape = p.shape
             if has_grad:
                 m.table, m.slot = where[with_grad]
@@ -1196,6 +1318,10 @@ cdef class ObjectPlan:
         cdef list members, params_list
         cdef uintptr_t at
         cdef bint shaped = self.rule.shaped_state, getter = self.grad_of != NULL
+        for gi in range(len(self.groups)):
+            for table in self.groups[gi][5]:
+                if not table.counters_unchanged():
+                    return False
         # every check first; a gradient's address goes straight into its table, which only a
         # complete pass of checks lets run
         for gi in range(len(self.groups)):
@@ -1225,9 +1351,12 @@ cdef class ObjectPlan:
                     if m.has_grad:
                         return False
                     continue
-                if not m.has_grad:
+                if not m.has_grad or not self._fits(p, m.dtype, m.nbytes, direct):
                     return False
                 direct = direct and type(grad) is self.known_type
+                if not self._fits(grad, m.grad_dtype, m.grad_nbytes, direct) \
+                        or not self._buffers_in_place(m):
+                    return False
                 try:  # a sparse COO gradient says False; a CSR one raises
                     if direct:
                         if not PyObject_CallOneArg(self.is_contiguous, grad) or \
@@ -1245,14 +1374,30 @@ cdef class ObjectPlan:
                         return False
                     m.clear_grad = at
                 m.table.ptrs[1][m.slot] = <void *>at
-        # every gradient fits: this is the step
+        # every gradient fits: this is the step.  The counters advance and every table's
+        # values are made first; with several tables each is checked before any runs, and a
+        # refused one (a step-dependent value) puts the counters back as the last step left them
+        runs = []
         for gi in range(len(self.groups)):
             hp = self.hps[gi]
             for table in self.groups[gi][5]:
                 step = front.advance_planned(hp, table.states, table.counters, table.step)
-                table.run(self.rule, Hyper(self.rule, front.kernel_args(hp, step, table.states[0])),
-                          grad_multiplier)
+                runs.append((table, hp, step,
+                             Hyper(self.rule, front.kernel_args(hp, step, table.states[0]))))
+        cdef Py_ssize_t i, done = 0
+        try:
+            if len(runs) > 1:
+                for table, _, _, hyper in runs:
+                    (<Hyper>hyper).check()
+            for table, hp, step, hyper in runs:
+                table.run(self.rule, hyper, grad_multiplier)
                 table.step = front.planned_step_after(hp, step)
+                table.keep_counters()
+                done += 1
+        except BaseException:
+            for i in range(done, len(runs)):  # (a table's C call refuses before it writes)
+                (<_Table>runs[i][0]).restore_counters()
+            raise
         self.mark_written(self.written)
         return True
 

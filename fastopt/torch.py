@@ -349,7 +349,12 @@ class _Fastopt:
             for p in group["params"]:
                 present = p.grad is not None
                 state = self.state.get(p) if keep else None
-                members.append((p, present, p.data_ptr(), state, p.numel() * p.element_size()))
+                # the state buffers the tables point into (their addresses are re-checked)
+                buffers = [state[name] for name in slots
+                           if present and name is not None and state and name in state]
+                members.append((p, present, p.data_ptr(), state, p.numel() * p.element_size(),
+                                (p.grad.dtype, p.grad.numel() * p.grad.element_size()) if present else None,
+                                buffers))
                 if not present:
                     continue
                 # what the next step's batch depends on: dtype, step count, buffers, extra
@@ -379,7 +384,7 @@ class _Fastopt:
                 # state buffers are the optimizer's own
                 written += [p for p, *_ in batch]
             groups.append((group, hp, key, group["params"], members, tables, keep))
-        states_written = [t for *_, state, _ in (m for g in groups for m in g[4])
+        states_written = [t for _, _, _, state, *_ in (m for g in groups for m in g[4])
                           if state for t in state.values() if isinstance(t, torch.Tensor)]
         return _kernels.ObjectPlan(_kernels.RULES[self.kernel], self, groups,
                                    torch.autograd.graph.increment_version, written,
@@ -781,13 +786,14 @@ def _span(t):
 
 
 def _group_key(group):
-    """A group's values, to tell cheaply that none changed; None if one is a tensor."""
+    """A group's values, to tell cheaply that none changed (the engine's _same_values): (name,
+    value, its items if a list, which can change in place); None if one is a tensor."""
     key = []
     for k, v in group.items():
         if k != "params":
             if isinstance(v, torch.Tensor):
                 return None
-            key.append((k, v))
+            key.append((k, v, tuple(v) if type(v) is list else None))
     return tuple(key)
 
 

@@ -1,0 +1,214 @@
+"""What a cached plan must notice between steps.  After a first, fully validated step both
+engines (the numpy optimizers' Plan, fastopt.torch's ObjectPlan) re-check only what can change;
+each case here changes one such thing in place, keeping every object's identity, and the next
+step must do what a fresh optimizer (numpy) or torch.optim itself does with the same inputs,
+or refuse it with nothing changed."""
+import warnings
+
+import numpy as np
+import pytest
+
+import fastopt
+
+
+def snapshot_numpy(opt):
+    return ([p.copy() for g in opt.param_groups for p in g["params"]],
+            {i: (s.step, {k: v.copy() for k, v in vars(s).items() if isinstance(v, np.ndarray)})
+             for i, s in opt.state.items()})
+
+
+def assert_same_numpy(before, after):
+    for a, b in zip(before[0], after[0]):
+        assert a.tobytes() == b.tobytes()
+    assert before[1].keys() == after[1].keys()
+    for i in before[1]:
+        assert before[1][i][0] == after[1][i][0]
+        for k, v in before[1][i][1].items():
+            assert v.tobytes() == after[1][i][1][k].tobytes()
+
+
+# ---- numpy: arrays changed in place (same object, often the same address) ----
+
+def test_parameter_shrunk_in_place_is_stepped_at_its_new_size():
+    p = np.zeros(1000, np.float32)
+    opt = fastopt.SGD([p], lr=1.0)
+    opt.step([np.ones(1000, np.float32)])
+    p.resize(4, refcheck=False)  # glibc usually keeps the address: the plan's pointer still fits
+    opt.step([np.full(4, 2.0, np.float32)])
+    assert p.shape == (4,)
+    assert np.array_equal(p, np.full(4, -3.0, np.float32))
+
+
+def test_state_buffer_shrunk_in_place_is_refused_and_nothing_changes():
+    p = np.ones(1000, np.float32)
+    opt = fastopt.Adam([p], lr=0.1)
+    g = np.full(1000, 0.5, np.float32)
+    opt.step([g])
+    opt.state[0].m.resize(4, refcheck=False)
+    before = snapshot_numpy(opt)
+    with pytest.raises(ValueError, match="m has shape"):
+        opt.step([g])
+    assert_same_numpy(before, snapshot_numpy(opt))
+
+
+def test_state_buffer_retyped_in_place_is_refused_and_nothing_changes():
+    p = np.ones(16, np.float32)
+    opt = fastopt.Adam([p], lr=0.1)
+    g = np.full(16, 0.5, np.float32)
+    opt.step([g])
+    opt.state[0].v.dtype = np.int32  # the same bytes, read as integers
+    before = snapshot_numpy(opt)
+    with pytest.raises((TypeError, ValueError), match="v"):
+        opt.step([g])
+    assert_same_numpy(before, snapshot_numpy(opt))
+
+
+def test_parameter_restrided_in_place_is_refused():
+    p = np.ones(64, np.float32)
+    opt = fastopt.SGD([p], lr=1.0)
+    opt.step([np.ones(64, np.float32)])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            p.shape = (32, 2)
+            p.strides = (4, 128)  # the same memory, now column-major, in place
+    except (AttributeError, ValueError, TypeError):
+        pytest.skip("this numpy no longer sets strides in place")
+    before = p.copy()
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step([np.ones((32, 2), np.float32)])
+    assert np.array_equal(p, before)
+
+
+def test_step_count_set_to_a_float_is_refused_by_the_planned_step():
+    p = np.ones(8, np.float32)
+    opt = fastopt.Adam([p], lr=0.1)
+    opt.step([np.ones(8, np.float32)])
+    opt.state[0].step = 1.0
+    with pytest.raises(TypeError, match="step must be an integer"):
+        opt.step([np.ones(8, np.float32)])
+
+
+def test_a_step_dependent_refusal_in_a_later_group_changes_nothing():
+    # ASGD's step size lr / (1 + lambd lr (t - 1))^alpha = 3^1000 overflows at t = 3: a check
+    # only the step count can trigger, in the second of two batches
+    a, b = np.full(4, 0.9, np.float32), np.full(4, 0.9, np.float32)
+    opt = fastopt.ASGD([{"params": [a]},
+                        {"params": [b], "alpha": -1000.0, "lambd": 1.0, "lr": 1.0}], lr=0.1)
+    g = [np.full(4, 0.5, np.float32)] * 2
+    opt.step(g)
+    opt.step(g)
+    before = snapshot_numpy(opt)
+    with pytest.raises(ValueError, match="alpha"):
+        opt.step(g)
+    assert_same_numpy(before, snapshot_numpy(opt))
+
+
+# ---- fastopt.torch: tensors changed in place, against torch.optim ----
+
+torch = pytest.importorskip("torch")
+import fastopt.torch as ft  # noqa: E402
+
+
+def torch_pair(cls_name, values=(1.0, 2.0, 3.0), **kw):
+    """The same parameter under torch.optim's class and fastopt.torch's."""
+    out = []
+    for module in (torch.optim, ft):
+        p = torch.tensor(values, requires_grad=True)
+        out.append((p, getattr(module, cls_name)([p], **kw)))
+    return out
+
+
+def step_both(pairs, grad=(0.5, -1.0, 0.25)):
+    for p, opt in pairs:
+        p.grad = torch.tensor(grad, dtype=p.dtype)
+        opt.step()
+
+
+def assert_close_pair(pairs):
+    (p, opt), (q, fopt) = pairs
+    torch.testing.assert_close(q, p)
+    for name, value in opt.state[p].items():
+        torch.testing.assert_close(fopt.state[q][name], value)
+
+
+@pytest.mark.parametrize("cls_name", ["Adam", "NAdam", "RAdam", "Adamax"])
+def test_step_counter_reset_in_place_restarts_the_bias_correction(cls_name):
+    pairs = torch_pair(cls_name, lr=0.1)
+    for _ in range(3):
+        step_both(pairs)
+    for p, opt in pairs:  # back to a fresh state, in place
+        for value in opt.state[p].values():
+            value.zero_()
+        if "mu_product" in opt.state[p]:
+            opt.state[p]["mu_product"].fill_(1.0)
+    for _ in range(2):
+        step_both(pairs)
+    assert_close_pair(pairs)
+
+
+@pytest.mark.parametrize("swap", ["data", "set_"])
+def test_state_buffer_given_new_memory_is_the_one_updated(swap):
+    pairs = torch_pair("Adam", lr=0.1)
+    step_both(pairs)
+    for p, opt in pairs:
+        new = torch.full((3,), 0.25)
+        if swap == "data":
+            opt.state[p]["exp_avg"].data = new
+        else:
+            opt.state[p]["exp_avg"].set_(new)
+    step_both(pairs)
+    step_both(pairs)
+    assert_close_pair(pairs)
+
+
+@pytest.mark.parametrize("cls_name, key, index, value", [
+    ("NAdam", "betas", 0, 0.5), ("Rprop", "etas", 1, 1.5), ("Rprop", "step_sizes", 1, 0.01)])
+def test_list_hyperparameter_edited_in_place_is_used(cls_name, key, index, value):
+    pairs = torch_pair(cls_name, lr=0.1)
+    for _, opt in pairs:
+        opt.param_groups[0][key] = list(opt.param_groups[0][key])
+    step_both(pairs)
+    step_both(pairs)
+    for _, opt in pairs:
+        opt.param_groups[0][key][index] = value
+    for _ in range(3):
+        step_both(pairs, grad=(0.5, -1.0, 0.25))
+    assert_close_pair(pairs)
+
+
+def test_gradient_retyped_through_data_is_refused_with_nothing_changed():
+    p = torch.ones(4, requires_grad=True)
+    opt = ft.SGD([p], lr=1.0)
+    p.grad = torch.ones(4)
+    opt.step()
+    p.grad.data = torch.ones(4, dtype=torch.float64)
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match="float64"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_gradient_resized_through_data_is_refused_with_nothing_changed():
+    p = torch.ones(6, requires_grad=True)
+    opt = ft.SGD([p], lr=1.0)
+    p.grad = torch.ones(6)
+    opt.step()
+    p.grad.data = torch.ones(2)
+    before = p.detach().clone()
+    with pytest.raises((TypeError, ValueError)):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_parameter_narrowed_through_data_is_stepped_at_its_new_size():
+    pairs = torch_pair("SGD", values=(1.0,) * 6, lr=1.0)
+    step_both(pairs, grad=(1.0,) * 6)
+    storages = []
+    for p, _ in pairs:
+        storages.append(p.data)
+        p.data = p.data[:2]
+    step_both(pairs, grad=(1.0, 1.0))
+    (p, _), (q, _) = pairs
+    assert torch.equal(q.detach(), p.detach())
+    assert torch.equal(storages[1], storages[0])  # nothing written past the new end
