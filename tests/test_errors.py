@@ -203,6 +203,38 @@ def test_bad_step_changes_nothing(name, make_grads, error, match):
     assert_same_snapshot(before, after)
 
 
+def test_list_hyperparameters_are_frozen():
+    """A list value (betas=[...]) is kept as a tuple: an edit inside it cannot slip past the
+    step's cached plan; a new value is assigned to the group, where the plan sees it."""
+    betas = [0.9, 0.999]
+    p, q = np.ones(3), np.ones(3)
+    opt = fastopt.Adam([{"params": [p], "betas": betas}], lr=0.1)
+    same = fastopt.Adam([{"params": [q], "betas": (0.9, 0.999)}], lr=0.1)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+    opt.step([np.full(3, 0.5)])
+    same.step([np.full(3, 0.5)])
+    betas[0] = 5.0  # the caller's list, not the group's
+    with pytest.raises(TypeError):
+        opt.param_groups[0]["betas"][0] = 5.0
+    opt.step([np.full(3, 0.5)])
+    same.step([np.full(3, 0.5)])
+    np.testing.assert_array_equal(p, q, strict=True)
+    # a list assigned between steps is frozen by the step that reads it
+    opt.param_groups[0]["betas"] = [0.8, 0.99]
+    same.param_groups[0]["betas"] = (0.8, 0.99)
+    opt.step([np.full(3, 0.5)])
+    same.step([np.full(3, 0.5)])
+    assert type(opt.param_groups[0]["betas"]) is tuple
+    np.testing.assert_array_equal(p, q, strict=True)
+    # an invalid list assigned between steps is refused, and changes nothing
+    opt.param_groups[0]["betas"] = [5.0, 0.99]
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="beta1"):
+        opt.step([np.full(3, 0.5)])
+    assert_same_snapshot(before, snapshot(opt))
+    assert opt.state[0].step == 3
+
+
 def test_read_only_state_buffer_is_rejected():
     opt = trained(fastopt.RMSprop)
     opt.state[1].square_avg.flags.writeable = False
