@@ -117,6 +117,12 @@ class Optimizer:
         """(hyperparameters, Hyper) of a group, validated (the error names the group).  Once
         valid, the group's list values are stored as tuples (_freeze_lists); a refused group
         is left as it was."""
+        # every hyperparameter is the group's own: a deleted one is an error, not the
+        # rule's default (which need not be this optimizer's), as in a state_dict
+        missing = [k for k in self.defaults if k not in group]
+        if missing:
+            raise ValueError(f"{where} lacks hyperparameter(s) {missing}; assign a value "
+                             "instead of deleting it")
         try:
             mode = _checks.sparse_mode("sparse", group.get("sparse", self.sparse))
             checked = self.rule.check({k: v for k, v in group.items() if k not in ("params", "sparse")})

@@ -235,6 +235,27 @@ def test_list_hyperparameters_are_frozen():
     assert opt.state[0].step == 3
 
 
+@pytest.mark.parametrize("cls, lr", [(fastopt.SGD, 0.5), (fastopt.LARS, 0.5),
+                                     (fastopt.Adam, fastopt.schedules.constant(0.5))])
+def test_deleted_hyperparameter_is_refused(cls, lr):
+    """A group without its lr does not fall back to the rule's default (SGD's 0.01, not the
+    0.5 this optimizer was made with): the step names the missing key and changes nothing."""
+    opt = cls([np.zeros(3)], lr=lr)
+    opt.step([np.ones(3)])
+    del opt.param_groups[0]["lr"]
+    before = snapshot(opt)
+    for planned in (True, False):
+        if not planned:
+            opt._plan = None
+        with pytest.raises(ValueError, match=r"param_groups\[0\] lacks hyperparameter.*'lr'"):
+            opt.step([np.ones(3)])
+        assert_same_snapshot(before, snapshot(opt))
+    assert opt.state[0].step == 1
+    opt.param_groups[0]["lr"] = lr  # assigned again, it steps
+    opt.step([np.ones(3)])
+    assert opt.state[0].step == 2
+
+
 def test_read_only_state_buffer_is_rejected():
     opt = trained(fastopt.RMSprop)
     opt.state[1].square_avg.flags.writeable = False
