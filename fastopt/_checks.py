@@ -133,10 +133,20 @@ def check_no_overlap(written, written_names, read=(), read_names=()):
 def real(name, x):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {x!r}")
-    x = float(x)
+    x = as_float(name, x)
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")
     return x
+
+
+def as_float(name, x):
+    """float(x) for a real number x; one too large for a double (10**400) is a ValueError
+    naming it, not float()'s OverflowError."""
+    try:
+        return float(x)
+    except OverflowError:
+        shown = repr(x) if len(repr(x)) <= 40 else repr(x)[:37] + "..."
+        raise ValueError(f"{name} must be finite, got {shown} (too large for a double)") from None
 
 
 def nonnegative(name, x):

@@ -35,6 +35,7 @@ step counts ints with 0 <= warmup_steps < total_steps, milestones increasing int
 """
 import numbers
 
+from fastopt._checks import as_float
 from fastopt._kernels import Schedule
 
 __all__ = ["Schedule", "constant", "step_decay", "exponential", "cosine", "linear", "one_cycle",
@@ -44,7 +45,7 @@ __all__ = ["Schedule", "constant", "step_decay", "exponential", "cosine", "linea
 def _real(name, value, low=0.0, high=None):
     if type(value) is bool or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    x = float(value)
+    x = as_float(name, value)
     if not (x >= low) or x == float("inf") or (high is not None and not x <= high):
         span = f"in [{low}, {high}]" if high is not None else f"finite and >= {low}"
         raise ValueError(f"{name} must be {span}, got {value!r}")
