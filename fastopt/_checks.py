@@ -197,9 +197,15 @@ def flag(name, x):
     return bool(x)
 
 
+# The largest step count a state may hold (loaded, given to fastopt.functional, or checked
+# before a step): the rules compute with t in double, exact up to 2**53, and from there the
+# engine's int64 t + 1 is 2**63 - 2**53 steps away from overflowing.
+MAX_STEP = 2 ** 53
+
+
 def step_count(name, x):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {x!r}")
-    if x < 0:
-        raise ValueError(f"{name} must be >= 0, got {x}")
+    if not 0 <= x <= MAX_STEP:
+        raise ValueError(f"{name} must be in [0, 2**53], got {x}")
     return int(x)
