@@ -23,7 +23,9 @@ def check_state(rule, param, state, what):
     state_type = STATE_TYPES[rule.state]
     if not isinstance(state, state_type):
         raise TypeError(f"{what} must be a {state_type.__name__}, got {type(state).__name__}")
-    state.check(param, what)
+    # bfloat16 state is the optimizers' (state_dtype="bfloat16"); the engine's one-tensor
+    # step here runs float32/float64 buffers only
+    state.check(param, what, bfloat16=False)
 
 
 def step_one(rule, param, grad, state, given):

@@ -273,3 +273,23 @@ def test_step_count_of_any_integer_type(lr):
         assert type(state.step) is int and state.step == step + 1
         results.append(param)
     np.testing.assert_array_equal(results[0], results[1], strict=True)
+
+
+@pytest.mark.parametrize("name, buffer, hp", [("adam", "m", {}), ("adam", "v", {}),
+                                              ("sgd", "momentum_buffer", dict(momentum=0.9)),
+                                              ("adagrad", "sum", {})])
+def test_bfloat16_state_buffer_is_refused(name, buffer, hp):
+    """fastopt.functional runs float32/float64 state: a bfloat16 buffer is a TypeError naming
+    it (it passed the checks, then the engine refused it: RuntimeError)."""
+    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
+    param = np.ones(4, np.float32)
+    state = new_state(name, param, hp)
+    setattr(state, buffer, np.zeros(4, bfloat16) if getattr(state, buffer) is None
+            else getattr(state, buffer).astype(bfloat16))
+    before = {k: v.copy() for k, v in state.buffers().items()}
+    with pytest.raises(TypeError, match=rf"state\.{buffer} has dtype bfloat16.*must be float32"):
+        getattr(F, name)(param, np.ones(4, np.float32), state, **hp)
+    np.testing.assert_array_equal(param, np.ones(4, np.float32), strict=True)
+    assert state.step == 0 and state.buffers().keys() == before.keys()
+    for k, v in before.items():
+        np.testing.assert_array_equal(state.buffers()[k], v, strict=True)
