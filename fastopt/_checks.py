@@ -133,10 +133,20 @@ def check_no_overlap(written, written_names, read=(), read_names=()):
 def real(name, x):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {x!r}")
-    x = float(x)
+    x = as_float(name, x)
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")
     return x
+
+
+def as_float(name, x):
+    """float(x) for a real number x; one too large for a double (10**400) is a ValueError
+    naming it, not float()'s OverflowError."""
+    try:
+        return float(x)
+    except OverflowError:
+        shown = repr(x) if len(repr(x)) <= 40 else repr(x)[:37] + "..."
+        raise ValueError(f"{name} must be finite, got {shown} (too large for a double)") from None
 
 
 def nonnegative(name, x):
@@ -187,9 +197,15 @@ def flag(name, x):
     return bool(x)
 
 
+# The largest step count a state may hold (loaded, given to fastopt.functional, or checked
+# before a step): the rules compute with t in double, exact up to 2**53, and from there the
+# engine's int64 t + 1 is 2**63 - 2**53 steps away from overflowing.
+MAX_STEP = 2 ** 53
+
+
 def step_count(name, x):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {x!r}")
-    if x < 0:
-        raise ValueError(f"{name} must be >= 0, got {x}")
+    if not 0 <= x <= MAX_STEP:
+        raise ValueError(f"{name} must be in [0, 2**53], got {x}")
     return int(x)

@@ -3,6 +3,7 @@
 # gradient multiplier (1 / grad_scale, times the clip factor) that the C rules fold into their
 # per-step scalars, or that the step is skipped.
 from libc.math cimport sqrt, isinf, INFINITY
+from libc.float cimport DBL_MAX
 from cpython.object cimport PyObject
 
 
@@ -57,6 +58,9 @@ cdef class StepOptions:
     def __cinit__(self, Py_ssize_t n_params, grad_scale=1.0, clip_norm=None,
                   skip_nonfinite=False, compute_norm=False):
         self.grad_scale = _positive("grad_scale", grad_scale)
+        if isinf(1.0 / self.grad_scale):  # the gradients' multiplier, 1 / grad_scale
+            raise ValueError(f"grad_scale must be >= {1.0 / DBL_MAX!r} (1 / grad_scale must be "
+                             f"finite), got {grad_scale!r}")
         self.clip = clip_norm is not None
         self.clip_norm = _nonnegative_real("clip_norm", clip_norm) if self.clip else 0.0
         if type(skip_nonfinite) is not bool or type(compute_norm) is not bool:
@@ -204,9 +208,14 @@ cdef double _positive(str name, value) except? -1.0:
 cdef double _nonnegative_real(str name, value) except? -1.0:
     if type(value) is bool or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    cdef double x = value
+    cdef double x
+    try:
+        x = value
+    except OverflowError:  # an int too large for a double: a value error, named
+        x = INFINITY
     if not (x >= 0.0) or isinf(x):
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{name} must be finite and >= 0, got {shown}")
     return x
 
 

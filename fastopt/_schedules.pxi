@@ -56,8 +56,8 @@ cdef class Schedule:
 
     def __call__(self, t):
         """lr at step t (an int >= 1)."""
-        if type(t) is bool or not isinstance(t, numbers.Integral) or t < 1:
-            raise ValueError(f"a schedule's step must be an int >= 1, got {t!r}")
+        if type(t) is bool or not isinstance(t, numbers.Integral) or not 1 <= t <= 2**63 - 1:
+            raise ValueError(f"a schedule's step must be an int in [1, 2**63 - 1], got {t!r}")
         return self.at(t)
 
     def __repr__(self):
@@ -98,7 +98,9 @@ cdef class Schedule:
                 return self.final_lr + (self.lr - self.final_lr) * (
                     1.0 + cos(M_PI * e / (self.size - self.warmup))) / 2.0
             x = e if e < self.size - self.warmup else self.size - self.warmup
-            return self.lr + (self.final_lr - self.lr) * x / (self.size - self.warmup)
+            # the fraction first: it is at most 1, so the value stays between lr and final_lr
+            # ((final_lr - lr) * x / T could round below 0 at x = T when final_lr is 0)
+            return self.lr + (self.final_lr - self.lr) * (x / (self.size - self.warmup))
         if self.kind == SCHEDULE_ONE_CYCLE:  # OneCycleLR, cosine annealing, two phases
             initial = self.lr / self.div_factor
             phase_end = self.pct_start * self.size - 1.0

@@ -96,9 +96,6 @@ def _validated(opt, d):
             raise ValueError(f"state_dict param group {i} does not hold parameters "
                              f"{start}..{start + n - 1}")
         hp = {k: v for k, v in lg.items() if k != "params"}
-        missing = set(opt.defaults) - set(hp)
-        if missing:
-            raise ValueError(f"state_dict param group {i} lacks {sorted(missing)}")
         group_of += [opt._group_hyperparameters(hp, f"state_dict param group {i}")] * n
         groups.append(hp)
         start += n

@@ -23,7 +23,9 @@ def check_state(rule, param, state, what):
     state_type = STATE_TYPES[rule.state]
     if not isinstance(state, state_type):
         raise TypeError(f"{what} must be a {state_type.__name__}, got {type(state).__name__}")
-    state.check(param, what)
+    # bfloat16 state is the optimizers' (state_dtype="bfloat16"); the engine's one-tensor
+    # step here runs float32/float64 buffers only
+    state.check(param, what, bfloat16=False)
 
 
 def step_one(rule, param, grad, state, given):
@@ -31,10 +33,18 @@ def step_one(rule, param, grad, state, given):
     schedule = given.get("lr")
     if type(schedule) is _kernels.Schedule:  # its value at this update's step
         step = getattr(state, "step", None)
-        if type(step) is int and step >= 0:
-            given = dict(given, lr=schedule(step + 1))
+        if not (type(step) is int and 0 <= step <= _checks.MAX_STEP):
+            # the full checks name what is wrong (or pass an integer of another type)
+            _checks.check_param(param, "param")
+            check_state(rule, param, state, "state")
+            step = int(state.step)
+        given = dict(given, lr=schedule(step + 1))
     hp, hyper = rule.check(given, copy=False)
-    if not _kernels.run_single(rule.crule, hyper, STATE_TYPES[rule.state], param, grad, state):
+    try:
+        done = _kernels.run_single(rule.crule, hyper, STATE_TYPES[rule.state], param, grad, state)
+    except OverflowError:  # a step count past int64's end: _validated_step names it
+        done = False
+    if not done:
         _validated_step(rule, param, grad, state, hyper)
 
 
@@ -50,7 +60,8 @@ def _validated_step(rule, param, grad, state, hyper):
                              [grad], ["grad"])
     state.add_missing(param, [name for name in hyper.used_state() if name is not None])
     # valid: an ndarray subclass or a state subclass still runs, through plain views
-    plain = state_type(**{**state.to_dict(), **{k: v.view(_ndarray) for k, v in state.buffers().items()}})
+    plain = state_type(**{**state.to_dict(), **{k: v.view(_ndarray) for k, v in state.buffers().items()},
+                          "step": int(state.step)})  # (the engine takes a plain int)
     if not _kernels.run_single(rule.crule, hyper, state_type, param.view(_ndarray),
                                grad.view(_ndarray), plain):
         raise RuntimeError("fastopt: a validated step was refused by the engine")
@@ -74,7 +85,11 @@ def _function(rule):
         if type(hyperparameters.get("lr")) is schedule_type:
             return step_one(rule, param, grad, state, hyperparameters)
         hyper = check(hyperparameters, copy=False)[1]
-        if not run_single(crule, hyper, state_type, param, grad, state):
+        try:
+            done = run_single(crule, hyper, state_type, param, grad, state)
+        except OverflowError:  # a step count past int64's end: _validated_step names it
+            done = False
+        if not done:
             _validated_step(rule, param, grad, state, hyper)
 
     function.__name__ = function.__qualname__ = rule.function

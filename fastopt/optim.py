@@ -55,9 +55,9 @@ class Optimizer:
                 raise ValueError(f"Invalid ema_decay: {ema_decay} (must be in [0, 1])")
         self._ema_decay = ema_decay
         self.defaults = self.rule.check(defaults)[0]
-        groups = _parse_groups(params)
+        groups = [{**self.defaults, **g} for g in _parse_groups(params)]
         for i, g in enumerate(groups):
-            self._group_hyperparameters({**self.defaults, **g}, f"param group {i}")
+            self._group_hyperparameters(g, f"param group {i}")
         params = [p for g in groups for p in g["params"]]
         if not params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
@@ -80,7 +80,7 @@ class Optimizer:
                 raise ValueError(f"params[{i}] is the same array as params[{seen[id(p)]}]")
             seen[id(p)] = i
         _checks.check_no_overlap(params, [f"params[{i}]" for i in range(len(params))])
-        self.param_groups = [ParamGroup({**self.defaults, **g}) for g in groups]
+        self.param_groups = [ParamGroup(g) for g in groups]
         self.state = {}
         self._plan = None
         self._lock = _kernels.StepLock()  # serializes step and the checkpoint functions
@@ -114,15 +114,24 @@ class Optimizer:
         return [p for g in self.param_groups for p in g["params"]]
 
     def _group_hyperparameters(self, group, where):
-        """(hyperparameters, Hyper) of a group, validated (the error names the group)."""
+        """(hyperparameters, Hyper) of a group, validated (the error names the group).  Once
+        valid, the group's list values are stored as tuples (_freeze_lists); a refused group
+        is left as it was."""
+        # every hyperparameter is the group's own: a deleted one is an error, not the
+        # rule's default (which need not be this optimizer's), as in a state_dict
+        missing = [k for k in self.defaults if k not in group]
+        if missing:
+            raise ValueError(f"{where} lacks hyperparameter(s) {missing}; assign a value "
+                             "instead of deleting it")
         try:
             mode = _checks.sparse_mode("sparse", group.get("sparse", self.sparse))
             checked = self.rule.check({k: v for k, v in group.items() if k not in ("params", "sparse")})
             if mode == "exact":
                 checked[1].check_exact(self.rule.name)
-            return checked
         except (TypeError, ValueError) as e:
             raise type(e)(f"{where}: {e}") from None
+        _freeze_lists(group)
+        return checked
 
     # step(grads, *, grad_scale=1.0, clip_norm=None, skip_nonfinite=False, compute_norm=False),
     # documented in fastopt/_engine.pxi: with its keywords at their defaults and a plan that
@@ -312,6 +321,19 @@ def _plain(grad):
     if isinstance(grad, _kernels.SparseGrad):
         return _kernels.SparseGrad(grad.indices.view(np.ndarray), grad.values.view(np.ndarray))
     return grad.view(np.ndarray)
+
+
+def _freeze_lists(group):
+    """Store a group's list (and 1-D array) values, such as betas=[0.9, 0.999], as tuples.  A
+    step's plan sees a group's changes through its __setitem__; an edit inside a list it holds
+    would go unseen (and unchecked), so after this only a new assignment can change a value.
+    (dict's own store: a ParamGroup's counts a change, and this changes no value.)"""
+    for key, value in list(group.items()):
+        if key == "params":
+            continue  # the plan keeps this very list
+        if type(value) is list or (isinstance(value, np.ndarray) and value.ndim == 1):
+            dict.__setitem__(group, key, tuple(value.tolist() if isinstance(value, np.ndarray)
+                                               else value))
 
 
 def _refuse_rows(rule, grads):

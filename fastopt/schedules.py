@@ -31,10 +31,15 @@ With e = t - 1:
 
 Arguments are checked here (TypeError/ValueError naming the argument): learning rates finite and
 >= 0, gamma in [0, 1] (a decay; so every value stays finite), warmup_start_factor in [0, 1],
-step counts ints with 0 <= warmup_steps < total_steps, milestones increasing ints >= 1.
+step counts ints with 0 <= warmup_steps < total_steps <= 2**53, milestones increasing ints in
+[1, 2**53]; and what the schedule computes from them finite: cosine's (lr - final_lr) * 2,
+one_cycle's initial lr max_lr / div_factor and final lr initial / final_div_factor.  So every
+value a schedule gives is finite and >= 0 (each lies between two of these).
 """
+import math
 import numbers
 
+from fastopt._checks import MAX_STEP, as_float
 from fastopt._kernels import Schedule
 
 __all__ = ["Schedule", "constant", "step_decay", "exponential", "cosine", "linear", "one_cycle",
@@ -44,7 +49,7 @@ __all__ = ["Schedule", "constant", "step_decay", "exponential", "cosine", "linea
 def _real(name, value, low=0.0, high=None):
     if type(value) is bool or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    x = float(value)
+    x = as_float(name, value)
     if not (x >= low) or x == float("inf") or (high is not None and not x <= high):
         span = f"in [{low}, {high}]" if high is not None else f"finite and >= {low}"
         raise ValueError(f"{name} must be {span}, got {value!r}")
@@ -54,9 +59,17 @@ def _real(name, value, low=0.0, high=None):
 def _count(name, value, low):
     if type(value) is bool or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    if not low <= value <= MAX_STEP:  # (no step count goes past MAX_STEP)
+        raise ValueError(f"{name} must be in [{low}, 2**53], got {value!r}")
     return int(value)
+
+
+def _finite(value, names, formula):
+    """A value the schedule computes from its arguments (its largest, or a phase's lr) must be
+    finite, or the engine would refuse the lr of some later step, mid-run."""
+    if not math.isfinite(value):
+        raise ValueError(f"{names}: {formula} is {value}, not finite")
+    return value
 
 
 def constant(lr):
@@ -88,8 +101,10 @@ def _warmup_args(lr, total_steps, warmup_steps, warmup_start_factor, final_lr):
 def cosine(lr, total_steps, warmup_steps=0, warmup_start_factor=0.0, final_lr=0.0):
     """Linear warmup from lr warmup_start_factor to lr over warmup_steps (LinearLR), then cosine
     annealing to final_lr over total_steps - warmup_steps (CosineAnnealingLR)."""
-    return Schedule("cosine", _warmup_args(lr, total_steps, warmup_steps, warmup_start_factor,
-                                           final_lr))
+    args = _warmup_args(lr, total_steps, warmup_steps, warmup_start_factor, final_lr)
+    _finite((args["lr"] - args["final_lr"]) * 2.0, "lr and final_lr",
+            "(lr - final_lr) * 2 (a product the annealing computes)")
+    return Schedule("cosine", args)
 
 
 def linear(lr, total_steps, warmup_steps=0, warmup_start_factor=0.0, final_lr=0.0):
@@ -110,8 +125,14 @@ def one_cycle(max_lr, total_steps, pct_start=0.3, div_factor=25.0, final_div_fac
     final_div = _real("final_div_factor", final_div_factor)
     if div == 0.0 or final_div == 0.0:
         raise ValueError("div_factor and final_div_factor must be > 0")
-    return Schedule("one_cycle", dict(max_lr=_real("max_lr", max_lr), total_steps=total,
-                                      pct_start=pct, div_factor=div, final_div_factor=final_div))
+    top = _real("max_lr", max_lr)
+    # the lr at the start and at the end, as the engine computes them (lr(t) lies between them
+    # and max_lr): a tiny divisor overflows (final_div_factor=1e-320 gave nan from step 4 on)
+    initial = _finite(top / div, "div_factor", "the initial lr, max_lr / div_factor")
+    _finite(initial / final_div, "final_div_factor",
+            "the final lr, max_lr / div_factor / final_div_factor")
+    return Schedule("one_cycle", dict(max_lr=top, total_steps=total, pct_start=pct,
+                                      div_factor=div, final_div_factor=final_div))
 
 
 def sequential(schedules, milestones):

@@ -85,9 +85,10 @@ class OptimizerState:
         """{name: array} of the buffers this state holds."""
         return {name: getattr(self, name) for name in self.BUFFERS if getattr(self, name) is not None}
 
-    def check(self, param, what, needed=()):
+    def check(self, param, what, needed=(), bfloat16=True):
         """Raise unless the required and `needed` buffers exist, every buffer fits `param`
-        (shape, dtype, C-contiguous, writeable) and the counters are valid."""
+        (shape, dtype, C-contiguous, writeable) and the counters are valid.  bfloat16=False:
+        the state buffers must be of the compute type (fastopt.functional's)."""
         for name in tuple(self.REQUIRED) + tuple(needed):
             if getattr(self, name) is None and self.applies(param, name):
                 raise ValueError(f"{what}.{name} is missing")
@@ -101,7 +102,8 @@ class OptimizerState:
             else:
                 # a row rule's reduction reads compute-type storage only
                 _checks.check_like(buf, param, f"{what}.{name}", writeable=True,
-                                   dtype_ok=_checks.state_dtype_ok(param, not (self.PER_ROW or self.SHAPES)),
+                                   dtype_ok=_checks.state_dtype_ok(
+                                       param, bfloat16 and not (self.PER_ROW or self.SHAPES)),
                                    shape=self.buffer_shape(param, name))
         for name in self.COUNTERS:
             _checks.step_count(f"{what}.{name}", getattr(self, name))

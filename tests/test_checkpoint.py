@@ -228,6 +228,41 @@ def test_checkpoint_that_does_not_fit_names_the_file(saved, tmp_path):
     assert_same_snapshot(before, snapshot(opt))
 
 
+@pytest.mark.parametrize("step", [2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1])
+@pytest.mark.parametrize("via_file", [False, True])
+def test_step_count_past_the_limit_is_refused_and_changes_nothing(step, via_file, tmp_path):
+    """A step count over 2**53 is refused at load time (before, 2**63 - 1 loaded and the next
+    step failed in the second group's C call, after the first group had been updated)."""
+    opt = make(seed=6)
+    d = opt.state_dict()
+    d["state"][1]["step"] = step
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"state 1\.step must be in \[0, 2\*\*53\]"):
+        if via_file:
+            if step >= 2**64:
+                pytest.skip("an .npz step is an int64 or uint64")
+            np.savez(tmp_path / "big.npz", **dict(checkpoint_arrays(opt, d)))
+            opt.load(tmp_path / "big.npz")
+        else:
+            opt.load_state_dict(d)
+    assert_same_snapshot(before, snapshot(opt))
+
+
+def checkpoint_arrays(opt, d):
+    from fastopt import checkpoint
+    for key, value in checkpoint._flatten(d):
+        yield key, np.asarray(value)
+
+
+def test_step_count_at_the_limit_loads_and_steps():
+    opt = make(seed=7)
+    d = opt.state_dict()
+    d["state"][0]["step"] = d["state"][1]["step"] = 2**53
+    opt.load_state_dict(d)
+    opt.step([np.ones_like(p) for p in opt.params])
+    assert opt.state[0].step == opt.state[1].step == 2**53 + 1
+
+
 @pytest.mark.parametrize("kind", ["missing", "folder"])
 def test_missing_file_or_folder_is_an_oserror(kind, tmp_path):
     """Not a damaged checkpoint but no file to read: the usual OSError, nothing changed."""

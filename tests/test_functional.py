@@ -233,3 +233,63 @@ def test_bad_hyperparameter_changes_nothing(name, hp, error, word):
     assert state.buffers().keys() == before[3].keys()  # no buffer created (max_v, ...)
     for k, v in before[3].items():
         np.testing.assert_array_equal(state.buffers()[k], v, strict=True)
+
+
+FAST_PATH_TAKES_IT = pytest.mark.xfail(strict=True, reason="run_single (fastopt/_engine.pxi), "
+                                       "the fixed-number fast path, checks step >= 0 only")
+
+
+@pytest.mark.parametrize("step, error", [(2**63 - 1, ValueError), (2**64, ValueError),
+                                         (-1, ValueError), (1.0, TypeError)])
+@pytest.mark.parametrize("lr", [0.1, fastopt.schedules.exponential(0.1, 0.5)])
+def test_bad_step_count_changes_nothing(step, error, lr):
+    """A step count outside [0, 2**53] is refused naming state.step (2**63 - 1 raised
+    OverflowError; with a schedule, its lr was that of step 1)."""
+    param = np.ones(4)
+    state = fastopt.AdamState.new(param)
+    state.step = step
+    with pytest.raises(error, match=r"state\.step must be"):
+        F.adam(param, np.ones(4), state, lr=lr)
+    np.testing.assert_array_equal(param, np.ones(4), strict=True)
+    assert state.step == step and not state.m.any() and not state.v.any()
+
+
+@pytest.mark.parametrize("lr", [pytest.param(0.1, marks=FAST_PATH_TAKES_IT),
+                                fastopt.schedules.exponential(0.1, 0.5)])
+def test_step_count_past_the_limit_changes_nothing(lr):
+    test_bad_step_count_changes_nothing(2**53 + 1, ValueError, lr)
+
+
+@pytest.mark.parametrize("lr", [0.1, fastopt.schedules.exponential(0.1, 0.5)])
+def test_step_count_of_any_integer_type(lr):
+    """A numpy integer step count is a valid one (it raised RuntimeError); the result, and a
+    schedule's lr, are those of the same int."""
+    results = []
+    for step in (5, np.int64(5), 2**53):
+        param = np.ones(4)
+        state = fastopt.AdamState.new(param)
+        state.step = step
+        F.adam(param, np.full(4, 0.5), state, lr=lr)
+        assert type(state.step) is int and state.step == step + 1
+        results.append(param)
+    np.testing.assert_array_equal(results[0], results[1], strict=True)
+
+
+@pytest.mark.parametrize("name, buffer, hp", [("adam", "m", {}), ("adam", "v", {}),
+                                              ("sgd", "momentum_buffer", dict(momentum=0.9)),
+                                              ("adagrad", "sum", {})])
+def test_bfloat16_state_buffer_is_refused(name, buffer, hp):
+    """fastopt.functional runs float32/float64 state: a bfloat16 buffer is a TypeError naming
+    it (it passed the checks, then the engine refused it: RuntimeError)."""
+    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
+    param = np.ones(4, np.float32)
+    state = new_state(name, param, hp)
+    setattr(state, buffer, np.zeros(4, bfloat16) if getattr(state, buffer) is None
+            else getattr(state, buffer).astype(bfloat16))
+    before = {k: v.copy() for k, v in state.buffers().items()}
+    with pytest.raises(TypeError, match=rf"state\.{buffer} has dtype bfloat16.*must be float32"):
+        getattr(F, name)(param, np.ones(4, np.float32), state, **hp)
+    np.testing.assert_array_equal(param, np.ones(4, np.float32), strict=True)
+    assert state.step == 0 and state.buffers().keys() == before.keys()
+    for k, v in before.items():
+        np.testing.assert_array_equal(state.buffers()[k], v, strict=True)

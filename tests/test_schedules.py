@@ -1,5 +1,6 @@
 """fastopt.schedules against torch.optim.lr_scheduler over 1,000 steps, and the engine's use of
 them (lr of step t evaluated from each batch's step count)."""
+import math
 import warnings
 
 import numpy as np
@@ -149,3 +150,43 @@ def test_schedules_pickle_compare_and_print():
     assert [t(k) for k in range(1, 200)] == [s(k) for k in range(1, 200)]
     with pytest.raises(ValueError):
         s(0)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: S.one_cycle(1.0, 10, final_div_factor=1e-320), "final_div_factor: the final lr"),
+    (lambda: S.one_cycle(1.0, 10, div_factor=1e-320), "div_factor: the initial lr"),
+    (lambda: S.cosine(1e308, 10), r"lr and final_lr: \(lr - final_lr\) \* 2"),
+    (lambda: S.cosine(0.0, 10, final_lr=1e308), r"lr and final_lr: \(lr - final_lr\) \* 2"),
+    (lambda: S.step_decay(0.1, 2**63), "step_size must be in"),
+    (lambda: S.cosine(0.1, 2**64), "total_steps must be in"),
+    (lambda: S.sequential([S.constant(1.0), S.constant(0.1)], [2**63]), r"milestones\[0\] must be in"),
+])
+def test_arguments_whose_values_would_not_be_finite(make, match):
+    """Refused when made, naming the argument (one_cycle's final_div_factor=1e-320 gave lr nan
+    from step 4 on, and the step failed after other groups had been updated)."""
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("schedule", [
+    S.linear(5.3639077248627335e-05, 651460),  # (final_lr - lr) * T / T rounded below 0
+    S.linear(0.1, 7, warmup_steps=3),
+    S.cosine(8e307, 10), S.cosine(0.0, 10, final_lr=8e307),
+    S.one_cycle(1e308, 10), S.one_cycle(1.0, 10, div_factor=1e-300, final_div_factor=1e300),
+    S.exponential(1e308, 1.0), S.step_decay(1e-300, 1, 0.5),
+])
+def test_every_value_is_finite_and_nonnegative(schedule):
+    total = schedule.args.get("total_steps", 10)
+    steps = list(range(1, 30)) + [total - 1, total, total + 1, total + 2, 2**53 + 1]
+    values = [schedule(t) for t in steps if t >= 1]
+    assert all(math.isfinite(v) and v >= 0.0 for v in values), values
+
+
+def test_linear_ends_at_final_lr():
+    schedule = S.linear(5.3639077248627335e-05, 651460)
+    assert schedule(651461) == schedule(10**9) == 0.0
+
+
+def test_a_step_past_int64_is_a_value_error():
+    with pytest.raises(ValueError, match="step must be an int in"):
+        S.constant(0.1)(2**63)
