@@ -310,10 +310,12 @@ class _Fastopt:
                     if members:
                         self._step_group(hp, members, multiplier)
                 # a step with rows takes this validating path every time (no plan to build),
-                # and so does one with bfloat16 storage or master weights
-                rows = any(isinstance(m[2], _Rows) for _, members in work for m in members)
-                self._plan = None if rows or entry is not None else \
-                    self._make_plan([hp for hp, _ in work])
+                # and so does one with bfloat16 storage, master weights or bfloat16 gradients
+                # (a plan's tables read gradients in their parameter's dtype)
+                stored_as_is = entry is not None or any(
+                    isinstance(g, _Rows) or g.dtype == torch.bfloat16
+                    for _, members in work for _, _, g, _ in members)
+                self._plan = None if stored_as_is else self._make_plan([hp for hp, _ in work])
                 self.total_norm = total_norm
                 return loss
             finally:
@@ -695,13 +697,18 @@ class _Fastopt:
                       for b in buffers]
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, *_ in batch]
         rows = [g.address() if isinstance(g, _Rows) else self.dense_rows(p) for p, g, *_ in batch]
+        p0, g0, s0, _ = batch[0]
+        g0 = g0.values if isinstance(g0, _Rows) else g0
         entry = self.state.get(_STORAGE_KEY)
-        if entry is None:
+        if entry is None and _KERNEL_DTYPES[g0.dtype] == dtype:
             _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
                                    sizes, kernel_args, rows, multiplier)
         else:
-            p0, g0, s0, _ = batch[0]
-            g0 = g0.values if isinstance(g0, _Rows) else g0
+            if entry is None:
+                # a bfloat16 gradient of a float32 parameter (torch's p.grad_dtype = None)
+                # without storage options: the kernels read it as stored and write nothing in
+                # bfloat16, so the default rounding and seed are never used
+                entry = dict(storage.DEFAULTS, step=0)
             dtypes = [_FO_DTYPE[_KERNEL_DTYPES[p0.dtype]], _FO_DTYPE[g0.dtype]]
             dtypes += [None if name is None else _FO_DTYPE[s0[name].dtype] for name in slots]
             masters = None
