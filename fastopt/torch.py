@@ -709,8 +709,10 @@ class _Fastopt:
                 # without storage options: the kernels read it as stored and write nothing in
                 # bfloat16, so the default rounding and seed are never used
                 entry = dict(storage.DEFAULTS, step=0)
-            dtypes = [_FO_DTYPE[_KERNEL_DTYPES[p0.dtype]], _FO_DTYPE[g0.dtype]]
-            dtypes += [None if name is None else _FO_DTYPE[s0[name].dtype] for name in slots]
+            # (complex tensors go in as their real parts' dtype)
+            dtypes = [_FO_DTYPE[_KERNEL_DTYPES[t.dtype]] for t in (p0, g0)]
+            dtypes += [None if name is None else _FO_DTYPE[_KERNEL_DTYPES[s0[name].dtype]]
+                       for name in slots]
             masters = None
             if entry["master_weights"]:
                 masters = [_local(s["master"]).data_ptr() for _, _, s, _ in batch]

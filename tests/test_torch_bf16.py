@@ -162,3 +162,23 @@ def test_bfloat16_gradient_of_a_float32_parameter_without_storage_options(cls, h
         opt.step()
         ref.step()
         torch.testing.assert_close(ours[0], theirs[0])
+
+
+@pytest.mark.parametrize("options", [dict(seed=3), dict(state_dtype="float32"),
+                                     dict(rounding="nearest")])
+def test_complex_parameter_with_storage_options(options):
+    """Storage options that a complex parameter admits (its state stays complex) change
+    nothing in its step: bit for bit the step without them, and torch's to float32 precision."""
+    gen = torch.Generator().manual_seed(4)
+    init = torch.randn(6, dtype=torch.complex64, generator=gen)
+    ours, plain, theirs = (init.clone().requires_grad_() for _ in range(3))
+    opts = [ft.Adam([ours], lr=0.1, **options), ft.Adam([plain], lr=0.1),
+            torch.optim.Adam([theirs], lr=0.1)]
+    for _ in range(3):
+        g = torch.randn(6, dtype=torch.complex64, generator=gen)
+        for p in (ours, plain, theirs):
+            p.grad = g.clone()
+        for o in opts:
+            o.step()
+        assert torch.equal(ours, plain)
+        torch.testing.assert_close(ours, theirs)
