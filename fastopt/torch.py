@@ -534,6 +534,7 @@ class _Fastopt:
                                     f"{g.sparse_dim()} sparse dimensions; {type(self).__name__}'s "
                                     "rows are along dim 0 (one sparse dimension: "
                                     "grad.to_sparse(1), as nn.Embedding(sparse=True) gives)")
+                _check_sparse_indices(g, self._where(index, group, i))
                 local_g = _Rows.of(g) if self.sparse_grads(hp) == "rows" else g.to_dense()
             else:
                 local_g = _local_like(g, local_p, TypeError,
@@ -553,18 +554,19 @@ class _Fastopt:
                                      or self.kernel in _SHAPED_STATE_KERNELS):
                 # storage of several sizes, or state of its own shapes: compare spans
                 spans = sorted(_spans_of(local_p, local_g, state, slots))
-                for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
-                    if b0 < a1:
-                        raise ValueError(f"{self._where(index, group, i)}: its gradient or a "
-                                         "state buffer shares memory with the parameter or "
-                                         "another buffer")
-            elif nbytes:
+                shared = any(b0 < a1 for (a0, a1), (b0, b1) in zip(spans, spans[1:]))
+            else:
                 pointers.sort()
-                for a, b in zip(pointers, pointers[1:]):
-                    if b - a < nbytes:
-                        raise ValueError(f"{self._where(index, group, i)}: its gradient or a "
-                                         "state buffer shares memory with the parameter or "
-                                         "another buffer")
+                shared = any(b - a < nbytes for a, b in zip(pointers, pointers[1:]))
+            if not shared and nbytes and isinstance(local_g, _Rows):
+                # the rows' values and indices are read while the others are written (a
+                # sparse tensor may be built on a view of the parameter)
+                written = _spans_of(local_p, local_g, state or {}, slots)
+                read = [_span(t) for t in (local_g.values, local_g.indices) if t.numel()]
+                shared = any(r0 < w1 and w0 < r1 for r0, r1 in read for w0, w1 in written)
+            if shared:
+                raise ValueError(f"{self._where(index, group, i)}: its gradient or a state "
+                                 "buffer shares memory with the parameter or another buffer")
             members.append((p, local_p, local_g, state))
         return hp, members
 
@@ -760,6 +762,20 @@ class _Rows:
 
 
 _NO_ROWS = torch.zeros(1, dtype=torch.int64)
+
+
+def _check_sparse_indices(g, where):
+    """Every index of a sparse COO gradient within its dimension (torch builds one without
+    checking; the kernels would refuse an out-of-range row only after earlier groups and the
+    step counters moved, and see only the flat row that several sparse dimensions make)."""
+    indices = g._indices()
+    if not indices.numel():
+        return
+    lows, highs = torch.aminmax(indices, dim=1)
+    for dim, (low, high, size) in enumerate(zip(lows.tolist(), highs.tolist(), g.shape)):
+        if low < 0 or high >= size:
+            raise ValueError(f"{where}: its sparse gradient has index {low if low < 0 else high}, "
+                             f"out of bounds for dimension {dim} with size {size}")
 
 
 def _gather_counters(states, names):
