@@ -24,9 +24,11 @@ get_optimizer_state_dict / set_optimizer_state_dict work (examples/fsdp2_train.p
 
 A step validates every group's hyperparameters, every gradient and every state buffer before it
 changes any parameter, state buffer or step counter; the error names the group and the field,
-in torch's wording where torch has one.  fastopt's ranges are torch's, finite, and, where the
-kernels need it, narrower: Adadelta's rho and RMSprop's alpha in [0, 1), SGD's dampening in
-[0, 1].
+in torch's wording where torch has one.  A parameter listed twice (in one group, which
+torch.optim allows with a warning and then updates twice per step, or in two) is refused at
+the step with a ValueError: its copies would share one state and race in one C call.
+fastopt's ranges are torch's, finite, and, where the kernels need it, narrower: Adadelta's rho
+and RMSprop's alpha in [0, 1), SGD's dampening in [0, 1].
 
 Threads: each optimizer serializes step(), state_dict(), load_state_dict(), add_param_group()
 and zero_grad() with its own re-entrant lock, so threads sharing one optimizer lose no update,
@@ -301,11 +303,11 @@ class _Fastopt:
                 # everything is validated before anything changes
                 work = [self._prepare_group(index, group)
                         for index, group in enumerate(self.param_groups)]
+                indices = self._parameter_indices()
                 entry = self.state.get(_STORAGE_KEY)
                 if entry is not None:
                     entry["step"] += 1  # keys this step's stochastic rounding
-                self._indices = {id(p): k for k, p in enumerate(
-                    p for g in self.param_groups for p in g["params"])}
+                self._indices = indices
                 for hp, members in work:
                     if members:
                         self._step_group(hp, members, multiplier)
@@ -441,6 +443,23 @@ class _Fastopt:
 
     def _check_combination(self, index, hp):
         pass
+
+    def _parameter_indices(self):
+        """{id(p): p's position among every group's parameters}, refusing a parameter listed
+        twice: one C call would update both copies from the same state, racing across threads
+        (torch.optim, after a warning, updates it twice in turn)."""
+        indices, first_seen = {}, {}
+        for index, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                seen = first_seen.setdefault(id(p), (index, i))
+                if seen != (index, i):
+                    raise ValueError(
+                        f"{self._where(index, group, i)} is also parameter {seen[1]} of param "
+                        f"group {seen[0]}: a parameter appears more than once in "
+                        f"param_groups; {type(self).__name__} updates each parameter once per "
+                        "step and refuses a repeated one")
+                indices[id(p)] = len(indices)
+        return indices
 
     def _where(self, index, group, i):
         return f"{type(self).__name__}: param group {index}, {_param_name(group, i)}"

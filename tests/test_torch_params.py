@@ -299,6 +299,36 @@ def test_bad_gradient_in_a_later_group_changes_nothing(name, case):
     assert_torch_unchanged(before, torch_snapshot(opt))
 
 
+def test_parameter_listed_twice_is_refused_before_anything_changes():
+    """torch.optim warns at construction and then updates a repeated parameter twice per
+    step; fastopt.torch warns alike and refuses the step (one C call would update both copies
+    from one state), in one group or across groups, before and after a planned step."""
+    p = torch.zeros(3, requires_grad=True)
+    for cls in (torch.optim.Adam, ft.Adam):
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            opt = cls([p, p], lr=0.1)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"param group 0, parameter 1 is also parameter 0 of "
+                                         r"param group 0: a parameter appears more than once"):
+        opt.step()
+    assert torch.equal(p, torch.zeros(3)) and not opt.state.get(p)
+
+    opt, a, b = two_group_optimizer("Adam")
+    opt.step()  # (a planned step)
+    for group, repeated, message in ((0, a, "param group 0, parameter 1 is also parameter 0 of "
+                                            "param group 0"),
+                                     (1, a, "param group 1, parameter 1 is also parameter 0 of "
+                                            "param group 0")):
+        opt.param_groups[group]["params"].append(repeated)
+        before = torch_snapshot(opt)
+        with pytest.raises(ValueError, match=message):
+            opt.step()
+        assert_torch_unchanged(before, torch_snapshot(opt))
+        opt.param_groups[group]["params"].pop()
+    opt.step()
+    assert int(opt.state[a]["step"]) == int(opt.state[b]["step"]) == 3
+
+
 def test_corrupt_state_buffer_is_caught_at_load_and_at_step():
     opt, a, b = two_group_optimizer("Adam")
     saved = opt.state_dict()
