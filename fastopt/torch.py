@@ -40,6 +40,7 @@ under the lock (torch returns the live buffers, which a later step changes, and 
 optimizer that loads them would share), so a checkpoint taken while another thread steps is all
 of one step; the copy costs the state's memory once more while the dict is alive.
 """
+import array
 import math
 import threading
 from numbers import Real
@@ -1207,9 +1208,18 @@ class Rprop(_Fastopt, torch.optim.Rprop):
 
 
 def _asgd_next(hp, t):
-    """torch's eta and mu for the step after step t (computed with this step's lr)."""
+    """torch's eta and mu for the step after step t (computed with this step's lr), rounded as
+    torch rounds them: it makes each a tensor of the default dtype (torch.as_tensor of a
+    Python float) before copying it into the state, which is float64 after a load_state_dict
+    onto float64 parameters."""
     lr = hp["lr"]
-    return lr / ((1 + hp["lambd"] * lr * t) ** hp["alpha"]), 1 / max(1, t - hp["t0"])
+    values = lr / ((1 + hp["lambd"] * lr * t) ** hp["alpha"]), 1 / max(1, t - hp["t0"])
+    code = _ARRAY_CODES.get(torch.get_default_dtype())
+    return array.array(code, values).tolist() if code else torch.tensor(values).tolist()
+
+
+# array.array rounds to float32 as torch.tensor does (to nearest, inf past the range), 10x faster
+_ARRAY_CODES = {torch.float32: "f", torch.float64: "d"}
 
 
 class ASGD(_Fastopt, torch.optim.ASGD):
