@@ -24,9 +24,11 @@ get_optimizer_state_dict / set_optimizer_state_dict work (examples/fsdp2_train.p
 
 A step validates every group's hyperparameters, every gradient and every state buffer before it
 changes any parameter, state buffer or step counter; the error names the group and the field,
-in torch's wording where torch has one.  fastopt's ranges are torch's, finite, and, where the
-kernels need it, narrower: Adadelta's rho and RMSprop's alpha in [0, 1), SGD's dampening in
-[0, 1].
+in torch's wording where torch has one.  A parameter listed twice (in one group, which
+torch.optim allows with a warning and then updates twice per step, or in two) is refused at
+the step with a ValueError: its copies would share one state and race in one C call.
+fastopt's ranges are torch's, finite, and, where the kernels need it, narrower: Adadelta's rho
+and RMSprop's alpha in [0, 1), SGD's dampening in [0, 1].
 
 Threads: each optimizer serializes step(), state_dict(), load_state_dict(), add_param_group()
 and zero_grad() with its own re-entrant lock, so threads sharing one optimizer lose no update,
@@ -38,6 +40,7 @@ under the lock (torch returns the live buffers, which a later step changes, and 
 optimizer that loads them would share), so a checkpoint taken while another thread steps is all
 of one step; the copy costs the state's memory once more while the dict is alive.
 """
+import array
 import math
 import threading
 from numbers import Real
@@ -301,19 +304,21 @@ class _Fastopt:
                 # everything is validated before anything changes
                 work = [self._prepare_group(index, group)
                         for index, group in enumerate(self.param_groups)]
+                indices = self._parameter_indices()
                 entry = self.state.get(_STORAGE_KEY)
                 if entry is not None:
                     entry["step"] += 1  # keys this step's stochastic rounding
-                self._indices = {id(p): k for k, p in enumerate(
-                    p for g in self.param_groups for p in g["params"])}
+                self._indices = indices
                 for hp, members in work:
                     if members:
                         self._step_group(hp, members, multiplier)
                 # a step with rows takes this validating path every time (no plan to build),
-                # and so does one with bfloat16 storage or master weights
-                rows = any(isinstance(m[2], _Rows) for _, members in work for m in members)
-                self._plan = None if rows or entry is not None else \
-                    self._make_plan([hp for hp, _ in work])
+                # and so does one with bfloat16 storage, master weights or bfloat16 gradients
+                # (a plan's tables read gradients in their parameter's dtype)
+                stored_as_is = entry is not None or any(
+                    isinstance(g, _Rows) or g.dtype == torch.bfloat16
+                    for _, members in work for _, _, g, _ in members)
+                self._plan = None if stored_as_is else self._make_plan([hp for hp, _ in work])
                 self.total_norm = total_norm
                 return loss
             finally:
@@ -445,6 +450,23 @@ class _Fastopt:
     def _check_combination(self, index, hp):
         pass
 
+    def _parameter_indices(self):
+        """{id(p): p's position among every group's parameters}, refusing a parameter listed
+        twice: one C call would update both copies from the same state, racing across threads
+        (torch.optim, after a warning, updates it twice in turn)."""
+        indices, first_seen = {}, {}
+        for index, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                seen = first_seen.setdefault(id(p), (index, i))
+                if seen != (index, i):
+                    raise ValueError(
+                        f"{self._where(index, group, i)} is also parameter {seen[1]} of param "
+                        f"group {seen[0]}: a parameter appears more than once in "
+                        f"param_groups; {type(self).__name__} updates each parameter once per "
+                        "step and refuses a repeated one")
+                indices[id(p)] = len(indices)
+        return indices
+
     def _where(self, index, group, i):
         return f"{type(self).__name__}: param group {index}, {_param_name(group, i)}"
 
@@ -537,6 +559,7 @@ class _Fastopt:
                                     f"{g.sparse_dim()} sparse dimensions; {type(self).__name__}'s "
                                     "rows are along dim 0 (one sparse dimension: "
                                     "grad.to_sparse(1), as nn.Embedding(sparse=True) gives)")
+                _check_sparse_indices(g, self._where(index, group, i))
                 local_g = _Rows.of(g) if self.sparse_grads(hp) == "rows" else g.to_dense()
             else:
                 local_g = _local_like(g, local_p, TypeError,
@@ -556,18 +579,19 @@ class _Fastopt:
                                      or self.kernel in _SHAPED_STATE_KERNELS):
                 # storage of several sizes, or state of its own shapes: compare spans
                 spans = sorted(_spans_of(local_p, local_g, state, slots))
-                for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
-                    if b0 < a1:
-                        raise ValueError(f"{self._where(index, group, i)}: its gradient or a "
-                                         "state buffer shares memory with the parameter or "
-                                         "another buffer")
-            elif nbytes:
+                shared = any(b0 < a1 for (a0, a1), (b0, b1) in zip(spans, spans[1:]))
+            else:
                 pointers.sort()
-                for a, b in zip(pointers, pointers[1:]):
-                    if b - a < nbytes:
-                        raise ValueError(f"{self._where(index, group, i)}: its gradient or a "
-                                         "state buffer shares memory with the parameter or "
-                                         "another buffer")
+                shared = any(b - a < nbytes for a, b in zip(pointers, pointers[1:]))
+            if not shared and nbytes and isinstance(local_g, _Rows):
+                # the rows' values and indices are read while the others are written (a
+                # sparse tensor may be built on a view of the parameter)
+                written = _spans_of(local_p, local_g, state or {}, slots)
+                read = [_span(t) for t in (local_g.values, local_g.indices) if t.numel()]
+                shared = any(r0 < w1 and w0 < r1 for r0, r1 in read for w0, w1 in written)
+            if shared:
+                raise ValueError(f"{self._where(index, group, i)}: its gradient or a state "
+                                 "buffer shares memory with the parameter or another buffer")
             members.append((p, local_p, local_g, state))
         return hp, members
 
@@ -700,15 +724,22 @@ class _Fastopt:
                       for b in buffers]
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, *_ in batch]
         rows = [g.address() if isinstance(g, _Rows) else self.dense_rows(p) for p, g, *_ in batch]
+        p0, g0, s0, _ = batch[0]
+        g0 = g0.values if isinstance(g0, _Rows) else g0
         entry = self.state.get(_STORAGE_KEY)
-        if entry is None:
+        if entry is None and _KERNEL_DTYPES[g0.dtype] == dtype:
             _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
                                    sizes, kernel_args, rows, multiplier)
         else:
-            p0, g0, s0, _ = batch[0]
-            g0 = g0.values if isinstance(g0, _Rows) else g0
-            dtypes = [_FO_DTYPE[_KERNEL_DTYPES[p0.dtype]], _FO_DTYPE[g0.dtype]]
-            dtypes += [None if name is None else _FO_DTYPE[s0[name].dtype] for name in slots]
+            if entry is None:
+                # a bfloat16 gradient of a float32 parameter (torch's p.grad_dtype = None)
+                # without storage options: the kernels read it as stored and write nothing in
+                # bfloat16, so the default rounding and seed are never used
+                entry = dict(storage.DEFAULTS, step=0)
+            # (complex tensors go in as their real parts' dtype)
+            dtypes = [_FO_DTYPE[_KERNEL_DTYPES[t.dtype]] for t in (p0, g0)]
+            dtypes += [None if name is None else _FO_DTYPE[_KERNEL_DTYPES[s0[name].dtype]]
+                       for name in slots]
             masters = None
             if entry["master_weights"]:
                 masters = [_local(s["master"]).data_ptr() for _, _, s, _ in batch]
@@ -756,6 +787,20 @@ class _Rows:
 
 
 _NO_ROWS = torch.zeros(1, dtype=torch.int64)
+
+
+def _check_sparse_indices(g, where):
+    """Every index of a sparse COO gradient within its dimension (torch builds one without
+    checking; the kernels would refuse an out-of-range row only after earlier groups and the
+    step counters moved, and see only the flat row that several sparse dimensions make)."""
+    indices = g._indices()
+    if not indices.numel():
+        return
+    lows, highs = torch.aminmax(indices, dim=1)
+    for dim, (low, high, size) in enumerate(zip(lows.tolist(), highs.tolist(), g.shape)):
+        if low < 0 or high >= size:
+            raise ValueError(f"{where}: its sparse gradient has index {low if low < 0 else high}, "
+                             f"out of bounds for dimension {dim} with size {size}")
 
 
 def _gather_counters(states, names):
@@ -1169,9 +1214,18 @@ class Rprop(_Fastopt, torch.optim.Rprop):
 
 
 def _asgd_next(hp, t):
-    """torch's eta and mu for the step after step t (computed with this step's lr)."""
+    """torch's eta and mu for the step after step t (computed with this step's lr), rounded as
+    torch rounds them: it makes each a tensor of the default dtype (torch.as_tensor of a
+    Python float) before copying it into the state, which is float64 after a load_state_dict
+    onto float64 parameters."""
     lr = hp["lr"]
-    return lr / ((1 + hp["lambd"] * lr * t) ** hp["alpha"]), 1 / max(1, t - hp["t0"])
+    values = lr / ((1 + hp["lambd"] * lr * t) ** hp["alpha"]), 1 / max(1, t - hp["t0"])
+    code = _ARRAY_CODES.get(torch.get_default_dtype())
+    return array.array(code, values).tolist() if code else torch.tensor(values).tolist()
+
+
+# array.array rounds to float32 as torch.tensor does (to nearest, inf past the range), 10x faster
+_ARRAY_CODES = {torch.float32: "f", torch.float64: "d"}
 
 
 class ASGD(_Fastopt, torch.optim.ASGD):

@@ -119,6 +119,32 @@ def assert_same_snapshot(a, b):
     assert groups_a == groups_b
 
 
+def torch_snapshot(opt):
+    """Copies of every parameter, state tensor and step counter of a torch optimizer, in group
+    order."""
+    import torch
+    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    state = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+             for g in opt.param_groups for p in g["params"] if p in opt.state]
+    return params, state
+
+
+def assert_torch_unchanged(before, after):
+    import torch
+    params_a, state_a = before
+    params_b, state_b = after
+    assert len(params_a) == len(params_b) and len(state_a) == len(state_b)
+    for a, b in zip(params_a, params_b):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b in zip(state_a, state_b):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], torch.Tensor):
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+            else:
+                assert a[k] == b[k], k
+
+
 def continue_from_checkpoint(a, b, via_file, folder):
     """b takes a's parameters' values and a's checkpoint: through a file in `folder`
     (save/load) or through state_dict/load_state_dict."""

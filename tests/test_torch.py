@@ -338,6 +338,38 @@ def test_classes_torch_lacks_match_the_reference(name, hp, dtype):
     assert state[1]["step"].item() == 60 - len([s for s in range(60) if s % 7 == 3])
 
 
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+def test_asgd_eta_and_mu_are_rounded_as_torchs(default_dtype):
+    """torch makes the next eta and mu tensors of the default dtype before copying them into
+    the state, so a float64 state (load_state_dict onto float64 parameters casts it) holds
+    float32 values under the usual default: the same bits here, planned steps included."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        gen = torch.Generator().manual_seed(6)
+        init = torch.randn(50, dtype=torch.float64, generator=gen)
+        params = [init.clone().requires_grad_() for _ in range(2)]
+        hp = dict(lr=5e-2, lambd=1e-2, alpha=0.5, t0=2)
+        opts = [ft.ASGD([params[0]], **hp), torch.optim.ASGD([params[1]], **hp)]
+        for step in range(6):
+            g = torch.randn(50, dtype=torch.float64, generator=gen)
+            for p, opt in zip(params, opts):
+                p.grad = g.clone()
+                opt.step()
+                if step == 0:
+                    opt.load_state_dict(opt.state_dict())
+            ours, theirs = (opt.state[p] for p, opt in zip(params, opts))
+            assert ours["eta"].dtype == theirs["eta"].dtype == torch.float64
+            for name in ("eta", "mu", "step"):
+                assert torch.equal(ours[name], theirs[name]), name
+            # (the updates themselves round apart in the last bits: torch's separate ops,
+            # FMAs in C)
+            torch.testing.assert_close(params[0], params[1], rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(ours["ax"], theirs["ax"], rtol=1e-12, atol=1e-15)
+    finally:
+        torch.set_default_dtype(before)
+
+
 def test_lion_sign_of_zero_is_zero():
     p = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
     p.grad = torch.tensor([0.0, 0.5, -0.5], dtype=torch.float64)
@@ -345,7 +377,7 @@ def test_lion_sign_of_zero_is_zero():
     opt.step()  # m = 0, c = (1 - b1) g: the zero gradient moves only by the decay
     expected = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64) * (1 - 0.1 * 0.5) \
         - 0.1 * torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
-    torch.testing.assert_close(p.detach(), expected, rtol=1e-15, atol=0)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-15)
 
 
 def test_lion_checks_and_checkpoints():

@@ -126,3 +126,59 @@ def test_refused_combinations():
     with pytest.raises(TypeError, match="gradient"):
         opt.step()
     assert torch.equal(p64, torch.zeros(4, dtype=torch.float64)) and not opt.state.get(p64)
+
+
+
+@pytest.mark.parametrize("cls,hp", CLASSES + [(ft.SGD, dict(lr=0.1))],
+                         ids=[c.__name__ for c, _ in CLASSES] + ["SGD-plain"])
+def test_bfloat16_gradient_of_a_float32_parameter_without_storage_options(cls, hp):
+    """torch lets a float32 parameter hold a bfloat16 gradient (p.grad_dtype = None): the
+    kernels read it as bfloat16 (exact in float32), so every step, the planned ones included,
+    is bit for bit the step on that gradient made float32, and torch's to float32 precision
+    (torch's own Adam refuses the mix); beside it a float32 gradient in the same group."""
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(n, generator=gen) for n in (40, 7)]
+    ours, widened, theirs = ([t.clone().requires_grad_() for t in init] for _ in range(3))
+    ours[0].grad_dtype = None
+    opt, opt_widened = cls(ours, **hp), cls(widened, **hp)
+    ref = getattr(torch.optim, cls.__name__)(theirs, **hp)
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=gen) for p in ours]
+        ours[0].grad, ours[1].grad = grads[0].to(BF16), grads[1]
+        for params in (widened, theirs):
+            params[0].grad, params[1].grad = grads[0].to(BF16).float(), grads[1].clone()
+        for o in (opt, opt_widened, ref):
+            o.step()
+        for p, w, q in zip(ours, widened, theirs):
+            assert torch.equal(p, w)
+            torch.testing.assert_close(p, q)
+            for name, value in opt_widened.state[w].items():
+                assert torch.equal(opt.state[p][name], value), name
+    assert "fastopt_storage" not in opt.state
+    if hp == dict(lr=0.1):  # torch's plain SGD takes the bfloat16 gradient itself
+        theirs[0].grad_dtype = None
+        theirs[0].grad = ours[0].grad.clone()
+        ours[1].grad = theirs[1].grad = None
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(ours[0], theirs[0])
+
+
+@pytest.mark.parametrize("options", [dict(seed=3), dict(state_dtype="float32"),
+                                     dict(rounding="nearest")])
+def test_complex_parameter_with_storage_options(options):
+    """Storage options that a complex parameter admits (its state stays complex) change
+    nothing in its step: bit for bit the step without them, and torch's to float32 precision."""
+    gen = torch.Generator().manual_seed(4)
+    init = torch.randn(6, dtype=torch.complex64, generator=gen)
+    ours, plain, theirs = (init.clone().requires_grad_() for _ in range(3))
+    opts = [ft.Adam([ours], lr=0.1, **options), ft.Adam([plain], lr=0.1),
+            torch.optim.Adam([theirs], lr=0.1)]
+    for _ in range(3):
+        g = torch.randn(6, dtype=torch.complex64, generator=gen)
+        for p in (ours, plain, theirs):
+            p.grad = g.clone()
+        for o in opts:
+            o.step()
+        assert torch.equal(ours, plain)
+        torch.testing.assert_close(ours, theirs)

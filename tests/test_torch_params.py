@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
+from conftest import assert_torch_unchanged, torch_snapshot  # noqa: E402
 
 
 def model():
@@ -215,29 +216,6 @@ def test_state_dict_is_a_snapshot():
 
 # ---- validation before anything changes ------------------------------------------------------
 
-def snapshot(opt):
-    """Copies of every parameter, state tensor and step counter, in group order."""
-    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
-    state = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
-             for g in opt.param_groups for p in g["params"] if p in opt.state]
-    return params, state
-
-
-def assert_unchanged(before, after):
-    params_a, state_a = before
-    params_b, state_b = after
-    assert len(params_a) == len(params_b) and len(state_a) == len(state_b)
-    for a, b in zip(params_a, params_b):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-    for a, b in zip(state_a, state_b):
-        assert a.keys() == b.keys()
-        for k in a:
-            if isinstance(a[k], torch.Tensor):
-                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-            else:
-                assert a[k] == b[k], k
-
-
 def two_group_optimizer(name, **hp):
     a = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)).requires_grad_()
     b = torch.randn(4, generator=torch.Generator().manual_seed(2)).requires_grad_()
@@ -275,11 +253,11 @@ BAD_HYPERPARAMETERS = [
                          ids=[f"{c[0]}-{c[2]}={c[3]!r}" for c in BAD_HYPERPARAMETERS])
 def test_bad_hyperparameter_in_a_later_group_changes_nothing(name, hp, key, value, error, message):
     opt, a, b = two_group_optimizer(name, **hp)
-    before = snapshot(opt)
+    before = torch_snapshot(opt)
     opt.param_groups[1][key] = value  # as a scheduler or a user would, after construction
     with pytest.raises(error, match=message):
         opt.step()
-    assert_unchanged(before, snapshot(opt))
+    assert_torch_unchanged(before, torch_snapshot(opt))
 
 
 def test_torchs_wording_for_a_nan_lr():
@@ -311,32 +289,62 @@ BAD_GRADIENTS = {
     if not (case == "sparse" and name in ("SGD", "Adagrad"))])
 def test_bad_gradient_in_a_later_group_changes_nothing(name, case):
     opt, a, b = two_group_optimizer(name, **(dict(lr=0.1, momentum=0.9) if name == "SGD" else {}))
-    before = snapshot(opt)
+    before = torch_snapshot(opt)
     spoil, error, message = BAD_GRADIENTS[case]
     spoil(b)
     with pytest.raises(error, match=f"param group 1, parameter 0.*{message}"):
         opt.step()
     if case in ("dtype", "shape"):
         before[0][1] = b.detach().clone()  # the test itself replaced b's data
-    assert_unchanged(before, snapshot(opt))
+    assert_torch_unchanged(before, torch_snapshot(opt))
+
+
+def test_parameter_listed_twice_is_refused_before_anything_changes():
+    """torch.optim warns at construction and then updates a repeated parameter twice per
+    step; fastopt.torch warns alike and refuses the step (one C call would update both copies
+    from one state), in one group or across groups, before and after a planned step."""
+    p = torch.zeros(3, requires_grad=True)
+    for cls in (torch.optim.Adam, ft.Adam):
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            opt = cls([p, p], lr=0.1)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"param group 0, parameter 1 is also parameter 0 of "
+                                         r"param group 0: a parameter appears more than once"):
+        opt.step()
+    assert torch.equal(p, torch.zeros(3)) and not opt.state.get(p)
+
+    opt, a, b = two_group_optimizer("Adam")
+    opt.step()  # (a planned step)
+    for group, repeated, message in ((0, a, "param group 0, parameter 1 is also parameter 0 of "
+                                            "param group 0"),
+                                     (1, a, "param group 1, parameter 1 is also parameter 0 of "
+                                            "param group 0")):
+        opt.param_groups[group]["params"].append(repeated)
+        before = torch_snapshot(opt)
+        with pytest.raises(ValueError, match=message):
+            opt.step()
+        assert_torch_unchanged(before, torch_snapshot(opt))
+        opt.param_groups[group]["params"].pop()
+    opt.step()
+    assert int(opt.state[a]["step"]) == int(opt.state[b]["step"]) == 3
 
 
 def test_corrupt_state_buffer_is_caught_at_load_and_at_step():
     opt, a, b = two_group_optimizer("Adam")
     saved = opt.state_dict()
     saved["state"][1]["exp_avg"] = torch.zeros(3)  # wrong shape: a kernel would run off its end
-    before = snapshot(opt)
+    before = torch_snapshot(opt)
     groups = opt.param_groups
     with pytest.raises(ValueError, match=r"param group 1, parameter 0: state 'exp_avg'.*shape \(3,\)"):
         opt.load_state_dict(saved)
     assert opt.param_groups is groups
-    assert_unchanged(before, snapshot(opt))
+    assert_torch_unchanged(before, torch_snapshot(opt))
     good = opt.state[b]["exp_avg_sq"]
     opt.state[b]["exp_avg_sq"] = torch.zeros(4, dtype=torch.float64)  # changed by hand
     with pytest.raises(ValueError, match=r"param group 1, parameter 0: state 'exp_avg_sq'.*float64"):
         opt.step()
     opt.state[b]["exp_avg_sq"] = good
-    assert_unchanged(before, snapshot(opt))
+    assert_torch_unchanged(before, torch_snapshot(opt))
 
 
 def test_named_parameter_is_named_in_errors():

@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
+from conftest import assert_torch_unchanged, torch_snapshot  # noqa: E402
 
 STEPS = 60
 
@@ -140,3 +141,54 @@ def test_several_sparse_dimensions_and_a_mixed_model():
     torch.testing.assert_close(pa, qa)
     torch.testing.assert_close(pb, qb)
     assert np.count_nonzero((pa != a).numpy()) == 2
+
+
+def _rows_of_a(a):
+    return torch.sparse_coo_tensor([[0, 3]], torch.ones(2, 2), a.shape)
+
+
+BAD_SPARSE_GRADIENTS = {  # a's gradient (a: 4 x 2) -> the error's wording
+    "row past the end": (lambda a: torch.sparse_coo_tensor([[0, 7]], torch.ones(2, 2), a.shape),
+                         "has index 7, out of bounds for dimension 0 with size 4"),
+    "negative row": (lambda a: torch.sparse_coo_tensor([[-1]], torch.ones(1, 2), a.shape),
+                     "has index -1, out of bounds for dimension 0 with size 4"),
+    # (1, 2) as a flat row is in range: each dimension is checked on its own
+    "column past the end": (lambda a: torch.sparse_coo_tensor([[0], [2]], torch.ones(1), a.shape),
+                            "has index 2, out of bounds for dimension 1 with size 2"),
+    "values on the parameter": (
+        lambda a: torch.sparse_coo_tensor([[0]], a.detach()[1:2], a.shape),
+        "its gradient or a state buffer shares memory"),
+}
+SPARSE_OPTIMIZERS = {"Adagrad": dict(lr=0.1), "SGD": dict(lr=0.1),
+                     "SGD-momentum": dict(lr=0.1, momentum=0.9), "SparseAdam": dict(lr=0.1),
+                     "RowwiseAdagrad": dict(lr=0.1)}
+
+
+@pytest.mark.parametrize("case", BAD_SPARSE_GRADIENTS)
+@pytest.mark.parametrize("name", SPARSE_OPTIMIZERS)
+def test_bad_sparse_gradient_in_a_later_group_changes_nothing(name, case):
+    """Indices out of range and values that alias the parameter are refused before any group
+    runs or any counter moves (the kernels would refuse them only in their own group)."""
+    make_grad, message = BAD_SPARSE_GRADIENTS[case]
+    if name == "RowwiseAdagrad" and case == "column past the end":
+        pytest.skip("its sparse gradients have one sparse dimension (refused as such)")
+    if name == "SGD-momentum" and case == "values on the parameter":
+        pytest.skip("its sparse gradient is made dense, a copy, before the update (as torch's)")
+    gen = torch.Generator().manual_seed(5)
+    b = torch.randn(3, generator=gen).requires_grad_()  # group 0
+    a = torch.randn(4, 2, generator=gen).requires_grad_()  # group 1
+    opt = getattr(ft, name.split("-")[0])([{"params": [b]}, {"params": [a]}],
+                                          **SPARSE_OPTIMIZERS[name])
+    def b_grad():  # (SparseAdam takes sparse gradients only)
+        return torch.ones(3).to_sparse() if name == "SparseAdam" else torch.ones(3)
+    b.grad, a.grad = b_grad(), _rows_of_a(a)
+    opt.step()
+    before = torch_snapshot(opt)
+    b.grad, a.grad = b_grad(), make_grad(a)
+    with pytest.raises(ValueError, match=f"param group 1, parameter 0: .*{message}"):
+        opt.step()
+    assert_torch_unchanged(before, torch_snapshot(opt))
+    a.grad = _rows_of_a(a)  # the next good step counts as the second
+    opt.step()
+    if "step" in opt.state[a]:
+        assert int(opt.state[a]["step"]) == 2
