@@ -197,10 +197,9 @@ def flag(name, x):
     return bool(x)
 
 
-# The largest step count a state may hold (loaded, given to fastopt.functional, or checked
-# before a step): the rules compute with t in double, exact up to 2**53, and from there the
-# engine's int64 t + 1 is 2**63 - 2**53 steps away from overflowing.
-MAX_STEP = 2 ** 53
+# the largest step count a state may hold (loaded, given to fastopt.functional, or checked
+# before a step): the engine's, where its reason is
+MAX_STEP = _kernels.MAX_STEP
 
 
 def step_count(name, x):

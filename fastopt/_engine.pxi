@@ -697,8 +697,9 @@ cdef class Plan:
                     memcpy(old.storage, saved, sizeof(saved))
                     return 0
                 value = <object>item
-                if type(value) is not float and (type(value) is bool or not isinstance(value, numbers.Real)):
-                    memcpy(old.storage, saved, sizeof(saved))
+                if type(value) is not float and (type(value) is bool or not isinstance(value, numbers.Real)
+                                                 or not -1e308 < value < 1e308):
+                    memcpy(old.storage, saved, sizeof(saved))  # (10**400: no double)
                     return 0
                 (<double *>(<char *>old.storage + <Py_ssize_t>offsets[key]))[0] = value
             if fo_check(old.rule.id, old.data(), &new_uses, NULL) != FO_OK or new_uses != uses \
@@ -864,6 +865,13 @@ cdef tuple _span(cnp.ndarray a):
     return (start, start + <size_t>cnp.PyArray_NBYTES(a))
 
 
+# The largest step count a state may hold (loaded, given to fastopt.functional, or checked
+# before a step): the rules compute with t in
+# double, exact up to 2**53, and from there the engine's int64 t + 1 is 2**63 - 2**53 steps
+# away from overflowing.
+MAX_STEP = 2 ** 53
+
+
 def run_single(CRule rule, Hyper hyper, type state_type, object param, object grad,
                object state):
     """One tensor's step (fastopt.functional), if param, grad and state are all plain and
@@ -882,7 +890,7 @@ def run_single(CRule rule, Hyper hyper, type state_type, object param, object gr
     if type(state) is not state_type:
         return False
     step = state.step
-    if type(step) is not int or step < 0:
+    if type(step) is not int or step < 0 or step > MAX_STEP:
         return False
     cdef void *addr[8]
     cdef void **ptrs[8]
@@ -1377,15 +1385,15 @@ cdef class ObjectPlan:
         # every gradient fits: this is the step.  The counters advance and every table's
         # values are made first; with several tables each is checked before any runs, and a
         # refused one (a step-dependent value) puts the counters back as the last step left them
-        runs = []
-        for gi in range(len(self.groups)):
-            hp = self.hps[gi]
-            for table in self.groups[gi][5]:
-                step = front.advance_planned(hp, table.states, table.counters, table.step)
-                runs.append((table, hp, step,
-                             Hyper(self.rule, front.kernel_args(hp, step, table.states[0]))))
+        runs, tables = [], [table for g in self.groups for table in g[5]]
         cdef Py_ssize_t i, done = 0
         try:
+            for gi in range(len(self.groups)):
+                hp = self.hps[gi]
+                for table in self.groups[gi][5]:
+                    step = front.advance_planned(hp, table.states, table.counters, table.step)
+                    runs.append((table, hp, step,
+                                 Hyper(self.rule, front.kernel_args(hp, step, table.states[0]))))
             if len(runs) > 1:
                 for table, _, _, hyper in runs:
                     (<Hyper>hyper).check()
@@ -1395,8 +1403,8 @@ cdef class ObjectPlan:
                 table.keep_counters()
                 done += 1
         except BaseException:
-            for i in range(done, len(runs)):  # (a table's C call refuses before it writes)
-                (<_Table>runs[i][0]).restore_counters()
+            for i in range(done, len(tables)):  # (a table's C call refuses before it writes)
+                (<_Table>tables[i]).restore_counters()
             raise
         self.mark_written(self.written)
         return True

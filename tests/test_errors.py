@@ -300,9 +300,6 @@ def test_hyperparameter_too_large_set_between_steps_changes_nothing():
     assert_same_snapshot(before, snapshot(opt))
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="the plan's direct path "
-                   "(fastopt/_engine.pxi, Plan._refresh_group) converts an int lr to double "
-                   "itself and lets OverflowError out; it should leave it to the full path")
 def test_hyperparameter_too_large_set_between_planned_steps():
     opt = trained(fastopt.Adam)
     opt.param_groups[0]["lr"] = HUGE
