@@ -376,6 +376,15 @@ FO_RULES(FO_TYPED_DECLARATIONS_)
 int fo_set_num_threads(int n); /* FO_ERR_HYPERPARAM unless 1 <= n <= 256 */
 int fo_get_num_threads(void);
 
+/* Runs another library's parallel regions on fastopt's threads: OpenBLAS's threads callback
+ * (openblas_set_threads_callback_function(fo_blas_threads), OpenBLAS >= 0.3.27), so a
+ * process that alternates matmuls and steps keeps one pool of threads, awake for both.  Runs
+ * dojob(i, (char *)jobdata + i * jobdata_stride, dojob_arg) for every i < numjobs, each job on
+ * its own thread (they may wait for each other), and returns when all are done. */
+typedef void (*fo_blas_job_fn)(int i, void *jobdata, int arg);
+void fo_blas_threads(int sync, fo_blas_job_fn dojob, int numjobs, size_t jobdata_stride,
+                     void *jobdata, int dojob_arg);
+
 /* The instruction set the loops were compiled for and chosen at first use: "baseline", "avx2"
  * or "avx512".  The environment variable FASTOPT_ISA caps it (read once): baseline, avx2,
  * avx512 or avx512bf16 (the default: everything the CPU has). */

@@ -81,6 +81,11 @@ typedef struct {
     pthread_t caller;
     double caller_done;    /* when the caller found nothing left to claim */
     atomic_int caller_cpu; /* where the caller ran its latest piece (-1: unknown) */
+    /* a gang (fo_blas_threads): `total` jobs of another library, one per claim, all at once */
+    fo_blas_job_fn gang;
+    char *gang_data;
+    size_t gang_stride;
+    int gang_arg;
 } job;
 
 static struct {
@@ -230,6 +235,17 @@ static void work(job *j, int is_caller)
     }
 }
 
+/* A gang's jobs, one per claim until none is left.  No thread hands its claim back (as work()
+ * does on the caller's core): a job may wait for the others, so each needs its own thread. */
+static void gang_work(job *j)
+{
+    for (;;) {
+        const size_t i = atomic_fetch_add(&j->cursor, 1);
+        if (i >= j->total) return;
+        j->gang((int)i, j->gang_data + i * j->gang_stride, j->gang_arg);
+    }
+}
+
 static void run_alone(const job *j)
 {
     for (size_t t = 0; t < j->count; t++)
@@ -342,7 +358,9 @@ static void *worker(void *arg)
 #ifdef __linux__
     pthread_setname_np(pthread_self(), "fastopt-worker");
 #endif
-    unsigned seen = atomic_load(&pool.generation);
+    /* one behind: a worker started for the job just posted (ensure_workers runs before the
+     * post) joins it at once rather than wait for the next */
+    unsigned seen = atomic_load(&pool.generation) - 1;
     for (;;) {
         /* only the workers the last job used spin; the others (after a lower thread count) sleep */
         if (id >= atomic_load(&pool.helpers) || !spin_for_job(seen)) {
@@ -358,7 +376,12 @@ static void *worker(void *arg)
          * closing the job, so a job seen here stays alive until this worker counts out */
         atomic_fetch_add(&pool.inside, 1);
         job *j = atomic_load(&pool.job);
-        if (j && atomic_fetch_sub(&j->slots, 1) > 0) work(j, 0);
+        if (j && atomic_fetch_sub(&j->slots, 1) > 0) {
+            if (j->gang)
+                gang_work(j);
+            else
+                work(j, 0);
+        }
         if (atomic_fetch_sub(&pool.inside, 1) == 1 && atomic_load(&pool.caller_sleeping)) {
             pthread_mutex_lock(&pool.lock);
             pthread_cond_signal(&pool.done);
@@ -384,6 +407,16 @@ static void reset_after_fork(void)
     for (int i = 0; i < FO_VERDICTS; i++) verdicts[i] = (verdict){0};
     gomp_forbidden = 1;
     gomp_parallel = NULL;
+}
+
+/* Under pool.lock. */
+static void register_atfork(void)
+{
+    static int registered;
+    if (!registered) {
+        pthread_atfork(NULL, NULL, reset_after_fork);
+        registered = 1;
+    }
 }
 
 /* Under pool.lock: make sure `want` workers exist; returns how many do. */
@@ -412,7 +445,10 @@ static void run_on_own_pool(job *j, int helpers)
     if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
 
-    work(j, 1);
+    if (j->gang)
+        gang_work(j);
+    else
+        work(j, 1);
     const double finished = j->caller_done = now();
     atomic_store(&pool.job, NULL); /* no worker joins from here on */
     /* a worker still in a piece: poll for about one short piece's time, then sleep, which
@@ -444,11 +480,7 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
         return;
     }
     pthread_mutex_lock(&pool.lock);
-    static int atfork_registered;
-    if (!atfork_registered) {
-        pthread_atfork(NULL, NULL, reset_after_fork);
-        atfork_registered = 1;
-    }
+    register_atfork();
     if (!n_threads) n_threads = default_threads();
     const size_t pieces = (j.total + FO_MAX_PIECE - 1) / FO_MAX_PIECE;
     const int threads = (size_t)n_threads < pieces ? n_threads : (int)pieces;
@@ -481,6 +513,49 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
     const double end = now();
     if (way == ALONE || gomp || helpers > 0) /* (the calling thread is always in the team) */
         record(v, way, &j, end - start, j.caller_done > 0 ? end - j.caller_done : 0);
+    pool.busy = 0;
+    pthread_mutex_unlock(&pool.lock);
+}
+
+/* ---- another library's parallel regions on this pool ------------------------------------ */
+
+/* OpenBLAS's threads callback (openblas_set_threads_callback_function, OpenBLAS 0.3.27 and
+ * later; fastopt.share_blas_threads() installs it).  A process that runs numpy's matmuls and
+ * then a fastopt step otherwise has two pools: OpenBLAS's workers spin for up to ~100 ms after
+ * a matmul and hold the cores our workers need.  With this, the matmuls run on our workers, so
+ * the step that follows finds them awake, and nothing else spins.  The numjobs jobs of a call
+ * may wait for each other (a level-3 call's do), so all run at once: the caller and numjobs - 1
+ * workers, one job each; a call that finds the pool busy (another thread's step or matmul)
+ * waits for it rather than run its jobs alone. */
+void fo_blas_threads(int sync, fo_blas_job_fn dojob, int numjobs, size_t jobdata_stride,
+                     void *jobdata, int dojob_arg)
+{
+    (void)sync; /* always waited for: the jobs' data is the caller's */
+    if (numjobs <= 0) return;
+    if (numjobs == 1) {
+        dojob(0, jobdata, dojob_arg);
+        return;
+    }
+    job j = {.total = (size_t)numjobs, .gang = dojob, .gang_data = jobdata,
+             .gang_stride = jobdata_stride, .gang_arg = dojob_arg};
+    pthread_mutex_lock(&pool.lock);
+    register_atfork();
+    while (pool.busy) {
+        pthread_mutex_unlock(&pool.lock);
+        sched_yield();
+        pthread_mutex_lock(&pool.lock);
+    }
+    pool.busy = 1;
+    const int helpers = ensure_workers(numjobs - 1);
+    j.caller = pthread_self();
+    atomic_store(&j.caller_cpu, -1);
+    if (helpers > 0) {
+        run_on_own_pool(&j, helpers); /* returns with the lock held */
+    } else { /* no thread could be started: one after the other is all there is */
+        pthread_mutex_unlock(&pool.lock);
+        gang_work(&j);
+        pthread_mutex_lock(&pool.lock);
+    }
     pool.busy = 0;
     pthread_mutex_unlock(&pool.lock);
 }

@@ -17,7 +17,7 @@ if _find_spec("fastopt._kernels") is None:  # a source tree without its built ex
         "place with `python setup.py build_ext --inplace`.")
 
 from fastopt import functional, init, optim, rules, schedules, state
-from fastopt.config import get_num_threads, isa, set_num_threads, show_config
+from fastopt.config import get_num_threads, isa, set_num_threads, share_blas_threads, show_config
 from fastopt._kernels import SparseGrad
 from fastopt.flat import FlatParams
 from fastopt.optim import Optimizer
@@ -32,7 +32,8 @@ globals().update({cls.__name__: cls for cls in RULE_CLASSES + STATE_CLASSES})
 
 __all__ = [cls.__name__ for cls in RULE_CLASSES + STATE_CLASSES] + [
     "Optimizer", "OptimizerState", "functional", "get_include", "get_sources", "init", "rules",
-    "FlatParams", "SparseGrad", "set_num_threads", "get_num_threads", "isa", "show_config",
+    "FlatParams", "SparseGrad", "set_num_threads", "get_num_threads", "share_blas_threads", "isa",
+    "show_config",
 ]
 
 

@@ -164,6 +164,9 @@ cdef extern from "fastopt.h" nogil:
 
     int fo_set_num_threads(int n)
     int fo_get_num_threads()
+    ctypedef void (*fo_blas_job_fn)(int i, void *jobdata, int arg)
+    void fo_blas_threads(int sync, fo_blas_job_fn dojob, int numjobs, size_t jobdata_stride,
+                         void *jobdata, int dojob_arg)
     const char *fo_isa()
     const char *fo_bf16_path()
     void fo_stream_f32(float *p, const float *g, float *m, float *v, size_t n)

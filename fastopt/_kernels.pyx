@@ -290,6 +290,11 @@ def get_num_threads():
     return fo_get_num_threads()
 
 
+def blas_threads_address():
+    """The address of fo_blas_threads, OpenBLAS's threads callback (config.share_blas_threads)."""
+    return <uintptr_t>&fo_blas_threads
+
+
 cdef extern from *:
     """
     #ifndef FO_BUILD_FLAGS

@@ -141,18 +141,26 @@ def numpy_loop_cases(threads, seed=0):
     inputs = (rng.standard_normal((MATMUL_N, MATMUL_N)) / MATMUL_N).astype(np.float32)
     init = [(rng.standard_normal((MATMUL_N, MATMUL_N)) * 0.02).astype(np.float32) for _ in range(2)]
 
+    # OpenBLAS's threads callback, switched per case (fastopt.share_blas_threads: the same
+    # setters, looked up once)
+    setters = [setter for _, setter in fastopt.config._loaded_openblas()]
+    shared_pool = fastopt._kernels.blas_threads_address()
+
     def make(kind):
         params = [w.copy() for w in init]
         grads = [np.empty_like(w) for w in init]
+        callback = shared_pool if kind == "shared" else None
 
         def matmuls():  # the gradients come out of BLAS right before the step
+            for setter in setters:
+                setter(callback)
             for w, g in zip(params, grads):
                 np.dot(inputs, w, out=g)
 
         if kind == "numpy":
             return matmuls, numpy_runner(IN_LOOP_RULE, params, grads)
         opt = getattr(fastopt, IN_LOOP_RULE)(params, lr=1e-4)
-        n = threads if kind == "many" else 1
+        n = 1 if kind == "one" else threads
 
         def step():
             fastopt.set_num_threads(n)
@@ -161,7 +169,12 @@ def numpy_loop_cases(threads, seed=0):
 
     cases = {f"fastopt {threads} threads": make("many"), "fastopt 1 thread": make("one"),
              "numpy": make("numpy")}
+    if setters:
+        cases[SHARED] = make("shared")
     return cases, 2 * MATMUL_N * MATMUL_N
+
+
+SHARED = "fastopt, shared BLAS"
 
 
 # ---- reporting ----
@@ -242,12 +255,20 @@ def run(threads=None, quick=False, pause=None, seed=0):
               f"inputs with each, then {IN_LOOP_RULE}; {rounds} interleaved iterations each; load average {_load()}")
         results["numpy"] = m = _measure(cases, rounds, pause)
         m["elements"] = n
-        _print_ratios(m, [
+        lines = [
             ("fastopt 1 thread", many, "step", f"step after matmuls, fastopt 1 thread / {threads} threads"),
             ("numpy", many, "step", f"step after matmuls, numpy / fastopt {threads} threads"),
-            ("fastopt 1 thread", many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")])
+            ("fastopt 1 thread", many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")]
+        if SHARED in cases:
+            lines += [
+                ("fastopt 1 thread", SHARED, "step",
+                 f"step after matmuls, fastopt 1 thread / {threads} threads with BLAS on fastopt's threads"),
+                ("fastopt 1 thread", SHARED, "iteration",
+                 f"whole iteration, fastopt 1 thread / {threads} threads with BLAS on fastopt's threads")]
+        _print_ratios(m, lines)
     finally:
         fastopt.set_num_threads(saved)
+        fastopt.share_blas_threads(False)
     print(flush=True)
     return results
 

@@ -23,6 +23,62 @@ def get_num_threads():
     return _kernels.get_num_threads()
 
 
+# OpenBLAS's setter of its threads callback, under the names its builds export (numpy's and
+# scipy's wheels prefix and suffix their symbols)
+_CALLBACK_SETTERS = [f"{prefix}openblas_set_threads_callback_function{suffix}"
+                     for prefix in ("", "scipy_") for suffix in ("", "64_", "_64")]
+
+
+def _loaded_openblas():
+    """[(path, setter)] for every OpenBLAS loaded in this process that takes a threads
+    callback (0.3.27 and later)."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            fields = [line.split(None, 5) for line in f]
+    except OSError:  # not Linux: nothing found
+        return []
+    paths = {f[5].strip() for f in fields if len(f) == 6}  # (anonymous mappings have none)
+    found = []
+    for path in sorted(p for p in paths if "openblas" in os.path.basename(p).lower()
+                       and ".so" in os.path.basename(p)):
+        try:
+            lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LOCAL)
+        except OSError:
+            continue
+        for name in _CALLBACK_SETTERS:
+            setter = getattr(lib, name, None)
+            if setter is not None:
+                setter.argtypes, setter.restype = [ctypes.c_void_p], None
+                found.append((path, setter))
+                break
+    return found
+
+
+def share_blas_threads(enable=True):
+    """Run the parallel parts of OpenBLAS (numpy's and scipy's matmuls) on fastopt's threads,
+    or (enable=False) hand them back to OpenBLAS's own.  Returns the paths of the OpenBLAS
+    libraries it set (those loaded now: import numpy, and scipy if it is used, first).
+
+    Why: in a loop of matmuls and optimizer steps, OpenBLAS's worker threads spin for up to
+    ~100 ms after each matmul and hold the cores that the step's second thread needs, so the
+    step runs at one-thread speed.  Shared, there is one pool: its workers are awake when the
+    step comes, and sleep 1 ms after the last job of either.  OpenBLAS still splits a matmul
+    into as many jobs as its own thread count (OPENBLAS_NUM_THREADS); each runs on its own
+    thread of the pool, which grows to that count.  A matmul that starts while another
+    thread's step or matmul runs on the pool waits for it.  Set it while no other thread is in
+    a BLAS call (OpenBLAS reads the callback without a lock).  A forked child keeps it, and
+    its pool starts afresh.  Needs OpenBLAS 0.3.27 or later (numpy 2.1+ wheels)."""
+    if type(enable) is not bool:
+        raise TypeError(f"enable must be True or False, got {enable!r}")
+    address = _kernels.blas_threads_address() if enable else None
+    done = []
+    for path, setter in _loaded_openblas():
+        setter(address)
+        done.append(path)
+    return done
+
+
 def isa():
     """The instruction set the kernels use: 'avx512', 'avx2' or 'baseline' (chosen at first use,
     capped by the environment variable FASTOPT_ISA)."""
