@@ -12,7 +12,11 @@ iteration, for every implementation in the same run:
   the default (foreach).
 - numpy loop: two 2048x2048 float32 weights whose gradients come out of an `np.dot` of
   2048x2048 inputs right before the step -- the same rule in fastopt with N threads, with 1
-  thread, and in plain in-place numpy.
+  thread, with N threads and the matmuls on fastopt's threads (fastopt.share_blas_threads,
+  where numpy's OpenBLAS takes a threads callback), and in plain in-place numpy.  That case
+  switches the callback on for its own matmuls only, and first waits 0.2 s (not timed) for
+  the OpenBLAS threads that the other cases' matmuls left spinning to fall asleep: a loop that
+  shares its threads has no such neighbours.
 
 Implementations alternate iteration by iteration (the order rotates every round), so drift on
 a shared machine hits all alike; times are medians, with the 25th-75th percentiles, and each
@@ -40,16 +44,18 @@ def _load():
 
 
 def time_in_loop(cases, rounds, pause_s=0.0):
-    """cases: {name: (before, step)}.  Every round runs each case's before() then step() once,
-    in an order that rotates every round.  Returns {name: {'before': [...], 'step': [...],
-    'iteration': [...]}} in seconds, one entry per round; `iteration` is before() + step() (a
-    pause between them is not counted)."""
+    """cases: {name: (before, step[, settle])}.  Every round runs each case's settle() (not
+    timed), before() and step() once, in an order that rotates every round.  Returns {name:
+    {'before': [...], 'step': [...], 'iteration': [...]}} in seconds, one entry per round;
+    `iteration` is before() + step() (a pause between them is not counted)."""
     names = list(cases)
     samples = {name: {"before": [], "step": [], "iteration": []} for name in names}
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            before, step = cases[name]
+            before, step, *settle = cases[name]
+            for prepare in settle:
+                prepare()
             t0 = time.perf_counter()
             before()
             t1 = time.perf_counter()
@@ -157,6 +163,11 @@ def numpy_loop_cases(threads, seed=0):
             for w, g in zip(params, grads):
                 np.dot(inputs, w, out=g)
 
+        def settle():
+            # not what a user's loop has: the other cases' matmuls just ran on OpenBLAS's
+            # own threads, which spin for up to ~100 ms and would take this case's cores
+            time.sleep(0.2)
+
         if kind == "numpy":
             return matmuls, numpy_runner(IN_LOOP_RULE, params, grads)
         opt = getattr(fastopt, IN_LOOP_RULE)(params, lr=1e-4)
@@ -165,7 +176,7 @@ def numpy_loop_cases(threads, seed=0):
         def step():
             fastopt.set_num_threads(n)
             opt.step(grads)
-        return matmuls, step
+        return (matmuls, step, settle) if kind == "shared" else (matmuls, step)
 
     cases = {f"fastopt {threads} threads": make("many"), "fastopt 1 thread": make("one"),
              "numpy": make("numpy")}
@@ -206,7 +217,7 @@ def _print_ratios(summaries, lines):
 
 
 def _measure(cases, rounds, pause):
-    for before, step in cases.values():  # warm up: first steps build state and plans
+    for before, step, *_ in cases.values():  # warm up: first steps build state and plans
         for _ in range(2):
             before()
             step()
