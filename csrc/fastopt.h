@@ -33,7 +33,7 @@
 extern "C" {
 #endif
 
-#define FO_API_VERSION 5
+#define FO_API_VERSION 6 /* 6: fo_blas_threads */
 
 /* ---- the rules -----------------------------------------------------------------------------
  * X(rule, state buffers...): each rule's name and its state buffers, in the order of its
