@@ -1220,7 +1220,7 @@ cdef class ObjectPlan:
     # the state buffers' storages: a buffer whose storage is swapped in place (t.data = ...)
     # keeps its identity, and the tables' pointers must stay valid memory
     cdef object keep_alive
-    cdef list groups, members, hps, keys
+    cdef list groups, members, hps, keys, tables
     cdef _Spans spans
     # the tensor type's own getter of .grad and its methods, called without attribute lookups
     # (about a third of the per-tensor cost), for parameters of a type known to use them
@@ -1250,6 +1250,7 @@ cdef class ObjectPlan:
         self.mark_written = mark_written
         self.written = written
         self.members = [self._members(g[4], g[5]) for g in groups]
+        self.tables = [table for g in groups for table in g[5]]  # in the order they run
         self.hps = [g[1] for g in groups]
         self.keys = [g[2] for g in groups]
 
@@ -1385,7 +1386,8 @@ cdef class ObjectPlan:
         # every gradient fits: this is the step.  The counters advance and every table's
         # values are made first; with several tables each is checked before any runs, and a
         # refused one (a step-dependent value) puts the counters back as the last step left them
-        runs, tables = [], [table for g in self.groups for table in g[5]]
+        runs = []
+        cdef list tables = self.tables
         cdef Py_ssize_t i, done = 0
         try:
             for gi in range(len(self.groups)):
