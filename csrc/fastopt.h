@@ -290,7 +290,8 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
  * so results are bit-identical for any thread count and instruction set.  The norm itself is
  * total^(1/p) (torch's composition of per-tensor norms for p = 0 and p = INFINITY aside).
  * FO_ERR_HYPERPARAM (err->field "p") for p < 0 or NaN; FO_ERR_DTYPE, FO_ERR_NULL as fo_step
- * (FO_ERR_DTYPE too for gradients given as rows: buffer 1 must be dense here).
+ * (FO_ERR_DTYPE too for gradients given as rows: buffer 1 must be dense here).  On an error
+ * nothing is written: not *total, *nonfinite nor per_tensor.
  */
 #define FO_NORM_BLOCK 4096
 #define FO_NORM_LANES 32
@@ -298,7 +299,13 @@ int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, dou
             int *nonfinite, fo_error *err);
 
 /* Buffer `buffer` of every tensor of `batch` multiplied in place by `factor` (rounded to the
- * storage type first), through the same threads: clipping outside a step. */
+ * storage type first), through the same threads: clipping outside a step.  Any factor is taken,
+ * as torch's mul_ takes it: x * factor in IEEE arithmetic, so a NaN factor makes every element
+ * NaN, a negative one flips signs, and one past float's range rounds to inf for float32
+ * storage.  Checking it is the caller's part: torch's clip_grad_norm_ multiplies by whatever
+ * factor it computed (NaN from a NaN norm, when error_if_nonfinite is off), and
+ * fastopt.torch.clip_grad_norm_ matches it through this call.  FO_ERR_DTYPE, FO_ERR_NULL as
+ * fo_norm, with nothing written. */
 int fo_scale(const fo_batch *batch, int buffer, double factor);
 
 /* ---- what each rule is, for bindings --------------------------------------------------------- */

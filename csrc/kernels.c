@@ -539,16 +539,19 @@ int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, dou
     const int dtype = batch->dtype[buffer];
     if (dtype != FO_FLOAT32 && dtype != FO_FLOAT64) return FO_ERR_DTYPE;
     const size_t count = batch->count;
-    *total = 0.0;
-    *nonfinite = 0;
-    if (count == 0) return FO_OK;
     void *const *data = batch->buffers[buffer];
-    if (!batch->n || !data) return FO_ERR_NULL;
+    if (count && (!batch->n || !data)) return FO_ERR_NULL;
     size_t blocks = 0;
     for (size_t t = 0; t < count; t++) {
         if (buffer == 1 && batch->rows && batch->rows[t].indices) return FO_ERR_DTYPE; /* dense only */
         if (batch->n[t] && !data[t]) return FO_ERR_NULL;
         blocks += (batch->n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK;
+    }
+    /* every check passed: only now are the outputs written (an error writes nothing) */
+    if (count == 0) {
+        *total = 0.0;
+        *nonfinite = 0;
+        return FO_OK;
     }
     const fo_norm_scalars s = {p == 2.0 ? FO_NORM_SQUARES : p == 1.0 ? FO_NORM_ABS
                                : isinf(p)  ? FO_NORM_MAX : p == 0.0 ? FO_NORM_NONZERO

@@ -139,6 +139,18 @@ def real(name, x):
     return x
 
 
+def real_in(name, x, dtype):
+    """real(name, x), and finite once rounded to `dtype` too (1e300 is inf in float32)."""
+    x = real(name, x)
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore"):  # the overflow is the ValueError below
+        rounded = dtype.type(x)
+    if not np.isfinite(rounded):
+        raise ValueError(f"{name} must be finite in {dtype}, got {x} (beyond its largest, "
+                         f"{np.finfo(dtype).max:.8g})")
+    return x
+
+
 def as_float(name, x):
     """float(x) for a real number x; one too large for a double (10**400) is a ValueError
     naming it, not float()'s OverflowError."""

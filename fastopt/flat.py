@@ -1,5 +1,6 @@
 """FlatParams: many parameters packed into one contiguous buffer, for one-call steps."""
 import math
+import numbers
 
 import numpy as np
 
@@ -25,12 +26,7 @@ class FlatParams:
         dtype = np.dtype(dtype)
         if dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        self.shapes = [tuple(int(d) for d in s) for s in shapes]
-        if not self.shapes:
-            raise ValueError("FlatParams needs at least one shape")
-        for s in self.shapes:
-            if any(d < 0 for d in s):
-                raise ValueError(f"negative dimension in shape {s}")
+        self.shapes = _checked_shapes(shapes)
         step = _ALIGN_BYTES // dtype.itemsize
         self.offsets, total = [], 0
         for s in self.shapes:
@@ -43,16 +39,28 @@ class FlatParams:
 
     @classmethod
     def from_arrays(cls, arrays, dtype=None):
-        """Pack copies of `arrays` (dtype: theirs, which must agree, unless given)."""
+        """Pack copies of `arrays` (dtype: theirs, which must agree, unless given).  Converting
+        to `dtype` must keep every value: no complex numbers, none past the dtype's range."""
         arrays = [np.asarray(a) for a in arrays]
         if dtype is None:
             dtypes = {a.dtype for a in arrays}
-            if len(dtypes) != 1:
+            if len(dtypes) > 1:
                 raise TypeError(f"arrays of several dtypes {sorted(map(str, dtypes))}; pass dtype=")
-            dtype = dtypes.pop()
+            # none: the constructor refuses the empty list
+            dtype = dtypes.pop() if dtypes else np.float32
         flat = cls([a.shape for a in arrays], dtype)
-        for view, a in zip(flat.params, arrays):
-            view[...] = a
+        dtype = flat.data.dtype
+        for i, (view, a) in enumerate(zip(flat.params, arrays)):
+            # same_kind: integers and wider floats are numbers the dtype holds (within its
+            # range); complex, strings and objects are not
+            if not np.can_cast(a.dtype, dtype, casting="same_kind"):
+                raise TypeError(f"arrays[{i}] has dtype {a.dtype}, whose values {dtype} cannot "
+                                "hold (pass real numbers)")
+            with np.errstate(over="ignore"):  # a value past the range: the ValueError below
+                view[...] = a
+            if np.count_nonzero(np.isinf(view)) != np.count_nonzero(np.isinf(a)):
+                raise ValueError(f"arrays[{i}] has values beyond {dtype}'s range "
+                                 f"(largest {np.finfo(dtype).max:.8g})")
         return flat
 
     def _views(self, buf):
@@ -64,6 +72,30 @@ class FlatParams:
     def __repr__(self):
         return (f"FlatParams({len(self)} params, {self.data.size} elements of "
                 f"{self.data.dtype})")
+
+
+def _checked_shapes(shapes):
+    """`shapes` as a list of tuples of ints, refusing anything that is not one (a float
+    dimension is not truncated, a bare int is not a shape)."""
+    try:
+        shapes = list(shapes)
+    except TypeError:
+        raise TypeError(f"shapes must be a list of shapes, got {type(shapes).__name__}") from None
+    if not shapes:
+        raise ValueError("FlatParams needs at least one parameter (a shape, or an array)")
+    checked = []
+    for i, shape in enumerate(shapes):
+        try:
+            dims = tuple(shape)
+        except TypeError:
+            raise TypeError(f"shapes[{i}] must be a tuple of ints, got {shape!r}") from None
+        if not all(isinstance(d, numbers.Integral) and not isinstance(d, (bool, np.bool_))
+                   for d in dims):
+            raise TypeError(f"shapes[{i}] must be a tuple of ints, got {shape!r}")
+        if any(d < 0 for d in dims):
+            raise ValueError(f"negative dimension in shapes[{i}]: {dims}")
+        checked.append(tuple(int(d) for d in dims))
+    return checked
 
 
 def _aligned_zeros(n, dtype):

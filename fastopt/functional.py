@@ -9,8 +9,16 @@ through the same engine as the optimizers (plain inputs are checked at C speed; 
 takes the full validation, which names the problem).  There is one function for each entry of
 the rule registry (fastopt.rules, `Rule.function`); each one's docstring has its formula (g is the gradient after maximize and L2
 weight decay, t = state.step after the increment).
+
+A buffer that the optimizer classes fill from a hyperparameter when they create the state
+(the registry's `Rule.fill`, e.g. an accumulator's start value) starts where the caller's
+state starts: `<Rule>State.new(param, <buffer>=value)`.  Such a hyperparameter given to the
+function is checked against a fresh state (step 0), whose buffer must hold that value
+(ValueError otherwise, rather than the value being ignored); after that step it is not used,
+as in the classes.
 """
 import inspect
+import numbers
 
 from numpy import ndarray as _ndarray
 
@@ -28,6 +36,27 @@ def check_state(rule, param, state, what):
     state.check(param, what, bfloat16=False)
 
 
+def check_initial_values(rule, param, state, hp, given):
+    """The rule's fill hyperparameters in `given` (checked values in `hp`) against a fresh
+    state's buffers: the caller made the state, so a start value given here must be the one
+    the buffer holds, or the call would silently differ from the class's first step."""
+    step = getattr(state, "step", None)
+    if not (isinstance(step, numbers.Integral) and step == 0):
+        return  # a state past its first step: the start value is not used (nor by the classes)
+    _checks.check_param(param, "param")
+    check_state(rule, param, state, "state")
+    for buffer, name in rule.fill.items():
+        values = getattr(state, buffer)
+        if name not in given or values is None:
+            continue
+        start = values.dtype.type(hp[name])  # as the class stores it, rounded to the dtype
+        if not (values == start).all():
+            raise ValueError(
+                f"{name}={hp[name]!r} is where state.{buffer} starts, but this fresh state's "
+                f"{buffer} holds other values: create it with "
+                f"{type(state).__name__}.new(param, {buffer}={hp[name]!r}), or leave {name} out")
+
+
 def step_one(rule, param, grad, state, given):
     """One parameter's update, validated completely before anything is written."""
     schedule = given.get("lr")
@@ -40,6 +69,8 @@ def step_one(rule, param, grad, state, given):
             step = int(state.step)
         given = dict(given, lr=schedule(step + 1))
     hp, hyper = rule.check(given, copy=False)
+    if not set(rule.fill.values()).isdisjoint(given):
+        check_initial_values(rule, param, state, hp, given)
     try:
         done = _kernels.run_single(rule.crule, hyper, STATE_TYPES[rule.state], param, grad, state)
     except OverflowError:  # a step count past int64's end: _validated_step names it
@@ -78,13 +109,16 @@ def _function(rule):
     crule, state_type, check, run_single = (rule.crule, STATE_TYPES[rule.state], rule.check,
                                             _kernels.run_single)
     schedule_type = _kernels.Schedule
+    fill_hyperparameters = frozenset(rule.fill.values())  # checked against a fresh state
 
     def function(param, grad, state, **hyperparameters):
         # fixed numbers (no schedule): step_one's steps in this one frame (the cached check,
         # the engine's C-speed checks), the full validation only where those refuse
         if type(hyperparameters.get("lr")) is schedule_type:
             return step_one(rule, param, grad, state, hyperparameters)
-        hyper = check(hyperparameters, copy=False)[1]
+        hp, hyper = check(hyperparameters, copy=False)
+        if fill_hyperparameters and not fill_hyperparameters.isdisjoint(hyperparameters):
+            check_initial_values(rule, param, state, hp, hyperparameters)
         try:
             done = run_single(crule, hyper, state_type, param, grad, state)
         except OverflowError:  # a step count past int64's end: _validated_step names it
@@ -94,7 +128,12 @@ def _function(rule):
 
     function.__name__ = function.__qualname__ = rule.function
     function.__signature__ = inspect.Signature(parameters)
-    function.__doc__ = (f"{rule.name} on one parameter (state: {rule.state}).\n{rule.doc}")
+    starts = "".join(
+        f"\n    The state's {buffer} starts where you create it: {rule.state}.new(param, "
+        f"{buffer}=<{name}>); {name}, if given here, must be what a fresh state's {buffer} holds "
+        f"(ValueError otherwise), and is not used after its first step.\n"
+        for buffer, name in rule.fill.items())
+    function.__doc__ = f"{rule.name} on one parameter (state: {rule.state}).\n{rule.doc}{starts}"
     return function
 
 

@@ -118,7 +118,7 @@ def lecun_normal(a, rng):
 
 def constant(a, value):
     _check_array(a)
-    a[...] = _checks.real("value", value)
+    a[...] = _checks.real_in("value", value, a.dtype)
     return a
 
 

@@ -3,6 +3,7 @@ equals per-tensor calls, steps do not allocate, the fast path notices every chan
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -453,3 +454,37 @@ def test_a_step_count_that_is_not_an_int_is_refused(step, planned):
         opt.step([np.ones(4)])
     np.testing.assert_array_equal(p, before, strict=True)
     assert opt.state[0].step is step
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: fastopt.FlatParams.from_arrays([]), ValueError, "at least one parameter"),
+    (lambda: fastopt.FlatParams([]), ValueError, "at least one parameter"),
+    (lambda: fastopt.FlatParams([(2.5,)]), TypeError, r"shapes[0] must be a tuple of ints, got (2.5,)"),
+    (lambda: fastopt.FlatParams([(2,), (3, True)]), TypeError, "shapes[1] must be a tuple of ints"),
+    (lambda: fastopt.FlatParams([3, 4]), TypeError, "shapes[0] must be a tuple of ints, got 3"),
+    (lambda: fastopt.FlatParams(3), TypeError, "shapes must be a list of shapes, got int"),
+    (lambda: fastopt.FlatParams([(2, -1)]), ValueError, "negative dimension in shapes[0]"),
+    (lambda: fastopt.FlatParams.from_arrays([np.ones(2), np.ones(2) + 1j], dtype=np.float32),
+     TypeError, "arrays[1] has dtype complex128"),
+    (lambda: fastopt.FlatParams.from_arrays([np.array(["a"])], dtype=np.float64),
+     TypeError, "arrays[0] has dtype <U1"),
+    (lambda: fastopt.FlatParams.from_arrays([np.array([1.0, 1e300])], dtype=np.float32),
+     ValueError, "arrays[0] has values beyond float32's range"),
+])
+def test_flat_params_bad_input_is_named(call, error, message):
+    """Each was misleading or silent: "several dtypes" for no arrays, 2.5 truncated to 2, a
+    bare "'int' object is not iterable", imaginary parts dropped, overflow to inf."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clear error, not numpy's overflow warning
+        with pytest.raises(error, match=re.escape(message)):
+            call()
+
+
+def test_flat_params_keeps_what_converts():
+    """Integers, and float64 values within float32's range (and infinities), still pack."""
+    flat = fastopt.FlatParams.from_arrays([np.arange(3), np.array([0.1, -np.inf]),
+                                           np.array([True])], dtype=np.float32)
+    np.testing.assert_array_equal(flat.params[0], np.arange(3, dtype=np.float32), strict=True)
+    np.testing.assert_array_equal(flat.params[1], np.array([0.1, -np.inf], np.float32), strict=True)
+    assert flat.shapes == [(3,), (2,), (1,)] == fastopt.FlatParams([(np.int64(3),), [2], (1,)]).shapes

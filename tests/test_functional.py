@@ -160,7 +160,7 @@ def test_matches_reference(case, dtype):
 def test_cases_cover_every_function():
     assert {c[0] for c in CASES} == set(STATES) == {
         n for n in dir(F) if not n.startswith("_") and n.islower() and callable(getattr(F, n))
-        and n not in ("check_state", "step_one")}
+        and n not in ("check_state", "step_one", "check_initial_values")}
 
 
 # (function, bad hyperparameters, error, a word the message must contain)
@@ -288,3 +288,60 @@ def test_bfloat16_state_buffer_is_refused(name, buffer, hp):
     assert state.step == 0 and state.buffers().keys() == before.keys()
     for k, v in before.items():
         np.testing.assert_array_equal(state.buffers()[k], v, strict=True)
+
+
+FILLED = [rule for rule in fastopt.rules.RULES if rule.fill]  # Adagrad, Rprop
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rule", FILLED, ids=lambda r: r.name)
+def test_start_value_is_the_states_and_matches_the_class(rule, dtype):
+    """A buffer the class fills from a hyperparameter at creation (Adagrad's sum from
+    initial_accumulator_value, Rprop's step_size from lr): the caller's state made with that
+    start gives the class's bits; a fresh state that does not hold a given start value is a
+    ValueError that changes nothing (the value was silently ignored)."""
+    (buffer, name), = rule.fill.items()
+    start = 0.3  # neither hyperparameter's default
+    rng = np.random.default_rng(5)
+    init = rng.standard_normal(9).astype(dtype)
+    grads = [rng.standard_normal(9).astype(dtype) for _ in range(3)]
+    opt = getattr(fastopt, rule.name)([init.copy()], **{name: start})
+    param = init.copy()
+    state = getattr(fastopt, rule.state).new(param, **{buffer: start})
+    for g in grads:
+        opt.step([g])
+        getattr(F, rule.function)(param, g, state, **{name: start})
+    np.testing.assert_array_equal(param, opt.params[0], strict=True)
+    np.testing.assert_array_equal(getattr(state, buffer), getattr(opt.state[0], buffer), strict=True)
+
+    param = init.copy()
+    state = getattr(fastopt, rule.state).new(param)  # starts at the default, not at 0.3
+    before = getattr(state, buffer).copy()
+    with pytest.raises(ValueError, match=rf"{name}=0\.3 is where state\.{buffer} starts.*"
+                                         rf"{rule.state}\.new\(param, {buffer}=0\.3\)"):
+        getattr(F, rule.function)(param, grads[0], state, **{name: start})
+    np.testing.assert_array_equal(param, init, strict=True)
+    np.testing.assert_array_equal(getattr(state, buffer), before, strict=True)
+    assert state.step == 0
+
+
+@pytest.mark.parametrize("rule", FILLED, ids=lambda r: r.name)
+def test_start_value_is_not_used_after_the_first_step(rule):
+    """As in the classes, which fill the buffer once: past step 0 the value is not checked."""
+    (buffer, name), = rule.fill.items()
+    param = np.ones(4)
+    state = getattr(fastopt, rule.state).new(param)
+    getattr(F, rule.function)(param, np.full(4, 0.5), state)
+    getattr(F, rule.function)(param, np.full(4, 0.5), state, **{name: 0.3})
+    assert state.step == 2
+
+
+def test_start_value_from_a_schedule_is_its_first_value():
+    """Rprop's lr as a schedule: a fresh state's step_size must hold its value at step 1."""
+    lr = fastopt.schedules.exponential(0.1, 0.5)
+    param = np.ones(4)
+    with pytest.raises(ValueError, match=r"lr=0\.1 is where state\.step_size starts"):
+        F.rprop(param, np.ones(4), fastopt.RpropState.new(param), lr=lr)
+    state = fastopt.RpropState.new(param, step_size=0.1)
+    F.rprop(param, np.ones(4), state, lr=lr)
+    np.testing.assert_array_equal(param, np.full(4, 0.9), strict=True)

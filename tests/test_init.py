@@ -97,3 +97,15 @@ def test_read_only_rejected():
     with pytest.raises(ValueError, match="read-only"):
         init.lecun_normal(a, np.random.default_rng())
     assert fastopt.init is init
+
+
+@pytest.mark.parametrize("value", [1e300, -1e39, 3.5e38])
+def test_constant_refuses_a_value_not_finite_in_the_arrays_dtype(value):
+    """The finiteness check is in the array's dtype: 1e300 filled a float32 array with inf."""
+    a = np.full(3, 0.5, np.float32)
+    with pytest.raises(ValueError, match=r"value must be finite in float32.*3\.4028235e\+38"):
+        init.constant(a, value)
+    np.testing.assert_array_equal(a, np.full(3, 0.5, np.float32), strict=True)
+    assert (init.constant(np.empty(3), value) == value).all()  # finite in float64
+    largest = float(np.finfo(np.float32).max)
+    assert (init.constant(a, -largest) == -largest).all()

@@ -386,6 +386,60 @@ static void test_step_options(void)
     CHECK(memcmp(p1, p2, sizeof p1) == 0, "a refused call wrote nothing");
 }
 
+/* fo_norm's errors write none of its outputs (it zeroed *total and *nonfinite before its
+ * NULL checks); fo_scale's contract (fastopt.h): any factor, as IEEE multiplication gives it. */
+static void test_norm_and_scale_contracts(void)
+{
+    float x[3] = {1, -2, 4};
+    float *xp = x;
+    size_t three = 3;
+    const fo_batch batch = {1, &three, {NULL, (void *const *)&xp}, {FO_FLOAT32, FO_FLOAT32}};
+    fo_rows rows = {.row_len = 1};
+    const int64_t idx[1] = {0};
+    rows.indices = idx;
+    rows.index_type = FO_INT64;
+    rows.nnz = 1;
+    struct { const char *what; fo_batch b; int buffer; double p; int status; } refused[] = {
+        {"n NULL", batch, 1, 2.0, FO_ERR_NULL}, {"buffer table NULL", batch, 1, 2.0, FO_ERR_NULL},
+        {"tensor pointer NULL", batch, 1, 2.0, FO_ERR_NULL}, {"p NaN", batch, 1, NAN, FO_ERR_HYPERPARAM},
+        {"buffer 9", batch, 9, 2.0, FO_ERR_NULL}, {"bfloat16", batch, 1, 2.0, FO_ERR_DTYPE},
+        {"rows", batch, 1, 2.0, FO_ERR_DTYPE}};
+    const void *none = NULL;
+    refused[0].b.n = NULL;
+    refused[1].b.buffers[1] = NULL;
+    refused[2].b.buffers[1] = (void *const *)&none;
+    refused[5].b.dtype[1] = FO_BFLOAT16;
+    refused[6].b.rows = &rows;
+    for (size_t k = 0; k < sizeof refused / sizeof *refused; k++) {
+        double total = -7, per[1] = {-7};
+        int nonfinite = -7;
+        CHECK(fo_norm(&refused[k].b, refused[k].buffer, refused[k].p, per, &total, &nonfinite,
+                      NULL) == refused[k].status, "fo_norm, %s: status", refused[k].what);
+        CHECK(total == -7 && nonfinite == -7 && per[0] == -7, "fo_norm, %s: nothing written",
+              refused[k].what);
+        if (refused[k].status != FO_ERR_HYPERPARAM) /* (fo_scale has no p) */
+            CHECK(fo_scale(&refused[k].b, refused[k].buffer, 2.0) == refused[k].status &&
+                      x[0] == 1 && x[1] == -2 && x[2] == 4, "fo_scale, %s: nothing written",
+                  refused[k].what);
+    }
+    double total = -7;
+    int nonfinite = -7;
+    const fo_batch empty = {0};
+    CHECK(fo_norm(&empty, 1, 2.0, NULL, &total, &nonfinite, NULL) == FO_OK && total == 0 &&
+              nonfinite == 0, "fo_norm of no tensors: 0, finite");
+    CHECK(fo_scale(&batch, 1, -2.0) == FO_OK && x[0] == -2 && x[1] == 4 && x[2] == -8,
+          "a negative factor flips signs");
+    CHECK(fo_scale(&batch, 1, 1e300) == FO_OK && isinf(x[0]) && x[0] < 0 && x[1] > 0,
+          "a factor past float's range rounds to inf");
+    CHECK(fo_scale(&batch, 1, 0.0) == FO_OK && isnan(x[0]) && isnan(x[1]), "inf * 0 is NaN");
+    x[0] = 1, x[1] = -2, x[2] = 4;
+    CHECK(fo_scale(&batch, 1, NAN) == FO_OK && isnan(x[0]) && isnan(x[1]) && isnan(x[2]),
+          "a NaN factor makes every element NaN (torch's clip with a NaN norm)");
+    x[0] = 1, x[1] = -2, x[2] = 4;
+    CHECK(fo_scale(&batch, 1, INFINITY) == FO_OK && x[0] == INFINITY && x[1] == -INFINITY,
+          "an infinite factor");
+}
+
 /* Sparse rows (fo_batch.rows): the touched rows step exactly as a dense call over each row
  * with its summed gradient; bad indices refused with nothing written; any thread count and
  * either index type give the same bits. */
@@ -575,6 +629,7 @@ int main(void)
     test_row_rule();
     test_factored();
     test_step_options();
+    test_norm_and_scale_contracts();
     test_rows_exact();
     test_rows();
     test_bf16();
