@@ -177,6 +177,8 @@ class Optimizer:
             if not state.applies(param, name):
                 continue
             fill = hp[self.rule.fill[name]] if name in self.rule.fill else 0.0
+            if isinstance(fill, _kernels.Schedule):  # (Rprop's step sizes: its first step's lr)
+                fill = fill(1)
             setattr(state, name, state.new_buffer(param, name, fill, dtype))
         if self.storage_options["master_weights"]:
             state.master = param.astype(np.float32, order="C")

@@ -190,3 +190,18 @@ def test_linear_ends_at_final_lr():
 def test_a_step_past_int64_is_a_value_error():
     with pytest.raises(ValueError, match="step must be an int in"):
         S.constant(0.1)(2**63)
+
+
+def test_rprop_with_a_schedule_starts_its_step_sizes_at_the_first_steps_lr():
+    """Rprop's state starts each step size at the lr (a schedule: its value at step 1), then
+    the step sizes evolve by the etas as with a fixed lr equal to it."""
+    schedule = fastopt.schedules.exponential(0.05, 0.5)
+    p, q = np.ones(6), np.ones(6)
+    scheduled = fastopt.Rprop([p], lr=schedule)
+    fixed = fastopt.Rprop([q], lr=schedule(1))
+    g = np.array([1.0, -2.0, 0.5, 0.0, -1.0, 3.0])
+    for k in range(4):
+        scheduled.step([g * (-1) ** k])
+        fixed.step([g * (-1) ** k])
+    np.testing.assert_array_equal(scheduled.state[0].step_size, fixed.state[0].step_size)
+    np.testing.assert_array_equal(p, q)
