@@ -1,6 +1,8 @@
 """Sparse rows (fastopt.SparseGrad): every rule x dtype against the float64 reference applied to
 the touched rows only, duplicates and unsorted indices, rows skipped for several steps; the same
 bits for any thread count or interleaving of duplicates; bad input refused with nothing changed."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -221,6 +223,13 @@ def test_rules_with_per_tensor_norms_refuse_rows(cls, hp, rng):
     with pytest.raises(TypeError, match="dense gradients"):
         opt.step([fastopt.SparseGrad(np.array([1]), rng.standard_normal((1, 3)))])
     assert_same_snapshot(before, snapshot(opt))
+
+
+def test_readme_names_the_error_rules_with_per_tensor_norms_raise():
+    # the README's "Sparse rows" promise and the test above must name the same exception
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    claim = " ".join(readme[readme.index("(LAMB, LARS and Adafactor"):].split(")", 1)[0].split())
+    assert "refuse it with a `TypeError`" in claim, claim
 
 
 # ---- sparse="exact": the steps a row missed, caught up in closed form ---------------------------
