@@ -146,9 +146,8 @@ class Optimizer:
                 and skip_nonfinite is False and compute_norm is False:
             options, result = None, _kernels.PLAIN_RESULT
         else:
-            if isinstance(grads, (list, tuple)) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
-                raise TypeError("grad_scale, clip_norm, skip_nonfinite and compute_norm take "
-                                "dense gradients only, not fastopt.SparseGrad rows")
+            # grad_scale takes rows (its 1 / grad_scale is the rule's multiplier); the plan
+            # refuses rows under a reduction pass and _checked_step names that error
             options = _kernels.StepOptions(sum(len(g["params"]) for g in self.param_groups),
                                            grad_scale, clip_norm, skip_nonfinite, compute_norm)
         plan = self._plan
@@ -193,9 +192,10 @@ class Optimizer:
             storage.check_param_dtype(p.dtype, stored_as, f"params[{i}]")
         _checks.check_grads(grads, params)
         if _kernels.reduces(options) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
-            raise ValueError("clip_norm, skip_nonfinite and compute_norm need dense gradients "
-                             "(their norm pass does not read a SparseGrad's rows); grad_scale "
-                             "works with a SparseGrad")
+            # a wrong kind of gradient for the options (fastopt.torch's clip_norm says so too)
+            raise TypeError("clip_norm, skip_nonfinite and compute_norm need dense gradients "
+                            "(their norm pass does not read a SparseGrad's rows); grad_scale "
+                            "works with a SparseGrad")
         if not self.rule.rows:
             _refuse_rows(self.rule, grads)
         written, names = list(params), [f"params[{i}]" for i in range(len(params))]

@@ -232,6 +232,61 @@ def test_readme_names_the_error_rules_with_per_tensor_norms_raise():
     assert "refuse it with a `TypeError`" in claim, claim
 
 
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-step", "planned"])
+def test_grad_scale_unscales_rows_as_a_dense_step(warm, rng):
+    """Rows scaled by s, stepped with grad_scale=s: the dense step of the same scaled gradient
+    with grad_scale=s, and of the unscaled one (s a power of two: the same bits).  Every row
+    is touched (duplicates among them), so the lazy step is the dense step."""
+    init = rng.standard_normal((6, 3))
+    p, q, r = init.copy(), init.copy(), init.copy()
+    opt, scaled, plain = (fastopt.Adam([x], lr=0.1, weight_decay=0.01, ema_decay=0.9)
+                          for x in (p, q, r))
+    s = 1024.0
+    for _ in range(3 if warm else 1):
+        indices = np.concatenate([rng.permutation(6), rng.integers(0, 6, 4)])
+        values = rng.standard_normal((len(indices), 3))
+        dense = np.zeros((6, 3))
+        np.add.at(dense, indices, values * s)
+        result = opt.step([fastopt.SparseGrad(indices, values * s)], grad_scale=s)
+        assert result.total_norm is None and not result.skipped
+        scaled.step([dense], grad_scale=s)
+        plain.step([dense / s])
+        np.testing.assert_array_equal(p, q)
+        np.testing.assert_array_equal(p, r)
+        np.testing.assert_array_equal(opt.state[0].ema, scaled.state[0].ema)
+
+
+@pytest.mark.parametrize("sparse", ["lazy", "exact"])
+def test_grad_scale_unscales_rows_that_skip_steps(sparse, rng):
+    """Some rows touched: grad_scale=s on rows scaled by s is the step of the unscaled rows."""
+    init = rng.standard_normal((8, 2))
+    p, q = init.copy(), init.copy()
+    opt, ref = (fastopt.SGD([x], lr=0.1, momentum=0.9, weight_decay=0.1, sparse=sparse)
+                for x in (p, q))
+    for _ in range(4):
+        indices = draw_rows(rng, 8, np.int32)
+        values = rng.standard_normal((len(indices), 2))
+        opt.step([fastopt.SparseGrad(indices, values * 8.0)], grad_scale=8.0)
+        ref.step([fastopt.SparseGrad(indices, values)])
+        np.testing.assert_array_equal(p, q)
+        np.testing.assert_array_equal(opt.state[0].momentum_buffer, ref.state[0].momentum_buffer)
+
+
+@pytest.mark.parametrize("option", [dict(clip_norm=1.0), dict(skip_nonfinite=True),
+                                    dict(compute_norm=True)], ids=str)
+@pytest.mark.parametrize("warm", [False, True], ids=["first-step", "planned"])
+def test_norm_options_refuse_rows(option, warm, rng):
+    p = rng.standard_normal((4, 2))
+    opt = fastopt.Adam([p], lr=0.1)
+    g = fastopt.SparseGrad(np.array([1, 3]), rng.standard_normal((2, 2)))
+    if warm:
+        opt.step([g])
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match="need dense gradients.*grad_scale works"):
+        opt.step([g], **option)
+    assert_same_snapshot(before, snapshot(opt))
+
 # ---- sparse="exact": the steps a row missed, caught up in closed form ---------------------------
 
 # (class, hyperparameters): the rules and options whose exact run is the dense run with zero
