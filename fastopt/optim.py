@@ -30,7 +30,9 @@ class Optimizer:
     others raise ValueError) keeps the state's `row_step` (int64 per row: the step
     that last updated the row) and, before a touched row's update, applies in closed form the
     steps it missed with a zero gradient, using the current step's hyperparameters (an EMA of
-    the weights is not caught up).  A param group may carry its own "sparse".
+    the weights is not caught up).  A param group may carry its own "sparse"; switched to
+    "lazy", its steps still set row_step for the rows they update (every row, for a dense
+    gradient), so that "exact" later catches up only the steps a row missed.
 
     Attributes: param_groups (list of dicts; change hyperparameters there between steps),
     state (dict: global parameter index -> state object, created on a parameter's first step),
@@ -274,6 +276,10 @@ class Optimizer:
                 batch.group_index = group_index
                 if exact:
                     batch.set_exact()
+                elif any(self.state[j].row_step is not None for j in indices):
+                    # a lazy step updates rows too: their row_step says so, or a later exact
+                    # step would apply the steps taken meanwhile again
+                    batch.set_row_steps()
                 if isinstance(hp["lr"], _kernels.Schedule):
                     batch.set_schedule(hp["lr"])
                 if self._ema_decay is not None:

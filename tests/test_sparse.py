@@ -431,6 +431,56 @@ def test_exact_param_group_and_mode_change(rng):
     assert list(opt.state[1].row_step) == [4, 4, 5, 4, 4]
 
 
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_exact_after_lazy_steps_catches_up_only_what_rows_missed(index_dtype):
+    """row_step is the step that last updated a row, in lazy steps too: a group switched to
+    "lazy" and back to "exact" catches a row up through the steps it missed, not through the
+    lazy steps it took (SGD, weight decay: a zero-gradient step multiplies a row by 0.95)."""
+    p = np.ones((4, 2))
+    opt = fastopt.SGD([p], lr=0.1, weight_decay=0.5, sparse="exact")
+
+    def rows(*r):
+        return fastopt.SparseGrad(np.array(r, dtype=index_dtype), np.zeros((len(r), 2)))
+
+    for _ in range(2):
+        opt.step([rows(0)])                          # steps 1, 2
+    opt.param_groups[0]["sparse"] = "lazy"
+    for _ in range(3):                               # steps 3-5 (the first builds a plan,
+        opt.step([rows(0, 0)])                       # the others run it)
+    np.testing.assert_array_equal(opt.state[0].row_step, [5, 0, 0, 0])
+    opt.param_groups[0]["sparse"] = "exact"
+    opt.step([rows(0, 2)])                           # step 6
+    np.testing.assert_allclose(p[:, 0], [0.95 ** 6, 1, 0.95 ** 6, 1], rtol=1e-14)
+    np.testing.assert_array_equal(opt.state[0].row_step, [6, 0, 6, 0])
+    # dense steps while lazy update every row: an exact step then catches up the steps after
+    opt.param_groups[0]["sparse"] = "lazy"
+    for _ in range(2):
+        opt.step([np.zeros((4, 2))])                 # steps 7, 8: every row decays, no catch-up
+    opt.step([rows(3)])                              # step 9
+    np.testing.assert_array_equal(opt.state[0].row_step, [8, 8, 8, 9])
+    opt.param_groups[0]["sparse"] = "exact"
+    opt.step([rows(1, 3)])                           # step 10
+    np.testing.assert_allclose(p[:, 0], [0.95 ** 8, 0.95 ** 4, 0.95 ** 8, 0.95 ** 4], rtol=1e-14)
+    np.testing.assert_array_equal(opt.state[0].row_step, [8, 10, 8, 10])
+
+
+def test_lazy_steps_keep_row_step_in_a_group_beside_an_exact_one(rng):
+    """Two groups, one switched to lazy: its row_step follows its lazy steps (planned or not),
+    the exact group's is the C call's; a row untouched while lazy still lags from there."""
+    a, b = np.ones((5, 3)), np.ones((5, 3))
+    opt = fastopt.Momentum([{"params": [a]}, {"params": [b]}], lr=0.1, weight_decay=0.2,
+                           sparse="exact")
+    g = fastopt.SparseGrad(np.array([1, 4, 1]), rng.standard_normal((3, 3)))
+    opt.step([g, g])
+    opt.param_groups[1]["sparse"] = "lazy"
+    for _ in range(3):
+        opt.step([g, fastopt.SparseGrad(np.array([2]), rng.standard_normal((1, 3)))])
+    np.testing.assert_array_equal(opt.state[0].row_step, [0, 4, 0, 0, 4])
+    np.testing.assert_array_equal(opt.state[1].row_step, [0, 1, 4, 0, 1])
+    opt.step([g, np.zeros((5, 3))])
+    np.testing.assert_array_equal(opt.state[1].row_step, [5] * 5)
+
 def test_exact_row_step_in_checkpoints_and_checked(rng, tmp_path):
     p = rng.standard_normal((4, 3))
     opt = fastopt.Momentum([p], lr=0.1, sparse="exact")
