@@ -239,7 +239,9 @@ cdef class Batch:
     cdef list fields
     cdef list shapes             # a row rule's: each parameter's shape when planned
     cdef bint exact              # sparse="exact": rows caught up through their last steps
-    cdef list row_steps          # per tensor its state's row_step (exact), or None
+    # per tensor its state's row_step, or None (exact, or a lazy batch whose states have
+    # one: set_row_steps), and its data; last_steps NULL: the batch keeps no row_step
+    cdef list row_steps
     cdef int64_t **last_steps
     cdef readonly tuple slots
     cdef public Py_ssize_t group_index
@@ -360,7 +362,7 @@ cdef class Batch:
             v = _field(s, d, "step")
             if v is not self.step_object and (type(v) is not int or v != self.step):
                 return False  # (1.0 or True: the validating path says what is wrong)
-            if self.exact:
+            if self.last_steps != NULL:
                 r = _field(s, d, "row_step")
                 if r is not self.row_steps[t] or (
                         r is not None and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>r)):
@@ -432,8 +434,13 @@ cdef class Batch:
 
     def set_exact(self):
         """sparse="exact": rows of a state with a row_step are caught up before their update."""
-        cdef Py_ssize_t t
         self.exact = True
+        self.set_row_steps()
+
+    def set_row_steps(self):
+        """Keep each state's row_step (None: none) "the step that last updated the row": a
+        lazy batch (run() marks the rows it updated), or exact (the C call writes it)."""
+        cdef Py_ssize_t t
         self.row_steps = [s.row_step for s in self.states]
         self.last_steps = <int64_t **>calloc(max(self.count, 1), sizeof(int64_t *))
         if self.last_steps == NULL:
@@ -485,6 +492,33 @@ cdef class Batch:
             _raise_for(FO_ERR_HYPERPARAM, self.hyper)
         return 0
 
+    cdef void _mark_updated_rows(self, int64_t step) noexcept:
+        """A lazy step's row_step: `step` for the rows it touched, for every row of a dense
+        gradient, so that a later exact step catches a row up only through the steps it
+        missed (the steps taken here are not applied again)."""
+        cdef Py_ssize_t t
+        cdef size_t j, n_rows
+        cdef int64_t *last
+        cdef const fo_rows *r
+        for t in range(self.count):
+            last = self.last_steps[t]
+            if last == NULL:
+                continue
+            r = &self.rows[t]
+            if r.indices == NULL:
+                n_rows = <size_t>cnp.PyArray_SIZE(<cnp.ndarray>self.row_steps[t])
+                with nogil:
+                    for j in range(n_rows):
+                        last[j] = step
+            elif r.index_type == FO_INT32:
+                with nogil:
+                    for j in range(r.nnz):
+                        last[(<const int32_t *>r.indices)[j]] = step
+            else:
+                with nogil:
+                    for j in range(r.nnz):
+                        last[(<const int64_t *>r.indices)[j]] = step
+
     cdef int run(self, StepOptions options=None) except -1:
         cdef int status
         cdef int64_t next_step = self.step + 1
@@ -501,6 +535,8 @@ cdef class Batch:
             status = self.storage.run(self.rule.id, self.count, self.ptrs, self.n_bufs,
                                       self.sizes, hp, <uint64_t>next_step, opt, rows)
         _raise_for(status, self.hyper)
+        if self.last_steps != NULL and not self.exact:
+            self._mark_updated_rows(next_step)
         self.step = next_step
         self.step_object = step = next_step
         cdef Py_ssize_t t

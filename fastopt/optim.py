@@ -30,7 +30,9 @@ class Optimizer:
     others raise ValueError) keeps the state's `row_step` (int64 per row: the step
     that last updated the row) and, before a touched row's update, applies in closed form the
     steps it missed with a zero gradient, using the current step's hyperparameters (an EMA of
-    the weights is not caught up).  A param group may carry its own "sparse".
+    the weights is not caught up).  A param group may carry its own "sparse"; switched to
+    "lazy", its steps still set row_step for the rows they update (every row, for a dense
+    gradient), so that "exact" later catches up only the steps a row missed.
 
     Attributes: param_groups (list of dicts; change hyperparameters there between steps),
     state (dict: global parameter index -> state object, created on a parameter's first step),
@@ -146,9 +148,8 @@ class Optimizer:
                 and skip_nonfinite is False and compute_norm is False:
             options, result = None, _kernels.PLAIN_RESULT
         else:
-            if isinstance(grads, (list, tuple)) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
-                raise TypeError("grad_scale, clip_norm, skip_nonfinite and compute_norm take "
-                                "dense gradients only, not fastopt.SparseGrad rows")
+            # grad_scale takes rows (its 1 / grad_scale is the rule's multiplier); the plan
+            # refuses rows under a reduction pass and _checked_step names that error
             options = _kernels.StepOptions(sum(len(g["params"]) for g in self.param_groups),
                                            grad_scale, clip_norm, skip_nonfinite, compute_norm)
         plan = self._plan
@@ -195,9 +196,10 @@ class Optimizer:
             storage.check_param_dtype(p.dtype, stored_as, f"params[{i}]")
         _checks.check_grads(grads, params)
         if _kernels.reduces(options) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
-            raise ValueError("clip_norm, skip_nonfinite and compute_norm need dense gradients "
-                             "(their norm pass does not read a SparseGrad's rows); grad_scale "
-                             "works with a SparseGrad")
+            # a wrong kind of gradient for the options (fastopt.torch's clip_norm says so too)
+            raise TypeError("clip_norm, skip_nonfinite and compute_norm need dense gradients "
+                            "(their norm pass does not read a SparseGrad's rows); grad_scale "
+                            "works with a SparseGrad")
         if not self.rule.rows:
             _refuse_rows(self.rule, grads)
         written, names = list(params), [f"params[{i}]" for i in range(len(params))]
@@ -276,6 +278,10 @@ class Optimizer:
                 batch.group_index = group_index
                 if exact:
                     batch.set_exact()
+                elif any(self.state[j].row_step is not None for j in indices):
+                    # a lazy step updates rows too: their row_step says so, or a later exact
+                    # step would apply the steps taken meanwhile again
+                    batch.set_row_steps()
                 if isinstance(hp["lr"], _kernels.Schedule):
                     batch.set_schedule(hp["lr"])
                 if self._ema_decay is not None:

@@ -243,6 +243,7 @@ class _Fastopt:
                                        self.kernel)
                         state = self.state.get(p)
                         if state:
+                            _densify_sparse_buffers(state, self.slots(hp))
                             self._state_pointers(index, i, group, p, _local(p), state,
                                                  self.slots(hp))
             except BaseException:
@@ -881,6 +882,16 @@ def _keep_stored_dtypes(opt, state_dict):
                     and value.dtype in (torch.float32, torch.bfloat16) \
                     and isinstance(state.get(name), torch.Tensor) and state[name].dtype != value.dtype:
                 state[name] = value.to(device=p.device, copy=True)
+
+
+def _densify_sparse_buffers(state, slots):
+    """torch.optim.SGD keeps a sparse COO momentum buffer for sparse gradients, one that
+    moves every row it ever touched: its dense equal, which the kernels take, continues it
+    with torch's numbers (fastopt's own buffer for sparse gradients is dense too)."""
+    for name in slots:
+        buffer = state.get(name) if name is not None else None
+        if isinstance(buffer, torch.Tensor) and buffer.layout == torch.sparse_coo:
+            state[name] = buffer.to_dense()
 
 
 def _zeros(p, dtype=None, shape=None):

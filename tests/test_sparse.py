@@ -1,6 +1,8 @@
 """Sparse rows (fastopt.SparseGrad): every rule x dtype against the float64 reference applied to
 the touched rows only, duplicates and unsorted indices, rows skipped for several steps; the same
 bits for any thread count or interleaving of duplicates; bad input refused with nothing changed."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -223,6 +225,68 @@ def test_rules_with_per_tensor_norms_refuse_rows(cls, hp, rng):
     assert_same_snapshot(before, snapshot(opt))
 
 
+def test_readme_names_the_error_rules_with_per_tensor_norms_raise():
+    # the README's "Sparse rows" promise and the test above must name the same exception
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    claim = " ".join(readme[readme.index("(LAMB, LARS and Adafactor"):].split(")", 1)[0].split())
+    assert "refuse it with a `TypeError`" in claim, claim
+
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-step", "planned"])
+def test_grad_scale_unscales_rows_as_a_dense_step(warm, rng):
+    """Rows scaled by s, stepped with grad_scale=s: the dense step of the same scaled gradient
+    with grad_scale=s, and of the unscaled one (s a power of two: the same bits).  Every row
+    is touched (duplicates among them), so the lazy step is the dense step."""
+    init = rng.standard_normal((6, 3))
+    p, q, r = init.copy(), init.copy(), init.copy()
+    opt, scaled, plain = (fastopt.Adam([x], lr=0.1, weight_decay=0.01, ema_decay=0.9)
+                          for x in (p, q, r))
+    s = 1024.0
+    for _ in range(3 if warm else 1):
+        indices = np.concatenate([rng.permutation(6), rng.integers(0, 6, 4)])
+        values = rng.standard_normal((len(indices), 3))
+        dense = np.zeros((6, 3))
+        np.add.at(dense, indices, values * s)
+        result = opt.step([fastopt.SparseGrad(indices, values * s)], grad_scale=s)
+        assert result.total_norm is None and not result.skipped
+        scaled.step([dense], grad_scale=s)
+        plain.step([dense / s])
+        np.testing.assert_array_equal(p, q)
+        np.testing.assert_array_equal(p, r)
+        np.testing.assert_array_equal(opt.state[0].ema, scaled.state[0].ema)
+
+
+@pytest.mark.parametrize("sparse", ["lazy", "exact"])
+def test_grad_scale_unscales_rows_that_skip_steps(sparse, rng):
+    """Some rows touched: grad_scale=s on rows scaled by s is the step of the unscaled rows."""
+    init = rng.standard_normal((8, 2))
+    p, q = init.copy(), init.copy()
+    opt, ref = (fastopt.SGD([x], lr=0.1, momentum=0.9, weight_decay=0.1, sparse=sparse)
+                for x in (p, q))
+    for _ in range(4):
+        indices = draw_rows(rng, 8, np.int32)
+        values = rng.standard_normal((len(indices), 2))
+        opt.step([fastopt.SparseGrad(indices, values * 8.0)], grad_scale=8.0)
+        ref.step([fastopt.SparseGrad(indices, values)])
+        np.testing.assert_array_equal(p, q)
+        np.testing.assert_array_equal(opt.state[0].momentum_buffer, ref.state[0].momentum_buffer)
+
+
+@pytest.mark.parametrize("option", [dict(clip_norm=1.0), dict(skip_nonfinite=True),
+                                    dict(compute_norm=True)], ids=str)
+@pytest.mark.parametrize("warm", [False, True], ids=["first-step", "planned"])
+def test_norm_options_refuse_rows(option, warm, rng):
+    p = rng.standard_normal((4, 2))
+    opt = fastopt.Adam([p], lr=0.1)
+    g = fastopt.SparseGrad(np.array([1, 3]), rng.standard_normal((2, 2)))
+    if warm:
+        opt.step([g])
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match="need dense gradients.*grad_scale works"):
+        opt.step([g], **option)
+    assert_same_snapshot(before, snapshot(opt))
+
 # ---- sparse="exact": the steps a row missed, caught up in closed form ---------------------------
 
 # (class, hyperparameters): the rules and options whose exact run is the dense run with zero
@@ -366,6 +430,56 @@ def test_exact_param_group_and_mode_change(rng):
     np.testing.assert_allclose(a[2], a0[2] * 0.99 ** 5, rtol=1e-14)
     assert list(opt.state[1].row_step) == [4, 4, 5, 4, 4]
 
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_exact_after_lazy_steps_catches_up_only_what_rows_missed(index_dtype):
+    """row_step is the step that last updated a row, in lazy steps too: a group switched to
+    "lazy" and back to "exact" catches a row up through the steps it missed, not through the
+    lazy steps it took (SGD, weight decay: a zero-gradient step multiplies a row by 0.95)."""
+    p = np.ones((4, 2))
+    opt = fastopt.SGD([p], lr=0.1, weight_decay=0.5, sparse="exact")
+
+    def rows(*r):
+        return fastopt.SparseGrad(np.array(r, dtype=index_dtype), np.zeros((len(r), 2)))
+
+    for _ in range(2):
+        opt.step([rows(0)])                          # steps 1, 2
+    opt.param_groups[0]["sparse"] = "lazy"
+    for _ in range(3):                               # steps 3-5 (the first builds a plan,
+        opt.step([rows(0, 0)])                       # the others run it)
+    np.testing.assert_array_equal(opt.state[0].row_step, [5, 0, 0, 0])
+    opt.param_groups[0]["sparse"] = "exact"
+    opt.step([rows(0, 2)])                           # step 6
+    np.testing.assert_allclose(p[:, 0], [0.95 ** 6, 1, 0.95 ** 6, 1], rtol=1e-14)
+    np.testing.assert_array_equal(opt.state[0].row_step, [6, 0, 6, 0])
+    # dense steps while lazy update every row: an exact step then catches up the steps after
+    opt.param_groups[0]["sparse"] = "lazy"
+    for _ in range(2):
+        opt.step([np.zeros((4, 2))])                 # steps 7, 8: every row decays, no catch-up
+    opt.step([rows(3)])                              # step 9
+    np.testing.assert_array_equal(opt.state[0].row_step, [8, 8, 8, 9])
+    opt.param_groups[0]["sparse"] = "exact"
+    opt.step([rows(1, 3)])                           # step 10
+    np.testing.assert_allclose(p[:, 0], [0.95 ** 8, 0.95 ** 4, 0.95 ** 8, 0.95 ** 4], rtol=1e-14)
+    np.testing.assert_array_equal(opt.state[0].row_step, [8, 10, 8, 10])
+
+
+def test_lazy_steps_keep_row_step_in_a_group_beside_an_exact_one(rng):
+    """Two groups, one switched to lazy: its row_step follows its lazy steps (planned or not),
+    the exact group's is the C call's; a row untouched while lazy still lags from there."""
+    a, b = np.ones((5, 3)), np.ones((5, 3))
+    opt = fastopt.Momentum([{"params": [a]}, {"params": [b]}], lr=0.1, weight_decay=0.2,
+                           sparse="exact")
+    g = fastopt.SparseGrad(np.array([1, 4, 1]), rng.standard_normal((3, 3)))
+    opt.step([g, g])
+    opt.param_groups[1]["sparse"] = "lazy"
+    for _ in range(3):
+        opt.step([g, fastopt.SparseGrad(np.array([2]), rng.standard_normal((1, 3)))])
+    np.testing.assert_array_equal(opt.state[0].row_step, [0, 4, 0, 0, 4])
+    np.testing.assert_array_equal(opt.state[1].row_step, [0, 1, 4, 0, 1])
+    opt.step([g, np.zeros((5, 3))])
+    np.testing.assert_array_equal(opt.state[1].row_step, [5] * 5)
 
 def test_exact_row_step_in_checkpoints_and_checked(rng, tmp_path):
     p = rng.standard_normal((4, 3))

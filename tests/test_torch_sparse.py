@@ -99,6 +99,49 @@ def test_sparse_grad_is_used_where_it_lies():
     assert torch.equal(p[[1, 3, 4, 5, 6, 8, 9]], w[[1, 3, 4, 5, 6, 8, 9]])
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("hp", [dict(lr=0.05, momentum=0.9),
+                                dict(lr=0.05, momentum=0.9, nesterov=True),
+                                dict(lr=0.05, momentum=0.8, dampening=0.3)], ids=str)
+def test_sgd_momentum_checkpoint_from_torch_continues_as_torch(hp, dtype):
+    """torch's SGD keeps a sparse COO momentum buffer for sparse gradients: its checkpoint
+    loads into fastopt.torch.SGD (the buffer made dense) and training goes on with torch's
+    numbers; fastopt's checkpoint (a dense buffer) goes back into torch's SGD."""
+    torch.manual_seed(5)
+    theirs = torch.nn.Embedding(30, 4, sparse=True).to(dtype)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), **hp)
+
+    def train(module, opt, batches):
+        for indices, weights in batches:
+            opt.zero_grad()
+            (module(indices) * weights.to(dtype)[:, None]).pow(2).sum().backward()
+            opt.step()
+
+    batches = list(_batches(7, 30, steps=40))
+    train(theirs, opt_theirs, batches[:20])
+    checkpoint = copy.deepcopy(opt_theirs.state_dict())
+    assert checkpoint["state"][0]["momentum_buffer"].layout == torch.sparse_coo
+    ours = copy.deepcopy(theirs)
+    opt_ours = ft.SGD(ours.parameters(), **hp)
+    opt_ours.load_state_dict(checkpoint)
+    assert opt_ours.state[ours.weight]["momentum_buffer"].layout == torch.strided
+    train(theirs, opt_theirs, batches[20:30])
+    train(ours, opt_ours, batches[20:30])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(ours.weight, theirs.weight, **tol)
+    torch.testing.assert_close(opt_ours.state[ours.weight]["momentum_buffer"],
+                               opt_theirs.state[theirs.weight]["momentum_buffer"].to_dense(), **tol)
+    if hp.get("nesterov"):
+        return  # torch's own nesterov step cannot add a dense buffer to a sparse gradient
+    # and back: torch's SGD continues from fastopt's dense buffer
+    back = copy.deepcopy(ours)
+    opt_back = torch.optim.SGD(back.parameters(), **hp)
+    opt_back.load_state_dict(opt_ours.state_dict())
+    train(back, opt_back, batches[30:])
+    train(ours, opt_ours, batches[30:])
+    torch.testing.assert_close(ours.weight, back.weight, **tol)
+
 def _refused(opt, p, error, match):
     before = p.detach().clone()
     state = copy.deepcopy(opt.state_dict())
