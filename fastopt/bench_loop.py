@@ -260,23 +260,28 @@ def run(threads=None, quick=False, pause=None, seed=0):
                 ("torch foreach", "fastopt.torch", "step", "step after backward, torch foreach / fastopt.torch"),
                 ("torch fused", "fastopt.torch", "iteration", "whole iteration, torch fused / fastopt.torch")])
         cases, n = numpy_loop_cases(threads, seed)
+        shared = cases.pop(SHARED, None)
         rounds = 14 if quick else 60
         many = f"fastopt {threads} threads"
         print(f"numpy loop: two {MATMUL_N}x{MATMUL_N} float32 weights, np.dot of {MATMUL_N}x{MATMUL_N} "
               f"inputs with each, then {IN_LOOP_RULE}; {rounds} interleaved iterations each; load average {_load()}")
         results["numpy"] = m = _measure(cases, rounds, pause)
         m["elements"] = n
-        lines = [
+        _print_ratios(m, [
             ("fastopt 1 thread", many, "step", f"step after matmuls, fastopt 1 thread / {threads} threads"),
             ("numpy", many, "step", f"step after matmuls, numpy / fastopt {threads} threads"),
-            ("fastopt 1 thread", many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")]
-        if SHARED in cases:
-            lines += [
-                ("fastopt 1 thread", SHARED, "step",
-                 f"step after matmuls, fastopt 1 thread / {threads} threads with BLAS on fastopt's threads"),
-                ("fastopt 1 thread", SHARED, "iteration",
-                 f"whole iteration, fastopt 1 thread / {threads} threads with BLAS on fastopt's threads")]
-        _print_ratios(m, lines)
+            ("fastopt 1 thread", many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")])
+        if shared is not None:
+            # apart from the N-thread case: in one process the two would share fastopt's record
+            # of whether threads pay for this rule (csrc/threads.c), which that case's spinning
+            # OpenBLAS neighbours teach that they do not; a user's process runs one or the other
+            print(f"numpy loop with the matmuls on fastopt's threads (fastopt.share_blas_threads), "
+                  f"{threads} threads, against 1 thread; {rounds} interleaved iterations each")
+            one = "fastopt 1 thread"
+            results["numpy shared"] = m = _measure({one: cases[one], SHARED: shared}, rounds, pause)
+            _print_ratios(m, [
+                (one, SHARED, "step", f"step after matmuls, fastopt 1 thread / {threads} threads, shared"),
+                (one, SHARED, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads, shared")])
     finally:
         fastopt.set_num_threads(saved)
         fastopt.share_blas_threads(False)
