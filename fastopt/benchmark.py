@@ -400,6 +400,10 @@ def run_storage_table(rules, n, threads, budget_s, results):
           "tensors (vs t.fused) / this one's; B/el: bytes moved per element")
     print(STORAGE_HEADER)
     for rule in rules:
+        plain = RULES[rule][0].rule.plain_storage
+        if plain:
+            print(f"{rule:<10}(none: its {plain} need float32/float64 storage)")
+            continue
         for label in STORAGE_CASES:
             if label == "f32":
                 continue

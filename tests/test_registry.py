@@ -97,3 +97,16 @@ def test_a_rules_name_lives_in_at_most_eight_files():
                             or "(?!)")
         where = [os.path.relpath(p, ROOT) for p, t in texts.items() if word.search(longer.sub("", t))]
         assert len(where) <= 8, (crule, where)
+
+
+@pytest.mark.parametrize("rule", [r for r in rules.RULES if r.plain_storage and r.benchmark],
+                         ids=lambda r: r.name)
+def test_the_storage_table_names_a_rule_without_bfloat16_storage(rule, capsys):
+    """`python -m fastopt bench`'s bfloat16 table says a rule refuses bfloat16 storage (it ran
+    the rule's constructor with state_dtype="bfloat16", and the whole bench stopped there)."""
+    pytest.importorskip("ml_dtypes")
+    from fastopt import benchmark
+    results = []
+    benchmark.run_storage_table([rule.name], 1000, 1, 0.01, results)
+    assert f"{rule.name:<10}(none: its {rule.plain_storage} need float32/float64" in capsys.readouterr().out
+    assert results == []
