@@ -199,9 +199,12 @@ cdef class _IndexTable:
 
 
 cdef double _positive(str name, value) except? -1.0:
-    cdef double x = _nonnegative_real(name, value)
+    try:
+        x = _nonnegative_real(name, value)
+    except ValueError:
+        x = 0.0  # (its message says ">= 0")
     if x == 0.0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     return x
 
 

@@ -312,8 +312,9 @@ class Optimizer:
         checkpoint.save(self, path)
 
     def load(self, path):
-        """load_state_dict() from a file written by save(); never unpickles.  An unreadable
-        file raises ValueError("not a fastopt checkpoint: <path>: <reason>")."""
+        """load_state_dict() from a file written by save(); never unpickles.  A file that is
+        not a readable fastopt checkpoint raises ValueError("not a fastopt checkpoint: <path>:
+        <reason>"); a missing path or a folder, the OSError open() gives.  Nothing changes."""
         checkpoint.load(self, path)
 
     def __repr__(self):

@@ -1319,11 +1319,14 @@ class Lion(_Fastopt, torch.optim.Optimizer):
     ranges = (_LR, _WEIGHT_DECAY, *_BETAS)
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
-                 maximize=False, foreach=None, differentiable=False):
+                 maximize=False, foreach=None, differentiable=False, state_dtype=None,
+                 rounding="stochastic", seed=0, master_weights=False):
         _constructor_checks(lr, betas=betas, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize, foreach=foreach,
-                                      differentiable=differentiable))
+                                      differentiable=differentiable),
+                         state_dtype=state_dtype, rounding=rounding, seed=seed,
+                         master_weights=master_weights)
 
     def slots(self, hp):
         return ("exp_avg",)

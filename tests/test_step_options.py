@@ -1,6 +1,7 @@
 """opt.step's training-step options (unscale, skip non-finite, clip by the global norm) and the
 reduction pass under them, against float64 numpy written from the README's formulas."""
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -229,3 +230,10 @@ def test_ema_checkpoints_threads_and_errors(rng, tmp_path):
             fastopt.SGD(params, ema_decay=bad)
     with pytest.raises(ValueError):
         fastopt.SGD(params).ema_arrays()
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, math.inf, math.nan])
+def test_grad_scale_refusal_says_greater_than_zero(value):
+    opt = fastopt.Adam([np.ones(3)])
+    with pytest.raises(ValueError, match=r"grad_scale must be finite and > 0"):
+        opt.step([np.ones(3)], grad_scale=value)

@@ -21,7 +21,8 @@ def f32(t):
 
 CLASSES = [(ft.Adam, dict(lr=1e-2, weight_decay=0.1)), (ft.SGD, dict(lr=0.1, momentum=0.9)),
            (ft.Adagrad, dict(lr=0.1, initial_accumulator_value=0.1)),
-           (ft.RMSprop, dict(lr=1e-2, centered=True, momentum=0.5)), (ft.NAdam, dict(lr=1e-2))]
+           (ft.RMSprop, dict(lr=1e-2, centered=True, momentum=0.5)), (ft.NAdam, dict(lr=1e-2)),
+           (ft.Lion, dict(lr=1e-2, weight_decay=0.1))]
 
 
 @pytest.mark.parametrize("master", [False, True])
@@ -129,8 +130,11 @@ def test_refused_combinations():
 
 
 
-@pytest.mark.parametrize("cls,hp", CLASSES + [(ft.SGD, dict(lr=0.1))],
-                         ids=[c.__name__ for c, _ in CLASSES] + ["SGD-plain"])
+TORCH_HAS = [(cls, hp) for cls, hp in CLASSES if hasattr(torch.optim, cls.__name__)]
+
+
+@pytest.mark.parametrize("cls,hp", TORCH_HAS + [(ft.SGD, dict(lr=0.1))],
+                         ids=[c.__name__ for c, _ in TORCH_HAS] + ["SGD-plain"])
 def test_bfloat16_gradient_of_a_float32_parameter_without_storage_options(cls, hp):
     """torch lets a float32 parameter hold a bfloat16 gradient (p.grad_dtype = None): the
     kernels read it as bfloat16 (exact in float32), so every step, the planned ones included,
