@@ -91,13 +91,16 @@ typedef struct {
 static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake, done;
+    pthread_cond_t idle;    /* pool.busy cleared: a gang waiting for the pool may take it */
     _Atomic(job *) job;     /* the job open to workers, NULL when none */
     atomic_uint generation; /* bumped whenever a job is posted */
     atomic_int inside;      /* workers that may be touching the posted job */
     atomic_int caller_sleeping;
     atomic_int helpers;     /* workers the latest job asked for: only those spin */
     int sleepers, busy, started;
+    int gangs_waiting;      /* fo_blas_threads calls waiting on `idle` */
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+          .idle = PTHREAD_COND_INITIALIZER,
           .done = PTHREAD_COND_INITIALIZER};
 
 /* Whether threads pay, per span function (rule and dtype); under pool.lock. */
@@ -246,6 +249,15 @@ static void gang_work(job *j)
     }
 }
 
+/* A thread's share of job j: a gang's jobs, or pieces of a step */
+static void take_part(job *j, int is_caller)
+{
+    if (j->gang)
+        gang_work(j);
+    else
+        work(j, is_caller);
+}
+
 static void run_alone(const job *j)
 {
     for (size_t t = 0; t < j->count; t++)
@@ -376,12 +388,7 @@ static void *worker(void *arg)
          * closing the job, so a job seen here stays alive until this worker counts out */
         atomic_fetch_add(&pool.inside, 1);
         job *j = atomic_load(&pool.job);
-        if (j && atomic_fetch_sub(&j->slots, 1) > 0) {
-            if (j->gang)
-                gang_work(j);
-            else
-                work(j, 0);
-        }
+        if (j && atomic_fetch_sub(&j->slots, 1) > 0) take_part(j, 0);
         if (atomic_fetch_sub(&pool.inside, 1) == 1 && atomic_load(&pool.caller_sleeping)) {
             pthread_mutex_lock(&pool.lock);
             pthread_cond_signal(&pool.done);
@@ -398,11 +405,12 @@ static void reset_after_fork(void)
     pthread_mutex_init(&pool.lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
+    pthread_cond_init(&pool.idle, NULL);
     atomic_store(&pool.job, NULL);
     atomic_store(&pool.inside, 0);
     atomic_store(&pool.caller_sleeping, 0);
     atomic_store(&pool.helpers, 0);
-    pool.sleepers = pool.busy = pool.started = 0;
+    pool.sleepers = pool.busy = pool.started = pool.gangs_waiting = 0;
     verdicts_used = 0;
     for (int i = 0; i < FO_VERDICTS; i++) verdicts[i] = (verdict){0};
     gomp_forbidden = 1;
@@ -417,6 +425,13 @@ static void register_atfork(void)
         pthread_atfork(NULL, NULL, reset_after_fork);
         registered = 1;
     }
+}
+
+/* Under pool.lock: the call that held the pool is done with it. */
+static void release_pool(void)
+{
+    pool.busy = 0;
+    if (pool.gangs_waiting) pthread_cond_broadcast(&pool.idle);
 }
 
 /* Under pool.lock: make sure `want` workers exist; returns how many do. */
@@ -445,10 +460,7 @@ static void run_on_own_pool(job *j, int helpers)
     if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
 
-    if (j->gang)
-        gang_work(j);
-    else
-        work(j, 1);
+    take_part(j, 1);
     const double finished = j->caller_done = now();
     atomic_store(&pool.job, NULL); /* no worker joins from here on */
     /* a worker still in a piece: poll for about one short piece's time, then sleep, which
@@ -513,7 +525,7 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
     const double end = now();
     if (way == ALONE || gomp || helpers > 0) /* (the calling thread is always in the team) */
         record(v, way, &j, end - start, j.caller_done > 0 ? end - j.caller_done : 0);
-    pool.busy = 0;
+    release_pool();
     pthread_mutex_unlock(&pool.lock);
 }
 
@@ -540,11 +552,9 @@ void fo_blas_threads(int sync, fo_blas_job_fn dojob, int numjobs, size_t jobdata
              .gang_stride = jobdata_stride, .gang_arg = dojob_arg};
     pthread_mutex_lock(&pool.lock);
     register_atfork();
-    while (pool.busy) {
-        pthread_mutex_unlock(&pool.lock);
-        sched_yield();
-        pthread_mutex_lock(&pool.lock);
-    }
+    pool.gangs_waiting++;
+    while (pool.busy) pthread_cond_wait(&pool.idle, &pool.lock);
+    pool.gangs_waiting--;
     pool.busy = 1;
     const int helpers = ensure_workers(numjobs - 1);
     j.caller = pthread_self();
@@ -556,6 +566,6 @@ void fo_blas_threads(int sync, fo_blas_job_fn dojob, int numjobs, size_t jobdata
         gang_work(&j);
         pthread_mutex_lock(&pool.lock);
     }
-    pool.busy = 0;
+    release_pool();
     pthread_mutex_unlock(&pool.lock);
 }
