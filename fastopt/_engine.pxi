@@ -902,9 +902,8 @@ cdef tuple _span(cnp.ndarray a):
 
 
 # The largest step count a state may hold (loaded, given to fastopt.functional, or checked
-# before a step): the rules compute with t in
-# double, exact up to 2**53, and from there the engine's int64 t + 1 is 2**63 - 2**53 steps
-# away from overflowing.
+# before a step): the rules compute with t in double, exact up to 2**53, and from there the
+# engine's int64 t + 1 is 2**63 - 2**53 steps away from overflowing.
 MAX_STEP = 2 ** 53
 
 
@@ -1094,18 +1093,16 @@ cdef class _Table:
         return True
 
     cdef void restore_counters(self):
+        """The counters back to what the last planned step left."""
         cdef Py_ssize_t i
-        cdef cnp.ndarray now, left
         for i in range(len(self.counters_left)):
-            now, left = self.counters[i], self.counters_left[i]
-            memcpy(cnp.PyArray_DATA(now), cnp.PyArray_DATA(left), cnp.PyArray_NBYTES(left))
+            _copy_bytes(self.counters[i], self.counters_left[i])
 
     cdef void keep_counters(self):
+        """What this step left in the counters, for the next step's comparison."""
         cdef Py_ssize_t i
-        cdef cnp.ndarray now, left
         for i in range(len(self.counters_left)):
-            now, left = self.counters[i], self.counters_left[i]
-            memcpy(cnp.PyArray_DATA(left), cnp.PyArray_DATA(now), cnp.PyArray_NBYTES(left))
+            _copy_bytes(self.counters_left[i], self.counters[i])
 
     cdef int run(self, CRule rule, Hyper hyper, double grad_multiplier=1.0) except -1:
         cdef int status
@@ -1127,6 +1124,11 @@ cdef class _Table:
         free(self.rows)
         for k in range(8):
             free(self.ptrs[k])
+
+
+cdef inline void _copy_bytes(cnp.ndarray dst, cnp.ndarray src) noexcept:
+    """dst's bytes <- src's (two arrays of one size: a counter and its copy)."""
+    memcpy(cnp.PyArray_DATA(dst), cnp.PyArray_DATA(src), cnp.PyArray_NBYTES(src))
 
 
 cdef inline bint _same_bytes(cnp.ndarray a, cnp.ndarray b):
@@ -1253,9 +1255,6 @@ cdef class ObjectPlan:
     cdef CRule rule
     cdef object groups_list, mark_written, written
     cdef _StateSnapshot state
-    # the state buffers' storages: a buffer whose storage is swapped in place (t.data = ...)
-    # keeps its identity, and the tables' pointers must stay valid memory
-    cdef object keep_alive
     cdef list groups, members, hps, keys, tables
     cdef _Spans spans
     # the tensor type's own getter of .grad and its methods, called without attribute lookups
@@ -1266,9 +1265,8 @@ cdef class ObjectPlan:
     cdef object grad_descr, known_type, known_param, is_contiguous, data_ptr
 
     def __cinit__(self, CRule rule, front, list groups, mark_written, list written,
-                  list written_spans, tensor_type=None, keep_alive=None):
+                  list written_spans, tensor_type=None):
         self.rule = rule
-        self.keep_alive = keep_alive
         self.grad_of = self.dtype_of = self.nbytes_of = NULL
         if tensor_type is not None:
             self.grad_of = _getset(tensor_type, "grad")
@@ -1363,10 +1361,9 @@ cdef class ObjectPlan:
         cdef list members, params_list
         cdef uintptr_t at
         cdef bint shaped = self.rule.shaped_state, getter = self.grad_of != NULL
-        for gi in range(len(self.groups)):
-            for table in self.groups[gi][5]:
-                if not table.counters_unchanged():
-                    return False
+        for table in self.tables:
+            if not table.counters_unchanged():
+                return False
         # every check first; a gradient's address goes straight into its table, which only a
         # complete pass of checks lets run
         for gi in range(len(self.groups)):

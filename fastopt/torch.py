@@ -394,8 +394,7 @@ class _Fastopt:
                           if state for t in state.values() if isinstance(t, torch.Tensor)]
         return _kernels.ObjectPlan(_kernels.RULES[self.kernel], self, groups,
                                    torch.autograd.graph.increment_version, written,
-                                   [_span(t) for t in written + states_written], torch.Tensor,
-                                   [t.untyped_storage() for t in states_written])
+                                   [_span(t) for t in written + states_written], torch.Tensor)
 
     def refreshed_hyperparameters(self, index, group, hp):
         """A planned group's values changed (an lr schedule): the new hyperparameters, checked
