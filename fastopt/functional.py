@@ -68,8 +68,14 @@ def step_one(rule, param, grad, state, given):
             check_state(rule, param, state, "state")
             step = int(state.step)
         given = dict(given, lr=schedule(step + 1))
+    _step_fixed(rule, param, grad, state, given)
+
+
+def _step_fixed(rule, param, grad, state, given):
+    """One update with fixed numbers: the rule's (cached) check, a start value against a fresh
+    state, the engine's C-speed checks and step, the full validation where those refuse."""
     hp, hyper = rule.check(given, copy=False)
-    if not set(rule.fill.values()).isdisjoint(given):
+    if rule.fill and not rule.fill_hyperparameters.isdisjoint(given):
         check_initial_values(rule, param, state, hp, given)
     try:
         done = _kernels.run_single(rule.crule, hyper, STATE_TYPES[rule.state], param, grad, state)
@@ -106,25 +112,12 @@ def _function(rule):
                                      default=inspect.Parameter.empty if d is REQUIRED else d)
                    for name, d, _ in rule.params if name not in rule.fixed]
 
-    crule, state_type, check, run_single = (rule.crule, STATE_TYPES[rule.state], rule.check,
-                                            _kernels.run_single)
     schedule_type = _kernels.Schedule
-    fill_hyperparameters = frozenset(rule.fill.values())  # checked against a fresh state
 
     def function(param, grad, state, **hyperparameters):
-        # fixed numbers (no schedule): step_one's steps in this one frame (the cached check,
-        # the engine's C-speed checks), the full validation only where those refuse
         if type(hyperparameters.get("lr")) is schedule_type:
             return step_one(rule, param, grad, state, hyperparameters)
-        hp, hyper = check(hyperparameters, copy=False)
-        if fill_hyperparameters and not fill_hyperparameters.isdisjoint(hyperparameters):
-            check_initial_values(rule, param, state, hp, hyperparameters)
-        try:
-            done = run_single(crule, hyper, state_type, param, grad, state)
-        except OverflowError:  # a step count past int64's end: _validated_step names it
-            done = False
-        if not done:
-            _validated_step(rule, param, grad, state, hyper)
+        _step_fixed(rule, param, grad, state, hyperparameters)  # (no schedule to evaluate)
 
     function.__name__ = function.__qualname__ = rule.function
     function.__signature__ = inspect.Signature(parameters)

@@ -55,6 +55,7 @@ class Rule:
         self.kinds = {k: kind for k, _, kind in self.params}
         self.keyword_only = tuple(keyword_only)
         self.fill = dict(fill or {})
+        self.fill_hyperparameters = frozenset(self.fill.values())
         self.c_fields = c_fields
         self.doc = doc
         self.benchmark = benchmark  # (hyperparameters, memory streams per element) or None
