@@ -157,8 +157,8 @@ def as_float(name, x):
     try:
         return float(x)
     except OverflowError:
-        shown = repr(x) if len(repr(x)) <= 40 else repr(x)[:37] + "..."
-        raise ValueError(f"{name} must be finite, got {shown} (too large for a double)") from None
+        raise ValueError(f"{name} must be finite, got {_kernels.short_repr(x)} (too large for a "
+                         "double)") from None
 
 
 def nonnegative(name, x):

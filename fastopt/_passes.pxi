@@ -217,9 +217,14 @@ cdef double _nonnegative_real(str name, value) except? -1.0:
     except OverflowError:  # an int too large for a double: a value error, named
         x = INFINITY
     if not (x >= 0.0) or isinf(x):
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise ValueError(f"{name} must be finite and >= 0, got {shown}")
+        raise ValueError(f"{name} must be finite and >= 0, got {short_repr(value)}")
     return x
+
+
+def short_repr(value):
+    """repr(value) cut to 40 characters (10**400 has 401 digits), for error messages."""
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 cdef void _gradient_batch(fo_batch *b, size_t count, const size_t *n, void **grads,
