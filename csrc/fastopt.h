@@ -33,7 +33,7 @@
 extern "C" {
 #endif
 
-#define FO_API_VERSION 6 /* 6: fo_blas_threads */
+#define FO_API_VERSION 7 /* 6: fo_blas_threads; 7: fo_step_options.ema_bfloat16, fo_norm of bfloat16 */
 
 /* ---- the rules -----------------------------------------------------------------------------
  * X(rule, state buffers...): each rule's name and its state buffers, in the order of its
@@ -266,10 +266,15 @@ typedef struct {
      * the one helper every rule's prepare part uses: 1.0 leaves the gradient as it is; it must
      * be finite and >= 0 (unscaling by 1/scale and clipping by the factor of a global norm) */
     double grad_multiplier;
-    /* NULL, or per tensor an EMA buffer (the parameter's storage type) updated after the rule,
-     * in the same pass:  ema <- ema_decay * ema + (1 - ema_decay) * theta  (0 <= decay <= 1) */
+    /* NULL, or per tensor an EMA buffer updated after the rule, in the same pass:
+     *   ema <- ema_decay * ema + (1 - ema_decay) * theta  (0 <= decay <= 1)
+     * computed as the rule (float32, float64 for float64 parameters; theta the master copy
+     * with master weights), stored in the compute type, or in bfloat16 where ema_bfloat16 is
+     * nonzero (rounded as the batch's other bfloat16 writes: its buffer number for stochastic
+     * rounding is 2 + the rule's state buffers, plus 1 for LAMB/LARS/Adafactor's slot) */
     void *const *ema;
     double ema_decay;
+    int ema_bfloat16;
 } fo_step_options;
 
 /* fo_step with options (NULL: fo_step itself).  A refused option is named in err like a
@@ -279,7 +284,8 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
 
 /*
  * The reduction pass: over buffer `buffer` (0 the parameters, 1 the gradients, ...) of every
- * tensor of `batch`, with the buffer's storage type, computed in double:
+ * tensor of `batch`, with the buffer's storage type (float32, float64 or bfloat16, whose
+ * values are exactly float32's: the same results as over a float32 copy), computed in double:
  *   p > 0 finite:  sum |x|^p         (p = 2: the sum of squares; p = 1: the sum of |x|)
  *   p = INFINITY:  max |x|           (NaN if any element is NaN)
  *   p = 0:         the count of nonzero elements

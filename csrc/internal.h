@@ -45,6 +45,11 @@ typedef struct {
                                     which keys stochastic rounding (a touched row's: row x
                                     row_len, rows.c); NULL for 0 */
     fo_bf16_round_fn to_nearest; /* float32 -> bfloat16, to nearest even (chosen per CPU) */
+    /* a staged call's EMA of the weights (fo_step_with): its buffer (0: none), updated in each
+     * block right after the rule, from the staged parameter (or master); unstaged calls take
+     * the EMA through the ema span instead */
+    int ema_buffer;
+    double ema_decay;
     /* row rules (FO_ROW_RULES): per tensor its row length, and the buffers (bit k: buffer k)
      * that hold one value per row; a span then covers whole rows (rows.c) */
     const size_t *row_len;
@@ -130,6 +135,7 @@ typedef struct {
      * (value, and a sum of x - x: NaN iff an element is inf or NaN); `at` a multiple of
      * FO_NORM_BLOCK (fo_run_blocks) */
     fo_span_fn norm[2];
+    fo_span_fn norm_bf16; /* the norm over bfloat16 buffers (widened to float: exact) */
     fo_span_fn ema[2];   /* the rule's span, then the EMA (scalars: fo_ema_scalars) */
     fo_span_fn scale[2]; /* b[0] *= factor (scalars: one double) */
 } fo_loops;

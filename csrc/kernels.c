@@ -412,16 +412,21 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     }
     if (batch->master && param_dtype != FO_BFLOAT16) return FO_ERR_DTYPE;
     call.staged |= batch->master != NULL;
+    if (has_ema) { /* the compute type or bfloat16, after the rule's buffers */
+        bufs[n_own] = opt->ema;
+        used[n_used++] = n_own;
+        call.dtype[n_own] = opt->ema_bfloat16 ? FO_BFLOAT16 : param_dtype == FO_FLOAT64 ? FO_FLOAT64
+                                                                                   : FO_FLOAT32;
+        call.staged |= opt->ema_bfloat16 != 0;
+        if (call.staged) { /* in each block of the rule's span (loops.inc) */
+            call.ema_buffer = n_own;
+            call.ema_decay = opt->ema_decay;
+        }
+    }
     /* a per-tensor pass reads the buffers as they are stored: the compute type only */
     if (call.staged && (tensor_passes[rule].scalar || factored)) return FO_ERR_DTYPE;
     const int row_rule = FO_IS_ROW_RULE(rule); /* its state: one value per row, unstaged */
     if (call.staged && row_rule) return FO_ERR_DTYPE;
-    if (has_ema) { /* in the parameter's storage type, which must be the compute type */
-        if (call.staged) return FO_ERR_DTYPE;
-        bufs[n_own] = opt->ema;
-        used[n_used++] = n_own;
-        call.dtype[n_own] = param_dtype;
-    }
     if (count == 0) return FO_OK;
     if (!batch->n) return FO_ERR_NULL;
     for (int i = 0; i < n_used; i++)
@@ -485,8 +490,9 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     call.to_nearest = active_to_nearest;
     const fo_ema_scalars ema = {rule_span, &call, n_own, has_ema ? opt->ema_decay : 0.0};
     const fo_call ema_call = {.scalars = &ema, .n_bufs = n_bufs};
-    const fo_span_fn span = has_ema ? fo_active()->ema[which] : rule_span;
-    const fo_call *span_call = has_ema ? &ema_call : &call;
+    const int ema_span = has_ema && !call.ema_buffer; /* (a staged call's: in its blocks) */
+    const fo_span_fn span = ema_span ? fo_active()->ema[which] : rule_span;
+    const fo_call *span_call = ema_span ? &ema_call : &call;
     if (tensor_passes[rule].scalar || factored) {
         if (any_rows) { /* a norm over the touched rows is not the tensor's */
             err->field = "rows";
@@ -537,7 +543,7 @@ int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, dou
     FO_REQUIRE(p >= 0.0, "p", "must be >= 0 (INFINITY: the max norm)"); /* NaN fails */
     if (buffer < 0 || buffer >= FO_MAX_BUFFERS) return FO_ERR_NULL;
     const int dtype = batch->dtype[buffer];
-    if (dtype != FO_FLOAT32 && dtype != FO_FLOAT64) return FO_ERR_DTYPE;
+    if (dtype != FO_FLOAT32 && dtype != FO_FLOAT64 && dtype != FO_BFLOAT16) return FO_ERR_DTYPE;
     const size_t count = batch->count;
     void *const *data = batch->buffers[buffer];
     if (count && (!batch->n || !data)) return FO_ERR_NULL;
@@ -557,9 +563,10 @@ int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, dou
                                : isinf(p)  ? FO_NORM_MAX : p == 0.0 ? FO_NORM_NONZERO
                                            : FO_NORM_POWER, p};
     const fo_call call = {.scalars = &s, .n_bufs = 2};
-    const fo_span_fn span = fo_active()->norm[dtype == FO_FLOAT64 ? FO_F64 : FO_F32];
+    const fo_span_fn span = dtype == FO_BFLOAT16 ? fo_active()->norm_bf16
+                            : fo_active()->norm[dtype == FO_FLOAT64 ? FO_F64 : FO_F32];
     const int is_max = s.kind == FO_NORM_MAX;
-    const size_t elem_size = dtype == FO_FLOAT64 ? sizeof(double) : sizeof(float);
+    const size_t elem_size = dtype_size(dtype);
 
     /* every block's (value, x - x sum), then combined in block order: the same order however
      * the blocks were shared out.  Without memory for them, the blocks run here, in order. */

@@ -214,7 +214,8 @@ cdef class Batch:
     """
     cdef CRule rule
     cdef Storage storage
-    cdef bint f64, bf16_grads
+    cdef bint f64
+    cdef int grad_dtype  # the gradients' fo_dtype (the reduction pass reads them as stored)
     cdef int grad_typenum
     cdef Py_ssize_t count
     cdef int n_bufs
@@ -228,6 +229,7 @@ cdef class Batch:
     cdef Py_ssize_t step_offset  # of the struct's `step` field, or -1
     cdef void **ema              # per tensor its state's EMA buffer (set_ema), or NULL
     cdef double ema_decay
+    cdef bint ema_bfloat16       # the EMA buffers are bfloat16 (else the compute type)
     cdef list emas
     cdef Schedule schedule       # the group's lr schedule, or None
     cdef Py_ssize_t lr_offset    # of the struct's `lr` field, where the schedule's value goes
@@ -262,7 +264,7 @@ cdef class Batch:
         self.grad_typenum = (<cnp.dtype>grad_dtype).type_num
         dtypes = [_fo_dtype((<cnp.ndarray>params[0]).dtype), _fo_dtype(grad_dtype)]
         self.f64 = dtypes[0] == FO_FLOAT64
-        self.bf16_grads = dtypes[1] == FO_BFLOAT16
+        self.grad_dtype = dtypes[1]
         for slot, name in zip(self.slots, rule.state):
             b = getattr(states[0], name) if slot is not None else None  # (None: not its buffer)
             dtypes.append(_fo_dtype(b.dtype) if b is not None else dtypes[0])
@@ -450,9 +452,11 @@ cdef class Batch:
                 self.last_steps[t] = <int64_t *>cnp.PyArray_DATA(<cnp.ndarray>self.row_steps[t])
 
     def set_ema(self, double decay):
-        """Update each state's `ema` buffer in the same pass as the rule."""
+        """Update each state's `ema` buffer in the same pass as the rule (every tensor's
+        stored alike: the caller groups them so)."""
         cdef Py_ssize_t t
         self.emas = [s.ema for s in self.states]
+        self.ema_bfloat16 = _fo_dtype((<cnp.ndarray>self.emas[0]).dtype) == FO_BFLOAT16
         self.ema = <void **>calloc(max(self.count, 1), sizeof(void *))
         if self.ema == NULL:
             raise MemoryError()
@@ -468,10 +472,7 @@ cdef class Batch:
 
     cdef int reduce_into(self, StepOptions options) except -1:
         """The reduction pass over this batch's gradients (taken by take_grads)."""
-        if self.bf16_grads:
-            raise TypeError("clip_norm, skip_nonfinite and compute_norm do not take bfloat16 "
-                            "gradients yet")
-        return options.add(self.f64, self.count, self.ptrs[1], self.sizes, self.index,
+        return options.add(self.grad_dtype, self.count, self.ptrs[1], self.sizes, self.index,
                            self.scratch)
 
     cdef void *_next_hyper(self) noexcept:
@@ -529,6 +530,7 @@ cdef class Batch:
             with_ema.grad_multiplier = options.c.grad_multiplier if options is not None else 1.0
             with_ema.ema = self.ema
             with_ema.ema_decay = self.ema_decay
+            with_ema.ema_bfloat16 = self.ema_bfloat16
             opt = &with_ema
         cdef const fo_rows *rows = self.rows if self.any_rows or self.shapes is not None else NULL
         with nogil:
@@ -1108,6 +1110,7 @@ cdef class _Table:
         cdef int status
         cdef fo_step_options opt
         opt.grad_multiplier, opt.ema, opt.ema_decay = grad_multiplier, NULL, 0.0
+        opt.ema_bfloat16 = 0
         if self.storage is not None:
             with nogil:
                 status = self.storage.run(rule.id, self.count, self.ptrs, self.n_bufs, self.n,

@@ -97,6 +97,7 @@ cdef extern from "fastopt.h" nogil:
         double grad_multiplier
         void **ema
         double ema_decay
+        int ema_bfloat16
     int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_options *opt,
                      fo_error *err)
     int FO_NORM_BLOCK

@@ -74,6 +74,7 @@ cdef class StepOptions:
         self.c.grad_multiplier = 1.0 / self.grad_scale
         self.c.ema = NULL
         self.c.ema_decay = 0.0
+        self.c.ema_bfloat16 = 0
 
     def __dealloc__(self):
         free(self.per_param)
@@ -82,14 +83,15 @@ cdef class StepOptions:
         memset(self.per_param, 0, max(self.n_params, 1) * sizeof(double))
         self.nonfinite = False
 
-    cdef int add(self, bint f64, size_t count, void **grads, const size_t *n,
+    cdef int add(self, int dtype, size_t count, void **grads, const size_t *n,
                  const Py_ssize_t *index, double *scratch) except -1:
-        """The sums of squares of `count` gradients, parameter index[t] for gradient t."""
+        """The sums of squares of `count` gradients stored as `dtype` (an fo_dtype),
+        parameter index[t] for gradient t."""
         cdef fo_batch b
         cdef int status, nonfinite = 0
         cdef double total
         cdef size_t t
-        _gradient_batch(&b, count, n, grads, f64)
+        _gradient_batch(&b, count, n, grads, dtype)
         with nogil:
             status = fo_norm(&b, 1, 2.0, scratch, &total, &nonfinite, NULL)
         _check(status)
@@ -101,9 +103,9 @@ cdef class StepOptions:
     cdef int add_arrays(self, list grads) except -1:
         """add() over every gradient (validated arrays), one call per dtype."""
         cdef Py_ssize_t i, m
-        for f64 in (False, True):
-            chosen = [i for i in range(len(grads))
-                      if ((<cnp.ndarray>grads[i]).dtype.itemsize == 8) == f64]
+        dtypes = [_fo_dtype((<cnp.ndarray>g).dtype) for g in grads]
+        for dtype in (FO_FLOAT32, FO_FLOAT64, FO_BFLOAT16):
+            chosen = [i for i in range(len(grads)) if dtypes[i] == dtype]
             m = len(chosen)
             if m == 0:
                 continue
@@ -112,7 +114,7 @@ cdef class StepOptions:
                 table.ptrs[i] = cnp.PyArray_DATA(<cnp.ndarray>grads[chosen[i]])
                 table.n[i] = cnp.PyArray_SIZE(<cnp.ndarray>grads[chosen[i]])
                 table.index[i] = chosen[i]
-            self.add(f64, m, table.ptrs, table.n, table.index, table.scratch)
+            self.add(dtype, m, table.ptrs, table.n, table.index, table.scratch)
         return 0
 
     cdef bint finish(self) except -1:
@@ -155,21 +157,21 @@ cdef class StepOptions:
 
     def reduce_tables(self, GradTables tables):
         """The reduction pass over gather_grads' gradients (fastopt.torch's step with
-        clip_norm): the float32 ones, then the float64 ones, each in parameter order; True if
-        the update goes ahead."""
+        clip_norm): the float32, then the float64, then the bfloat16 ones, each in parameter
+        order; True if the update goes ahead."""
         cdef int k
         cdef size_t t, at = 0
         self.start()
         if self.reduce:
-            if <Py_ssize_t>(tables.count[0] + tables.count[1]) > self.n_params:
+            if <Py_ssize_t>(tables.count[0] + tables.count[1] + tables.count[2]) > self.n_params:
                 raise ValueError("reduce_tables: more gradients than the options' n_params")
-            for k in range(2):
+            for k in range(3):
                 if tables.count[k] == 0:
                     continue
                 table = _IndexTable(tables.count[k])
                 for t in range(tables.count[k]):
                     (<_IndexTable>table).index[t] = at + t
-                self.add(k == 1, tables.count[k], tables.ptrs[k], tables.n[k],
+                self.add(GRAD_TABLE_DTYPES[k], tables.count[k], tables.ptrs[k], tables.n[k],
                          (<_IndexTable>table).index, (<_IndexTable>table).scratch)
                 at += tables.count[k]
         return self.finish()
@@ -228,11 +230,12 @@ def short_repr(value):
 
 
 cdef void _gradient_batch(fo_batch *b, size_t count, const size_t *n, void **grads,
-                          bint f64) noexcept:
-    """A batch of gradients alone (buffer 1), as the reduction pass reads them."""
+                          int dtype) noexcept:
+    """A batch of gradients alone (buffer 1) stored as `dtype`, as the reduction pass reads
+    them."""
     cdef void **bufs[2]
     bufs[0], bufs[1] = NULL, grads
-    plain_batch(b, count, n, bufs, 2, FO_FLOAT64 if f64 else FO_FLOAT32, NULL)
+    plain_batch(b, count, n, bufs, 2, dtype, NULL)
 
 
 def norms(list addresses, list sizes, double p, bint f64):
@@ -248,7 +251,7 @@ def norms(list addresses, list sizes, double p, bint f64):
     cdef fo_batch b
     cdef int status, nonfinite = 0
     cdef double total
-    _gradient_batch(&b, m, table.n, table.ptrs, f64)
+    _gradient_batch(&b, m, table.n, table.ptrs, FO_FLOAT64 if f64 else FO_FLOAT32)
     with nogil:
         status = fo_norm(&b, 1, p, table.scratch, &total, &nonfinite, NULL)
     if status == FO_ERR_HYPERPARAM:
@@ -266,20 +269,24 @@ cdef inline int _run_with(int rule, bint f64, size_t count, void ***ptrs, int n_
     return fo_step_with(rule, &b, hp, opt, NULL)
 
 
+# GradTables' tables, in order
+cdef int[3] GRAD_TABLE_DTYPES = [FO_FLOAT32, FO_FLOAT64, FO_BFLOAT16]
+
+
 cdef class GradTables:
-    """The gradients of a list of torch parameters, for fastopt.torch.clip_grad_norm_: C
-    tables of the float32 and of the float64 ones (data pointer, element count; in order),
-    filled in one pass and used by both the norm and the scaling pass, and the gradients
-    themselves (`grads`)."""
-    cdef void **ptrs[2]
-    cdef size_t *n[2]
-    cdef size_t count[2]
+    """The gradients of a list of torch parameters, for fastopt.torch.clip_grad_norm_ and
+    step(clip_norm=...): C tables of the float32, the float64 and the bfloat16 ones (data
+    pointer, element count; in order), filled in one pass and used by both the norm and the
+    scaling pass, and the gradients themselves (`grads`)."""
+    cdef void **ptrs[3]
+    cdef size_t *n[3]
+    cdef size_t count[3]
     cdef double *per_tensor
     cdef readonly list grads
 
     def __dealloc__(self):
         cdef int k
-        for k in range(2):
+        for k in range(3):
             free(self.ptrs[k])
             free(self.n[k])
         free(self.per_tensor)
@@ -289,22 +296,22 @@ cdef class GradTables:
         return self.count[1] > 0
 
     cdef int _fo_batch(self, int k, fo_batch *b) noexcept:
-        """The float32 (k = 0) or float64 (k = 1) gradients as buffer 0 of a batch."""
+        """Table k's gradients (GRAD_TABLE_DTYPES[k]) as buffer 0 of a batch."""
         cdef void **bufs[1]
         bufs[0] = self.ptrs[k]
-        plain_batch(b, self.count[k], self.n[k], bufs, 1, FO_FLOAT64 if k else FO_FLOAT32, NULL)
+        plain_batch(b, self.count[k], self.n[k], bufs, 1, GRAD_TABLE_DTYPES[k], NULL)
         return 0
 
     def norm(self, double p):
         """(value, nonzero_tensors): fo_norm over every gradient -- the sum of |g|^p (p = 2:
-        squares, 1: |g|; inf: the max of |g|, NaN if any is NaN) over float32 then float64,
-        and, for p = 0 only, the count of gradients with a nonzero element (else 0)."""
+        squares, 1: |g|; inf: the max of |g|, NaN if any is NaN) over float32, float64 then
+        bfloat16, and, for p = 0 only, the count of gradients with a nonzero element (else 0)."""
         cdef fo_batch b
         cdef int k, status, nonfinite
         cdef double value = -INFINITY if isinf(p) else 0.0, part
         cdef size_t t, nonzero = 0
         cdef bint is_max = isinf(p)
-        for k in range(2):
+        for k in range(3):
             if self.count[k] == 0:
                 continue
             self._fo_batch(k, &b)
@@ -324,9 +331,12 @@ cdef class GradTables:
         return value, nonzero
 
     def scale(self, double factor):
-        """Every gradient *= factor (rounded to its dtype), through the threads: fo_scale."""
+        """Every gradient *= factor (rounded to its dtype), through the threads: fo_scale
+        (float32 and float64 gradients: gather_grads without bf16 returns None for others)."""
         cdef fo_batch b
         cdef int k, status
+        if self.count[2]:
+            raise TypeError("GradTables.scale: bfloat16 gradients are not scaled here")
         for k in range(2):
             if self.count[k] == 0:
                 continue
@@ -336,16 +346,17 @@ cdef class GradTables:
             _check(status)
 
 
-def gather_grads(list params, tensor_type, f32, f64):
+def gather_grads(list params, tensor_type, f32, f64, bf16=None):
     """The gradients of `params` as GradTables; or None if one is not a plain dense contiguous
-    float32/float64 CPU tensor (torch's own function is then the one that handles them).  One
-    Cython loop: a few attribute reads per tensor, straight into the C tables."""
+    float32/float64 (or, where bf16 is torch.bfloat16, bfloat16) CPU tensor (torch's own
+    function is then the one that handles them).  One Cython loop: a few attribute reads per
+    tensor, straight into the C tables."""
     cdef Py_ssize_t cap = max(len(params), 1)
     cdef GradTables tables = GradTables.__new__(GradTables)
     cdef int k
     cdef size_t at
     cdef list grads = []
-    for k in range(2):
+    for k in range(3):
         tables.ptrs[k] = <void **>calloc(cap, sizeof(void *))
         tables.n[k] = <size_t *>calloc(cap, sizeof(size_t))
         tables.count[k] = 0
@@ -379,6 +390,8 @@ def gather_grads(list params, tensor_type, f32, f64):
             k = 0
         elif dtype is f64:
             k = 1
+        elif dtype is bf16 and bf16 is not None:
+            k = 2
         else:
             return None
         if not (is_cpu.get(g, is_cpu.closure) if is_cpu != NULL else g.is_cpu):
@@ -398,7 +411,11 @@ def gather_grads(list params, tensor_type, f32, f64):
 
 
 cdef inline bint any_null(void ***ptrs, size_t **n) noexcept:
-    return ptrs[0] == NULL or ptrs[1] == NULL or n[0] == NULL or n[1] == NULL
+    cdef int k
+    for k in range(3):
+        if ptrs[k] == NULL or n[k] == NULL:
+            return True
+    return False
 
 
 cdef PyGetSetDef *_getset(object owner, str name):

@@ -71,11 +71,6 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__}'s {self.rule.plain_storage} need float32/float64 "
                                  f"storage; params[{i}] is {p.dtype} with state_dtype "
                                  f"{self.storage_options['state_dtype']!r} (not bfloat16 yet)")
-            if ema_decay is not None and (storage.is_bf16(p.dtype) or
-                                          self.storage_options["state_dtype"] == "bfloat16"):
-                raise ValueError(f"ema_decay needs float32/float64 storage; params[{i}] is "
-                                 f"{p.dtype} with state_dtype "
-                                 f"{self.storage_options['state_dtype']!r} (not bfloat16 yet)")
         seen = {}
         for i, p in enumerate(params):
             if id(p) in seen:
@@ -91,7 +86,8 @@ class Optimizer:
     def ema_decay(self):
         """None, or the decay d of the weights' moving average that every step updates after
         the rule, in the same pass:  ema <- d ema + (1 - d) theta  (ema starts as the parameter
-        at its first step; kept in each state's `ema`, saved in checkpoints)."""
+        at its first step; kept in each state's `ema`, stored as the state buffers are:
+        bfloat16 with state_dtype="bfloat16", rounded as they are; saved in checkpoints)."""
         return self._ema_decay
 
     def ema_arrays(self):
@@ -103,7 +99,8 @@ class Optimizer:
         for i, p in enumerate(self.params):
             state = self.state.get(i)
             ema = getattr(state, "ema", None)
-            out.append(ema if ema is not None else np.array(p, order="C", copy=True))
+            out.append(ema if ema is not None else p.astype(
+                storage.state_dtype_for(p.dtype, self.storage_options), order="C"))
         return out
 
     @property
@@ -238,10 +235,6 @@ class Optimizer:
                 (g.values if isinstance(g, _kernels.SparseGrad) else g).dtype) for g in grads):
             raise TypeError(f"{type(self).__name__}'s {self.rule.plain_storage} need "
                             "float32/float64 gradients (not bfloat16 yet)")
-        if options is not None and options.reduce and any(
-                storage.is_bf16(g.dtype) for g in grads if isinstance(g, np.ndarray)):
-            raise TypeError("clip_norm, skip_nonfinite and compute_norm do not take bfloat16 "
-                            "gradients yet")
         # everything is valid: from here on nothing can fail
         plain = [_plain(g) for g in grads]
         if options is not None and not options.reduce_arrays(plain):
@@ -265,8 +258,10 @@ class Optimizer:
                     # every row is up to date with the parameter's steps so far
                     state.row_step = np.full(p.shape[0], state.step, dtype=np.int64)
                 if self._ema_decay is not None and state.ema is None:
-                    state.ema = np.array(p, order="C", copy=True)
-                stored = tuple(getattr(getattr(state, name), "dtype", None) for name in needed)
+                    # stored as the state (bfloat16 only by state_dtype="bfloat16")
+                    state.ema = p.astype(storage.state_dtype_for(p.dtype, stored_as), order="C")
+                stored = tuple(getattr(getattr(state, name), "dtype", None)
+                               for name in needed + ["ema"])
                 grad_dtype = grads[i].values.dtype if isinstance(grads[i], _kernels.SparseGrad) \
                     else grads[i].dtype
                 by_key.setdefault((p.dtype, grad_dtype, stored, state.step), []).append(i)

@@ -332,10 +332,11 @@ class _Fastopt:
         numpy API's step options (fastopt.StepOptions) over this optimizer's gradients."""
         params = [p for g in self.param_groups for p in g["params"]]
         options = _kernels.StepOptions(len(params), scale, clip_norm)  # checks clip_norm first
-        tables = _kernels.gather_grads(params, torch.Tensor, torch.float32, torch.float64)
+        tables = _kernels.gather_grads(params, torch.Tensor, torch.float32, torch.float64,
+                                       torch.bfloat16)
         if tables is None:
-            raise TypeError("clip_norm takes dense contiguous float32/float64 CPU gradients "
-                            "(not sparse, bfloat16, complex or DTensor ones); "
+            raise TypeError("clip_norm takes dense contiguous float32/float64/bfloat16 CPU "
+                            "gradients (not sparse, complex or DTensor ones); "
                             "fastopt.torch.clip_grad_norm_ takes the others")
         options.reduce_tables(tables)
         return options.grad_multiplier, options.total_norm

@@ -321,3 +321,79 @@ def test_show_config_names_the_bf16_path():
     fastopt.show_config(out)
     assert f"bfloat16:     rounding to nearest: {fastopt.config.bf16_path()}" in out.getvalue()
     assert fastopt.config.bf16_path() in ("avx512bf16", "integer")
+
+
+@pytest.mark.parametrize("storage", STORAGE, ids=storage_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_ema_in_every_storage(case, storage):
+    """ema_decay with bfloat16 storage: ema <- d ema + (1 - d) theta in the compute type, theta
+    the step's result before the parameter is rounded (the master copy with master weights),
+    the EMA stored as the state is (bfloat16 with state_dtype="bfloat16") and rounded with
+    buffer number 2 + the rule's state count."""
+    cls, hp = case
+    pdt, gdt, state_dtype, master = storage
+    if cls.rule.plain_storage:
+        pytest.skip(f"{cls.rule.plain_storage}: float32/float64 storage only (refusal tested above)")
+    decay = 0.75
+    cdt = compute(pdt)
+    rng = np.random.default_rng(8)
+    for rounding in ("stochastic", "nearest"):
+        params = [rng.standard_normal(s).astype(pdt) for s in SHAPES]
+        opt = cls(params, **hp, state_dtype=state_dtype, rounding=rounding, seed=SEED,
+                  master_weights=master, ema_decay=decay)
+        opt.step([rng.standard_normal(s).astype(gdt) for s in SHAPES])
+        ema_buffer = 2 + len(opt.rule.crule.state)
+        for _ in range(2):
+            grads = [rng.standard_normal(s).astype(gdt) for s in SHAPES]
+            before = [(opt.state[i].master.copy() if master else p.astype(cdt),
+                       {k: v.astype(cdt) for k, v in opt.state[i].buffers().items()
+                        if k not in ("master", "ema")},
+                       opt.state[i].step, opt.state[i].ema.astype(cdt))
+                      for i, p in enumerate(params)]
+            opt.step(grads)
+            theta = [b[0].copy() for b in before]
+            ref = cls(theta, **hp)
+            for i, (_, bufs, step, _) in enumerate(before):
+                ref.state[i] = opt.state_type(**bufs, step=step)
+            ref.step([g.astype(cdt) for g in grads])
+            for i, (_, _, step, ema) in enumerate(before):
+                want = cdt.type(decay) * ema + cdt.type(1.0 - decay) * theta[i]
+                got = opt.state[i].ema
+                if state_dtype == "bfloat16":
+                    assert got.dtype == BF16
+                    bits = random_bits(SEED, i, step + 1, ema_buffer, got.size)
+                    assert np.array_equal(bits16(got), round_bf16(want.astype(F32).ravel(),
+                                                                  rounding, bits)), f"ema {i}"
+                else:
+                    np.testing.assert_array_equal(got, want, strict=True)
+            assert opt.ema_arrays()[0] is opt.state[0].ema
+
+
+@pytest.mark.parametrize("pdt", [F32, BF16], ids=["float32-params", "bfloat16-params"])
+def test_norm_options_read_bfloat16_gradients(pdt):
+    """clip_norm, skip_nonfinite and compute_norm over bfloat16 gradients: the norm is the one
+    over float32 copies of them, bit for bit (the widening is exact), and float32 parameters
+    take the same step as with those copies; a non-finite bfloat16 gradient skips the step."""
+    rng = np.random.default_rng(9)
+    shapes = [(300,), (40, 50), (4097,)]
+    init = [rng.standard_normal(s).astype(pdt) for s in shapes]
+    with_bf16, with_f32 = [p.copy() for p in init], [p.copy() for p in init]
+    opt = fastopt.AdamW(with_bf16, lr=1e-2, seed=3)
+    twin = fastopt.AdamW(with_f32, lr=1e-2, seed=3) if pdt == F32 else None
+    for limit in (1e9, 1.0):  # below and above the norm: no clipping, then clipping
+        grads = [(rng.standard_normal(s) * 3).astype(BF16) for s in shapes]
+        got = opt.step(grads, grad_scale=2.0, clip_norm=limit, skip_nonfinite=True)
+        exact = np.sqrt(sum(np.sum(g.astype(F64) ** 2) for g in grads)) / 2.0
+        assert not got.skipped and got.total_norm == pytest.approx(exact, rel=1e-13)
+        if twin is not None:
+            want = twin.step([g.astype(F32) for g in grads], grad_scale=2.0, clip_norm=limit,
+                             skip_nonfinite=True)
+            assert got.total_norm == want.total_norm
+            for a, b in zip(with_bf16, with_f32):
+                np.testing.assert_array_equal(a, b, strict=True)
+    assert opt.step(grads, compute_norm=True).total_norm == pytest.approx(2 * exact, rel=1e-13)
+    before = snapshot(opt)
+    grads[2][17] = np.inf
+    result = opt.step(grads, skip_nonfinite=True)
+    assert result.skipped and result.total_norm == np.inf
+    assert_same_snapshot(before, snapshot(opt))

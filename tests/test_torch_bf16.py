@@ -186,3 +186,27 @@ def test_complex_parameter_with_storage_options(options):
             o.step()
         assert torch.equal(ours, plain)
         torch.testing.assert_close(ours, theirs)
+
+
+def test_clip_norm_reads_bfloat16_gradients():
+    """step(clip_norm=...) over bfloat16 gradients (of bfloat16 and of float32 parameters): the
+    norm over float32 copies of them, bit for bit, and a float32 parameter takes the same step
+    as with those copies; a clipped step's norm matches torch's float64 norm."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(300,), (40, 50)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    a = [torch.nn.Parameter(init[0].clone()), torch.nn.Parameter(init[1].to(BF16))]
+    b = [torch.nn.Parameter(init[0].clone()), torch.nn.Parameter(init[1].to(BF16))]
+    a[0].grad_dtype = None  # (torch's way to let a float32 parameter hold a bfloat16 gradient)
+    opt_a, opt_b = ft.AdamW(a, lr=1e-2, seed=5), ft.AdamW(b, lr=1e-2, seed=5)
+    for limit in (1e9, 1.0):
+        grads = [(torch.randn(s, generator=gen) * 3).to(BF16) for s in shapes]
+        for p, g in zip(a, grads):
+            p.grad = g.clone()
+        b[0].grad, b[1].grad = grads[0].float(), grads[1].clone()
+        opt_a.step(clip_norm=limit)
+        opt_b.step(clip_norm=limit)
+        want = torch.linalg.vector_norm(torch.cat([g.double().ravel() for g in grads])).item()
+        assert opt_a.total_norm == opt_b.total_norm == pytest.approx(want, rel=1e-13)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert not torch.equal(a[0], init[0])

@@ -402,14 +402,12 @@ static void test_norm_and_scale_contracts(void)
     struct { const char *what; fo_batch b; int buffer; double p; int status; } refused[] = {
         {"n NULL", batch, 1, 2.0, FO_ERR_NULL}, {"buffer table NULL", batch, 1, 2.0, FO_ERR_NULL},
         {"tensor pointer NULL", batch, 1, 2.0, FO_ERR_NULL}, {"p NaN", batch, 1, NAN, FO_ERR_HYPERPARAM},
-        {"buffer 9", batch, 9, 2.0, FO_ERR_NULL}, {"bfloat16", batch, 1, 2.0, FO_ERR_DTYPE},
-        {"rows", batch, 1, 2.0, FO_ERR_DTYPE}};
+        {"buffer 9", batch, 9, 2.0, FO_ERR_NULL}, {"rows", batch, 1, 2.0, FO_ERR_DTYPE}};
     const void *none = NULL;
     refused[0].b.n = NULL;
     refused[1].b.buffers[1] = NULL;
     refused[2].b.buffers[1] = (void *const *)&none;
-    refused[5].b.dtype[1] = FO_BFLOAT16;
-    refused[6].b.rows = &rows;
+    refused[5].b.rows = &rows;
     for (size_t k = 0; k < sizeof refused / sizeof *refused; k++) {
         double total = -7, per[1] = {-7};
         int nonfinite = -7;
@@ -422,6 +420,20 @@ static void test_norm_and_scale_contracts(void)
                       x[0] == 1 && x[1] == -2 && x[2] == 4, "fo_scale, %s: nothing written",
                   refused[k].what);
     }
+    /* bfloat16 gradients: fo_norm reads them (the sums of a float32 copy); fo_scale refuses */
+    uint16_t h[3] = {0x3f80, 0xc000, 0x4080}; /* 1, -2, 4 */
+    uint16_t *hp = h;
+    fo_batch bf = batch;
+    bf.buffers[1] = (void *const *)&hp;
+    bf.dtype[1] = FO_BFLOAT16;
+    double per32[1], per16[1], total32, total16;
+    int nonfinite32, nonfinite16;
+    CHECK(fo_norm(&batch, 1, 2.0, per32, &total32, &nonfinite32, NULL) == FO_OK &&
+              fo_norm(&bf, 1, 2.0, per16, &total16, &nonfinite16, NULL) == FO_OK &&
+              total16 == 21.0 && total32 == 21.0 && per16[0] == 21.0 && !nonfinite16,
+          "fo_norm of bfloat16: the float32 copy's sum of squares");
+    CHECK(fo_scale(&bf, 1, 2.0) == FO_ERR_DTYPE && h[0] == 0x3f80 && h[1] == 0xc000 &&
+              h[2] == 0x4080, "fo_scale of bfloat16: refused, nothing written");
     double total = -7;
     int nonfinite = -7;
     const fo_batch empty = {0};
