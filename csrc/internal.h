@@ -50,6 +50,7 @@ typedef struct {
      * the EMA through the ema span instead */
     int ema_buffer;
     double ema_decay;
+    unsigned read_only; /* bit k: a staged span leaves buffer k as it is (reads it only) */
     /* row rules (FO_ROW_RULES): per tensor its row length, and the buffers (bit k: buffer k)
      * that hold one value per row; a span then covers whole rows (rows.c) */
     const size_t *row_len;
@@ -85,8 +86,10 @@ typedef struct {
  * blocks in order and the rule's tensor part (FO_TENSOR, in its prepare part) turns the sums
  * into one scalar per tensor, which the update span reads at the buffer slot after the rule's
  * state buffers (FO_TENSOR_SCALAR).  The same bits for any thread count and instruction set.
+ * writes: the buffers (bit k: buffer k) the reduce pass writes, which the update only reads:
+ * with bfloat16 storage each is rounded once, by the pass that computed it.
  */
-#define FO_TENSOR_RULES(X) X(lamb, 2) X(lars, 2)
+#define FO_TENSOR_RULES(X) X(lamb, 2, 1u << 2 | 1u << 3) X(lars, 2, 0u)
 
 /*
  * Row rules (fastopt.h, fo_rule_info.per_row): a per-row reduction, then the row's update, in

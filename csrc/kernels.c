@@ -202,17 +202,18 @@ static const struct {
 } rules[FO_N_RULES] = {FO_RULES(FO_RULE_ENTRY)};
 
 typedef double (*fo_tensor_fn)(const void *scalars, const double *sums);
-#define FO_TENSOR_TABLE(rule, n_sums)                                                          \
+#define FO_TENSOR_TABLE(rule, n_sums, writes)                                                  \
     _Static_assert((n_sums) <= FO_MAX_SUMS, #rule " has too many per-tensor sums");            \
     static double rule##_tensor_any(const void *s, const double *sums)                         \
     {                                                                                          \
         return rule##_tensor((const fo_##rule##_scalars *)s, sums);                            \
     }
 FO_TENSOR_RULES(FO_TENSOR_TABLE)
-#define FO_TENSOR_ENTRY(rule, n_sums) [FO_RULE_##rule] = {rule##_tensor_any, n_sums},
+#define FO_TENSOR_ENTRY(rule, n_sums, writes) [FO_RULE_##rule] = {rule##_tensor_any, n_sums, writes},
 static const struct {
     fo_tensor_fn scalar; /* NULL: the rule has no per-tensor pass */
     int n_sums;
+    unsigned writes; /* the buffers its reduce pass writes (internal.h) */
 } tensor_passes[FO_N_RULES] = {FO_TENSOR_RULES(FO_TENSOR_ENTRY)};
 
 typedef int (*fo_catchup_fn)(const void *hp, fo_catchup *c, fo_error *err);
@@ -325,6 +326,7 @@ static int run_with_tensor_pass(int rule, int which, size_t count, void *const *
     const void *rule_scalars = rule_call->scalars;
     fo_call reduce_call = *rule_call;
     reduce_call.n_bufs = slot + 1;
+    reduce_call.read_only = ~tensor_passes[rule].writes;
     const int n_sums = tensor_passes[rule].n_sums;
     size_t blocks = 0;
     for (size_t t = 0; t < count; t++) blocks += (n[t] + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK;
@@ -423,8 +425,10 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
             call.ema_decay = opt->ema_decay;
         }
     }
-    /* a per-tensor pass reads the buffers as they are stored: the compute type only */
-    if (call.staged && (tensor_passes[rule].scalar || factored)) return FO_ERR_DTYPE;
+    /* a factored rule's passes read the buffers as they are stored: the compute type only */
+    if (call.staged && factored) return FO_ERR_DTYPE;
+    /* a per-tensor pass's writes are the update's reads (each rounded once, in that pass) */
+    call.read_only = tensor_passes[rule].writes;
     const int row_rule = FO_IS_ROW_RULE(rule); /* its state: one value per row, unstaged */
     if (call.staged && row_rule) return FO_ERR_DTYPE;
     if (count == 0) return FO_OK;

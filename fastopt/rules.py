@@ -65,10 +65,11 @@ class Rule:
         self.state_doc = state_doc
 
         self.crule = _kernels.RULES[kernel]
-        # why the rule needs float32/float64 storage (no bfloat16 yet), or None: norms per whole
-        # tensor read the buffers as stored; a row rule's span reduces whole rows unstaged
-        self.plain_storage = ("per-tensor norms" if not rows else
-                              "per-row accumulators" if self.crule.per_row else None)
+        # why the rule needs float32/float64 storage (no bfloat16 yet), or None: a factored
+        # rule's passes (its per-tensor norms) read the buffers as stored; a row rule's span
+        # reduces whole rows unstaged
+        self.plain_storage = ("per-row accumulators" if self.crule.per_row else
+                              "per-tensor norms" if self.crule.shaped_state else None)
         # hyperparameters that are one C field each, of the same name, holding a real number:
         # the engine writes a change to them straight into the C struct
         self.direct = frozenset(k for k, kind in self.kinds.items()

@@ -1363,11 +1363,14 @@ class LAMB(_WholeTensors, _Fastopt, torch.optim.Optimizer):
     ranges = (_LR, _WEIGHT_DECAY, _EPS, *_BETAS)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
-                 maximize=False, foreach=None, differentiable=False):
+                 maximize=False, foreach=None, differentiable=False, state_dtype=None,
+                 rounding="stochastic", seed=0, master_weights=False):
         _constructor_checks(lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize, foreach=foreach,
-                                      differentiable=differentiable))
+                                      differentiable=differentiable),
+                         state_dtype=state_dtype, rounding=rounding, seed=seed,
+                         master_weights=master_weights)
 
     def slots(self, hp):
         return ("exp_avg", "exp_avg_sq")
@@ -1389,13 +1392,16 @@ class LARS(_WholeTensors, _Fastopt, torch.optim.Optimizer):
               ("trust_coefficient", None, "Invalid trust_coefficient value", *_NONNEG))
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, *,
-                 maximize=False, foreach=None, differentiable=False):
+                 maximize=False, foreach=None, differentiable=False, state_dtype=None,
+                 rounding="stochastic", seed=0, master_weights=False):
         _constructor_checks(lr, weight_decay=weight_decay, momentum=momentum)
         if not 0.0 <= trust_coefficient:
             raise ValueError(f"Invalid trust_coefficient value: {trust_coefficient}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       trust_coefficient=trust_coefficient, maximize=maximize,
-                                      foreach=foreach, differentiable=differentiable))
+                                      foreach=foreach, differentiable=differentiable),
+                         state_dtype=state_dtype, rounding=rounding, seed=seed,
+                         master_weights=master_weights)
 
     def slots(self, hp):
         return ("momentum_buffer",)

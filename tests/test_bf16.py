@@ -46,6 +46,25 @@ def compute(dtype):
     return F64 if dtype == F64 else F32
 
 
+def lamb_update_from_stored_state(hp, theta, exact, stored, step):
+    """LAMB with bfloat16 m and v (README, "bfloat16 storage"): its per-tensor pass computes m
+    and v (as the compute-type step: `exact`), sums ||r||^2 from them and rounds them into
+    storage; the update then reads the stored m and v:
+    theta - lr (||theta|| / ||r||) r(stored m, stored v), in the compute type."""
+    cdt = theta.dtype.type
+    beta1, beta2 = hp.get("betas", (0.9, 0.999))
+    m_scale, denom_scale = cdt(1 / (1 - beta1 ** step)), cdt(1 / np.sqrt(1 - beta2 ** step))
+    eps, wd = cdt(hp.get("eps", 1e-6)), cdt(hp.get("weight_decay", 0.0))
+
+    def r(m, v):
+        return m_scale * m.astype(theta.dtype) / (denom_scale * np.sqrt(v.astype(theta.dtype))
+                                                  + eps) + wd * theta
+    theta_norm = np.sqrt(np.sum(theta.astype(F64) ** 2))
+    r_norm = np.sqrt(np.sum(r(exact.m, exact.v).astype(F64) ** 2))
+    coef = cdt(hp["lr"] * (theta_norm / r_norm if theta_norm > 0 and r_norm > 0 else 1.0))
+    return theta - coef * r(stored.m, stored.v)
+
+
 @pytest.mark.parametrize("storage", STORAGE, ids=storage_id)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_step_is_the_compute_step_rounded(case, storage):
@@ -84,6 +103,9 @@ def test_step_is_the_compute_step_rounded(case, storage):
             for i, p in enumerate(params):
                 step = before[i][2] + 1
                 n = p.size
+                if cls is fastopt.LAMB and state_dtype == "bfloat16":
+                    ref_params[i] = lamb_update_from_stored_state(
+                        hp, before[i][0], ref.state[i], opt.state[i], step)
                 if master:
                     np.testing.assert_array_equal(opt.state[i].master, ref_params[i], strict=True)
                     assert np.array_equal(bits16(p), round_bf16(ref_params[i].ravel(), "nearest"))
@@ -91,6 +113,9 @@ def test_step_is_the_compute_step_rounded(case, storage):
                     want = round_bf16(ref_params[i].ravel(), rounding,
                                       random_bits(SEED, i, step, 0, n))
                     assert np.array_equal(bits16(p), want), f"param {i} at step {step}"
+                elif cls is fastopt.LAMB and state_dtype == "bfloat16" and pdt == F64:
+                    # (||r|| summed in another order: the double coefficient may differ by an ulp)
+                    np.testing.assert_allclose(p, ref_params[i], rtol=4e-16, atol=1e-16)
                 else:
                     np.testing.assert_array_equal(p, ref_params[i], strict=True)
                 for k, name in enumerate(opt.rule.crule.state):
@@ -329,7 +354,7 @@ def test_ema_in_every_storage(case, storage):
     """ema_decay with bfloat16 storage: ema <- d ema + (1 - d) theta in the compute type, theta
     the step's result before the parameter is rounded (the master copy with master weights),
     the EMA stored as the state is (bfloat16 with state_dtype="bfloat16") and rounded with
-    buffer number 2 + the rule's state count."""
+    buffer number 2 + the rule's state count (+ 1 for LAMB and LARS)."""
     cls, hp = case
     pdt, gdt, state_dtype, master = storage
     if cls.rule.plain_storage:
@@ -342,7 +367,8 @@ def test_ema_in_every_storage(case, storage):
         opt = cls(params, **hp, state_dtype=state_dtype, rounding=rounding, seed=SEED,
                   master_weights=master, ema_decay=decay)
         opt.step([rng.standard_normal(s).astype(gdt) for s in SHAPES])
-        ema_buffer = 2 + len(opt.rule.crule.state)
+        # (+ 1: LAMB's and LARS's per-tensor slot comes first)
+        ema_buffer = 2 + len(opt.rule.crule.state) + (cls in (fastopt.LAMB, fastopt.LARS))
         for _ in range(2):
             grads = [rng.standard_normal(s).astype(gdt) for s in SHAPES]
             before = [(opt.state[i].master.copy() if master else p.astype(cdt),
@@ -357,6 +383,9 @@ def test_ema_in_every_storage(case, storage):
                 ref.state[i] = opt.state_type(**bufs, step=step)
             ref.step([g.astype(cdt) for g in grads])
             for i, (_, _, step, ema) in enumerate(before):
+                if cls is fastopt.LAMB and state_dtype == "bfloat16":
+                    theta[i] = lamb_update_from_stored_state(hp, before[i][0], ref.state[i],
+                                                             opt.state[i], step + 1)
                 want = cdt.type(decay) * ema + cdt.type(1.0 - decay) * theta[i]
                 got = opt.state[i].ema
                 if state_dtype == "bfloat16":

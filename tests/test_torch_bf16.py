@@ -22,7 +22,8 @@ def f32(t):
 CLASSES = [(ft.Adam, dict(lr=1e-2, weight_decay=0.1)), (ft.SGD, dict(lr=0.1, momentum=0.9)),
            (ft.Adagrad, dict(lr=0.1, initial_accumulator_value=0.1)),
            (ft.RMSprop, dict(lr=1e-2, centered=True, momentum=0.5)), (ft.NAdam, dict(lr=1e-2)),
-           (ft.Lion, dict(lr=1e-2, weight_decay=0.1))]
+           (ft.Lion, dict(lr=1e-2, weight_decay=0.1)),
+           (ft.LARS, dict(lr=0.5, momentum=0.5, weight_decay=0.01, trust_coefficient=0.02))]
 
 
 @pytest.mark.parametrize("master", [False, True])
@@ -210,3 +211,37 @@ def test_clip_norm_reads_bfloat16_gradients():
         assert opt_a.total_norm == opt_b.total_norm == pytest.approx(want, rel=1e-13)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert not torch.equal(a[0], init[0])
+
+
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_lamb_bfloat16_is_the_numpy_engines(rounding, state_dtype, master):
+    """fastopt.torch.LAMB with bfloat16 storage takes the numpy LAMB's steps bit for bit (the
+    same kernel, keys and stored m and v: tests/test_bf16.py checks that one against its
+    reference)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import fastopt
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(40,), (6, 7)]
+    init = [torch.randn(s, generator=gen).to(BF16) for s in shapes]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    arrays = [t.float().numpy().astype(ml_dtypes.bfloat16) for t in init]
+    options = dict(lr=1e-2, weight_decay=0.1, rounding=rounding, seed=9, master_weights=master)
+    opt = ft.LAMB(params, **options, state_dtype=state_dtype)
+    twin = fastopt.LAMB(arrays, **options,
+                        state_dtype=None if state_dtype is None else "bfloat16")
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen).to(BF16) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        twin.step([g.float().numpy().astype(ml_dtypes.bfloat16) for g in grads])
+        for i, (p, a) in enumerate(zip(params, arrays)):
+            assert np.array_equal(bits(p), a.view(np.uint16).ravel())
+            for name, mine in (("exp_avg", "m"), ("exp_avg_sq", "v")):
+                got, want = opt.state[p][name], getattr(twin.state[i], mine)
+                if got.dtype == BF16:
+                    assert np.array_equal(bits(got), want.view(np.uint16).ravel()), name
+                else:
+                    assert np.array_equal(f32(got), want.ravel()), name
