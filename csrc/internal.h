@@ -148,9 +148,12 @@ typedef struct {
  * 32 bits (SplitMix64's finalizer after each); the 32-bit hash of element e is then
  *   h(h(lo32(e) ^ lo32(key)) ^ hi32(key)),  h = a 32-bit avalanche ("lowbias32"-style):
  *   x ^= x >> 16; x *= 0x21f0aaad; x ^= x >> 15; x *= 0x735a2d97; x ^= x >> 15,
- * and buffer k (0 the parameter, 2.. the state) takes its low 16 bits if k is even, its high
- * 16 bits if k is odd, from the hash of pair q = k / 2: one hash for two buffers.
+ * and the written buffers' streams s (buffer 0, the parameter: stream 0; buffer k >= 2, the
+ * state and then the EMA: stream k - 1; the gradient is never written) take its low 16 bits
+ * if s is even, its high 16 bits if s is odd, from the hash of pair q = s / 2: one hash for
+ * two streams (the parameter and the first state buffer share one).
  * Every value depends only on these inputs, never on how the work is split. */
+#define FO_STREAM_BUFFER(s) ((s) == 0 ? 0 : (s) + 1)
 static inline uint64_t fo_mix64(uint64_t x)
 {
     x ^= x >> 30;

@@ -28,13 +28,15 @@ def _h32(x):
 
 
 def random_bits(seed, index, step, buffer, n):
-    """uint32 array of n values in [0, 2^16) (n < 2^32: one key).  Buffers 2q and 2q + 1 take
-    the low and the high half of the hash keyed by pair q."""
-    key = _absorb(_absorb(_absorb(_absorb(seed, step), index), buffer // 2), 0)
+    """uint32 array of n values in [0, 2^16) (n < 2^32: one key).  Buffer 0 (the parameter)
+    is stream 0, buffer k >= 2 stream k - 1; streams 2q and 2q + 1 take the low and the high
+    half of the hash keyed by pair q."""
+    stream = 0 if buffer == 0 else buffer - 1  # (the gradient, buffer 1, is never written)
+    key = _absorb(_absorb(_absorb(_absorb(seed, step), index), stream // 2), 0)
     e = np.arange(n, dtype=np.uint32)
     k0, k1 = np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32)
     h = _h32(_h32(e ^ k0) ^ k1)
-    return h >> np.uint32(16) if buffer % 2 else h & np.uint32(0xFFFF)
+    return h >> np.uint32(16) if stream % 2 else h & np.uint32(0xFFFF)
 
 
 def round_bf16(x, mode, bits=None):
