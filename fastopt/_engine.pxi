@@ -1238,6 +1238,10 @@ cdef class _StateSnapshot:
                 j += 1
         return True
 
+    cdef void refresh(self, Py_ssize_t i):
+        """Entry i's values as they are now (the plan's own writes to it)."""
+        self.values[i] = _dict_values(self.dicts[i])
+
 
 cdef class ObjectPlan:
     """The engine's planned step for parameters that are not numpy arrays (fastopt.torch's
@@ -1266,9 +1270,13 @@ cdef class ObjectPlan:
     cdef PyGetSetDef *dtype_of
     cdef PyGetSetDef *nbytes_of
     cdef object grad_descr, known_type, known_param, is_contiguous, data_ptr
+    # the front end's storage entry (a dict in its state whose "step" keys stochastic
+    # rounding: one more each step), its position in the state, or None
+    cdef dict storage_entry
+    cdef Py_ssize_t storage_at
 
     def __cinit__(self, CRule rule, front, list groups, mark_written, list written,
-                  list written_spans, tensor_type=None):
+                  list written_spans, tensor_type=None, storage_key=None):
         self.rule = rule
         self.grad_of = self.dtype_of = self.nbytes_of = NULL
         if tensor_type is not None:
@@ -1283,6 +1291,12 @@ cdef class ObjectPlan:
         self.spans = _Spans(written_spans)
         self.groups_list = front.param_groups
         self.state = _StateSnapshot(front.state)
+        self.storage_entry = None
+        if storage_key is not None and storage_key in front.state:
+            self.storage_entry = front.state[storage_key]
+            self.storage_at = list(front.state).index(storage_key)
+            if type(self.storage_entry) is not dict or type(self.storage_entry["step"]) is not int:
+                raise TypeError("ObjectPlan: the storage entry must be a dict with an int step")
         self.groups = groups
         self.mark_written = mark_written
         self.written = written
@@ -1425,7 +1439,15 @@ cdef class ObjectPlan:
         runs = []
         cdef list tables = self.tables
         cdef Py_ssize_t i, done = 0
+        storage_step = None
+        if self.storage_entry is not None:  # this step's number keys stochastic rounding
+            storage_step = self.storage_entry["step"] + 1
+            for table in tables:
+                table.storage_step = storage_step
         try:
+            if storage_step is not None:
+                self.storage_entry["step"] = storage_step
+                self.state.refresh(self.storage_at)
             for gi in range(len(self.groups)):
                 hp = self.hps[gi]
                 for table in self.groups[gi][5]:
@@ -1443,6 +1465,9 @@ cdef class ObjectPlan:
         except BaseException:
             for i in range(done, len(tables)):  # (a table's C call refuses before it writes)
                 (<_Table>tables[i]).restore_counters()
+            if storage_step is not None and done == 0:
+                self.storage_entry["step"] = storage_step - 1
+                self.state.refresh(self.storage_at)
             raise
         self.mark_written(self.written)
         return True

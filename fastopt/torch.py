@@ -313,13 +313,9 @@ class _Fastopt:
                 for hp, members in work:
                     if members:
                         self._step_group(hp, members, multiplier)
-                # a step with rows takes this validating path every time (no plan to build),
-                # and so does one with bfloat16 storage, master weights or bfloat16 gradients
-                # (a plan's tables read gradients in their parameter's dtype)
-                stored_as_is = entry is not None or any(
-                    isinstance(g, _Rows) or g.dtype == torch.bfloat16
-                    for _, members in work for _, _, g, _ in members)
-                self._plan = None if stored_as_is else self._make_plan([hp for hp, _ in work])
+                # a step with rows takes this validating path every time (no plan to build)
+                with_rows = any(isinstance(g, _Rows) for _, members in work for _, _, g, _ in members)
+                self._plan = None if with_rows else self._make_plan([hp for hp, _ in work])
                 self.total_norm = total_norm
                 return loss
             finally:
@@ -359,6 +355,8 @@ class _Fastopt:
                 # the state buffers the tables point into (their addresses are re-checked)
                 buffers = [state[name] for name in slots
                            if present and name is not None and state and name in state]
+                if present and state and state.get("master") is not None:
+                    buffers.append(state["master"])
                 members.append((p, present, p.data_ptr(), state, p.numel() * p.element_size(),
                                 (p.grad.dtype, p.grad.numel() * p.grad.element_size()) if present else None,
                                 buffers))
@@ -368,7 +366,10 @@ class _Fastopt:
                 next_key = (_KERNEL_DTYPES[p.dtype],
                             float(state["step"]) if keep and "step" in state else None,
                             tuple(keep and state.get(n) is None for n in slots if n is not None),
-                            self.batch_extra(state) if keep else None)
+                            self.batch_extra(state) if keep else None,
+                            p.grad.dtype,  # (storage: the gradient's and each buffer's dtype)
+                            tuple(getattr(state.get(n), "dtype", None) for n in slots
+                                  if n is not None) if keep and state else None)
                 by_key.setdefault(next_key, []).append(n_with_grad)
                 n_with_grad += 1
             with_grad = [m for m in members if m[1]]
@@ -384,9 +385,13 @@ class _Fastopt:
                 counters = _gather_counters(states, self.counters)
                 if counters is None:
                     return None
+                stored_as, storage_step = self._storage(
+                    [(p, p.grad, s, self._indices.get(id(p), 0)) for (p, *_), s in zip(batch, states)],
+                    slots)
                 tables.append(_kernels._Table(dtype == torch.float64, indices, sizes, addresses,
                                               states, counters, self.planned_step(states[0]),
-                                              [self.dense_rows(p) for p, *_ in batch]))
+                                              [self.dense_rows(p) for p, *_ in batch],
+                                              storage=stored_as, storage_step=storage_step))
                 # autograd is told about the parameters (what a graph may have saved); the
                 # state buffers are the optimizer's own
                 written += [p for p, *_ in batch]
@@ -395,7 +400,8 @@ class _Fastopt:
                           if state for t in state.values() if isinstance(t, torch.Tensor)]
         return _kernels.ObjectPlan(_kernels.RULES[self.kernel], self, groups,
                                    torch.autograd.graph.increment_version, written,
-                                   [_span(t) for t in written + states_written], torch.Tensor)
+                                   [_span(t) for t in written + states_written], torch.Tensor,
+                                   _STORAGE_KEY)
 
     def refreshed_hyperparameters(self, index, group, hp):
         """A planned group's values changed (an lr schedule): the new hyperparameters, checked
@@ -713,6 +719,31 @@ class _Fastopt:
             self._run_kernel(dtype, t, slots, batch, self.kernel_args(hp, t, batch[0][2]),
                              multiplier)
 
+    def _storage(self, batch, slots):
+        """(the kernels' Storage for a batch of (param, grad, state, parameter index) of one
+        kernel dtype and storage, the step keying its stochastic rounding), or (None, 0) when
+        every buffer is in the compute type and no storage options are set."""
+        p0, g0, s0, _ = batch[0]
+        g0 = g0.values if isinstance(g0, _Rows) else g0
+        entry = self.state.get(_STORAGE_KEY)
+        if entry is None and _KERNEL_DTYPES[g0.dtype] == _KERNEL_DTYPES[p0.dtype]:
+            return None, 0
+        if entry is None:
+            # a bfloat16 gradient of a float32 parameter (torch's p.grad_dtype = None) without
+            # storage options: the kernels read it as stored and write nothing in bfloat16, so
+            # the default rounding and seed are never used
+            entry = dict(storage.DEFAULTS, step=0)
+        # (complex tensors go in as their real parts' dtype)
+        dtypes = [_FO_DTYPE[_KERNEL_DTYPES[t.dtype]] for t in (p0, g0)]
+        dtypes += [None if name is None or s0.get(name) is None
+                   else _FO_DTYPE[_KERNEL_DTYPES[s0[name].dtype]] for name in slots]
+        masters = None
+        if entry["master_weights"]:
+            masters = [_local(s["master"]).data_ptr() for _, _, s, _ in batch]
+        indices = [index for *_, index in batch]
+        return (_kernels.Storage(dtypes, indices, entry["rounding"] == "nearest", entry["seed"],
+                                 masters), entry["step"])
+
     def _run_kernel(self, dtype, step, slots, batch, kernel_args, multiplier=1.0):
         """One C call over a batch of (param, grad, state) of one real dtype and step number,
         all validated, param and grad local (a DTensor's shard); complex tensors go in as their
@@ -725,30 +756,9 @@ class _Fastopt:
                       for b in buffers]
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p, *_ in batch]
         rows = [g.address() if isinstance(g, _Rows) else self.dense_rows(p) for p, g, *_ in batch]
-        p0, g0, s0, _ = batch[0]
-        g0 = g0.values if isinstance(g0, _Rows) else g0
-        entry = self.state.get(_STORAGE_KEY)
-        if entry is None and _KERNEL_DTYPES[g0.dtype] == dtype:
-            _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                                   sizes, kernel_args, rows, multiplier)
-        else:
-            if entry is None:
-                # a bfloat16 gradient of a float32 parameter (torch's p.grad_dtype = None)
-                # without storage options: the kernels read it as stored and write nothing in
-                # bfloat16, so the default rounding and seed are never used
-                entry = dict(storage.DEFAULTS, step=0)
-            # (complex tensors go in as their real parts' dtype)
-            dtypes = [_FO_DTYPE[_KERNEL_DTYPES[t.dtype]] for t in (p0, g0)]
-            dtypes += [None if name is None else _FO_DTYPE[_KERNEL_DTYPES[s0[name].dtype]]
-                       for name in slots]
-            masters = None
-            if entry["master_weights"]:
-                masters = [_local(s["master"]).data_ptr() for _, _, s, _ in batch]
-            indices = [index for *_, index in batch]
-            _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
-                                   sizes, kernel_args, rows, multiplier,
-                                   _kernels.Storage(dtypes, indices, entry["rounding"] == "nearest",
-                                                    entry["seed"], masters), entry["step"])
+        stored_as, step_key = self._storage(batch, slots)
+        _kernels.run_addresses(_kernels.RULES[self.kernel], dtype == torch.float64, addresses,
+                               sizes, kernel_args, rows, multiplier, stored_as, step_key)
         # the kernels write memory directly: tell autograd about the parameters, as an in-place
         # op would (what a graph may have saved; the state buffers are the optimizer's own)
         torch.autograd.graph.increment_version([p for p, *_ in batch])

@@ -245,3 +245,80 @@ def test_lamb_bfloat16_is_the_numpy_engines(rounding, state_dtype, master):
                     assert np.array_equal(bits(got), want.view(np.uint16).ravel()), name
                 else:
                     assert np.array_equal(f32(got), want.ravel()), name
+
+
+def _twins(options, gen):
+    """Two optimizers over equal parameters: two bfloat16 ones and, without master weights, a
+    float32 one whose gradient is bfloat16 (torch's p.grad_dtype = None)."""
+    init = [torch.randn(n, generator=gen) for n in (300, 5000, 64)]
+    out = []
+    for _ in range(2):
+        params = [torch.nn.Parameter(init[0].to(BF16)), torch.nn.Parameter(init[1].to(BF16))]
+        if not options.get("master_weights"):
+            params.append(torch.nn.Parameter(init[2].clone()))
+            params[2].grad_dtype = None
+        out.append((params, ft.Adam(params, lr=1e-2, weight_decay=0.1, seed=4, **options)))
+    return out
+
+
+def _same_everything(a, b):
+    for p, q in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+        assert torch.equal(p.view(torch.int16) if p.dtype == BF16 else p,
+                           q.view(torch.int16) if q.dtype == BF16 else q)
+        for k, v in a.state[p].items():
+            w = b.state[q][k]
+            assert torch.equal(v.view(torch.int16) if v.dtype == BF16 else v,
+                               w.view(torch.int16) if w.dtype == BF16 else w), k
+    assert a.state["fastopt_storage"] == b.state["fastopt_storage"]
+
+
+@pytest.mark.parametrize("options", [dict(state_dtype=BF16), dict(state_dtype=BF16, rounding="nearest"),
+                                     dict(master_weights=True), {}],
+                         ids=["bf16-state", "bf16-state-nearest", "master", "default"])
+def test_planned_steps_are_the_validated_steps(options):
+    """After its first step fastopt.torch runs bfloat16 storage through its plan (the checks
+    at C speed, the storage step advanced by the plan): the same bits as the validating path,
+    step after step, and the same step count in the storage entry."""
+    gen = torch.Generator().manual_seed(6)
+    (pa, a), (pb, b) = _twins(options, gen)
+    validated = []
+    prepare = a._prepare_group
+    a._prepare_group = lambda *args: validated.append(1) or prepare(*args)
+    for step in range(5):
+        grads = [torch.randn(p.shape, generator=gen).to(BF16) for p in pa]
+        for p, q, g in zip(pa, pb, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        b._plan = None  # b validates every step
+        a.step()
+        b.step()
+        assert len(validated) == 1  # the first step only: the others were planned
+        _same_everything(a, b)
+    assert a.state["fastopt_storage"]["step"] == 5
+
+
+def test_plan_sees_the_storage_entry_and_master_change():
+    """A planned step notices the storage entry's values changed in place (a new seed) and a
+    master copy moved (state["master"].data = ...): it then takes the validating path."""
+    gen = torch.Generator().manual_seed(8)
+    (pa, a), (pb, b) = _twins(dict(master_weights=True), gen)
+
+    def step():
+        grads = [torch.randn(p.shape, generator=gen).to(BF16) for p in pa]
+        for p, q, g in zip(pa, pb, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        b._plan = None
+        a.step()
+        b.step()
+        _same_everything(a, b)
+
+    step()
+    step()
+    for opt in (a, b):
+        opt.state["fastopt_storage"]["seed"] = 99
+        opt.state["fastopt_storage"]["rounding"] = "nearest"
+    step()
+    for opt, params in ((a, pa), (b, pb)):
+        master = opt.state[params[0]]["master"]
+        master.data = master.data.clone()
+    step()
+    assert a.state["fastopt_storage"]["step"] == 4
