@@ -270,8 +270,8 @@ typedef struct {
      *   ema <- ema_decay * ema + (1 - ema_decay) * theta  (0 <= decay <= 1)
      * computed as the rule (float32, float64 for float64 parameters; theta the master copy
      * with master weights), stored in the compute type, or in bfloat16 where ema_bfloat16 is
-     * nonzero (rounded as the batch's other bfloat16 writes: its buffer number for stochastic
-     * rounding is 2 + the rule's state buffers, plus 1 for LAMB's and LARS's per-tensor slot) */
+     * nonzero (rounded as the batch's other bfloat16 writes, with its own stream of random
+     * bits: README, "bfloat16 storage") */
     void *const *ema;
     double ema_decay;
     int ema_bfloat16;

@@ -51,6 +51,7 @@ typedef struct {
     int ema_buffer;
     double ema_decay;
     unsigned read_only; /* bit k: a staged span leaves buffer k as it is (reads it only) */
+    int n_state;        /* the rule's state buffers (stochastic rounding's streams: fo_stream) */
     /* row rules (FO_ROW_RULES): per tensor its row length, and the buffers (bit k: buffer k)
      * that hold one value per row; a span then covers whole rows (rows.c) */
     const size_t *row_len;
@@ -148,12 +149,16 @@ typedef struct {
  * 32 bits (SplitMix64's finalizer after each); the 32-bit hash of element e is then
  *   h(h(lo32(e) ^ lo32(key)) ^ hi32(key)),  h = a 32-bit avalanche ("lowbias32"-style):
  *   x ^= x >> 16; x *= 0x21f0aaad; x ^= x >> 15; x *= 0x735a2d97; x ^= x >> 15,
- * and the written buffers' streams s (buffer 0, the parameter: stream 0; buffer k >= 2, the
- * state and then the EMA: stream k - 1; the gradient is never written) take its low 16 bits
- * if s is even, its high 16 bits if s is odd, from the hash of pair q = s / 2: one hash for
- * two streams (the parameter and the first state buffer share one).
+ * and the written buffers' streams s take its low 16 bits if s is even, its high 16 bits if s
+ * is odd, from the hash of pair q = s / 2: one hash for two streams.  The rule's state buffers
+ * are streams 0 .. n_state - 1 (buffer k: stream k - 2), the parameter stream n_state, the
+ * EMA stream n_state + 1 (the gradient is never written): Adam's m and v share a hash, and so
+ * do the parameter and the one state buffer of SGD with momentum, Adagrad or Lion.
  * Every value depends only on these inputs, never on how the work is split. */
-#define FO_STREAM_BUFFER(s) ((s) == 0 ? 0 : (s) + 1)
+static inline int fo_stream(const fo_call *c, int k)
+{
+    return k == 0 ? c->n_state : (k == c->ema_buffer && k) ? c->n_state + 1 : k - 2;
+}
 static inline uint64_t fo_mix64(uint64_t x)
 {
     x ^= x >> 30;

@@ -405,7 +405,7 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     const int param_dtype = batch->dtype[0];
     fo_call call = {.scalars = scalars, .n_bufs = n_bufs, .rounding = batch->rounding,
                     .key = fo_absorb(batch->seed, batch->step), .index = batch->index,
-                    .master = batch->master};
+                    .master = batch->master, .n_state = rules[rule].info.n_state};
     for (int i = 0; i < n_used; i++) {
         const int k = used[i], dtype = batch->dtype[k];
         if (!dtype_allowed(k, dtype, param_dtype)) return FO_ERR_DTYPE;

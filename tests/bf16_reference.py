@@ -2,7 +2,7 @@
 plain numpy, sharing nothing with fastopt.
 
 round_bf16(x, "nearest") and round_bf16(x, "stochastic", bits) return bfloat16 bit patterns
-(uint16) of float32 values; random_bits(seed, index, step, buffer, n) are the 16-bit numbers
+(uint16) of float32 values; random_bits(seed, index, step, stream, n) are the 16-bit numbers
 stochastic rounding adds to elements 0..n-1 of buffer `buffer` of parameter `index` at `step`.
 """
 import numpy as np
@@ -27,11 +27,10 @@ def _h32(x):
     return x ^ (x >> np.uint32(15))
 
 
-def random_bits(seed, index, step, buffer, n):
-    """uint32 array of n values in [0, 2^16) (n < 2^32: one key).  Buffer 0 (the parameter)
-    is stream 0, buffer k >= 2 stream k - 1; streams 2q and 2q + 1 take the low and the high
-    half of the hash keyed by pair q."""
-    stream = 0 if buffer == 0 else buffer - 1  # (the gradient, buffer 1, is never written)
+def random_bits(seed, index, step, stream, n):
+    """uint32 array of n values in [0, 2^16) (n < 2^32: one key).  Streams: the rule's state
+    buffers 0, 1, ..., n_state - 1 in order, the parameter n_state, the EMA n_state + 1; streams
+    2q and 2q + 1 take the low and the high half of the hash keyed by pair q."""
     key = _absorb(_absorb(_absorb(_absorb(seed, step), index), stream // 2), 0)
     e = np.arange(n, dtype=np.uint32)
     k0, k1 = np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32)

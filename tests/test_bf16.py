@@ -111,7 +111,7 @@ def test_step_is_the_compute_step_rounded(case, storage):
                     assert np.array_equal(bits16(p), round_bf16(ref_params[i].ravel(), "nearest"))
                 elif pdt == BF16:
                     want = round_bf16(ref_params[i].ravel(), rounding,
-                                      random_bits(SEED, i, step, 0, n))
+                                      random_bits(SEED, i, step, len(opt.rule.crule.state), n))
                     assert np.array_equal(bits16(p), want), f"param {i} at step {step}"
                 elif cls is fastopt.LAMB and state_dtype == "bfloat16" and pdt == F64:
                     # (||r|| summed in another order: the double coefficient may differ by an ulp)
@@ -125,7 +125,7 @@ def test_step_is_the_compute_step_rounded(case, storage):
                     want = getattr(ref.state[i], name)
                     if got.dtype == BF16:
                         want = round_bf16(want.astype(F32).ravel(), rounding,
-                                          random_bits(SEED, i, step, 2 + k, n))
+                                          random_bits(SEED, i, step, k, n))
                         assert np.array_equal(bits16(got), want), f"{name} of param {i}"
                     else:
                         np.testing.assert_array_equal(got, want, strict=True)
@@ -190,9 +190,9 @@ def test_generator_bit_exact_through_sgd():
             b = np.float32(1 / 16) * g if buf[i] is None else \
                 np.float32(0.5) * buf[i] + np.float32(1 / 16) * g
             buf[i] = widen(round_bf16(b.ravel(), "stochastic",
-                                      random_bits(2 ** 63 + 5, i, step, 2, n))).reshape(s)
+                                      random_bits(2 ** 63 + 5, i, step, 0, n))).reshape(s)
             theta[i] = widen(round_bf16((theta[i] - b).ravel(), "stochastic",
-                                        random_bits(2 ** 63 + 5, i, step, 0, n))).reshape(s)
+                                        random_bits(2 ** 63 + 5, i, step, 1, n))).reshape(s)
             assert np.array_equal(bits16(params[i]), bits16(theta[i].astype(BF16)))
             assert np.array_equal(bits16(opt.state[i].momentum_buffer), bits16(buf[i].astype(BF16)))
 
@@ -354,7 +354,7 @@ def test_ema_in_every_storage(case, storage):
     """ema_decay with bfloat16 storage: ema <- d ema + (1 - d) theta in the compute type, theta
     the step's result before the parameter is rounded (the master copy with master weights),
     the EMA stored as the state is (bfloat16 with state_dtype="bfloat16") and rounded with
-    buffer number 2 + the rule's state count (+ 1 for LAMB and LARS)."""
+    its own stream, after the parameter's."""
     cls, hp = case
     pdt, gdt, state_dtype, master = storage
     if cls.rule.plain_storage:
@@ -367,8 +367,7 @@ def test_ema_in_every_storage(case, storage):
         opt = cls(params, **hp, state_dtype=state_dtype, rounding=rounding, seed=SEED,
                   master_weights=master, ema_decay=decay)
         opt.step([rng.standard_normal(s).astype(gdt) for s in SHAPES])
-        # (+ 1: LAMB's and LARS's per-tensor slot comes first)
-        ema_buffer = 2 + len(opt.rule.crule.state) + (cls in (fastopt.LAMB, fastopt.LARS))
+        ema_stream = len(opt.rule.crule.state) + 1  # (after the state's and the parameter's)
         for _ in range(2):
             grads = [rng.standard_normal(s).astype(gdt) for s in SHAPES]
             before = [(opt.state[i].master.copy() if master else p.astype(cdt),
@@ -390,7 +389,7 @@ def test_ema_in_every_storage(case, storage):
                 got = opt.state[i].ema
                 if state_dtype == "bfloat16":
                     assert got.dtype == BF16
-                    bits = random_bits(SEED, i, step + 1, ema_buffer, got.size)
+                    bits = random_bits(SEED, i, step + 1, ema_stream, got.size)
                     assert np.array_equal(bits16(got), round_bf16(want.astype(F32).ravel(),
                                                                   rounding, bits)), f"ema {i}"
                 else:

@@ -151,7 +151,8 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.mark.parametrize("name, kwargs, numpy_cls, numpy_kwargs", [
-    ("Adagrad", dict(lr=0.1), fastopt.Adagrad, dict(lr=0.1)),
+    # (eps=0: torch's Adagrad divides by sqrt(G) + eps, the textbook one by sqrt(G + eps))
+    ("Adagrad", dict(lr=0.1, eps=0.0), fastopt.Adagrad, dict(lr=0.1, eps=0.0)),
     ("SparseAdam", dict(lr=0.01), fastopt.Adam, dict(lr=0.01)),
     ("SparseAdam", dict(lr=0.01, master_weights=True), fastopt.Adam,
      dict(lr=0.01, master_weights=True)),
