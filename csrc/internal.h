@@ -152,8 +152,8 @@ typedef struct {
  * and the written buffers' streams s take its low 16 bits if s is even, its high 16 bits if s
  * is odd, from the hash of pair q = s / 2: one hash for two streams.  The rule's state buffers
  * are streams 0 .. n_state - 1 (buffer k: stream k - 2), the parameter stream n_state, the
- * EMA stream n_state + 1 (the gradient is never written): Adam's m and v share a hash, and so
- * do the parameter and the one state buffer of SGD with momentum, Adagrad or Lion.
+ * EMA stream n_state + 1 (the gradient is never written): a rule's first two state buffers
+ * share a hash, and so do the parameter and a rule's only state buffer.
  * Every value depends only on these inputs, never on how the work is split. */
 static inline int fo_stream(const fo_call *c, int k)
 {
