@@ -434,6 +434,8 @@ static void release_pool(void)
     if (pool.gangs_waiting) pthread_cond_broadcast(&pool.idle);
 }
 
+#define FO_WORKER_STACK ((size_t)1 << 20)
+
 /* Under pool.lock: make sure `want` workers exist; returns how many do. */
 static int ensure_workers(int want)
 {
@@ -442,6 +444,11 @@ static int ensure_workers(int want)
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        /* a staged per-tensor pass holds its blocks on the stack (~150 KiB for float64): at
+         * least 1 MiB, where a C library's default is smaller (musl's 128 KiB) */
+        size_t stack = 0;
+        if (pthread_attr_getstacksize(&attr, &stack) == 0 && stack < FO_WORKER_STACK)
+            pthread_attr_setstacksize(&attr, FO_WORKER_STACK);
         const int failed = pthread_create(&t, &attr, worker, (void *)(intptr_t)pool.started);
         pthread_attr_destroy(&attr);
         if (failed) break;

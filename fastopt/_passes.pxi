@@ -157,23 +157,23 @@ cdef class StepOptions:
 
     def reduce_tables(self, GradTables tables):
         """The reduction pass over gather_grads' gradients (fastopt.torch's step with
-        clip_norm): the float32, then the float64, then the bfloat16 ones, each in parameter
-        order; True if the update goes ahead."""
+        clip_norm), one call per table, each gradient's sum at its parameter's position: the
+        total added in parameter order, as the numpy API's; True if the update goes ahead."""
         cdef int k
-        cdef size_t t, at = 0
+        cdef size_t t
         self.start()
         if self.reduce:
-            if <Py_ssize_t>(tables.count[0] + tables.count[1] + tables.count[2]) > self.n_params:
-                raise ValueError("reduce_tables: more gradients than the options' n_params")
+            for k in range(3):
+                for t in range(tables.count[k]):
+                    if tables.position[k][t] >= self.n_params:
+                        raise ValueError("reduce_tables: a parameter position past the options' "
+                                         "n_params")
             for k in range(3):
                 if tables.count[k] == 0:
                     continue
                 table = _IndexTable(tables.count[k])
-                for t in range(tables.count[k]):
-                    (<_IndexTable>table).index[t] = at + t
                 self.add(GRAD_TABLE_DTYPES[k], tables.count[k], tables.ptrs[k], tables.n[k],
-                         (<_IndexTable>table).index, (<_IndexTable>table).scratch)
-                at += tables.count[k]
+                         tables.position[k], (<_IndexTable>table).scratch)
         return self.finish()
 
 
@@ -280,6 +280,7 @@ cdef class GradTables:
     scaling pass, and the gradients themselves (`grads`)."""
     cdef void **ptrs[3]
     cdef size_t *n[3]
+    cdef Py_ssize_t *position[3]  # each gradient's parameter's position in gather_grads' list
     cdef size_t count[3]
     cdef double *per_tensor
     cdef readonly list grads
@@ -289,6 +290,7 @@ cdef class GradTables:
         for k in range(3):
             free(self.ptrs[k])
             free(self.n[k])
+            free(self.position[k])
         free(self.per_tensor)
 
     @property
@@ -359,9 +361,10 @@ def gather_grads(list params, tensor_type, f32, f64, bf16=None):
     for k in range(3):
         tables.ptrs[k] = <void **>calloc(cap, sizeof(void *))
         tables.n[k] = <size_t *>calloc(cap, sizeof(size_t))
+        tables.position[k] = <Py_ssize_t *>calloc(cap, sizeof(Py_ssize_t))
         tables.count[k] = 0
     tables.per_tensor = <double *>calloc(cap, sizeof(double))
-    if tables.per_tensor == NULL or any_null(tables.ptrs, tables.n):
+    if tables.per_tensor == NULL or any_null(tables.ptrs, tables.n, tables.position):
         raise MemoryError()
     # torch.Tensor's own getters and methods, called without the attribute lookups (about a
     # sixth of this loop's time); a parameter whose type reaches other ones reads them as usual
@@ -372,7 +375,9 @@ def gather_grads(list params, tensor_type, f32, f64, bf16=None):
                                       tensor_type.numel)
     grad_descr = _lookup(tensor_type, "grad")
     known = tensor_type  # a type whose grad is Tensor's (nn.Parameter, found on the way)
+    cdef Py_ssize_t position = -1
     for p in params:
+        position += 1
         if grad_of != NULL and (type(p) is tensor_type or type(p) is known):
             g = grad_of.get(p, grad_of.closure)
         elif grad_of != NULL and isinstance(p, tensor_type) and \
@@ -404,16 +409,17 @@ def gather_grads(list params, tensor_type, f32, f64, bf16=None):
         at = tables.count[k]
         tables.ptrs[k][at] = <void *><uintptr_t>PyObject_CallOneArg(data_ptr, g)
         tables.n[k][at] = PyObject_CallOneArg(numel, g)
+        tables.position[k][at] = position
         tables.count[k] = at + 1
         grads.append(g)
     tables.grads = grads
     return tables
 
 
-cdef inline bint any_null(void ***ptrs, size_t **n) noexcept:
+cdef inline bint any_null(void ***ptrs, size_t **n, Py_ssize_t **position) noexcept:
     cdef int k
     for k in range(3):
-        if ptrs[k] == NULL or n[k] == NULL:
+        if ptrs[k] == NULL or n[k] == NULL or position[k] == NULL:
             return True
     return False
 

@@ -218,13 +218,20 @@ class Optimizer:
                     for group in self.param_groups for _ in group["params"]]
         read, read_names = [], []
         for i, g in enumerate(grads):
+            state = self.state.get(i)
+            # an exact step catches rows up (a SparseGrad, or any gradient once rows have
+            # their own steps) in the compute type: every buffer it touches stored so
+            if exact_of[i] and (isinstance(g, _kernels.SparseGrad) or (
+                    state is not None and state.row_step is not None)):
+                touched = [params[i], g.values if isinstance(g, _kernels.SparseGrad) else g]
+                touched += list(state.buffers().values()) if state is not None else []
+                if any(storage.is_bf16(a.dtype) for a in touched) or \
+                        stored_as["state_dtype"] == "bfloat16" or stored_as["master_weights"]:
+                    raise TypeError(f'grads[{i}]: sparse="exact" needs float32 or float64 '
+                                    'storage of the parameter, its gradient and every state '
+                                    'buffer, the EMA included (bfloat16 storage and master '
+                                    'weights take sparse="lazy")')
             if isinstance(g, _kernels.SparseGrad):
-                if exact_of[i] and (storage.is_bf16(params[i].dtype) or storage.is_bf16(
-                        g.values.dtype) or stored_as["state_dtype"] == "bfloat16"
-                        or stored_as["master_weights"]):
-                    raise TypeError(f'grads[{i}] is a SparseGrad: sparse="exact" needs float32 '
-                                    'or float64 storage (bfloat16 storage and master weights '
-                                    'take sparse="lazy")')
                 read += [g.indices, g.values]
                 read_names += [f"grads[{i}].indices", f"grads[{i}].values"]
             else:

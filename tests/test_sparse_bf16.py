@@ -8,7 +8,7 @@ import pytest
 
 import fastopt
 from bf16_reference import round_bf16, widen
-from conftest import CASES, case_id
+from conftest import CASES, assert_same_snapshot, case_id, snapshot
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -179,3 +179,18 @@ def test_torch_bf16_embedding_trains_like_the_numpy_rows(name, kwargs, numpy_cls
         np.testing.assert_array_equal(emb.weight.detach().view(torch.int16).numpy(),
                                       weights.view(np.int16))
     assert np.any(weights.view(np.int16) != init.view(np.int16))
+
+
+@pytest.mark.parametrize("buffer", ["ema", "m"])
+def test_exact_rows_refuse_a_bfloat16_buffer_with_nothing_changed(buffer):
+    """sparse="exact" catches rows up in the compute type: a state buffer stored as bfloat16
+    (assigned by hand; the EMA included) is refused before any parameter changes."""
+    w0, w1 = np.ones((4, 3), np.float32), np.ones((4, 3), np.float32)
+    opt = fastopt.Adam([w0, w1], lr=0.1, sparse="exact", ema_decay=0.9)
+    opt.step([np.ones((4, 3), np.float32)] * 2)
+    setattr(opt.state[1], buffer, getattr(opt.state[1], buffer).astype(BF16))
+    before = snapshot(opt)
+    g = fastopt.SparseGrad(np.array([1]), np.ones((1, 3), np.float32))
+    with pytest.raises(TypeError, match=r'grads\[1\]: sparse="exact" needs float32 or float64'):
+        opt.step([g, g])
+    assert_same_snapshot(before, snapshot(opt))

@@ -162,3 +162,25 @@ def test_idle_workers_stop_spinning():
                          text=True, timeout=120, cwd=HERE, check=True)
     # a worker spinning through the half second would use ~500 ms of CPU; sleeping ones none
     assert int(res.stdout) < 5_000_000
+
+
+def test_rules_with_a_per_tensor_pass_run_on_a_small_thread_stack():
+    """LAMB and LARS on a thread with musl's default 128 KiB stack: their per-tensor pass keeps
+    its bfloat16 staging rows in a frame of their own, which unstaged steps never enter (a
+    child process: a stack overflow would kill it)."""
+    code = (
+        "import threading, numpy as np, fastopt\n"
+        "out = []\n"
+        "def work():\n"
+        "    for dtype in (np.float64, np.float32):\n"
+        "        for cls, kw in ((fastopt.LAMB, {}), (fastopt.LARS, dict(lr=0.1))):\n"
+        "            w = np.ones(9000, dtype)\n"
+        "            cls([w], **kw).step([np.full(9000, 0.5, dtype)])\n"
+        "            out.append(bool(np.all(w < 1)))\n"
+        "threading.stack_size(128 * 1024)\n"
+        "t = threading.Thread(target=work); t.start(); t.join()\n"
+        "print(out)\n")
+    run = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str([True] * 4)

@@ -323,3 +323,25 @@ def test_plan_sees_the_storage_entry_and_master_change():
         master.data = master.data.clone()
     step()
     assert a.state["fastopt_storage"]["step"] == 4
+
+
+def test_clip_norm_sums_in_parameter_order_as_the_numpy_api():
+    """step(clip_norm=...) over mixed float32 and bfloat16 gradients adds the per-parameter
+    sums in parameter order, as the numpy API does: the same total_norm, bit for bit."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import fastopt
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        sizes = rng.integers(1, 3000, 6)
+        dtypes = [np.float32 if i % 2 else ml_dtypes.bfloat16 for i in range(6)]
+        grads = [(rng.standard_normal(n) * 10 ** rng.uniform(-3, 3)).astype(d)
+                 for n, d in zip(sizes, dtypes)]
+        params = [torch.nn.Parameter(torch.zeros(int(n), dtype=BF16 if d != np.float32
+                                                 else torch.float32)) for n, d in zip(sizes, dtypes)]
+        for p, g in zip(params, grads):
+            p.grad = torch.from_numpy(g.astype(np.float32)).to(p.dtype)
+        opt = ft.SGD(params, lr=0.1)
+        opt.step(clip_norm=1.0)
+        want = fastopt.SGD([np.zeros(int(n), d) for n, d in zip(sizes, dtypes)], lr=0.1).step(
+            grads, clip_norm=1.0).total_norm
+        assert opt.total_norm == want
