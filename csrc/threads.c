@@ -26,7 +26,8 @@
  * Whether threads pay is measured, not assumed.  Under a competing load two threads can be
  * slower than one: a worker preempted in the middle of a piece makes the caller wait, a
  * preempted caller makes the call wait.  So every large call's time per element is kept, per
- * span function (each rule and dtype has its own record), for the threaded calls and the calls
+ * span function and storage (each rule, dtype and bfloat16 combination has its own record:
+ * their costs per element differ severalfold), for the threaded calls and the calls
  * run alone, and the faster way is used, with the other tried now and then to keep its record
  * current: after FO_MIN_PROBE calls at first, then at intervals that double while the choice
  * holds, up to every FO_MAX_PROBE calls, and shrink back when it changes; and at once after a
@@ -65,7 +66,7 @@
 #define FO_CALLER_SPIN_NS 20000L    /* how long the caller polls for a late worker before it sleeps */
 #define FO_MIN_PROBE 8
 #define FO_MAX_PROBE 64
-#define FO_VERDICTS 8
+#define FO_VERDICTS 16
 
 typedef struct {
     fo_span_fn span;
@@ -103,10 +104,11 @@ static struct {
           .idle = PTHREAD_COND_INITIALIZER,
           .done = PTHREAD_COND_INITIALIZER};
 
-/* Whether threads pay, per span function (rule and dtype); under pool.lock. */
+/* Whether threads pay, per span function (rule and dtype) and storage; under pool.lock. */
 enum { THREADED, ALONE };
 typedef struct {
     fo_span_fn span;
+    unsigned storage;  /* storage_of(call) */
     double rate[2];    /* seconds per element, averaged over the latest calls of each way */
     int way;           /* the faster way so far */
     int calls_to_probe, interval;
@@ -115,13 +117,23 @@ typedef struct {
 static verdict verdicts[FO_VERDICTS];
 static int verdicts_used;
 
-static verdict *verdict_for(fo_span_fn span)
+/* a call's storage: 0 unstaged, else each buffer's dtype, the rounding and master weights */
+static unsigned storage_of(const fo_call *c)
+{
+    if (!c || !c->staged) return 0;
+    unsigned key = 1u | (unsigned)(c->rounding == FO_ROUND_NEAREST) << 1 | (c->master != NULL) << 2;
+    for (int k = 0; k < c->n_bufs && k < FO_MAX_BUFFERS; k++)
+        key |= ((unsigned)c->dtype[k] & 3u) << (3 + 2 * k);
+    return key;
+}
+
+static verdict *verdict_for(fo_span_fn span, unsigned storage)
 {
     for (int i = 0; i < FO_VERDICTS; i++)
-        if (verdicts[i].span == span) return &verdicts[i];
+        if (verdicts[i].span == span && verdicts[i].storage == storage) return &verdicts[i];
     verdict *v = &verdicts[verdicts_used++ % FO_VERDICTS];
-    *v = (verdict){.span = span, .way = THREADED, .calls_to_probe = FO_MIN_PROBE,
-                   .interval = FO_MIN_PROBE};
+    *v = (verdict){.span = span, .storage = storage, .way = THREADED,
+                   .calls_to_probe = FO_MIN_PROBE, .interval = FO_MIN_PROBE};
     return v;
 }
 
@@ -509,7 +521,7 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
         run_alone(&j);
         return;
     }
-    verdict *v = verdict_for(span);
+    verdict *v = verdict_for(span, storage_of(call));
     const int way = choose(v);
     pool.busy = 1; /* also keeps other callers off `v` until this call's time is in */
     j.per_thread_share = 4 * (size_t)threads;
