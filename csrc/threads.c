@@ -115,7 +115,7 @@ typedef struct {
     int confirmed;     /* a probe has confirmed `way` since it was last chosen */
 } verdict;
 static verdict verdicts[FO_VERDICTS];
-static int verdicts_used;
+static unsigned verdicts_used;
 
 /* a call's storage: 0 unstaged, else each buffer's dtype, the rounding and master weights */
 static unsigned storage_of(const fo_call *c)

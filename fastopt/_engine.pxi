@@ -1173,7 +1173,8 @@ cdef class _Member:
     # its gradient's dtype and size, and its state buffers (and their addresses) in the tables
     cdef object grad_dtype
     cdef size_t grad_nbytes
-    cdef tuple state_buffers, state_addresses
+    # (and each buffer's dtype and byte size: b.data = ... can land at the same address)
+    cdef tuple state_buffers, state_addresses, state_dtypes, state_nbytes
     cdef _Table table
     cdef Py_ssize_t slot
     cdef object shape  # a row rule's: the parameter's shape (its rows) when planned
@@ -1328,14 +1329,23 @@ cdef class ObjectPlan:
             return False
 
     cdef bint _buffers_in_place(self, _Member m) except -1:
-        """m's state buffers are where the tables point (not moved by b.data = ... or
-        b.set_(...), which keep the tensor object)."""
+        """m's state buffers are where the tables point, with the dtype, byte size and layout
+        they were planned with (b.data = ... or b.set_(...) keep the tensor object, and the
+        allocator may hand the new data the old address)."""
         cdef Py_ssize_t i
+        cdef bint direct
         for i in range(PyTuple_GET_SIZE(m.state_buffers)):
             b = <object>PyTuple_GET_ITEM(m.state_buffers, i)
-            at = PyObject_CallOneArg(self.data_ptr, b) if type(b) is self.known_type \
-                else b.data_ptr()
-            if at != <object>PyTuple_GET_ITEM(m.state_addresses, i):
+            direct = type(b) is self.known_type and self.grad_of != NULL
+            if not self._fits(b, <object>PyTuple_GET_ITEM(m.state_dtypes, i),
+                              <size_t><object>PyTuple_GET_ITEM(m.state_nbytes, i), direct):
+                return False
+            if direct:
+                at = PyObject_CallOneArg(self.data_ptr, b)
+                contiguous = PyObject_CallOneArg(self.is_contiguous, b)
+            else:
+                at, contiguous = b.data_ptr(), b.is_contiguous()
+            if at != <object>PyTuple_GET_ITEM(m.state_addresses, i) or not contiguous:
                 return False
         return True
 
@@ -1356,6 +1366,8 @@ cdef class ObjectPlan:
             m.grad_dtype, m.grad_nbytes = grad_layout if has_grad else (None, 0)
             m.state_buffers = tuple(buffers)
             m.state_addresses = tuple(b.data_ptr() for b in buffers)
+            m.state_dtypes = tuple(b.dtype for b in buffers)
+            m.state_nbytes = tuple(b.nbytes for b in buffers)
             m.shape = p.shape
             if has_grad:
                 m.table, m.slot = where[with_grad]
@@ -1417,19 +1429,21 @@ cdef class ObjectPlan:
                         or not self._buffers_in_place(m):
                     return False
                 try:  # a sparse COO gradient says False; a CSR one raises
-                    if direct:
+                    if direct:  # (p.data = p.data.t() keeps its address, dtype and size)
                         if not PyObject_CallOneArg(self.is_contiguous, grad) or \
-                                <uintptr_t>PyObject_CallOneArg(self.data_ptr, p) != m.address:
+                                <uintptr_t>PyObject_CallOneArg(self.data_ptr, p) != m.address or \
+                                not PyObject_CallOneArg(self.is_contiguous, p):
                             return False
                         at = PyObject_CallOneArg(self.data_ptr, grad)
                     else:
-                        if not grad.is_contiguous() or p.data_ptr() != m.address:
+                        if not grad.is_contiguous() or p.data_ptr() != m.address or \
+                                not p.is_contiguous():
                             return False
                         at = grad.data_ptr()
                 except RuntimeError:
                     return False
                 if at != m.clear_grad:
-                    if self.spans.hits(<size_t>at, m.nbytes):
+                    if self.spans.hits(<size_t>at, m.grad_nbytes):
                         return False
                     m.clear_grad = at
                 m.table.ptrs[1][m.slot] = <void *>at

@@ -303,10 +303,12 @@ class _Fastopt:
                     self.total_norm = total_norm  # (only a step that happened reports one)
                     return loss
                 # everything is validated before anything changes
+                entry = self.state.get(_STORAGE_KEY)
+                if entry is not None:
+                    _check_storage_entry(entry)
                 work = [self._prepare_group(index, group)
                         for index, group in enumerate(self.param_groups)]
                 indices = self._parameter_indices()
-                entry = self.state.get(_STORAGE_KEY)
                 if entry is not None:
                     entry["step"] += 1  # keys this step's stochastic rounding
                 self._indices = indices
@@ -338,6 +340,12 @@ class _Fastopt:
         return options.grad_multiplier, options.total_norm
 
     def _make_plan(self, hps):
+        try:
+            return self._planned(hps)
+        except (TypeError, ValueError, KeyError):  # (a plan is an optimization: the step stands)
+            return None
+
+    def _planned(self, hps):
         """After a validated step: the engine's plan for the next ones (fastopt/_engine.pxi,
         ObjectPlan), which re-checks only what can change.  None where a group's values cannot
         be compared cheaply (a tensor lr), and for DTensor parameters (FSDP2), whose shards the
@@ -525,6 +533,11 @@ class _Fastopt:
         hp = self._hyperparameters(index, group)
         slots = self.slots(hp)
         keep = self.keeps_state(hp)
+        entry = self.state.get(_STORAGE_KEY)
+        if entry is not None and entry["master_weights"] and not keep:
+            raise ValueError(f"{type(self).__name__}: param group {index}: master_weights=True "
+                             "needs per-parameter state to keep the float32 copies in, and these "
+                             "hyperparameters keep none (SGD without momentum)")
         strided = torch.strided
         members = []
         for i, p in enumerate(group["params"]):
@@ -540,8 +553,9 @@ class _Fastopt:
                 _check_param(p, self._where(index, group, i))
             if self.kernel in _STATE_SHAPES and p.is_complex():  # torch's error, at the step
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
-            if (dtype == torch.bfloat16 and self.state.get(_STORAGE_KEY) is None) or (
-                    self.kernel in _PER_ROW_KERNELS and p.is_complex()):
+            if (dtype == torch.bfloat16 and entry is None) or (
+                    self.kernel in _PER_ROW_KERNELS and p.is_complex()) or (
+                    entry is not None and entry["master_weights"] and dtype != torch.bfloat16):
                 # p.data replaced after construction by a tensor its storage options (made for
                 # its first dtype) or its rule cannot take
                 raise TypeError(f"{self._where(index, group, i)} is now {dtype}; "
@@ -582,10 +596,12 @@ class _Fastopt:
             # every buffer the kernel touches spans the same nbytes from its address: two
             # overlap exactly when their addresses are closer than that
             nbytes = local_p.nbytes
-            if nbytes and state and (self.state.get(_STORAGE_KEY) is not None
-                                     or self.kernel in _SHAPED_STATE_KERNELS):
-                # storage of several sizes, or state of its own shapes: compare spans
-                spans = sorted(_spans_of(local_p, local_g, state, slots))
+            if nbytes and ((state and (self.state.get(_STORAGE_KEY) is not None
+                                       or self.kernel in _SHAPED_STATE_KERNELS))
+                           or (not isinstance(local_g, _Rows) and local_g.dtype != local_p.dtype)):
+                # storage of several sizes (a bfloat16 gradient of a float32 parameter), or
+                # state of its own shapes: compare spans
+                spans = sorted(_spans_of(local_p, local_g, state or {}, slots))
                 shared = any(b0 < a1 for (a0, a1), (b0, b1) in zip(spans, spans[1:]))
             else:
                 pointers.sort()
@@ -798,6 +814,22 @@ class _Rows:
 
 
 _NO_ROWS = torch.zeros(1, dtype=torch.int64)
+
+
+def _check_storage_entry(entry):
+    """The storage entry of an optimizer's state as storage.check_options takes it, its step an
+    int in [0, 2**64 - 1): an entry edited in place is refused before a step changes anything."""
+    if not isinstance(entry, dict) or set(entry) != set(storage.DEFAULTS) | {"step"}:
+        raise ValueError(f"state[{_STORAGE_KEY!r}] must hold {sorted(storage.DEFAULTS)} and 'step'")
+    options = storage.check_options(**{k: entry[k] for k in storage.DEFAULTS})
+    if options != {k: entry[k] for k in storage.DEFAULTS} or type(options["master_weights"]) \
+            is not type(entry["master_weights"]):
+        raise ValueError(f"state[{_STORAGE_KEY!r}] holds {entry!r}; its options must be "
+                         f"{options!r}")
+    step = entry["step"]
+    if type(step) is not int or not 0 <= step < 2 ** 64 - 1:
+        raise ValueError(f"state[{_STORAGE_KEY!r}]['step'] must be an int in [0, 2**64 - 1), "
+                         f"got {step!r}")
 
 
 def _check_sparse_indices(g, where):

@@ -212,3 +212,81 @@ def test_parameter_narrowed_through_data_is_stepped_at_its_new_size():
     (p, _), (q, _) = pairs
     assert torch.equal(q.detach(), p.detach())
     assert torch.equal(storages[1], storages[0])  # nothing written past the new end
+
+
+def test_state_buffer_retyped_through_data_at_its_address_is_refused():
+    """exp_avg.data = a bfloat16 view of its own memory keeps the address: the plan checks the
+    buffer's dtype and size too (written as float32 it would overrun the new, smaller buffer
+    when the allocator hands it the old address), and the step is refused as a first one is."""
+    p = torch.nn.Parameter(torch.ones(1000))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(1000)
+    opt.step()
+    m = opt.state[p]["exp_avg"]
+    m.data = m.data.view(torch.bfloat16)[:1000]
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_parameter_transposed_through_data_at_its_address_is_refused():
+    """p.data = p.data.t() keeps the address, dtype and size: the plan checks contiguity, as
+    the first step does."""
+    p = torch.nn.Parameter(torch.ones(3, 4))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(3, 4)
+    opt.step()
+    p.data = p.data.t()
+    p.grad = torch.ones(4, 3)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="not contiguous"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_bfloat16_gradient_just_below_its_parameter_is_planned():
+    """A bfloat16 gradient of a float32 parameter is half the parameter's size: the checks
+    (first step and planned ones) compare its own bytes, so one that ends where the parameter
+    starts is neither refused nor sent to the validating path every step."""
+    base = torch.zeros(1500)
+    p = torch.nn.Parameter(base[500:1500])
+    p.grad_dtype = None
+    opt = ft.SGD([p], lr=0.1)
+    p.grad = base[:500].view(torch.bfloat16)  # bytes just below the parameter's
+    p.grad.fill_(1.0)
+    opt.step()
+    plan = opt._plan
+    for _ in range(3):
+        opt.step()
+    assert opt._plan is plan
+    torch.testing.assert_close(p.detach(), torch.full((1000,), -0.4))
+
+
+def test_storage_entry_edited_in_place_is_refused_before_anything_changes():
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(8, dtype=torch.bfloat16)
+    opt.step()
+    for key, value in (("step", 5.0), ("seed", -1), ("rounding", "Nearest")):
+        entry = opt.state["fastopt_storage"]
+        kept = dict(entry)
+        entry[key] = value
+        before = p.detach().clone()
+        with pytest.raises(ValueError):
+            opt.step()
+        assert torch.equal(p.detach(), before) and entry == dict(kept, **{key: value})
+        entry[key] = kept[key]
+    opt.step()
+
+
+def test_master_weights_without_kept_state_are_refused_with_nothing_changed():
+    """SGD without momentum keeps no per-parameter state, so there is nowhere to keep a
+    float32 master copy: refused before anything changes (not silently dropped)."""
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = ft.SGD([p], lr=1e-4, master_weights=True)
+    p.grad = torch.ones(8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="master_weights"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(8, dtype=torch.bfloat16))
+    assert opt.state["fastopt_storage"]["step"] == 0
