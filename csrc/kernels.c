@@ -300,11 +300,17 @@ static size_t dtype_size(int dtype)
     return dtype == FO_FLOAT64 ? sizeof(double) : dtype == FO_FLOAT32 ? sizeof(float) : sizeof(uint16_t);
 }
 
+/* the type a call whose parameters are stored as param_dtype computes in */
+static int compute_dtype(int param_dtype)
+{
+    return param_dtype == FO_FLOAT64 ? FO_FLOAT64 : FO_FLOAT32;
+}
+
 /* The storage combinations the loops have (fastopt.h, fo_dtype): buffer k of a call whose
  * parameters are stored as param_dtype. */
 static int dtype_allowed(int k, int dtype, int param_dtype)
 {
-    const int compute = param_dtype == FO_FLOAT64 ? FO_FLOAT64 : FO_FLOAT32;
+    const int compute = compute_dtype(param_dtype);
     if (k == 0) return dtype == FO_FLOAT32 || dtype == FO_FLOAT64 || dtype == FO_BFLOAT16;
     if (k == 1) return dtype == param_dtype || (param_dtype == FO_FLOAT32 && dtype == FO_BFLOAT16);
     return dtype == compute || dtype == FO_BFLOAT16;
@@ -417,8 +423,7 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     if (has_ema) { /* the compute type or bfloat16, after the rule's buffers */
         bufs[n_own] = opt->ema;
         used[n_used++] = n_own;
-        call.dtype[n_own] = opt->ema_bfloat16 ? FO_BFLOAT16 : param_dtype == FO_FLOAT64 ? FO_FLOAT64
-                                                                                   : FO_FLOAT32;
+        call.dtype[n_own] = opt->ema_bfloat16 ? FO_BFLOAT16 : compute_dtype(param_dtype);
         call.staged |= opt->ema_bfloat16 != 0;
         if (call.staged) { /* in each block of the rule's span (loops.inc) */
             call.ema_buffer = n_own;

@@ -168,12 +168,10 @@ cdef class StepOptions:
                     if tables.position[k][t] >= self.n_params:
                         raise ValueError("reduce_tables: a parameter position past the options' "
                                          "n_params")
-            for k in range(3):
-                if tables.count[k] == 0:
-                    continue
-                table = _IndexTable(tables.count[k])
-                self.add(GRAD_TABLE_DTYPES[k], tables.count[k], tables.ptrs[k], tables.n[k],
-                         tables.position[k], (<_IndexTable>table).scratch)
+            for k in range(3):  # (per_tensor: one scratch value per gradient, as add() needs)
+                if tables.count[k]:
+                    self.add(GRAD_TABLE_DTYPES[k], tables.count[k], tables.ptrs[k], tables.n[k],
+                             tables.position[k], tables.per_tensor)
         return self.finish()
 
 

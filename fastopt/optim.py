@@ -258,7 +258,8 @@ class Optimizer:
                 state = self.state.get(i)
                 if state is None:
                     state = self.state[i] = self.new_state(p, hp)
-                state.add_missing(p, needed, storage.state_dtype_for(p.dtype, stored_as))
+                state_dtype = storage.state_dtype_for(p.dtype, stored_as)
+                state.add_missing(p, needed, state_dtype)
                 if stored_as["master_weights"] and state.master is None:
                     state.master = p.astype(np.float32, order="C")
                 if exact and state.row_step is None and isinstance(grads[i], _kernels.SparseGrad):
@@ -266,7 +267,7 @@ class Optimizer:
                     state.row_step = np.full(p.shape[0], state.step, dtype=np.int64)
                 if self._ema_decay is not None and state.ema is None:
                     # stored as the state (bfloat16 only by state_dtype="bfloat16")
-                    state.ema = p.astype(storage.state_dtype_for(p.dtype, stored_as), order="C")
+                    state.ema = p.astype(state_dtype, order="C")
                 stored = tuple(getattr(getattr(state, name), "dtype", None)
                                for name in needed + ["ema"])
                 grad_dtype = grads[i].values.dtype if isinstance(grads[i], _kernels.SparseGrad) \

@@ -229,10 +229,7 @@ class _Fastopt:
             try:
                 entry = self.state.get(_STORAGE_KEY)
                 if entry is not None:
-                    if not isinstance(entry, dict) or set(entry) != set(storage.DEFAULTS) | {"step"}:
-                        raise ValueError(f"state_dict's {_STORAGE_KEY!r} entry must hold "
-                                         f"{sorted(storage.DEFAULTS)} and 'step'")
-                    options = storage.check_options(**{k: entry[k] for k in storage.DEFAULTS})
+                    options = _storage_entry_options(entry, "state_dict's")
                     step = int(entry["step"])
                     self.state[_STORAGE_KEY] = dict(options, step=step)
                     _keep_stored_dtypes(self, state_dict)
@@ -816,12 +813,20 @@ class _Rows:
 _NO_ROWS = torch.zeros(1, dtype=torch.int64)
 
 
-def _check_storage_entry(entry):
-    """The storage entry of an optimizer's state as storage.check_options takes it, its step an
-    int in [0, 2**64 - 1): an entry edited in place is refused before a step changes anything."""
+def _storage_entry_options(entry, whose):
+    """The storage options a storage entry holds, checked (storage.check_options, normalized);
+    whose: the error's words for where the entry is."""
     if not isinstance(entry, dict) or set(entry) != set(storage.DEFAULTS) | {"step"}:
-        raise ValueError(f"state[{_STORAGE_KEY!r}] must hold {sorted(storage.DEFAULTS)} and 'step'")
-    options = storage.check_options(**{k: entry[k] for k in storage.DEFAULTS})
+        raise ValueError(f"{whose} {_STORAGE_KEY!r} entry must hold {sorted(storage.DEFAULTS)} "
+                         "and 'step'")
+    return storage.check_options(**{k: entry[k] for k in storage.DEFAULTS})
+
+
+def _check_storage_entry(entry):
+    """The storage entry of an optimizer's state exactly as _storage_entry_options normalizes
+    it, its step an int in [0, 2**64 - 1): an entry edited in place is refused before a step
+    changes anything."""
+    options = _storage_entry_options(entry, "the optimizer state's")
     if options != {k: entry[k] for k in storage.DEFAULTS} or type(options["master_weights"]) \
             is not type(entry["master_weights"]):
         raise ValueError(f"state[{_STORAGE_KEY!r}] holds {entry!r}; its options must be "
