@@ -405,9 +405,13 @@ const char *fo_isa(void);
 
 /* How bfloat16 values are rounded to nearest: "avx512bf16" (the VCVTNEPS2BF16 instruction) or
  * "integer" (shifts and adds, every other CPU), identical bits.  FASTOPT_ISA=avx512 caps it at
- * "integer"; FASTOPT_ISA=avx512bf16 (or unset) allows the instruction where the CPU has it.
- * Stochastic rounding is integer arithmetic on every instruction set. */
+ * "integer"; FASTOPT_ISA=avx512bf16 (or unset) allows the instruction where the CPU has it. */
 const char *fo_bf16_path(void);
+
+/* How stochastic rounding's random bits (ARS-5: five AES rounds, README "The random bits") are
+ * computed: "vaes512" (VAES on 512-bit vectors), "aesni" (AES-NI) or "portable" (C), identical
+ * bits.  FASTOPT_ISA caps it as the loops: baseline runs "portable", avx2 at most "aesni". */
+const char *fo_random_path(void);
 
 /* p += g; m += g; v += g over n floats: Adam's 7 streams of memory traffic with no arithmetic to
  * speak of, through the same threads.  The benchmark's bandwidth ceiling. */

@@ -31,6 +31,7 @@
 
 /* What every span of one call shares: the rule's scalars and how each buffer is stored. */
 typedef void (*fo_bf16_round_fn)(uint16_t *dst, const float *src, size_t n);
+typedef void (*fo_random_bits_fn)(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_t key);
 typedef struct {
     const void *scalars;
     int n_bufs;
@@ -45,6 +46,7 @@ typedef struct {
                                     which keys stochastic rounding (a touched row's: row x
                                     row_len, rows.c); NULL for 0 */
     fo_bf16_round_fn to_nearest; /* float32 -> bfloat16, to nearest even (chosen per CPU) */
+    fo_random_bits_fn random_bits; /* stochastic rounding's generator (chosen per CPU) */
     /* a staged call's EMA of the weights (fo_step_with): its buffer (0: none), updated in each
      * block right after the rule, from the staged parameter (or master); unstaged calls take
      * the EMA through the ema span instead */
@@ -146,11 +148,10 @@ typedef struct {
 
 /* ---- the keyed generator of stochastic rounding's bits ------------------------------------
  * A 64-bit key absorbs seed, step, parameter index, buffer pair q and the element index's upper
- * 32 bits (SplitMix64's finalizer after each); the 32-bit hash of element e is then
- *   h(h(lo32(e) ^ lo32(key)) ^ hi32(key)),  h = a 32-bit avalanche ("lowbias32"-style):
- *   x ^= x >> 16; x *= 0x21f0aaad; x ^= x >> 15; x *= 0x735a2d97; x ^= x >> 15,
- * and the written buffers' streams s take its low 16 bits if s is even, its high 16 bits if s
- * is odd, from the hash of pair q = s / 2: one hash for two streams.  The rule's state buffers
+ * 32 bits (SplitMix64's finalizer after each); the 32-bit word of element e is then word
+ * lo32(e) of ARS-5's stream under that key (random.c: word w of counter w / 4), and the written
+ * buffers' streams s take its low 16 bits if s is even, its high 16 bits if s is odd, from the
+ * word of pair q = s / 2: one word for two streams.  The rule's state buffers
  * are streams 0 .. n_state - 1 (buffer k: stream k - 2), the parameter stream n_state, the
  * EMA stream n_state + 1 (the gradient is never written): a rule's first two state buffers
  * share a hash, and so do the parameter and a rule's only state buffer.
@@ -172,15 +173,9 @@ static inline uint64_t fo_absorb(uint64_t key, uint64_t x)
 {
     return fo_mix64((key ^ x) + 0x9e3779b97f4a7c15ull);
 }
-static inline uint32_t fo_hash32(uint32_t x)
-{
-    x ^= x >> 16;
-    x *= 0x21f0aaadu;
-    x ^= x >> 15;
-    x *= 0x735a2d97u;
-    x ^= x >> 15;
-    return x;
-}
+/* out[0 .. 4 n_blocks) = ARS-5's words 4 counter .. 4 (counter + n_blocks) - 1 under key
+ * (random.c; counter + n_blocks <= 2^30) */
+void fo_random_bits_portable(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_t key);
 /* the key of buffer pair q of tensor t for elements [hi << 32, (hi + 1) << 32) */
 static inline uint64_t fo_block_key(const fo_call *c, size_t t, int q, uint64_t hi)
 {
@@ -194,6 +189,8 @@ extern const fo_loops fo_loops_baseline;
 extern const fo_loops fo_loops_avx2;
 extern const fo_loops fo_loops_avx512;
 void fo_bf16_nearest_avx512bf16(uint16_t *dst, const float *src, size_t n);
+void fo_random_bits_aesni(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_t key);
+void fo_random_bits_vaes512(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_t key);
 #endif
 
 /*

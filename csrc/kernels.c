@@ -18,6 +18,8 @@
 static const fo_loops *active_loops;
 static fo_bf16_round_fn active_to_nearest;
 static const char *active_bf16_path = "integer";
+static fo_random_bits_fn active_random_bits = fo_random_bits_portable;
+static const char *active_random_path = "portable";
 static pthread_once_t active_once = PTHREAD_ONCE_INIT;
 
 static void choose_loops(void)
@@ -36,6 +38,16 @@ static void choose_loops(void)
     __builtin_cpu_init();
     if (cap_level >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         best = &fo_loops_avx2;
+    /* the generator follows the same cap: baseline runs the portable AES rounds */
+    if (cap_level >= 1 && __builtin_cpu_supports("aes") && __builtin_cpu_supports("sse4.1")) {
+        active_random_bits = fo_random_bits_aesni;
+        active_random_path = "aesni";
+    }
+    if (cap_level >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vaes") &&
+        active_random_bits == fo_random_bits_aesni) {
+        active_random_bits = fo_random_bits_vaes512;
+        active_random_path = "vaes512";
+    }
     if (cap_level >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
         best = &fo_loops_avx512;
@@ -61,6 +73,12 @@ const char *fo_bf16_path(void)
 {
     fo_active();
     return active_bf16_path;
+}
+
+const char *fo_random_path(void)
+{
+    fo_active();
+    return active_random_path;
 }
 
 const char *fo_strerror(int status)
@@ -497,6 +515,7 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     const int which = param_dtype == FO_FLOAT64 ? FO_F64 : FO_F32;
     const fo_span_fn rule_span = fo_active()->span[rule][which];
     call.to_nearest = active_to_nearest;
+    call.random_bits = active_random_bits;
     const fo_ema_scalars ema = {rule_span, &call, n_own, has_ema ? opt->ema_decay : 0.0};
     const fo_call ema_call = {.scalars = &ema, .n_bufs = n_bufs};
     const int ema_span = has_ema && !call.ema_buffer; /* (a staged call's: in its blocks) */

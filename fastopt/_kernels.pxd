@@ -170,6 +170,7 @@ cdef extern from "fastopt.h" nogil:
                          void *jobdata, int dojob_arg)
     const char *fo_isa()
     const char *fo_bf16_path()
+    const char *fo_random_path()
     void fo_stream_f32(float *p, const float *g, float *m, float *v, size_t n)
 
 

@@ -316,6 +316,11 @@ def bf16_path():
     return fo_bf16_path().decode()
 
 
+def random_path():
+    """How stochastic rounding's ARS-5 bits are computed: 'vaes512', 'aesni' or 'portable'."""
+    return fo_random_path().decode()
+
+
 cdef inline float *_fdata(float[::1] buf) noexcept nogil:
     return &buf[0] if buf.shape[0] > 0 else NULL
 

@@ -257,7 +257,8 @@ def test_same_bits_in_any_order_of_tensors():
 ISA_RUN = r"""
 import hashlib, json, sys, numpy as np, fastopt, ml_dtypes
 bf = ml_dtypes.bfloat16
-out = {"isa": fastopt.isa(), "bf16_path": fastopt.config.bf16_path()}
+out = {"isa": fastopt.isa(), "bf16_path": fastopt.config.bf16_path(),
+       "random_path": fastopt.config.random_path()}
 for rounding in ("stochastic", "nearest"):
     for state_dtype, master in ((None, False), ("bfloat16", False), ("bfloat16", True)):
         rng = np.random.default_rng(4)
@@ -283,8 +284,19 @@ def test_same_bits_on_every_instruction_set():
         res = subprocess.run([sys.executable, "-c", ISA_RUN], env={**CHILD_ENV, "FASTOPT_ISA": isa},
                              capture_output=True, text=True, check=True, cwd=HERE)
         results[isa] = json.loads(res.stdout)
-    paths = {(r.pop("isa"), r.pop("bf16_path")) for r in results.values()}
-    assert len(paths) >= 2 or len(paths) == 1  # whatever this CPU has; all compared below
+    paths = {isa: (r.pop("isa"), r.pop("bf16_path"), r.pop("random_path"))
+             for isa, r in results.items()}
+    # each cap runs the paths this CPU has up to it (so the comparison below covers them all)
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    avx512 = {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags
+    aes = {"aes", "sse4_1"} <= flags
+    assert paths["baseline"] == ("baseline", "integer", "portable")
+    if {"avx2", "fma"} <= flags:
+        assert paths["avx2"] == ("avx2", "integer", "aesni" if aes else "portable")
+    if avx512:
+        assert paths["avx512"] == ("avx512", "integer",
+                                   "vaes512" if aes and "vaes" in flags else "aesni" if aes else "portable")
+        assert paths["avx512bf16"][1] == ("avx512bf16" if "avx512_bf16" in flags else "integer")
     first = results["baseline"]
     assert all(r == first for r in results.values()), paths
 
@@ -346,6 +358,8 @@ def test_show_config_names_the_bf16_path():
     fastopt.show_config(out)
     assert f"bfloat16:     rounding to nearest: {fastopt.config.bf16_path()}" in out.getvalue()
     assert fastopt.config.bf16_path() in ("avx512bf16", "integer")
+    assert f"stochastic: ARS-5 bits by {fastopt.config.random_path()}" in out.getvalue()
+    assert fastopt.config.random_path() in ("vaes512", "aesni", "portable")
 
 
 @pytest.mark.parametrize("storage", STORAGE, ids=storage_id)
