@@ -439,3 +439,27 @@ def test_norm_options_read_bfloat16_gradients(pdt):
     result = opt.step(grads, skip_nonfinite=True)
     assert result.skipped and result.total_norm == np.inf
     assert_same_snapshot(before, snapshot(opt))
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("n", [1, 15, 16, 37, 1000])
+def test_rounding_of_special_values(rounding, n):
+    """Every float32 class through a bfloat16 write, tails of every length: Lion's m with
+    beta2 = 0 becomes 0 * m + 1 * g, the float32 gradient (but +0 for -0), rounded (stream 0)."""
+    rng = np.random.default_rng(n)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-40, -1e-40, 1.1754942e-38,
+                        -1.17549e-38, 3.4028235e38, -3.4028235e38, 3.3961776e38, 1.0, -1.0 - 2 ** -9],
+                       dtype=F32)
+    g = np.where(rng.random(n) < 0.5, rng.choice(special, n), rng.standard_normal(n).astype(F32) * 1e3)
+    g = g.astype(F32)
+    g[: min(n, 4)] = np.array([np.nan, 1e-40, 3.4028235e38, -0.0], F32)[: min(n, 4)]
+    g.view(np.uint32)[rng.random(n) < 0.1] |= np.uint32(0x7FC01234)  # NaNs with payloads
+    p = np.zeros(n, F32)
+    opt = fastopt.Lion([p], lr=0.0, betas=(0.9, 0.0), state_dtype="bfloat16", rounding=rounding,
+                       seed=SEED)
+    opt.step([g])
+    assert opt.rule.crule.state[0] == "m"
+    m = np.float32(0.0) * np.zeros(n, F32) + np.float32(1.0) * g
+    want = round_bf16(m, rounding, random_bits(SEED, 0, 1, 0, n))
+    got = bits16(opt.state[0].m)
+    assert np.array_equal(got, want), np.flatnonzero(got != want)[:10]
