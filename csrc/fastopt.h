@@ -110,7 +110,12 @@ extern "C" {
  * n[t] / row_len rows of row_len elements, row_len = batch->rows[t].row_len when batch->rows is
  * set (indices NULL for a dense gradient), else 1 (a flat buffer is rows of one element, as the
  * typed entries take it); its state buffers hold n[t] / row_len values.  row_len must divide
- * n[t] (FO_ERR_INDEX); bfloat16 storage and master weights: FO_ERR_DTYPE. */
+ * n[t] (FO_ERR_INDEX).  The state buffers are stored in the compute type (bfloat16:
+ * FO_ERR_DTYPE); bfloat16 parameters (float32 compute: float64 parameters with a bfloat16 EMA
+ * get FO_ERR_DTYPE), bfloat16 gradients of float32 parameters and master weights are staged a
+ * group of whole rows at a time, rows of at most FO_ROW_STAGING elements (longer rows:
+ * FO_ERR_HYPERPARAM, err->field "rows"). */
+#define FO_ROW_STAGING 4096
 #define FO_FIELDS_rowwise_adagrad(F, c)                                                           \
     F(c, double, lr) F(c, double, eps) F(c, double, weight_decay) F(c, int, maximize)
 /* Factored rules (fo_rule_info.factored): a tensor is a vector, or matrices of matrix_rows x
@@ -408,7 +413,7 @@ const char *fo_isa(void);
  * "integer"; FASTOPT_ISA=avx512bf16 (or unset) allows the instruction where the CPU has it. */
 const char *fo_bf16_path(void);
 
-/* How stochastic rounding's random bits (ARS-5: five AES rounds, README "The random bits") are
+/* How stochastic rounding's random bits (ARS-7: seven AES rounds, README "The random bits") are
  * computed: "vaes512" (VAES on 512-bit vectors), "aesni" (AES-NI) or "portable" (C), identical
  * bits.  FASTOPT_ISA caps it as the loops: baseline runs "portable", avx2 at most "aesni". */
 const char *fo_random_path(void);

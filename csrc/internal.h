@@ -17,6 +17,8 @@
 
 #define FO_CAT_(a, b) a##_##b
 #define FO_CAT(a, b) FO_CAT_(a, b)
+#define FO_STR_(x) #x
+#define FO_STR(x) FO_STR_(x)
 
 #define FO_PART_TYPES 1
 #define FO_PART_PREPARE 2
@@ -132,6 +134,11 @@ typedef struct {
     const char *name;
     fo_span_fn span[FO_N_RULES][2];
     fo_bf16_round_fn to_nearest; /* integer arithmetic, compiled for this instruction set */
+    /* float32 -> bfloat16 stochastically, adding r[i]'s low (shift 0) or high (shift 16) half;
+     * and two buffers from one word each (loops.inc: what a staged span's writes use) */
+    void (*stochastic)(uint16_t *dst, const float *src, size_t n, const uint32_t *r, int shift);
+    void (*stochastic_pair)(uint16_t *dst_a, const float *src_a, uint16_t *dst_b,
+                            const float *src_b, size_t n, const uint32_t *r);
     /* per-tensor passes (FO_TENSOR_RULES; NULL for the other rules): b[slot] is the tensor's
      * (double *) results, n_sums per block; `at` a multiple of FO_NORM_BLOCK */
     fo_span_fn reduce[FO_N_RULES][2];
@@ -149,7 +156,7 @@ typedef struct {
 /* ---- the keyed generator of stochastic rounding's bits ------------------------------------
  * A 64-bit key absorbs seed, step, parameter index, buffer pair q and the element index's upper
  * 32 bits (SplitMix64's finalizer after each); the 32-bit word of element e is then word
- * lo32(e) of ARS-5's stream under that key (random.c: word w of counter w / 4), and the written
+ * lo32(e) of ARS-7's stream under that key (random.c: word w of counter w / 4), and the written
  * buffers' streams s take its low 16 bits if s is even, its high 16 bits if s is odd, from the
  * word of pair q = s / 2: one word for two streams.  The rule's state buffers
  * are streams 0 .. n_state - 1 (buffer k: stream k - 2), the parameter stream n_state, the
@@ -173,7 +180,7 @@ static inline uint64_t fo_absorb(uint64_t key, uint64_t x)
 {
     return fo_mix64((key ^ x) + 0x9e3779b97f4a7c15ull);
 }
-/* out[0 .. 4 n_blocks) = ARS-5's words 4 counter .. 4 (counter + n_blocks) - 1 under key
+/* out[0 .. 4 n_blocks) = ARS-7's words 4 counter .. 4 (counter + n_blocks) - 1 under key
  * (random.c; counter + n_blocks <= 2^30) */
 void fo_random_bits_portable(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_t key);
 /* the key of buffer pair q of tensor t for elements [hi << 32, (hi + 1) << 32) */

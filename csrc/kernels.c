@@ -39,7 +39,7 @@ static void choose_loops(void)
     if (cap_level >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         best = &fo_loops_avx2;
     /* the generator follows the same cap: baseline runs the portable AES rounds */
-    if (cap_level >= 1 && __builtin_cpu_supports("aes") && __builtin_cpu_supports("sse4.1")) {
+    if (cap_level >= 1 && __builtin_cpu_supports("aes")) {
         active_random_bits = fo_random_bits_aesni;
         active_random_path = "aesni";
     }
@@ -452,8 +452,12 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
     if (call.staged && factored) return FO_ERR_DTYPE;
     /* a per-tensor pass's writes are the update's reads (each rounded once, in that pass) */
     call.read_only = tensor_passes[rule].writes;
-    const int row_rule = FO_IS_ROW_RULE(rule); /* its state: one value per row, unstaged */
-    if (call.staged && row_rule) return FO_ERR_DTYPE;
+    /* a row rule's state (one value per row) is kept in the compute type; with other buffers
+     * staged, its rows go through staging rows of FO_ROW_STAGING elements, in float */
+    const int row_rule = FO_IS_ROW_RULE(rule);
+    for (int k = 2; row_rule && k < n_rule_bufs; k++)
+        if (bufs[k] && call.dtype[k] == FO_BFLOAT16) return FO_ERR_DTYPE;
+    if (call.staged && row_rule && param_dtype == FO_FLOAT64) return FO_ERR_DTYPE;
     if (count == 0) return FO_OK;
     if (!batch->n) return FO_ERR_NULL;
     for (int i = 0; i < n_used; i++)
@@ -469,6 +473,9 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
         /* rows of row_len elements: a row rule's state has n / row_len values */
         const size_t row_len = batch->rows ? batch->rows[t].row_len : 1;
         if (n && (dense_rows || row_rule) && (row_len == 0 || n % row_len)) return FO_ERR_INDEX;
+        FO_REQUIRE(!(call.staged && row_rule && n && row_len > FO_ROW_STAGING), "rows",
+                   "of a row rule hold at most " FO_STR(FO_ROW_STAGING) " elements with bfloat16 "
+                   "storage or master weights (its staging rows)");
         const fo_rows *layout = batch->rows ? &batch->rows[t] : NULL;
         if (factored && factored_rules[rule].state_size(0, n, layout) == SIZE_MAX)
             return FO_ERR_INDEX;

@@ -471,6 +471,7 @@ static int run_rows(fo_span_fn span, size_t count, void *const *const *bufs, int
                     if (bufs[k]) row_bufs[k][e] = FO_ROW_AT(k, row);
                 if (catchup) catchup_of[e] = NULL;
                 FO_ROW_LEN();
+                FO_ROW_STAGED(row);
                 sum_of[e] = 0;
                 sizes[e++] = (n_rows - row < chunk ? n_rows - row : chunk) * r->row_len;
             }

@@ -101,6 +101,7 @@ cdef extern from "fastopt.h" nogil:
     int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_options *opt,
                      fo_error *err)
     int FO_NORM_BLOCK
+    int FO_ROW_STAGING
     int fo_norm(const fo_batch *batch, int buffer, double p, double *per_tensor, double *total,
                 int *nonfinite, fo_error *err)
     int fo_scale(const fo_batch *batch, int buffer, double factor)

@@ -304,6 +304,8 @@ cdef extern from *:
     const char *FO_BUILD_FLAGS
 
 BUILD_FLAGS = FO_BUILD_FLAGS.decode()
+# a row rule's rows hold at most this many elements when staged (bfloat16 or master weights)
+ROW_STAGING = FO_ROW_STAGING
 
 
 def isa():
@@ -317,7 +319,7 @@ def bf16_path():
 
 
 def random_path():
-    """How stochastic rounding's ARS-5 bits are computed: 'vaes512', 'aesni' or 'portable'."""
+    """How stochastic rounding's ARS-7 bits are computed: 'vaes512', 'aesni' or 'portable'."""
     return fo_random_path().decode()
 
 

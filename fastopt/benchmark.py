@@ -400,12 +400,15 @@ def run_storage_table(rules, n, threads, budget_s, results):
           "tensors (vs t.fused) / this one's; B/el: bytes moved per element")
     print(STORAGE_HEADER)
     for rule in rules:
-        plain = RULES[rule][0].rule.plain_storage
+        plain, plain_state = RULES[rule][0].rule.plain_storage, RULES[rule][0].rule.plain_state
         if plain:
             print(f"{rule:<10}(none: its {plain} need float32/float64 storage)")
             continue
+        if plain_state:
+            print(f"{rule:<10}(bfloat16 parameters and gradients only: its {plain_state} need "
+                  "float32/float64 state)")
         for label in STORAGE_CASES:
-            if label == "f32":
+            if label == "f32" or (plain_state and STORAGE_CASES[label][2].get("state_dtype")):
                 continue
             r = run_storage_case(rule, label, n, threads, budget_s)
             r["label"] = "storage"

@@ -93,7 +93,7 @@ def bf16_path():
 
 
 def random_path():
-    """How stochastic rounding's random bits (ARS-5, five AES rounds per four elements) are
+    """How stochastic rounding's random bits (ARS-7, seven AES rounds per four elements) are
     computed: 'vaes512' (VAES on 512-bit vectors), 'aesni' (AES-NI) or 'portable' (C); the same
     bits either way.  FASTOPT_ISA caps it: baseline runs 'portable', avx2 at most 'aesni'."""
     return _kernels.random_path()
@@ -108,7 +108,7 @@ def show_config(file=None):
         f"  threads:      {get_num_threads()} "
         f"(FASTOPT_NUM_THREADS={os.environ.get('FASTOPT_NUM_THREADS', '')!r}; "
         "calls under 131072 elements use one)",
-        f"  bfloat16:     rounding to nearest: {bf16_path()}; stochastic: ARS-5 bits by "
+        f"  bfloat16:     rounding to nearest: {bf16_path()}; stochastic: ARS-7 bits by "
         f"{random_path()} (ml_dtypes " + ("installed" if _has_ml_dtypes() else "not installed") + ")",
         f"  build flags:  {_kernels.BUILD_FLAGS}",
         "  numerics:     no FMA contraction (-ffp-contract=off): every ISA and thread count "

@@ -71,6 +71,12 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__}'s {self.rule.plain_storage} need float32/float64 "
                                  f"storage; params[{i}] is {p.dtype} with state_dtype "
                                  f"{self.storage_options['state_dtype']!r} (not bfloat16 yet)")
+            if self.rule.plain_state and self.storage_options["state_dtype"] == "bfloat16":
+                raise ValueError(f"{type(self).__name__}'s {self.rule.plain_state} need float32/float64 "
+                                 "state: state_dtype='bfloat16' is refused (bfloat16 parameters and "
+                                 "gradients are not)")
+            if self.rule.crule.per_row and storage.is_bf16(p.dtype):
+                _check_staged_rows(p.shape, f"params[{i}]", type(self).__name__)
         seen = {}
         for i, p in enumerate(params):
             if id(p) in seen:
@@ -238,10 +244,15 @@ class Optimizer:
                 read.append(g)
                 read_names.append(f"grads[{i}]")
         _checks.check_no_overlap(written, names, read, read_names)
-        if self.rule.plain_storage and any(storage.is_bf16(
-                (g.values if isinstance(g, _kernels.SparseGrad) else g).dtype) for g in grads):
+        bf16_grads = [storage.is_bf16((g.values if isinstance(g, _kernels.SparseGrad) else g).dtype)
+                      for g in grads]
+        if self.rule.plain_storage and any(bf16_grads):
             raise TypeError(f"{type(self).__name__}'s {self.rule.plain_storage} need "
                             "float32/float64 gradients (not bfloat16 yet)")
+        if self.rule.crule.per_row:
+            for i, (p, bf16) in enumerate(zip(params, bf16_grads)):
+                if bf16:
+                    _check_staged_rows(p.shape, f"grads[{i}]", type(self).__name__)
         # everything is valid: from here on nothing can fail
         plain = [_plain(g) for g in grads]
         if options is not None and not options.reduce_arrays(plain):
@@ -326,6 +337,14 @@ class Optimizer:
             hp = ", ".join(f"{k}={v}" for k, v in g.items() if k != "params")
             lines.append(f"  group {i}: {len(g['params'])} params, {hp}")
         return "\n".join(lines + [")"])
+
+
+def _check_staged_rows(shape, where, name):
+    """A row rule's rows (along dim 0) staged for bfloat16: at most _kernels.ROW_STAGING elements."""
+    row_len = int(np.prod(shape[1:])) if len(shape) >= 1 else 1
+    if row_len > _kernels.ROW_STAGING:
+        raise ValueError(f"{where}: {name} with bfloat16 storage takes rows (along dim 0) of at most "
+                         f"{_kernels.ROW_STAGING} elements (staged whole); its rows have {row_len}")
 
 
 def _plain(grad):

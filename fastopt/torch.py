@@ -75,6 +75,7 @@ _STORAGE_KEY = "fastopt_storage"
 # rules that need float32/float64 storage -> why (norms per whole tensor read the buffers as
 # stored; a row rule's span reduces whole rows)
 _PLAIN_STORAGE_KERNELS = {r.kernel: r.plain_storage for r in _rules.RULES if r.plain_storage}
+_PLAIN_STATE_KERNELS = {r.kernel: r.plain_state for r in _rules.RULES if r.plain_state}
 # row rules: a row's mean of g^2 is for real parameters
 _PER_ROW_KERNELS = frozenset(r.kernel for r in _rules.RULES if r.crule.per_row)
 # factored rules: each state buffer's shape from the parameter's (the registry's state_shapes)
@@ -497,7 +498,7 @@ class _Fastopt:
                 raise ValueError(f"{self._where(index, group, i)}: state {name!r} does not apply "
                                  f"to a parameter of shape {tuple(p.shape)}")
             expected = _state_dtypes(p)
-            if self.state.get(_STORAGE_KEY) is None or self.kernel in _PLAIN_STORAGE_KERNELS:
+            if self.state.get(_STORAGE_KEY) is None or self.kernel in _PLAIN_STATE_KERNELS:
                 # without storage options every buffer is the compute type (the kernels take
                 # them so); a rule that needs compute-type storage has nothing else
                 expected = expected[:1]
@@ -570,6 +571,8 @@ class _Fastopt:
                     or isinstance(g, DTensor) != sharded:
                 raise TypeError(f"{self._where(index, group, i)}: its gradient is "
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
+            if self.per_row and g.dtype == torch.bfloat16:
+                _check_staged_rows(p, self._where(index, group, i))
             if sparse:
                 self.check_sparse_grad(hp)
                 if self.per_row and g.sparse_dim() != 1:
@@ -948,6 +951,13 @@ def _zeros(p, dtype=None, shape=None):
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
 
+def _check_staged_rows(p, where):
+    """A row rule's bfloat16 rows are staged whole: at most _kernels.ROW_STAGING elements."""
+    if _row_len(p) > _kernels.ROW_STAGING:
+        raise ValueError(f"{where}: with bfloat16 storage a row (along dim 0) holds at most "
+                         f"{_kernels.ROW_STAGING} elements; this parameter's hold {_row_len(p)}")
+
+
 def _row_len(p):
     """Elements per row of p viewed as rows along dim 0 (a 0-d tensor: one row of one)."""
     return p.numel() // p.shape[0] if p.dim() and p.shape[0] and p.numel() else 1
@@ -976,8 +986,13 @@ def _check_storage(p, options, where, kernel=None):
                                              or options["state_dtype"] == "bfloat16"):
         raise ValueError(f"{where}: {_PLAIN_STORAGE_KERNELS[kernel]} need float32/float64 "
                          "storage, not bfloat16 (yet)")
+    if kernel in _PLAIN_STATE_KERNELS and options["state_dtype"] == "bfloat16":
+        raise ValueError(f"{where}: {_PLAIN_STATE_KERNELS[kernel]} need float32/float64 state, "
+                         "not bfloat16")
     if kernel in _PER_ROW_KERNELS and p.is_complex():
         raise TypeError(f"{where} is complex; a row's mean of g^2 is for real parameters")
+    if kernel in _PER_ROW_KERNELS and p.dtype == torch.bfloat16:
+        _check_staged_rows(p, where)
     if options["master_weights"] and p.dtype != torch.bfloat16:
         raise ValueError(f"{where}: master_weights=True is for bfloat16 parameters, not {p.dtype}")
     if options["state_dtype"] == "float32" and p.dtype in (torch.float64, torch.complex128):
@@ -1465,7 +1480,9 @@ class RowwiseAdagrad(_WholeTensors, _Fastopt, torch.optim.Optimizer):
     parameter: "step" and "sum" (G, shape p.shape[:1]: 4 bytes per row for float32).  Dense and
     sparse COO gradients (nn.Embedding / nn.EmbeddingBag with sparse=True): a sparse step
     updates the touched rows and their G only, duplicates summed.  A torch.optim.Optimizer with
-    torch's conventions, its step in fastopt's kernel; float32/float64 real parameters."""
+    torch's conventions, its step in fastopt's kernel; float32/float64/bfloat16 real parameters
+    (bfloat16, and float32 with bfloat16 gradients: rows of at most fastopt's ROW_STAGING =
+    4096 elements, staged whole; G stays float32: state_dtype="bfloat16" is refused)."""
 
     kernel = "rowwise_adagrad"
     per_row = True
@@ -1474,11 +1491,14 @@ class RowwiseAdagrad(_WholeTensors, _Fastopt, torch.optim.Optimizer):
     ranges = (_LR, _WEIGHT_DECAY, _EPS)
 
     def __init__(self, params, lr=0.01, eps=1e-8, weight_decay=0.0, *, maximize=False,
-                 foreach=None, differentiable=False):
+                 foreach=None, differentiable=False, state_dtype=None, rounding="stochastic",
+                 seed=0, master_weights=False):
         _constructor_checks(lr, eps=eps, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize, foreach=foreach,
-                                      differentiable=differentiable))
+                                      differentiable=differentiable),
+                         state_dtype=state_dtype, rounding=rounding, seed=seed,
+                         master_weights=master_weights)
 
     def slots(self, hp):
         return ("sum",)

@@ -61,15 +61,15 @@ def _aes_round(state, round_key, last):
 
 
 def ars5_words(key, n):
-    """Words 0 .. n-1 of ARS-5 (Salmon et al. 2011) under the 64-bit key: word w is 32-bit word
+    """Words 0 .. n-1 of ARS-7 (Salmon et al. 2011) under the 64-bit key: word w is 32-bit word
     w % 4 (little-endian) of the encryption of counter block w // 4."""
     blocks = (n + 3) // 4
     state = np.zeros((blocks, 16), dtype=np.uint8)
     state[:, :4] = np.arange(blocks, dtype="<u4").view(np.uint8).reshape(-1, 4)
     lo, hi = key, 0
-    for r in range(6):
+    for r in range(8):  # the key's XOR, six AESENC rounds, AESENCLAST
         round_key = np.frombuffer(lo.to_bytes(8, "little") + hi.to_bytes(8, "little"), np.uint8)
-        state = state ^ round_key if r == 0 else _aes_round(state, round_key, last=(r == 5))
+        state = state ^ round_key if r == 0 else _aes_round(state, round_key, last=(r == 7))
         lo, hi = (lo + 0x9E3779B97F4A7C15) & M64, (hi + 0xBB67AE8584CAA73B) & M64
     return np.ascontiguousarray(state).view("<u4").reshape(-1)[:n].astype(np.uint32)
 
@@ -77,7 +77,7 @@ def ars5_words(key, n):
 def random_bits(seed, index, step, stream, n):
     """uint32 array of n values in [0, 2^16) (n < 2^32: one key).  Streams: the rule's state
     buffers 0, 1, ..., n_state - 1 in order, the parameter n_state, the EMA n_state + 1; streams
-    2q and 2q + 1 take the low and the high half of ARS-5's words keyed by pair q."""
+    2q and 2q + 1 take the low and the high half of ARS-7's words keyed by pair q."""
     key = _absorb(_absorb(_absorb(_absorb(seed, step), index), stream // 2), 0)
     h = ars5_words(key, n)
     return h >> np.uint32(16) if stream % 2 else h & np.uint32(0xFFFF)

@@ -176,11 +176,28 @@ def test_functional_matches_reference(dtype, rng):
         assert state.step == 20
 
 
-def test_construction_refuses_bfloat16():
-    with pytest.raises(ValueError, match="bfloat16"):
-        fastopt.RowwiseAdagrad([np.zeros((3, 2), ml_dtypes.bfloat16)])
-    with pytest.raises(ValueError, match="bfloat16"):
+def test_construction_refuses_bfloat16_state_and_long_bfloat16_rows():
+    """bfloat16 parameters are staged a group of whole rows at a time: rows of at most
+    ROW_STAGING elements; the per-row accumulators stay float32/float64."""
+    with pytest.raises(ValueError, match="per-row accumulators need float32/float64 state"):
         fastopt.RowwiseAdagrad([np.zeros((3, 2), np.float32)], state_dtype="bfloat16")
+    limit = fastopt._kernels.ROW_STAGING
+    with pytest.raises(ValueError, match=f"params\\[1\\]: .* at most {limit} elements .* {limit + 1}"):
+        fastopt.RowwiseAdagrad([np.zeros((3, limit), ml_dtypes.bfloat16),
+                                np.zeros((2, limit + 1), ml_dtypes.bfloat16)])
+    fastopt.RowwiseAdagrad([np.zeros((2, limit + 1), np.float32)])  # unstaged: any length
+
+
+def test_long_rows_with_bfloat16_gradients_change_nothing():
+    limit = fastopt._kernels.ROW_STAGING
+    params = [np.ones((2, 3), np.float32), np.ones((2, limit + 1), np.float32)]
+    opt = fastopt.RowwiseAdagrad(params, lr=0.1)
+    grads = [np.ones((2, 3), ml_dtypes.bfloat16), np.ones((2, limit + 1), ml_dtypes.bfloat16)]
+    with pytest.raises(ValueError, match=f"grads\\[1\\]: .* at most {limit} elements"):
+        opt.step(grads)
+    assert not opt.state and all((p == 1).all() for p in params)
+    opt.step([grads[0], grads[1].astype(np.float32)])  # float32 gradients: any row length
+    assert (params[0] < 1).all() and (params[1] < 1).all()
 
 
 def _warm(rng):
@@ -193,10 +210,10 @@ def _warm(rng):
 
 
 BAD_STEPS = [  # (what, rng -> the bad step's gradients, error, message)
-    ("bf16-grad", lambda r: [np.ones((6, 3), ml_dtypes.bfloat16), r.standard_normal(5)],
-     TypeError, "bfloat16"),
-    ("bf16-rows", lambda r: [fastopt.SparseGrad(np.array([1]), np.ones(
-        (1, 3), ml_dtypes.bfloat16)), r.standard_normal(5)], TypeError, "bfloat16"),
+    ("bf16-grad-of-float64", lambda r: [np.ones((6, 3), ml_dtypes.bfloat16),
+                                        np.ones(5, ml_dtypes.bfloat16)], TypeError, "bfloat16"),
+    ("bf16-rows-of-float64", lambda r: [np.ones((6, 3), np.float32), fastopt.SparseGrad(
+        np.array([1]), np.ones(1, ml_dtypes.bfloat16))], TypeError, "bfloat16"),
     ("index-out-of-range", lambda r: [fastopt.SparseGrad(np.array([2, 6]), np.ones(
         (2, 3), np.float32)), r.standard_normal(5)], ValueError, "out of range"),
     ("negative-index", lambda r: [np.ones((6, 3), np.float32), fastopt.SparseGrad(
