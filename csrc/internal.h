@@ -101,7 +101,8 @@ typedef struct {
  * one span over whole rows.  Their state buffers hold one value per row, so they always run
  * as a row batch (rows.c): a touched row, or a dense tensor's whole rows in chunks, per entry,
  * each entry run whole by one thread (the same bits for any thread count); the rule's loop
- * (FO_ROW_SPAN) takes the entry's row length after n.  Compute-type storage only.
+ * (FO_ROW_SPAN) takes the entry's row length after n.  Their state buffers are stored in the
+ * compute type; bfloat16 parameters and gradients are staged whole rows at a time.
  */
 #define FO_ROW_RULES(X) X(rowwise_adagrad)
 

@@ -342,7 +342,7 @@ class Optimizer:
 def _check_staged_rows(shape, where, name):
     """A row rule's rows (along dim 0) staged for bfloat16: at most _kernels.ROW_STAGING elements."""
     row_len = int(np.prod(shape[1:])) if len(shape) >= 1 else 1
-    if row_len > _kernels.ROW_STAGING:
+    if row_len > _kernels.ROW_STAGING and np.prod(shape) > 0:  # (no elements: nothing staged)
         raise ValueError(f"{where}: {name} with bfloat16 storage takes rows (along dim 0) of at most "
                          f"{_kernels.ROW_STAGING} elements (staged whole); its rows have {row_len}")
 

@@ -73,7 +73,7 @@ _FO_DTYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 # self.state (torch's state_dict keeps non-tensor keys as they are)
 _STORAGE_KEY = "fastopt_storage"
 # rules that need float32/float64 storage -> why (norms per whole tensor read the buffers as
-# stored; a row rule's span reduces whole rows)
+# stored), and rules whose state needs it (those, and a row rule's one value per row)
 _PLAIN_STORAGE_KERNELS = {r.kernel: r.plain_storage for r in _rules.RULES if r.plain_storage}
 _PLAIN_STATE_KERNELS = {r.kernel: r.plain_state for r in _rules.RULES if r.plain_state}
 # row rules: a row's mean of g^2 is for real parameters

@@ -479,7 +479,7 @@ def test_rowwise_adagrad_staged_in_many_row_groups(rounding):
     time, and a dense tensor through several groups and threads: every element rounded with its
     own element index's bits (stream n_state = 1), whatever the grouping and thread count."""
     rng = np.random.default_rng(12)
-    shapes = [(3000, 7), (20000,), (9, 4096)]
+    shapes = [(3000, 7), (20000,), (9, 4096), (40, 3000)]  # (over 131072 elements: threads)
     init = [rng.standard_normal(s).astype(BF16) for s in shapes]
     grads = [rng.standard_normal(s).astype(BF16) for s in shapes]
     results = []

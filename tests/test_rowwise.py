@@ -186,6 +186,7 @@ def test_construction_refuses_bfloat16_state_and_long_bfloat16_rows():
         fastopt.RowwiseAdagrad([np.zeros((3, limit), ml_dtypes.bfloat16),
                                 np.zeros((2, limit + 1), ml_dtypes.bfloat16)])
     fastopt.RowwiseAdagrad([np.zeros((2, limit + 1), np.float32)])  # unstaged: any length
+    fastopt.RowwiseAdagrad([np.zeros((0, limit + 1), ml_dtypes.bfloat16)])  # nothing staged
 
 
 def test_long_rows_with_bfloat16_gradients_change_nothing():

@@ -113,12 +113,12 @@ def test_bf16_gradient_rows_sum_in_float32_then_round_once():
     np.testing.assert_array_equal(p[[0, 2]], 0.0)
 
 
-def _big_run(threads):
+def _big_run(threads, cls=fastopt.Adam, **options):
     rng = np.random.default_rng(8)
     p = rng.standard_normal((4096, 96)).astype(BF16)
     indices = rng.integers(0, 4096, size=9000)
     values = rng.standard_normal((9000, 96)).astype(BF16)
-    opt = fastopt.Adam([p], lr=0.01, state_dtype="bfloat16", seed=4)
+    opt = cls([p], lr=0.01, seed=4, **options)
     previous = fastopt.get_num_threads()
     fastopt.set_num_threads(threads)
     try:
@@ -129,10 +129,16 @@ def _big_run(threads):
     return p.view(np.uint16), {k: v.view(np.uint16) for k, v in opt.state[0].buffers().items()}
 
 
-def test_same_bits_for_any_thread_count():
-    one, one_state = _big_run(1)
+@pytest.mark.parametrize("cls, options", [
+    (fastopt.Adam, dict(state_dtype="bfloat16")),
+    # a row rule: its touched rows staged whole, its sums float32, an EMA and master weights
+    (fastopt.RowwiseAdagrad, dict(ema_decay=0.9)),
+    (fastopt.RowwiseAdagrad, dict(master_weights=True, ema_decay=0.9)),
+], ids=["Adam", "RowwiseAdagrad", "RowwiseAdagrad-master"])
+def test_same_bits_for_any_thread_count(cls, options):
+    one, one_state = _big_run(1, cls, **options)
     for threads in (2, 8):
-        p, state = _big_run(threads)
+        p, state = _big_run(threads, cls, **options)
         np.testing.assert_array_equal(p, one)
         for k in one_state:
             np.testing.assert_array_equal(state[k], one_state[k])
@@ -158,6 +164,10 @@ torch = pytest.importorskip("torch")
     ("SparseAdam", dict(lr=0.01), fastopt.Adam, dict(lr=0.01)),
     ("SparseAdam", dict(lr=0.01, master_weights=True), fastopt.Adam,
      dict(lr=0.01, master_weights=True)),
+    # (its per-row sums stay float32: state_dtype is left out below)
+    ("RowwiseAdagrad", dict(lr=0.1), fastopt.RowwiseAdagrad, dict(lr=0.1)),
+    ("RowwiseAdagrad", dict(lr=0.1, master_weights=True, rounding="nearest"),
+     fastopt.RowwiseAdagrad, dict(lr=0.1, master_weights=True, rounding="nearest")),
 ])
 def test_torch_bf16_embedding_trains_like_the_numpy_rows(name, kwargs, numpy_cls, numpy_kwargs):
     import fastopt.torch as ft
@@ -165,8 +175,9 @@ def test_torch_bf16_embedding_trains_like_the_numpy_rows(name, kwargs, numpy_cls
     emb = torch.nn.Embedding(30, 4, sparse=True).to(torch.bfloat16)
     weights = emb.weight.detach().float().numpy().astype(BF16)
     init = weights.copy()
-    opt = getattr(ft, name)(emb.parameters(), state_dtype="bfloat16", seed=2, **kwargs)
-    ref = numpy_cls([weights], state_dtype="bfloat16", seed=2, **numpy_kwargs)
+    state = {} if name == "RowwiseAdagrad" else dict(state_dtype="bfloat16")
+    opt = getattr(ft, name)(emb.parameters(), seed=2, **state, **kwargs)
+    ref = numpy_cls([weights], seed=2, **state, **numpy_kwargs)
     gen = torch.Generator().manual_seed(1)
     for _ in range(6):
         idx = torch.randint(0, 30, (12,), generator=gen)

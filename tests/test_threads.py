@@ -184,3 +184,26 @@ def test_rules_with_a_per_tensor_pass_run_on_a_small_thread_stack():
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str([True] * 4)
+
+
+def test_a_staged_row_rule_runs_on_a_small_thread_stack():
+    """RowwiseAdagrad with bfloat16 parameters on a 128 KiB thread stack: its staging rows
+    (~48 KiB, rows of up to 4096 elements) fit beside Python's own frames."""
+    pytest.importorskip("ml_dtypes")
+    code = (
+        "import threading, numpy as np, ml_dtypes, fastopt\n"
+        "out = []\n"
+        "def work():\n"
+        "    bf = ml_dtypes.bfloat16\n"
+        "    for shape in ((3, 4096), (5000, 3)):\n"
+        "        w = np.ones(shape, bf)\n"
+        "        fastopt.RowwiseAdagrad([w], lr=0.1, master_weights=True, ema_decay=0.9).step(\n"
+        "            [np.full(shape, 0.5, bf)])\n"
+        "        out.append(bool(np.all(w < 1)))\n"
+        "threading.stack_size(128 * 1024)\n"
+        "t = threading.Thread(target=work); t.start(); t.join()\n"
+        "print(out)\n")
+    run = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str([True] * 2)
