@@ -33,7 +33,9 @@
 extern "C" {
 #endif
 
-#define FO_API_VERSION 7 /* 6: fo_blas_threads; 7: fo_step_options.ema_bfloat16, fo_norm of bfloat16 */
+#define FO_API_VERSION 8 /* 6: fo_blas_threads; 7: fo_step_options.ema_bfloat16, fo_norm of bfloat16;
+                            8: fo_random_path, FO_ROW_STAGING, row rules with bfloat16 parameters,
+                               gradients and master weights */
 
 /* ---- the rules -----------------------------------------------------------------------------
  * X(rule, state buffers...): each rule's name and its state buffers, in the order of its

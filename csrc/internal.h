@@ -162,7 +162,7 @@ typedef struct {
  * word of pair q = s / 2: one word for two streams.  The rule's state buffers
  * are streams 0 .. n_state - 1 (buffer k: stream k - 2), the parameter stream n_state, the
  * EMA stream n_state + 1 (the gradient is never written): a rule's first two state buffers
- * share a hash, and so do the parameter and a rule's only state buffer.
+ * share a word, and so do the parameter and a rule's only state buffer.
  * Every value depends only on these inputs, never on how the work is split. */
 static inline int fo_stream(const fo_call *c, int k)
 {

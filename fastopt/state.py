@@ -100,7 +100,7 @@ class OptimizerState:
                 _checks.check_like(buf, param, f"{what}.master", writeable=True,
                                    dtype_ok=_master_dtype_ok(param))
             else:
-                # a row rule's reduction reads compute-type storage only
+                # a row rule's state (one value per row) stays in the compute type
                 _checks.check_like(buf, param, f"{what}.{name}", writeable=True,
                                    dtype_ok=_checks.state_dtype_ok(
                                        param, bfloat16 and not (self.PER_ROW or self.SHAPES)),

@@ -60,7 +60,7 @@ def _aes_round(state, round_key, last):
     return s ^ round_key
 
 
-def ars5_words(key, n):
+def ars7_words(key, n):
     """Words 0 .. n-1 of ARS-7 (Salmon et al. 2011) under the 64-bit key: word w is 32-bit word
     w % 4 (little-endian) of the encryption of counter block w // 4."""
     blocks = (n + 3) // 4
@@ -79,7 +79,7 @@ def random_bits(seed, index, step, stream, n):
     buffers 0, 1, ..., n_state - 1 in order, the parameter n_state, the EMA n_state + 1; streams
     2q and 2q + 1 take the low and the high half of ARS-7's words keyed by pair q."""
     key = _absorb(_absorb(_absorb(_absorb(seed, step), index), stream // 2), 0)
-    h = ars5_words(key, n)
+    h = ars7_words(key, n)
     return h >> np.uint32(16) if stream % 2 else h & np.uint32(0xFFFF)
 
 
