@@ -416,8 +416,9 @@ const char *fo_isa(void);
 const char *fo_bf16_path(void);
 
 /* How stochastic rounding's random bits (ARS-7: seven AES rounds, README "The random bits") are
- * computed: "vaes512" (VAES on 512-bit vectors), "aesni" (AES-NI) or "portable" (C), identical
- * bits.  FASTOPT_ISA caps it as the loops: baseline runs "portable", avx2 at most "aesni". */
+ * computed: "vaes512" or "vaes256" (VAES on 512- or 256-bit vectors), "aesni" (AES-NI) or
+ * "portable" (C), identical bits.  FASTOPT_ISA caps it as the loops: baseline runs "portable",
+ * avx2 at most "vaes256". */
 const char *fo_random_path(void);
 
 /* p += g; m += g; v += g over n floats: Adam's 7 streams of memory traffic with no arithmetic to

@@ -198,6 +198,7 @@ extern const fo_loops fo_loops_avx2;
 extern const fo_loops fo_loops_avx512;
 void fo_bf16_nearest_avx512bf16(uint16_t *dst, const float *src, size_t n);
 void fo_random_bits_aesni(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_t key);
+void fo_random_bits_vaes256(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_t key);
 void fo_random_bits_vaes512(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_t key);
 #endif
 

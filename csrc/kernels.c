@@ -43,8 +43,13 @@ static void choose_loops(void)
         active_random_bits = fo_random_bits_aesni;
         active_random_path = "aesni";
     }
-    if (cap_level >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vaes") &&
+    if (cap_level >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("vaes") &&
         active_random_bits == fo_random_bits_aesni) {
+        active_random_bits = fo_random_bits_vaes256;
+        active_random_path = "vaes256";
+    }
+    if (cap_level >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vaes") &&
+        active_random_bits == fo_random_bits_vaes256) {
         active_random_bits = fo_random_bits_vaes512;
         active_random_path = "vaes512";
     }

@@ -11,8 +11,8 @@
  * (aesenc and aesenclast as the x86 instructions: ShiftRows, SubBytes, MixColumns but in the
  * last, then XOR with the round key; bytes in memory order.)  Its four little-endian 32-bit
  * words are words 4 counter + 0..3 of the stream.  One AES instruction per round serves four
- * elements (sixteen with VAES on 512-bit vectors): a fraction of the multiply hash it
- * replaced.  Three implementations give the same bits; kernels.c picks one per CPU and
+ * elements (eight with VAES on 256-bit vectors, sixteen on 512-bit ones): a fraction of the
+ * multiply hash it replaced.  Four implementations give the same bits; kernels.c picks one per CPU and
  * FASTOPT_ISA (the baseline level runs the portable one, so tests reach every path).
  */
 #include <pthread.h>
@@ -118,6 +118,31 @@ __attribute__((target("aes"))) void fo_random_bits_aesni(uint32_t *out, uint32_t
         for (int i = 1; i < ROUNDS; i++) x = _mm_aesenc_si128(x, rk[i]);
         _mm_storeu_si128((__m128i *)(out + 4 * j), _mm_aesenclast_si128(x, rk[ROUNDS]));
     }
+}
+
+/* ---- VAES on 256-bit vectors (AVX2 CPUs with VAES): two blocks per instruction, four vectors
+ * in flight -------------------------------------------------------------------------------- */
+
+__attribute__((target("avx2,vaes,aes"))) void
+fo_random_bits_vaes256(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_t key)
+{
+    const __m128i weyl = _mm_set_epi64x((long long)WEYL_HI, (long long)WEYL_LO);
+    __m256i rk[ROUNDS + 1];
+    __m128i k = _mm_set_epi64x(0, (long long)key);
+    for (int i = 0; i <= ROUNDS; i++, k = _mm_add_epi64(k, weyl)) rk[i] = _mm256_broadcastsi128_si256(k);
+    /* 128-bit lane b holds counter + b in its lowest word */
+    __m256i ctr = _mm256_set_epi32(0, 0, 0, (int)(counter + 1u), 0, 0, 0, (int)counter);
+    const __m256i two = _mm256_set_epi32(0, 0, 0, 2, 0, 0, 0, 2);
+    size_t j = 0;
+    for (; j + 8 <= n_blocks; j += 8) {
+        __m256i x[4];
+        for (int b = 0; b < 4; b++, ctr = _mm256_add_epi32(ctr, two)) x[b] = _mm256_xor_si256(ctr, rk[0]);
+        for (int i = 1; i < ROUNDS; i++)
+            for (int b = 0; b < 4; b++) x[b] = _mm256_aesenc_epi128(x[b], rk[i]);
+        for (int b = 0; b < 4; b++)
+            _mm256_storeu_si256((__m256i *)(out + 4 * j + 8 * b), _mm256_aesenclast_epi128(x[b], rk[ROUNDS]));
+    }
+    if (j < n_blocks) fo_random_bits_aesni(out + 4 * j, counter + (uint32_t)j, n_blocks - j, key);
 }
 
 /* ---- VAES on 512-bit vectors: four blocks per instruction, two vectors in flight ------------ */

@@ -319,7 +319,8 @@ def bf16_path():
 
 
 def random_path():
-    """How stochastic rounding's ARS-7 bits are computed: 'vaes512', 'aesni' or 'portable'."""
+    """How stochastic rounding's ARS-7 bits are computed: 'vaes512', 'vaes256', 'aesni'
+    or 'portable'."""
     return fo_random_path().decode()
 
 

@@ -94,8 +94,9 @@ def bf16_path():
 
 def random_path():
     """How stochastic rounding's random bits (ARS-7, seven AES rounds per four elements) are
-    computed: 'vaes512' (VAES on 512-bit vectors), 'aesni' (AES-NI) or 'portable' (C); the same
-    bits either way.  FASTOPT_ISA caps it: baseline runs 'portable', avx2 at most 'aesni'."""
+    computed: 'vaes512' or 'vaes256' (VAES on 512- or 256-bit vectors), 'aesni' (AES-NI) or
+    'portable' (C); the same bits either way.  FASTOPT_ISA caps it: baseline runs 'portable',
+    avx2 at most 'vaes256'."""
     return _kernels.random_path()
 
 

@@ -290,6 +290,7 @@ def main(argv=None):
     ap.add_argument("--out", default="fastopt-demo", help="folder for the pictures (created)")
     ap.add_argument("--steps", type=int, default=1500, help="steps on each 2-D function")
     ap.add_argument("--mlp-steps", type=int, default=600, help="steps of MLP training per rule")
+    ap.add_argument("--frames", type=int, default=40, help="frames of each animated path")
     args = ap.parse_args(argv)
     missing = missing_packages()
     if missing:
@@ -305,7 +306,7 @@ def main(argv=None):
         paths = {name: descend(problem, cls, hp, args.steps) for name, cls, hp, _ in RULES}
         for name, (_, losses) in paths.items():
             table[name][problem.name] = (losses[-1], steps_to(problem, losses))
-        files += draw_problem(problem, paths, args.out)
+        files += draw_problem(problem, paths, args.out, args.frames)
     print(f"[{time.perf_counter() - started:5.1f}s] digits MLP: {len(RULES)} rules, "
           f"{args.mlp_steps} steps ...", flush=True)
     data = digits_data()

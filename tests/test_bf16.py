@@ -298,7 +298,8 @@ def test_same_bits_on_every_instruction_set():
     aes = "aes" in flags
     assert paths["baseline"] == ("baseline", "integer", "portable")
     if {"avx2", "fma"} <= flags:
-        assert paths["avx2"] == ("avx2", "integer", "aesni" if aes else "portable")
+        assert paths["avx2"] == ("avx2", "integer",
+                                 "vaes256" if aes and "vaes" in flags else "aesni" if aes else "portable")
     if avx512:
         assert paths["avx512"] == ("avx512", "integer",
                                    "vaes512" if aes and "vaes" in flags else "aesni" if aes else "portable")
@@ -365,7 +366,7 @@ def test_show_config_names_the_bf16_path():
     assert f"bfloat16:     rounding to nearest: {fastopt.config.bf16_path()}" in out.getvalue()
     assert fastopt.config.bf16_path() in ("avx512bf16", "integer")
     assert f"stochastic: ARS-7 bits by {fastopt.config.random_path()}" in out.getvalue()
-    assert fastopt.config.random_path() in ("vaes512", "aesni", "portable")
+    assert fastopt.config.random_path() in ("vaes512", "vaes256", "aesni", "portable")
 
 
 @pytest.mark.parametrize("storage", STORAGE, ids=storage_id)

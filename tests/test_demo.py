@@ -79,7 +79,8 @@ def test_mlp_loss_falls_for_every_rule():
 
 
 def test_command_writes_valid_pictures(tmp_path, capsys):
-    assert demo.main(["--out", str(tmp_path), "--steps", "80", "--mlp-steps", "60"]) == 0
+    assert demo.main(["--out", str(tmp_path), "--steps", "80", "--mlp-steps", "60",
+                      "--frames", "3"]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path) in out and "Adadelta" in out
     files = sorted(p.name for p in tmp_path.iterdir())
