@@ -2,10 +2,12 @@
 import glob
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,6 +32,24 @@ extension = Extension(
 )
 
 
+class build_ext_on_every_core(build_ext):
+    """Compile the extension's sources side by side, one compiler per core (a fresh build
+    takes ~70 s on one core: most of CI's set-up)."""
+
+    def build_extension(self, ext):
+        compile_sources = self.compiler.compile
+
+        def compile_each(sources, *args, **kwargs):
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                objects = pool.map(lambda source: compile_sources([source], *args, **kwargs), sources)
+                return [obj for part in objects for obj in part]
+
+        self.compiler.compile = compile_each
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_sources
+
 
 class build_py_with_csrc(build_py):
     """Ship the C header and sources inside the package (fastopt/csrc), where
@@ -43,4 +63,4 @@ class build_py_with_csrc(build_py):
 
 
 setup(ext_modules=cythonize([extension], language_level=3),
-      cmdclass={"build_py": build_py_with_csrc})
+      cmdclass={"build_py": build_py_with_csrc, "build_ext": build_ext_on_every_core})
