@@ -6,6 +6,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -20,9 +21,18 @@ FLAGS = ["-O2", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-W
 
 
 def compile_c(sources, out, extra=()):
-    cmd = [CC, *FLAGS, *extra, "-I", fastopt.get_include(), "-o", str(out), *map(str, sources),
-           *fastopt.get_sources(), "-lm"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    """Each source compiled on its own core (the sanitized build took ~45 s on one), then linked."""
+    sources = [*map(str, sources), *fastopt.get_sources()]
+    objects = [f"{out}.{i}.o" for i in range(len(sources))]
+
+    def compile_one(source, obj):
+        subprocess.run([CC, *FLAGS, *extra, "-I", fastopt.get_include(), "-c", source, "-o", obj],
+                       check=True, capture_output=True, text=True)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(compile_one, sources, objects))  # (list: a compiler's error is raised here)
+    subprocess.run([CC, *FLAGS, *extra, "-o", str(out), *objects, "-lm"], check=True,
+                   capture_output=True, text=True)
     return out
 
 
