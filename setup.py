@@ -40,6 +40,9 @@ class build_ext_on_every_core(build_ext):
         compile_sources = self.compiler.compile
 
         def compile_each(sources, *args, **kwargs):
+            # the objects' folders first: compilers started side by side would race to make them
+            for obj in self.compiler.object_filenames(sources, output_dir=kwargs.get("output_dir", "")):
+                os.makedirs(os.path.dirname(obj) or ".", exist_ok=True)
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 objects = pool.map(lambda source: compile_sources([source], *args, **kwargs), sources)
                 return [obj for part in objects for obj in part]

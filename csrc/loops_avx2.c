@@ -10,8 +10,8 @@
 #include <string.h>
 
 /* Stochastic rounding (loops.inc's bf16_stochastic and bf16_stochastic_pair, the same bits) for
- * eight elements: the compiler's vectorization of the scalar formula took about three times the
- * instructions.  u: float32 bits; r: the 16 random bits added below the bfloat16 mantissa. */
+ * eight elements: gcc -O3's vectorization of the scalar pair function was ~700 lines of
+ * assembly, these ~140.  u: float32 bits; r: the 16 random bits added below the bfloat16 mantissa. */
 static inline __m128i bf16_stochastic_vector(__m256i u, __m256i r)
 {
     const __m256i exponent = _mm256_set1_epi32(0x7f800000), magnitude = _mm256_set1_epi32(0x7fffffff);

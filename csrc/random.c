@@ -94,15 +94,21 @@ void fo_random_bits_portable(uint32_t *out, uint32_t counter, size_t n_blocks, u
 #ifdef FO_X86
 #include <immintrin.h>
 
+/* the Weyl key schedule rk_0 .. rk_ROUNDS, one 128-bit key each (the vector paths broadcast it) */
+static inline void round_keys(__m128i rk[ROUNDS + 1], uint64_t key)
+{
+    const __m128i weyl = _mm_set_epi64x((long long)WEYL_HI, (long long)WEYL_LO);
+    rk[0] = _mm_set_epi64x(0, (long long)key);
+    for (int i = 1; i <= ROUNDS; i++) rk[i] = _mm_add_epi64(rk[i - 1], weyl);
+}
+
 /* ---- AES-NI: four blocks in flight (an AESENC's latency is several cycles) ------------------ */
 
 __attribute__((target("aes"))) void fo_random_bits_aesni(uint32_t *out, uint32_t counter,
                                                                  size_t n_blocks, uint64_t key)
 {
-    const __m128i weyl = _mm_set_epi64x((long long)WEYL_HI, (long long)WEYL_LO);
     __m128i rk[ROUNDS + 1];
-    rk[0] = _mm_set_epi64x(0, (long long)key);
-    for (int i = 1; i <= ROUNDS; i++) rk[i] = _mm_add_epi64(rk[i - 1], weyl);
+    round_keys(rk, key);
     size_t j = 0;
     for (; j + 4 <= n_blocks; j += 4) {
         __m128i x[4];
@@ -126,10 +132,10 @@ __attribute__((target("aes"))) void fo_random_bits_aesni(uint32_t *out, uint32_t
 __attribute__((target("avx2,vaes,aes"))) void
 fo_random_bits_vaes256(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_t key)
 {
-    const __m128i weyl = _mm_set_epi64x((long long)WEYL_HI, (long long)WEYL_LO);
+    __m128i keys[ROUNDS + 1];
     __m256i rk[ROUNDS + 1];
-    __m128i k = _mm_set_epi64x(0, (long long)key);
-    for (int i = 0; i <= ROUNDS; i++, k = _mm_add_epi64(k, weyl)) rk[i] = _mm256_broadcastsi128_si256(k);
+    round_keys(keys, key);
+    for (int i = 0; i <= ROUNDS; i++) rk[i] = _mm256_broadcastsi128_si256(keys[i]);
     /* 128-bit lane b holds counter + b in its lowest word */
     __m256i ctr = _mm256_set_epi32(0, 0, 0, (int)(counter + 1u), 0, 0, 0, (int)counter);
     const __m256i two = _mm256_set_epi32(0, 0, 0, 2, 0, 0, 0, 2);
@@ -150,10 +156,10 @@ fo_random_bits_vaes256(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_
 __attribute__((target("avx512f,vaes,aes"))) void
 fo_random_bits_vaes512(uint32_t *out, uint32_t counter, size_t n_blocks, uint64_t key)
 {
-    const __m128i weyl = _mm_set_epi64x((long long)WEYL_HI, (long long)WEYL_LO);
+    __m128i keys[ROUNDS + 1];
     __m512i rk[ROUNDS + 1];
-    __m128i k = _mm_set_epi64x(0, (long long)key);
-    for (int i = 0; i <= ROUNDS; i++, k = _mm_add_epi64(k, weyl)) rk[i] = _mm512_broadcast_i32x4(k);
+    round_keys(keys, key);
+    for (int i = 0; i <= ROUNDS; i++) rk[i] = _mm512_broadcast_i32x4(keys[i]);
     /* 128-bit lane b holds counter + b in its lowest word */
     __m512i ctr = _mm512_add_epi32(_mm512_set1_epi32((int)counter),
                                    _mm512_set_epi32(0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0));
