@@ -23,7 +23,7 @@ extension = Extension(
     # every .c file in csrc/ is part of the library (fastopt.get_sources() lists the same)
     sources=["fastopt/_kernels.pyx", *sorted(glob.glob("csrc/*.c"))],
     include_dirs=["csrc", numpy.get_include()],
-    depends=["csrc/fastopt.h", "csrc/internal.h", "csrc/loops.inc", "csrc/step_loops.inc",
+    depends=["csrc/fastopt.h", "csrc/internal.h", "csrc/torch_access.h", "csrc/loops.inc", "csrc/step_loops.inc",
              *[os.path.join("csrc", "rules", f) for f in os.listdir(os.path.join(HERE, "csrc", "rules"))]],
     extra_compile_args=C_FLAGS + ["-pthread"],
     extra_link_args=["-pthread"],

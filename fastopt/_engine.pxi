@@ -17,10 +17,75 @@ from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetItem, PyDict_Si
 from cpython.list cimport PyList_GET_ITEM
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.pycapsule cimport PyCapsule_GetPointer
 
 
 cdef extern from "Python.h":
     object PyObject_GenericGetDict(object o, void *context)
+
+
+cdef extern from "torch_access.h":
+    const char *FO_TORCH_ACCESS_NAME
+    int FO_TORCH_ACCESS_VERSION
+    ctypedef struct fo_tensor_view:
+        void *data
+        size_t nbytes
+        int dtype
+        int contiguous
+    ctypedef struct fo_torch_access:
+        int version
+        int (*view)(PyObject *tensor, fo_tensor_view *out) noexcept
+        int (*grad_view)(PyObject *param, fo_tensor_view *out, fo_tensor_view *param_out) noexcept
+        int (*dtype_code)(PyObject *dtype) noexcept
+        int (*bump_versions)(PyObject *tensor_list, int their_grads) noexcept
+
+
+# fastopt.torch's C++ tensor reads (csrc/torch_tensors.cpp, built for the installed torch by
+# fastopt/native_torch.py), or NULL: planned steps then read tensors through torch's Python API
+cdef const fo_torch_access *_torch_access = NULL
+cdef object _torch_access_capsule = None
+cdef tuple _torch_plain_types = ()  # the parameter types whose .grad is torch's own getter
+
+
+def set_torch_access(capsule, tuple plain_types=()):
+    """Planned fastopt.torch steps read tensors through this capsule's C++ functions (None: back
+    to torch's Python getters).  plain_types: the exact parameter types read that way."""
+    global _torch_access, _torch_access_capsule, _torch_plain_types
+    cdef const fo_torch_access *access = NULL
+    if capsule is not None:
+        access = <const fo_torch_access *>PyCapsule_GetPointer(capsule, FO_TORCH_ACCESS_NAME)
+        if access.version != FO_TORCH_ACCESS_VERSION:
+            raise ValueError(f"set_torch_access: a reader of version {access.version}, "
+                             f"expected {FO_TORCH_ACCESS_VERSION}")
+    _torch_access, _torch_access_capsule = access, capsule
+    _torch_plain_types = plain_types if capsule is not None else ()
+
+
+def torch_access_in_use():
+    return _torch_access != NULL
+
+
+def read_tensor(t, bint grad=False):
+    """What the C++ reads see of torch tensor t (grad: of t's gradient): (data_ptr, nbytes,
+    dtype code, contiguous), None for no gradient, or False where only torch's Python API can
+    read it.  For checking the reads against torch's own answers."""
+    cdef fo_tensor_view v
+    if _torch_access == NULL:
+        raise RuntimeError("read_tensor: fastopt.torch's C++ reads are not loaded")
+    if not isinstance(t, _torch_plain_types):
+        raise TypeError(f"read_tensor takes a torch.Tensor, not {type(t).__name__}")
+    found = _torch_access.grad_view(<PyObject *>t, &v, NULL) if grad else \
+        _torch_access.view(<PyObject *>t, &v)
+    if found <= 0:
+        return None if found == 0 else False
+    return <uintptr_t>v.data, v.nbytes, v.dtype, bool(v.contiguous)
+
+
+def torch_dtype_code(dtype):
+    """The C++ reads' code of a torch.dtype (-1: not a dtype)."""
+    if _torch_access == NULL:
+        raise RuntimeError("torch_dtype_code: fastopt.torch's C++ reads are not loaded")
+    return _torch_access.dtype_code(<PyObject *>dtype)
 
 
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
@@ -1181,6 +1246,29 @@ cdef class _Member:
     # the last gradient address found clear of every written buffer (a gradient is usually
     # where it was: the same tensor, or the allocator's same block)
     cdef uintptr_t clear_grad
+    # what the C++ reads must find: the dtypes' codes (from the reader that made them), and
+    # each state buffer's address, size and code
+    cdef const fo_torch_access *codes_of
+    cdef int dtype_code, grad_dtype_code
+    cdef fo_tensor_view *state_views
+
+    def __dealloc__(self):
+        free(self.state_views)
+
+    cdef bint set_codes(self, const fo_torch_access *reader) noexcept:
+        """The planned dtypes' codes, as reader reports a tensor's (False: a dtype it cannot name)."""
+        cdef Py_ssize_t i
+        self.codes_of = NULL
+        self.dtype_code = reader.dtype_code(<PyObject *>self.dtype)
+        self.grad_dtype_code = reader.dtype_code(<PyObject *>self.grad_dtype) if self.has_grad else -1
+        if self.dtype_code < 0 or (self.has_grad and self.grad_dtype_code < 0):
+            return False
+        for i in range(PyTuple_GET_SIZE(self.state_buffers)):
+            self.state_views[i].dtype = reader.dtype_code(PyTuple_GET_ITEM(self.state_dtypes, i))
+            if self.state_views[i].dtype < 0:
+                return False
+        self.codes_of = reader
+        return True
 
 
 cdef tuple _dict_values(object d):
@@ -1349,11 +1437,41 @@ cdef class ObjectPlan:
                 return False
         return True
 
+    cdef int _read_natively(self, _Member m, object p, uintptr_t *grad_at) noexcept:
+        """m's checks through the C++ reads (p: of a plain type): 1 it fits, its gradient at
+        *grad_at; 2 it fits, without a gradient; 0 it does not fit; -1 the Python route must
+        read it (a sparse gradient, a state buffer of another type)."""
+        cdef const fo_torch_access *reader = _torch_access
+        cdef fo_tensor_view v
+        cdef const fo_tensor_view *want
+        cdef Py_ssize_t i
+        cdef PyObject *b
+        cdef fo_tensor_view pv
+        if m.codes_of != reader and not m.set_codes(reader):
+            return -1
+        found = reader.grad_view(<PyObject *>p, &v, &pv)
+        if found <= 0:
+            return -1 if found < 0 else (0 if m.has_grad else 2)
+        if not m.has_grad or v.dtype != m.grad_dtype_code or v.nbytes != m.grad_nbytes or \
+                not v.contiguous or pv.dtype != m.dtype_code or pv.nbytes != m.nbytes or \
+                not pv.contiguous or <uintptr_t>pv.data != m.address:
+            return 0
+        grad_at[0] = <uintptr_t>v.data
+        for i in range(PyTuple_GET_SIZE(m.state_buffers)):
+            b = PyTuple_GET_ITEM(m.state_buffers, i)
+            if type(<object>b) is not self.known_type:
+                return -1
+            want = &m.state_views[i]
+            if reader.view(b, &v) != 1 or v.dtype != want.dtype or v.nbytes != want.nbytes or \
+                    not v.contiguous or v.data != want.data:
+                return 0
+        return 1
+
     @staticmethod
     def _members(list described, list tables):
         cdef _Table table
         cdef _Member m
-        cdef Py_ssize_t t
+        cdef Py_ssize_t t, i
         where = {}  # a gradient's position among the group's gradients -> (table, slot)
         for table in tables:
             for t in range(table.count):
@@ -1368,6 +1486,12 @@ cdef class ObjectPlan:
             m.state_addresses = tuple(b.data_ptr() for b in buffers)
             m.state_dtypes = tuple(b.dtype for b in buffers)
             m.state_nbytes = tuple(b.nbytes for b in buffers)
+            m.state_views = <fo_tensor_view *>calloc(max(len(buffers), 1), sizeof(fo_tensor_view))
+            if m.state_views == NULL:
+                raise MemoryError()
+            for i in range(len(buffers)):
+                m.state_views[i].data = <void *><uintptr_t>m.state_addresses[i]
+                m.state_views[i].nbytes = m.state_nbytes[i]
             m.shape = p.shape
             if has_grad:
                 m.table, m.slot = where[with_grad]
@@ -1390,6 +1514,8 @@ cdef class ObjectPlan:
         cdef list members, params_list
         cdef uintptr_t at
         cdef bint shaped = self.rule.shaped_state, getter = self.grad_of != NULL
+        cdef bint native = _torch_access != NULL and getter
+        cdef int read
         for table in self.tables:
             if not table.counters_unchanged():
                 return False
@@ -1416,32 +1542,39 @@ cdef class ObjectPlan:
                     return False
                 if shaped and p.shape != m.shape:
                     return False  # p.data reshaped: its rows (or matrices) are others now
-                direct = getter and self._known(p)
-                grad = self.grad_of.get(p, self.grad_of.closure) if direct else p.grad
-                if grad is None:
-                    if m.has_grad:
-                        return False
+                read = self._read_natively(m, p, &at) if native and \
+                    type(p) in _torch_plain_types else -1
+                if read == 0:
+                    return False
+                if read == 2:
                     continue
-                if not m.has_grad or not self._fits(p, m.dtype, m.nbytes, direct):
-                    return False
-                direct = direct and type(grad) is self.known_type
-                if not self._fits(grad, m.grad_dtype, m.grad_nbytes, direct) \
-                        or not self._buffers_in_place(m):
-                    return False
-                try:  # a sparse COO gradient says False; a CSR one raises
-                    if direct:  # (p.data = p.data.t() keeps its address, dtype and size)
-                        if not PyObject_CallOneArg(self.is_contiguous, grad) or \
-                                <uintptr_t>PyObject_CallOneArg(self.data_ptr, p) != m.address or \
-                                not PyObject_CallOneArg(self.is_contiguous, p):
+                if read < 0:  # torch's getters and methods
+                    direct = getter and self._known(p)
+                    grad = self.grad_of.get(p, self.grad_of.closure) if direct else p.grad
+                    if grad is None:
+                        if m.has_grad:
                             return False
-                        at = PyObject_CallOneArg(self.data_ptr, grad)
-                    else:
-                        if not grad.is_contiguous() or p.data_ptr() != m.address or \
-                                not p.is_contiguous():
-                            return False
-                        at = grad.data_ptr()
-                except RuntimeError:
-                    return False
+                        continue
+                    if not m.has_grad or not self._fits(p, m.dtype, m.nbytes, direct):
+                        return False
+                    direct = direct and type(grad) is self.known_type
+                    if not self._fits(grad, m.grad_dtype, m.grad_nbytes, direct) \
+                            or not self._buffers_in_place(m):
+                        return False
+                    try:  # a sparse COO gradient says False; a CSR one raises
+                        if direct:  # (p.data = p.data.t() keeps its address, dtype and size)
+                            if not PyObject_CallOneArg(self.is_contiguous, grad) or \
+                                    <uintptr_t>PyObject_CallOneArg(self.data_ptr, p) != m.address or \
+                                    not PyObject_CallOneArg(self.is_contiguous, p):
+                                return False
+                            at = PyObject_CallOneArg(self.data_ptr, grad)
+                        else:
+                            if not grad.is_contiguous() or p.data_ptr() != m.address or \
+                                    not p.is_contiguous():
+                                return False
+                            at = grad.data_ptr()
+                    except RuntimeError:
+                        return False
                 if at != m.clear_grad:
                     if self.spans.hits(<size_t>at, m.grad_nbytes):
                         return False
@@ -1483,7 +1616,8 @@ cdef class ObjectPlan:
                 self.storage_entry["step"] = storage_step - 1
                 self.state.refresh(self.storage_at)
             raise
-        self.mark_written(self.written)
+        if _torch_access == NULL or _torch_access.bump_versions(<PyObject *>self.written, 0) != 0:
+            self.mark_written(self.written)
         return True
 
 

@@ -275,13 +275,23 @@ cdef class GradTables:
     """The gradients of a list of torch parameters, for fastopt.torch.clip_grad_norm_ and
     step(clip_norm=...): C tables of the float32, the float64 and the bfloat16 ones (data
     pointer, element count; in order), filled in one pass and used by both the norm and the
-    scaling pass, and the gradients themselves (`grads`)."""
+    scaling pass, and the parameters whose gradients they are (`owners`)."""
     cdef void **ptrs[3]
     cdef size_t *n[3]
     cdef Py_ssize_t *position[3]  # each gradient's parameter's position in gather_grads' list
     cdef size_t count[3]
     cdef double *per_tensor
-    cdef readonly list grads
+    cdef readonly list owners
+
+    @property
+    def grads(self):
+        return [p.grad for p in self.owners]
+
+    def mark_written(self):
+        """Tell autograd every gradient was written in place (as increment_version would)."""
+        if _torch_access == NULL or _torch_access.bump_versions(<PyObject *>self.owners, 1) != 0:
+            import torch
+            torch.autograd.graph.increment_version(self.grads)
 
     def __dealloc__(self):
         cdef int k
@@ -355,7 +365,7 @@ def gather_grads(list params, tensor_type, f32, f64, bf16=None):
     cdef GradTables tables = GradTables.__new__(GradTables)
     cdef int k
     cdef size_t at
-    cdef list grads = []
+    cdef list owners = []
     for k in range(3):
         tables.ptrs[k] = <void **>calloc(cap, sizeof(void *))
         tables.n[k] = <size_t *>calloc(cap, sizeof(size_t))
@@ -374,8 +384,34 @@ def gather_grads(list params, tensor_type, f32, f64, bf16=None):
     grad_descr = _lookup(tensor_type, "grad")
     known = tensor_type  # a type whose grad is Tensor's (nn.Parameter, found on the way)
     cdef Py_ssize_t position = -1
+    # the C++ reads where loaded (fastopt/native_torch.py): no Python call per gradient
+    cdef const fo_torch_access *reader = _torch_access
+    cdef fo_tensor_view v
+    cdef int f32_code = -1, f64_code = -1, bf16_code = -1, found
+    cdef size_t element_size[3]
+    element_size[:] = [4, 8, 2]
+    if reader != NULL:
+        f32_code, f64_code = reader.dtype_code(<PyObject *>f32), reader.dtype_code(<PyObject *>f64)
+        if bf16 is not None:
+            bf16_code = reader.dtype_code(<PyObject *>bf16)
     for p in params:
         position += 1
+        found = reader.grad_view(<PyObject *>p, &v, NULL) if reader != NULL and \
+            type(p) in _torch_plain_types else -1
+        if found == 0:
+            continue
+        if found == 1:
+            k = 0 if v.dtype == f32_code else 1 if v.dtype == f64_code else \
+                2 if v.dtype == bf16_code and bf16_code >= 0 else -1
+            if k < 0 or not v.contiguous:
+                return None
+            at = tables.count[k]
+            tables.ptrs[k][at] = v.data
+            tables.n[k][at] = v.nbytes // element_size[k]
+            tables.position[k][at] = position
+            tables.count[k] = at + 1
+            owners.append(p)
+            continue
         if grad_of != NULL and (type(p) is tensor_type or type(p) is known):
             g = grad_of.get(p, grad_of.closure)
         elif grad_of != NULL and isinstance(p, tensor_type) and \
@@ -409,8 +445,8 @@ def gather_grads(list params, tensor_type, f32, f64, bf16=None):
         tables.n[k][at] = PyObject_CallOneArg(numel, g)
         tables.position[k][at] = position
         tables.count[k] = at + 1
-        grads.append(g)
-    tables.grads = grads
+        owners.append(p)
+    tables.owners = owners
     return tables
 
 

@@ -181,7 +181,9 @@ def run(quick=False, rounds=None, print_fn=print, threads=None):
     """Time every case; print the table through print_fn and return its rows (dicts)."""
     import torch
     import fastopt
+    from fastopt.benchmark import torch_reads_ready
 
+    torch_reads_ready()
     if threads is not None:
         torch.set_num_threads(threads)
         fastopt.set_num_threads(threads)

@@ -110,6 +110,8 @@ def ratio(summary, other, mine, kind):
 def torch_loop_cases(threads, seed=0):
     import torch
     import fastopt.torch as ft
+    from fastopt.benchmark import torch_reads_ready
+    torch_reads_ready()
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)

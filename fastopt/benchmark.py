@@ -279,19 +279,29 @@ def run_torch_overheads(threads, budget_s, n=161):
     1 tensor of 1 element: (t_n - t_1) / (n - 1), the per-tensor Python and bookkeeping cost."""
     import torch
     import fastopt.torch as ft
+    from fastopt import native_torch
     torch.set_num_threads(threads)
+    fastopt_kind = lambda ts: getattr(ft, IN_LOOP_RULE)(ts, lr=1e-3)
+    kinds = {"torch fused": (lambda ts: getattr(torch.optim, IN_LOOP_RULE)(ts, lr=1e-3, fused=True), None)}
+    # both ways fastopt.torch's planned step reads the tensors, each set before its own steps
+    if native_torch.start(wait=True):
+        kinds["fastopt.torch (C++ reads)"] = (fastopt_kind, native_torch.start)
+    kinds["fastopt.torch (Python reads)"] = (fastopt_kind, native_torch.stop)
     fns = {}
-    for label, make in (("fastopt.torch", lambda ts: getattr(ft, IN_LOOP_RULE)(ts, lr=1e-3)),
-                        ("torch fused", lambda ts: getattr(torch.optim, IN_LOOP_RULE)(ts, lr=1e-3, fused=True))):
+    for label, (make, route) in kinds.items():
         for count in (1, n):
             tensors = [torch.zeros(1, requires_grad=True) for _ in range(count)]
             for t in tensors:
                 t.grad = torch.full((1,), 1e-3)
             opt = make(tensors)
             opt.step()
-            fns[(label, count)] = opt.step
-    t = time_side_by_side(fns, budget_s, min_rounds=15)
-    return {label: (t[(label, n)] - t[(label, 1)]) / (n - 1) for label in ("fastopt.torch", "torch fused")}
+            fns[(label, count)] = opt.step if route is None else \
+                (lambda step=opt.step, route=route: (route(), step()))
+    try:
+        t = time_side_by_side(fns, budget_s, min_rounds=15)
+    finally:
+        native_torch.start()
+    return {label: (t[(label, n)] - t[(label, 1)]) / (n - 1) for label in kinds}
 
 
 # ---- the cases ----
@@ -449,6 +459,18 @@ LEGEND = ("ratios: the other implementation's time / fastopt's (>1: fastopt is f
           "streaming kernel's GB/s at the same footprint, timed in the same interleaved rounds\n")
 
 
+def torch_reads_ready():
+    """Where torch is installed, fastopt.torch's tensor reads built before anything is timed (a
+    build in the background would share the cores with the cases): prints which are in use."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    from fastopt import native_torch
+    native_torch.start(wait=True)
+    print(f"fastopt.torch's tensor reads: {native_torch.status()}")
+
+
 def section_main(module, doc, run, argv=None):
     """The command line of one benchmark section run alone (python -m fastopt.bench_<name>):
     --quick and --threads, handed to the section's run(threads, quick)."""
@@ -456,6 +478,7 @@ def section_main(module, doc, run, argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=fastopt.get_num_threads())
     args = ap.parse_args(argv)
+    torch_reads_ready()
     run(args.threads, args.quick)
     return 0
 
@@ -480,6 +503,7 @@ def main(argv=None):
         rules = args.rules.split(",")
     results = []
     fastopt.show_config()
+    torch_reads_ready()
     if args.storage_only:
         run_storage_table(rules, 16_000_000, args.threads, budget * 2, results)
         if args.json:

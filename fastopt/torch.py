@@ -22,6 +22,10 @@ DTensor parameters (FSDP2's fully_shard) are updated through their local shard, 
 their states DTensors placed like them, as torch.optim makes them; torch.distributed.checkpoint's
 get_optimizer_state_dict / set_optimizer_state_dict work (examples/fsdp2_train.py).
 
+After a first, validated step, a step re-checks only what can change, reading the tensors
+through a C++ module built for the installed torch (fastopt/native_torch.py: once, in the
+background; through torch's Python API until then or without a compiler).
+
 A step validates every group's hyperparameters, every gradient and every state buffer before it
 changes any parameter, state buffer or step counter; the error names the group and the field,
 in torch's wording where torch has one.  A parameter listed twice (in one group, which
@@ -49,7 +53,7 @@ import torch
 from torch.optim.optimizer import (_get_scalar_dtype, _global_optimizer_post_hooks,
                                    _global_optimizer_pre_hooks)
 
-from fastopt import _kernels, storage
+from fastopt import _kernels, native_torch, storage
 from fastopt import rules as _rules
 
 try:
@@ -339,9 +343,12 @@ class _Fastopt:
 
     def _make_plan(self, hps):
         try:
-            return self._planned(hps)
+            plan = self._planned(hps)
         except (TypeError, ValueError, KeyError):  # (a plan is an optimization: the step stands)
             return None
+        if plan is not None:
+            native_torch.start()  # the plan's checks in C++ (fastopt/native_torch.py)
+        return plan
 
     def _planned(self, hps):
         """After a validated step: the engine's plan for the next ones (fastopt/_engine.pxi,
@@ -1576,6 +1583,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         parameters = [parameters]
     else:
         parameters = list(parameters)
+    native_torch.start()  # the gradients read in C++ (fastopt/native_torch.py)
     p = float(norm_type)
     tables = (_kernels.gather_grads(parameters, torch.Tensor, torch.float32, torch.float64)
               if p >= 0.0 else None)
@@ -1583,8 +1591,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type,
                                               error_if_nonfinite, foreach)
     max_norm = float(max_norm)
-    grads = tables.grads
-    if not grads:
+    if not tables.owners:
         return torch.tensor(0.0)
     total, nonzero_tensors = tables.norm(p)
     if p == 0.0:  # torch: the 0-"norm" of the per-tensor counts
@@ -1602,7 +1609,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     factor = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0).item()
     if factor != 1.0:  # (multiplying by 1 changes no bit)
         tables.scale(factor)
-        torch.autograd.graph.increment_version(grads)
+        tables.mark_written()
     return total_norm
 
 

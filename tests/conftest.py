@@ -155,3 +155,30 @@ def continue_from_checkpoint(a, b, via_file, folder):
         b.load(folder / "checkpoint.npz")
     else:
         b.load_state_dict(a.state_dict())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_reads_built():
+    """fastopt.torch's C++ tensor reads built (or loaded from the cache) before any test, so
+    every test sees one route; tests that must see both take `tensor_reads`."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        yield
+        return
+    from fastopt import native_torch
+    native_torch.start(wait=True)  # (test_native_torch.py fails, with the reason, if it cannot)
+    yield
+
+
+@pytest.fixture(params=["C++", "Python"])
+def tensor_reads(request):
+    """The test runs once with fastopt.torch's planned steps reading tensors in C++, once through
+    torch's Python API (fastopt/native_torch.py)."""
+    from fastopt import native_torch
+    if request.param == "Python":
+        native_torch.stop()
+    elif not native_torch.start(wait=True):
+        pytest.fail(f"fastopt.torch's C++ reads did not build: {native_torch.status()}")
+    yield request.param
+    native_torch.start(wait=True)

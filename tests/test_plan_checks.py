@@ -132,6 +132,7 @@ def assert_close_pair(pairs):
         torch.testing.assert_close(fopt.state[q][name], value)
 
 
+@pytest.mark.usefixtures("tensor_reads")
 @pytest.mark.parametrize("cls_name", ["Adam", "NAdam", "RAdam", "Adamax"])
 def test_step_counter_reset_in_place_restarts_the_bias_correction(cls_name):
     pairs = torch_pair(cls_name, lr=0.1)
@@ -147,6 +148,7 @@ def test_step_counter_reset_in_place_restarts_the_bias_correction(cls_name):
     assert_close_pair(pairs)
 
 
+@pytest.mark.usefixtures("tensor_reads")
 @pytest.mark.parametrize("swap", ["data", "set_"])
 def test_state_buffer_given_new_memory_is_the_one_updated(swap):
     pairs = torch_pair("Adam", lr=0.1)
@@ -162,6 +164,7 @@ def test_state_buffer_given_new_memory_is_the_one_updated(swap):
     assert_close_pair(pairs)
 
 
+@pytest.mark.usefixtures("tensor_reads")
 @pytest.mark.parametrize("cls_name, key, index, value", [
     ("NAdam", "betas", 0, 0.5), ("Rprop", "etas", 1, 1.5), ("Rprop", "step_sizes", 1, 0.01)])
 def test_list_hyperparameter_edited_in_place_is_used(cls_name, key, index, value):
@@ -177,6 +180,7 @@ def test_list_hyperparameter_edited_in_place_is_used(cls_name, key, index, value
     assert_close_pair(pairs)
 
 
+@pytest.mark.usefixtures("tensor_reads")
 def test_gradient_retyped_through_data_is_refused_with_nothing_changed():
     p = torch.ones(4, requires_grad=True)
     opt = ft.SGD([p], lr=1.0)
@@ -189,6 +193,7 @@ def test_gradient_retyped_through_data_is_refused_with_nothing_changed():
     assert torch.equal(p.detach(), before)
 
 
+@pytest.mark.usefixtures("tensor_reads")
 def test_gradient_resized_through_data_is_refused_with_nothing_changed():
     p = torch.ones(6, requires_grad=True)
     opt = ft.SGD([p], lr=1.0)
@@ -201,6 +206,7 @@ def test_gradient_resized_through_data_is_refused_with_nothing_changed():
     assert torch.equal(p.detach(), before)
 
 
+@pytest.mark.usefixtures("tensor_reads")
 def test_parameter_narrowed_through_data_is_stepped_at_its_new_size():
     pairs = torch_pair("SGD", values=(1.0,) * 6, lr=1.0)
     step_both(pairs, grad=(1.0,) * 6)
@@ -214,6 +220,7 @@ def test_parameter_narrowed_through_data_is_stepped_at_its_new_size():
     assert torch.equal(storages[1], storages[0])  # nothing written past the new end
 
 
+@pytest.mark.usefixtures("tensor_reads")
 def test_state_buffer_retyped_through_data_at_its_address_is_refused():
     """exp_avg.data = a bfloat16 view of its own memory keeps the address: the plan checks the
     buffer's dtype and size too (written as float32 it would overrun the new, smaller buffer
@@ -230,6 +237,7 @@ def test_state_buffer_retyped_through_data_at_its_address_is_refused():
     assert torch.equal(p.detach(), before)
 
 
+@pytest.mark.usefixtures("tensor_reads")
 def test_parameter_transposed_through_data_at_its_address_is_refused():
     """p.data = p.data.t() keeps the address, dtype and size: the plan checks contiguity, as
     the first step does."""
@@ -245,6 +253,7 @@ def test_parameter_transposed_through_data_at_its_address_is_refused():
     assert torch.equal(p.detach(), before)
 
 
+@pytest.mark.usefixtures("tensor_reads")
 def test_bfloat16_gradient_just_below_its_parameter_is_planned():
     """A bfloat16 gradient of a float32 parameter is half the parameter's size: the checks
     (first step and planned ones) compare its own bytes, so one that ends where the parameter
@@ -263,6 +272,7 @@ def test_bfloat16_gradient_just_below_its_parameter_is_planned():
     torch.testing.assert_close(p.detach(), torch.full((1000,), -0.4))
 
 
+@pytest.mark.usefixtures("tensor_reads")
 def test_storage_entry_edited_in_place_is_refused_before_anything_changes():
     p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
     opt = ft.Adam([p], lr=0.1)
@@ -280,6 +290,7 @@ def test_storage_entry_edited_in_place_is_refused_before_anything_changes():
     opt.step()
 
 
+@pytest.mark.usefixtures("tensor_reads")
 def test_master_weights_without_kept_state_are_refused_with_nothing_changed():
     """SGD without momentum keeps no per-parameter state, so there is nowhere to keep a
     float32 master copy: refused before anything changes (not silently dropped)."""
