@@ -453,16 +453,15 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
             call.ema_decay = opt->ema_decay;
         }
     }
-    /* a factored rule's passes read the buffers as they are stored: the compute type only */
-    if (call.staged && factored) return FO_ERR_DTYPE;
     /* a per-tensor pass's writes are the update's reads (each rounded once, in that pass) */
     call.read_only = tensor_passes[rule].writes;
-    /* a row rule's state (one value per row) is kept in the compute type; with other buffers
-     * staged, its rows go through staging rows of FO_ROW_STAGING elements, in float */
+    /* a row rule's state (one value per row) and a factored rule's (its factors, read by its
+     * passes) are kept in the compute type; with other buffers staged, such a rule computes in
+     * float (a row rule's rows go through staging rows of FO_ROW_STAGING elements) */
     const int row_rule = FO_IS_ROW_RULE(rule);
-    for (int k = 2; row_rule && k < n_rule_bufs; k++)
+    for (int k = 2; (row_rule || factored) && k < n_rule_bufs; k++)
         if (bufs[k] && call.dtype[k] == FO_BFLOAT16) return FO_ERR_DTYPE;
-    if (call.staged && row_rule && param_dtype == FO_FLOAT64) return FO_ERR_DTYPE;
+    if (call.staged && (row_rule || factored) && param_dtype == FO_FLOAT64) return FO_ERR_DTYPE;
     if (count == 0) return FO_OK;
     if (!batch->n) return FO_ERR_NULL;
     for (int i = 0; i < n_used; i++)

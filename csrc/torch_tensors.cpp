@@ -34,6 +34,10 @@ int view_of(const at::Tensor &t, fo_tensor_view *out) noexcept
         if (impl->key_set().has(c10::DispatchKey::Python) || impl->layout() != c10::kStrided ||
             !impl->device().is_cpu())
             return -1;
+        if (impl->is_conj() || impl->is_neg())
+            return -2;
+        PyObject *owner = impl->pyobj_slot()->load_pyobj();
+        out->plain = owner == nullptr || Py_TYPE(owner) == reinterpret_cast<PyTypeObject *>(THPVariableClass);
         out->contiguous = impl->is_contiguous();
         out->dtype = static_cast<int>(t.scalar_type());
         out->nbytes = static_cast<size_t>(impl->numel()) * impl->itemsize();

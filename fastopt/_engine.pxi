@@ -32,6 +32,7 @@ cdef extern from "torch_access.h":
         size_t nbytes
         int dtype
         int contiguous
+        int plain
     ctypedef struct fo_torch_access:
         int version
         int (*view)(PyObject *tensor, fo_tensor_view *out) noexcept
@@ -77,7 +78,7 @@ def read_tensor(t, bint grad=False):
     found = _torch_access.grad_view(<PyObject *>t, &v, NULL) if grad else \
         _torch_access.view(<PyObject *>t, &v)
     if found <= 0:
-        return None if found == 0 else False
+        return None if found == 0 else False if found == -1 else "a lazy view"
     return <uintptr_t>v.data, v.nbytes, v.dtype, bool(v.contiguous)
 
 
@@ -330,9 +331,12 @@ cdef class Batch:
         dtypes = [_fo_dtype((<cnp.ndarray>params[0]).dtype), _fo_dtype(grad_dtype)]
         self.f64 = dtypes[0] == FO_FLOAT64
         self.grad_dtype = dtypes[1]
+        compute = FO_FLOAT64 if self.f64 else FO_FLOAT32
         for slot, name in zip(self.slots, rule.state):
-            b = getattr(states[0], name) if slot is not None else None  # (None: not its buffer)
-            dtypes.append(_fo_dtype(b.dtype) if b is not None else dtypes[0])
+            # (a factored rule's tensors have either kind of buffer: the first that has one says)
+            b = next((getattr(st, name) for st in states if getattr(st, name) is not None), None) \
+                if slot is not None else None
+            dtypes.append(_fo_dtype(b.dtype) if b is not None else compute)
         options = options or {}
         masters = None
         if options.get("master_weights"):
@@ -1243,6 +1247,7 @@ cdef class _Member:
     cdef _Table table
     cdef Py_ssize_t slot
     cdef object shape  # a row rule's: the parameter's shape (its rows) when planned
+    cdef bint complex_valued  # (a complex gradient may be a lazily conjugated view)
     # the last gradient address found clear of every written buffer (a gradient is usually
     # where it was: the same tensor, or the allocator's same block)
     cdef uintptr_t clear_grad
@@ -1441,6 +1446,7 @@ cdef class ObjectPlan:
         """m's checks through the C++ reads (p: of a plain type): 1 it fits, its gradient at
         *grad_at; 2 it fits, without a gradient; 0 it does not fit; -1 the Python route must
         read it (a sparse gradient, a state buffer of another type)."""
+        cdef int found
         cdef const fo_torch_access *reader = _torch_access
         cdef fo_tensor_view v
         cdef const fo_tensor_view *want
@@ -1450,8 +1456,8 @@ cdef class ObjectPlan:
         if m.codes_of != reader and not m.set_codes(reader):
             return -1
         found = reader.grad_view(<PyObject *>p, &v, &pv)
-        if found <= 0:
-            return -1 if found < 0 else (0 if m.has_grad else 2)
+        if found <= 0:  # (-2: a lazily conjugated or negated view, which a first step refuses)
+            return 0 if found == -2 else -1 if found < 0 else (0 if m.has_grad else 2)
         if not m.has_grad or v.dtype != m.grad_dtype_code or v.nbytes != m.grad_nbytes or \
                 not v.contiguous or pv.dtype != m.dtype_code or pv.nbytes != m.nbytes or \
                 not pv.contiguous or <uintptr_t>pv.data != m.address:
@@ -1462,7 +1468,10 @@ cdef class ObjectPlan:
             if type(<object>b) is not self.known_type:
                 return -1
             want = &m.state_views[i]
-            if reader.view(b, &v) != 1 or v.dtype != want.dtype or v.nbytes != want.nbytes or \
+            found = reader.view(b, &v)
+            if found == -1:
+                return -1
+            if found != 1 or v.dtype != want.dtype or v.nbytes != want.nbytes or \
                     not v.contiguous or v.data != want.data:
                 return 0
         return 1
@@ -1493,6 +1502,7 @@ cdef class ObjectPlan:
                 m.state_views[i].data = <void *><uintptr_t>m.state_addresses[i]
                 m.state_views[i].nbytes = m.state_nbytes[i]
             m.shape = p.shape
+            m.complex_valued = p.is_complex()
             if has_grad:
                 m.table, m.slot = where[with_grad]
                 with_grad += 1
@@ -1559,7 +1569,8 @@ cdef class ObjectPlan:
                         return False
                     direct = direct and type(grad) is self.known_type
                     if not self._fits(grad, m.grad_dtype, m.grad_nbytes, direct) \
-                            or not self._buffers_in_place(m):
+                            or not self._buffers_in_place(m) \
+                            or (m.complex_valued and grad.is_conj()):
                         return False
                     try:  # a sparse COO gradient says False; a CSR one raises
                         if direct:  # (p.data = p.data.t() keeps its address, dtype and size)

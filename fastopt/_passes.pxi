@@ -282,14 +282,18 @@ cdef class GradTables:
     cdef size_t count[3]
     cdef double *per_tensor
     cdef readonly list owners
+    cdef bint all_read_natively  # every gradient found through the C++ reads
 
     @property
     def grads(self):
         return [p.grad for p in self.owners]
 
     def mark_written(self):
-        """Tell autograd every gradient was written in place (as increment_version would)."""
-        if _torch_access == NULL or _torch_access.bump_versions(<PyObject *>self.owners, 1) != 0:
+        """Tell autograd every gradient was written in place (as increment_version would); the
+        C++ reads bump the gradients torch's own getter returns, so only where they found
+        every one (a parameter type may route .grad elsewhere)."""
+        if not self.all_read_natively or _torch_access == NULL or \
+                _torch_access.bump_versions(<PyObject *>self.owners, 1) != 0:
             import torch
             torch.autograd.graph.increment_version(self.grads)
 
@@ -366,6 +370,7 @@ def gather_grads(list params, tensor_type, f32, f64, bf16=None):
     cdef int k
     cdef size_t at
     cdef list owners = []
+    tables.all_read_natively = True
     for k in range(3):
         tables.ptrs[k] = <void **>calloc(cap, sizeof(void *))
         tables.n[k] = <size_t *>calloc(cap, sizeof(size_t))
@@ -400,10 +405,12 @@ def gather_grads(list params, tensor_type, f32, f64, bf16=None):
             type(p) in _torch_plain_types else -1
         if found == 0:
             continue
+        if found == -2:  # (a lazily negated view: torch's own function reads it right)
+            return None
         if found == 1:
             k = 0 if v.dtype == f32_code else 1 if v.dtype == f64_code else \
                 2 if v.dtype == bf16_code and bf16_code >= 0 else -1
-            if k < 0 or not v.contiguous:
+            if k < 0 or not v.contiguous or not v.plain:  # (as the Python route below)
                 return None
             at = tables.count[k]
             tables.ptrs[k][at] = v.data
@@ -446,6 +453,7 @@ def gather_grads(list params, tensor_type, f32, f64, bf16=None):
         tables.position[k][at] = position
         tables.count[k] = at + 1
         owners.append(p)
+        tables.all_read_natively = False
     tables.owners = owners
     return tables
 

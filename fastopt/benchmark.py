@@ -410,10 +410,7 @@ def run_storage_table(rules, n, threads, budget_s, results):
           "tensors (vs t.fused) / this one's; B/el: bytes moved per element")
     print(STORAGE_HEADER)
     for rule in rules:
-        plain, plain_state = RULES[rule][0].rule.plain_storage, RULES[rule][0].rule.plain_state
-        if plain:
-            print(f"{rule:<10}(none: its {plain} need float32/float64 storage)")
-            continue
+        plain_state = RULES[rule][0].rule.plain_state
         if plain_state:
             print(f"{rule:<10}(bfloat16 parameters and gradients only: its {plain_state} need "
                   "float32/float64 state)")

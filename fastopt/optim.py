@@ -66,11 +66,6 @@ class Optimizer:
         for i, p in enumerate(params):
             _checks.check_param(p, f"params[{i}]", bfloat16=True)
             storage.check_param_dtype(p.dtype, self.storage_options, f"params[{i}]")
-            if self.rule.plain_storage and (storage.is_bf16(p.dtype) or self.storage_options
-                                            ["state_dtype"] == "bfloat16"):
-                raise ValueError(f"{type(self).__name__}'s {self.rule.plain_storage} need float32/float64 "
-                                 f"storage; params[{i}] is {p.dtype} with state_dtype "
-                                 f"{self.storage_options['state_dtype']!r} (not bfloat16 yet)")
             if self.rule.plain_state and self.storage_options["state_dtype"] == "bfloat16":
                 raise ValueError(f"{type(self).__name__}'s {self.rule.plain_state} need float32/float64 "
                                  "state: state_dtype='bfloat16' is refused (bfloat16 parameters and "
@@ -246,9 +241,6 @@ class Optimizer:
         _checks.check_no_overlap(written, names, read, read_names)
         bf16_grads = [storage.is_bf16((g.values if isinstance(g, _kernels.SparseGrad) else g).dtype)
                       for g in grads]
-        if self.rule.plain_storage and any(bf16_grads):
-            raise TypeError(f"{type(self).__name__}'s {self.rule.plain_storage} need "
-                            "float32/float64 gradients (not bfloat16 yet)")
         if self.rule.crule.per_row:
             for i, (p, bf16) in enumerate(zip(params, bf16_grads)):
                 if bf16:

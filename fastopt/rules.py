@@ -65,13 +65,12 @@ class Rule:
         self.state_doc = state_doc
 
         self.crule = _kernels.RULES[kernel]
-        # why the rule needs float32/float64 storage (no bfloat16 yet), or None: a factored
-        # rule's passes (its per-tensor norms) read the buffers as stored
-        self.plain_storage = "per-tensor norms" if self.crule.factored else None
-        # why its state stays in the compute type (state_dtype="bfloat16" refused), or None: a
-        # row rule's one value per row; its parameters and gradients may be bfloat16, staged
-        # a group of whole rows at a time (rows of at most _kernels.ROW_STAGING elements)
-        self.plain_state = "per-row accumulators" if self.crule.per_row else self.plain_storage
+        # why its state stays in the compute type (state_dtype="bfloat16" refused), or None:
+        # a row rule's one value per row (its parameters and gradients may be bfloat16, staged
+        # a group of whole rows at a time: rows of at most _kernels.ROW_STAGING elements); a
+        # factored rule's factors and second moments, which its passes read as stored
+        self.plain_state = ("per-row accumulators" if self.crule.per_row else
+                            "factored second moments" if self.crule.factored else None)
         # hyperparameters that are one C field each, of the same name, holding a real number:
         # the engine writes a change to them straight into the C struct
         self.direct = frozenset(k for k, kind in self.kinds.items()

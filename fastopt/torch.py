@@ -78,7 +78,6 @@ _FO_DTYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _STORAGE_KEY = "fastopt_storage"
 # rules that need float32/float64 storage -> why (norms per whole tensor read the buffers as
 # stored), and rules whose state needs it (those, and a row rule's one value per row)
-_PLAIN_STORAGE_KERNELS = {r.kernel: r.plain_storage for r in _rules.RULES if r.plain_storage}
 _PLAIN_STATE_KERNELS = {r.kernel: r.plain_state for r in _rules.RULES if r.plain_state}
 # row rules: a row's mean of g^2 is for real parameters
 _PER_ROW_KERNELS = frozenset(r.kernel for r in _rules.RULES if r.crule.per_row)
@@ -118,6 +117,9 @@ def _check_param(p, where):
     if not _local(p).is_contiguous():
         raise ValueError(f"{where} is not contiguous; fastopt.torch updates parameters in place "
                          "and would lose the update on a copy")
+    if p.is_conj() or p.is_neg():  # (its memory holds other values than it shows)
+        raise ValueError(f"{where} is a lazily conjugated or negated view; fastopt.torch updates "
+                         "the memory itself (resolve_conj(), resolve_neg())")
 
 
 # ---- hyperparameter ranges -------------------------------------------------------------------
@@ -572,12 +574,15 @@ class _Fastopt:
                                 f"not support sparse gradients ({g.layout})")
             if not sparse:
                 self.check_dense_grad()
-            if (g.dtype != dtype and not (dtype == torch.float32 and g.dtype == torch.bfloat16
-                                          and self.kernel not in _PLAIN_STORAGE_KERNELS)) \
+            if (g.dtype != dtype and not (dtype == torch.float32 and g.dtype == torch.bfloat16)) \
                     or g.shape != p.shape or not g.is_cpu \
                     or isinstance(g, DTensor) != sharded:
                 raise TypeError(f"{self._where(index, group, i)}: its gradient is "
                                 f"{_describe(g)}; the parameter is {_describe(p)}")
+            if g.is_conj() or g.is_neg():  # (its memory holds other values than it shows)
+                raise ValueError(f"{self._where(index, group, i)}: its gradient is a lazily "
+                                 "conjugated or negated view; resolve it first "
+                                 "(g.resolve_conj(), g.resolve_neg())")
             if self.per_row and g.dtype == torch.bfloat16:
                 _check_staged_rows(p, self._where(index, group, i))
             if sparse:
@@ -989,10 +994,6 @@ def _new_state_dtype(p, options):
 
 def _check_storage(p, options, where, kernel=None):
     """Refuse a parameter that the storage options do not fit."""
-    if kernel in _PLAIN_STORAGE_KERNELS and (p.dtype == torch.bfloat16
-                                             or options["state_dtype"] == "bfloat16"):
-        raise ValueError(f"{where}: {_PLAIN_STORAGE_KERNELS[kernel]} need float32/float64 "
-                         "storage, not bfloat16 (yet)")
     if kernel in _PLAIN_STATE_KERNELS and options["state_dtype"] == "bfloat16":
         raise ValueError(f"{where}: {_PLAIN_STATE_KERNELS[kernel]} need float32/float64 state, "
                          "not bfloat16")

@@ -175,10 +175,12 @@ def _torch_reads_built():
 def tensor_reads(request):
     """The test runs once with fastopt.torch's planned steps reading tensors in C++, once through
     torch's Python API (fastopt/native_torch.py)."""
-    from fastopt import native_torch
+    from fastopt import _kernels, native_torch
     if request.param == "Python":
         native_torch.stop()
     elif not native_torch.start(wait=True):
         pytest.fail(f"fastopt.torch's C++ reads did not build: {native_torch.status()}")
     yield request.param
+    # the route held through the test (a new plan must not switch it back on)
+    assert _kernels.torch_access_in_use() == (request.param == "C++")
     native_torch.start(wait=True)

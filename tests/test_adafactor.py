@@ -583,20 +583,68 @@ def test_sparse_rows_are_refused():
         fastopt.Adafactor([np.zeros((3, 2))], sparse="exact")
 
 
-def test_bfloat16_is_refused():
+def test_bfloat16_state_is_refused():
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    with pytest.raises(ValueError, match="per-tensor norms need float32/float64 storage"):
-        fastopt.Adafactor([np.ones((3, 2), bf16)])
-    with pytest.raises(ValueError, match="per-tensor norms need float32/float64 storage"):
+    with pytest.raises(ValueError, match="factored second moments need float32/float64 state"):
         fastopt.Adafactor([np.ones((3, 2), np.float32)], state_dtype="bfloat16")
-    opt = trained()
-    grads_ = good_grads(opt)
-    grads_[0] = grads_[0].astype(bf16)
-    before = snapshot(opt)
-    with pytest.raises(TypeError, match="per-tensor norms need float32/float64 gradients"):
-        opt.step(grads_)
-    assert_same_snapshot(before, snapshot(opt))
+    with pytest.raises(ValueError, match="factored second moments need float32/float64 state"):
+        fastopt.Adafactor([np.ones((3, 2), ml_dtypes.bfloat16)], state_dtype="bfloat16")
+
+
+# every way the passes read a tensor: a long vector (pieces of 4,096), a small and an in-cache
+# matrix, a batch of matrices, 1 x 1 matrices, one row, and a matrix split into tiles
+BF16_SHAPES = [(10000,), (5, 7), (130, 120), (2, 3, 5, 7), (4, 3, 1, 1), (1, 9), (600, 500)]
+
+
+@pytest.mark.parametrize("storage", ["bfloat16 params and grads", "bfloat16 grads",
+                                     "master weights", "bfloat16 params, EMA"])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_bfloat16_step_is_the_float32_step_rounded(storage, rounding):
+    """bfloat16 parameters and gradients: every pass reads them widened, so the step is the
+    float32 step on the widened values (the same norms, bit for bit), the parameter then
+    rounded as the keyed generator says (to nearest from the master with master weights)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from bf16_reference import random_bits, round_bf16
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(2)
+    param_dtype = np.float32 if storage == "bfloat16 grads" else bf16
+    kw = dict(lr=0.05, weight_decay=0.1, rounding=rounding, seed=7)
+    if storage == "master weights":
+        kw["master_weights"] = True
+    if storage == "bfloat16 params, EMA":
+        kw["ema_decay"] = 0.5
+    params = [rng.standard_normal(s).astype(param_dtype) for s in BF16_SHAPES]
+    opt = fastopt.Adafactor(params, **kw)
+    opt.step([rng.standard_normal(s).astype(bf16) for s in BF16_SHAPES])
+    for _ in range(2):
+        grads = [(rng.standard_normal(s) * rng.uniform(0.1, 3)).astype(bf16) for s in BF16_SHAPES]
+        ref = fastopt.Adafactor([(opt.state[i].master if storage == "master weights" else p)
+                                 .astype(np.float32) for i, p in enumerate(params)],
+                                lr=0.05, weight_decay=0.1,
+                                ema_decay=kw.get("ema_decay"))
+        for i in range(len(params)):
+            ref.state[i] = copy.deepcopy(opt.state[i])
+            ref.state[i].master = None
+        opt.step(grads)
+        ref.step([g.astype(np.float32) for g in grads])
+        for i, p in enumerate(params):
+            want = ref.param_groups[0]["params"][i]
+            for name in ("row_var", "col_var", "variance"):
+                if getattr(opt.state[i], name) is not None:
+                    np.testing.assert_array_equal(getattr(opt.state[i], name),
+                                                  getattr(ref.state[i], name), strict=True)
+            if param_dtype == np.float32:
+                np.testing.assert_array_equal(p, want, strict=True)
+                continue
+            if storage == "master weights":
+                np.testing.assert_array_equal(opt.state[i].master, want, strict=True)
+                expected = round_bf16(want.ravel(), "nearest")
+            else:
+                expected = round_bf16(want.ravel(), rounding,
+                                      random_bits(7, i, opt.state[i].step, 3, p.size))
+            assert np.array_equal(p.view(np.uint16).ravel(), expected), (BF16_SHAPES[i], storage)
+            if storage == "bfloat16 params, EMA":
+                np.testing.assert_array_equal(opt.state[i].ema, ref.state[i].ema, strict=True)
 
 
 @needs_torch
@@ -669,10 +717,9 @@ def test_fastopt_torch_refuses_sparse_bfloat16_and_complex():
     with pytest.raises((TypeError, RuntimeError), match="does not support sparse gradients"):
         opt.step()
     assert torch.equal(emb.weight.detach(), before) and not opt.state
-    for kwargs, p in [({}, torch.ones(3, 2, dtype=torch.bfloat16)),
-                      (dict(state_dtype="bfloat16"), torch.ones(3, 2))]:
-        with pytest.raises(ValueError, match="per-tensor norms need float32/float64 storage"):
-            ft.Adafactor([torch.nn.Parameter(p)], **kwargs)
+    for p in [torch.ones(3, 2, dtype=torch.bfloat16), torch.ones(3, 2)]:
+        with pytest.raises(ValueError, match="factored second moments need float32/float64 state"):
+            ft.Adafactor([torch.nn.Parameter(p)], state_dtype="bfloat16")
     # complex parameters: torch's Adafactor refuses them (at its step), and so does fastopt's
     c = torch.nn.Parameter(torch.ones(3, 2, dtype=torch.complex64))
     with pytest.raises((TypeError, RuntimeError), match="complex"):
@@ -735,3 +782,30 @@ def test_empty_parameters_step():
         for name, buf in opt.state[i].buffers().items():
             assert buf.shape == fastopt.AdafactorState.buffer_shape(params[i], name)
             assert not buf.any()
+
+
+@needs_torch
+def test_fastopt_torch_bfloat16_steps_are_the_float32_steps_rounded():
+    """fastopt.torch's Adafactor on bfloat16 parameters and gradients, planned steps included:
+    each step is its float32 step on the widened values, rounded to nearest."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(10000,), (5, 7), (600, 500), (4, 3, 1, 1)]
+    init = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+    stored = [torch.nn.Parameter(t.clone()) for t in init]
+    widened = [torch.nn.Parameter(t.float()) for t in init]
+    opt_stored = ft.Adafactor(stored, lr=0.05, weight_decay=0.1, rounding="nearest")
+    opt_widened = ft.Adafactor(widened, lr=0.05, weight_decay=0.1)
+    for _ in range(4):
+        for p, q in zip(stored, widened):
+            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            q.grad = p.grad.float()
+        opt_stored.step()
+        opt_widened.step()
+        for p, q in zip(stored, widened):
+            assert torch.equal(p.detach(), q.detach().to(torch.bfloat16))
+            with torch.no_grad():
+                q.copy_(p.float())  # (the next step starts from the stored values)
+        for p, q in zip(stored, widened):
+            for name, value in opt_widened.state[q].items():
+                assert torch.equal(opt_stored.state[p][name], value), name
+    assert opt_stored._plan is not None

@@ -120,6 +120,65 @@ def test_clip_grad_norm_reads_and_bumps_like_torch():
     assert all(p.grad._version > v for p, v in zip(made[1], versions))
 
 
+class _MainGrad(torch.nn.Parameter):
+    """A parameter whose .grad is another tensor (as Megatron-style main_grad wrappers do)."""
+
+    @property
+    def grad(self):
+        return self.main_grad
+
+    @grad.setter
+    def grad(self, value):
+        self.main_grad = value
+
+
+def test_clip_bumps_the_gradient_a_parameter_type_returns():
+    p = _MainGrad(torch.zeros(4))
+    p.grad = torch.full((4,), 3.0)
+    q = torch.nn.Parameter(torch.zeros(4))
+    q.grad = torch.full((4,), 4.0)
+    versions = p.main_grad._version, q.grad._version
+    ft.clip_grad_norm_([p, q], 1.0)
+    assert p.main_grad._version > versions[0] and q.grad._version > versions[1]
+    torch.testing.assert_close(p.main_grad, torch.full((4,), 0.3))  # (total norm 10)
+    torch.testing.assert_close(q.grad, torch.full((4,), 0.4))
+
+
+@pytest.mark.usefixtures("tensor_reads")
+def test_a_gradient_of_a_tensor_subclass_goes_where_the_python_route_sends_it():
+    """clip_norm takes plain tensors as gradients; a subclass's (whose methods may be its own)
+    is refused with nothing changed, whichever way the gradients are read."""
+    class Sub(torch.Tensor):
+        pass
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.full((4,), 3.0).as_subclass(Sub)
+    with pytest.raises(TypeError, match="clip_norm takes dense contiguous"):
+        opt.step(clip_norm=1.0)
+    assert torch.equal(p.detach(), torch.ones(4)) and not opt.state
+
+
+@pytest.mark.usefixtures("tensor_reads")
+@pytest.mark.parametrize("view", ["conj", "neg"])
+def test_a_lazily_conjugated_or_negated_gradient_is_refused(view):
+    """Such a view's memory holds other values than it shows (torch resolves them lazily):
+    the first step refuses it, and a planned step sends it back to that check."""
+    dtype = torch.complex64 if view == "conj" else torch.float32
+    p = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+    opt = ft.SGD([p], lr=0.5)
+    p.grad = torch.ones(4, dtype=dtype)
+    opt.step()
+    opt.step()  # (planned)
+    before = p.detach().clone()
+    g = torch.full((4,), 2.0, dtype=dtype)
+    p.grad = g.conj() if view == "conj" else torch._neg_view(g)
+    if view == "neg" and native_torch.status() != "C++":
+        pytest.skip("the Python route's planned checks do not read the negative bit (a private view)")
+    with pytest.raises(ValueError, match="conjugated or negated view"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
 def run_python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(__file__),  # (not the checkout: its fastopt is unbuilt)
@@ -157,7 +216,188 @@ def test_a_machine_that_cannot_compile_still_trains(tmp_path):
     status, waited = done.stdout.strip().splitlines()
     assert status.startswith("Python (RuntimeError: the C++ compiler failed") or status == "building"
     assert waited == "False"
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".so")]  # no partial build left
+    left = os.listdir(tmp_path)  # the failure remembered; no build, partial file or lock left
+    assert len(left) == 1 and left[0].endswith(".so.failed"), left
+    with open(tmp_path / left[0]) as f:
+        assert f.read().startswith("the C++ compiler failed")
+    # remembered: a new process does not run the compiler again by itself
+    done = run_python(STEP_AND_REPORT, FASTOPT_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in ("building", "Python (RuntimeError: the C++ compiler failed (1): )")
+
+
+@pytest.fixture
+def copying_compiler(tmp_path, monkeypatch):
+    """A stand-in for the C++ compiler that takes two seconds and writes this session's real
+    build to its -o (so the tests of the build's life cycle compile nothing)."""
+    script = tmp_path / "fake-c++"
+    script.write_text("#!/bin/sh\nsleep 2\n"
+                      'while [ $# -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\n'
+                      'cp "$FASTOPT_TEST_BUILD" "$out"\n')
+    script.chmod(0o755)
+    cache = tmp_path / "cache"
+    env = dict(FASTOPT_CACHE_DIR=str(cache), CXX=str(script),
+               FASTOPT_TEST_BUILD=native_torch.built_path())
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return cache, env
+
+
+def test_a_build_outlives_the_process_that_started_it(copying_compiler):
+    """A short script starts the build and exits: the build still fills the cache, and a
+    process that waits for it meanwhile waits for that build (its lock) rather than starting
+    another; nothing else is left behind."""
+    cache, env = copying_compiler
+    started = run_python("import fastopt.native_torch as n; n.start(); print(n.status())", **env)
+    assert started.returncode == 0 and started.stdout.strip() == "building", started
+    assert [f for f in os.listdir(cache) if f.endswith(".lock")]  # (its builder runs on)
+    waited = run_python(STEP_AND_REPORT, FASTOPT_TORCH_READS="wait", **env)
+    assert waited.returncode == 0, waited.stderr
+    assert waited.stdout.strip() == "C++"
+    assert os.listdir(cache) == [os.path.basename(native_torch.built_path())]
+
+
+def test_a_damaged_cached_build_is_built_again(copying_compiler):
+    cache, env = copying_compiler
+    os.makedirs(cache)
+    with open(native_torch.built_path(), "wb") as f:  # (the path under the stand-in compiler)
+        f.write(b"not a shared object")
+    code = STEP_AND_REPORT + "\nprint(native_torch.start(wait=True), native_torch.status())"
+    done = run_python(code, FASTOPT_TORCH_READS="python", **env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "True C++"
+
+
+class _MainGrad(torch.nn.Parameter):
+    """A parameter whose .grad is another tensor (as Megatron-style main_grad wrappers do)."""
+
+    @property
+    def grad(self):
+        return self.main_grad
+
+    @grad.setter
+    def grad(self, value):
+        self.main_grad = value
+
+
+def test_clip_bumps_the_gradient_a_parameter_type_returns():
+    p = _MainGrad(torch.zeros(4))
+    p.grad = torch.full((4,), 3.0)
+    q = torch.nn.Parameter(torch.zeros(4))
+    q.grad = torch.full((4,), 4.0)
+    versions = p.main_grad._version, q.grad._version
+    ft.clip_grad_norm_([p, q], 1.0)
+    assert p.main_grad._version > versions[0] and q.grad._version > versions[1]
+    torch.testing.assert_close(p.main_grad, torch.full((4,), 0.3))  # (total norm 10)
+    torch.testing.assert_close(q.grad, torch.full((4,), 0.4))
+
+
+@pytest.mark.usefixtures("tensor_reads")
+def test_a_gradient_of_a_tensor_subclass_goes_where_the_python_route_sends_it():
+    """clip_norm takes plain tensors as gradients; a subclass's (whose methods may be its own)
+    is refused with nothing changed, whichever way the gradients are read."""
+    class Sub(torch.Tensor):
+        pass
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.full((4,), 3.0).as_subclass(Sub)
+    with pytest.raises(TypeError, match="clip_norm takes dense contiguous"):
+        opt.step(clip_norm=1.0)
+    assert torch.equal(p.detach(), torch.ones(4)) and not opt.state
+
+
+@pytest.mark.usefixtures("tensor_reads")
+@pytest.mark.parametrize("view", ["conj", "neg"])
+def test_a_lazily_conjugated_or_negated_gradient_is_refused(view):
+    """Such a view's memory holds other values than it shows (torch resolves them lazily):
+    the first step refuses it, and a planned step sends it back to that check."""
+    dtype = torch.complex64 if view == "conj" else torch.float32
+    p = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+    opt = ft.SGD([p], lr=0.5)
+    p.grad = torch.ones(4, dtype=dtype)
+    opt.step()
+    opt.step()  # (planned)
+    before = p.detach().clone()
+    g = torch.full((4,), 2.0, dtype=dtype)
+    p.grad = g.conj() if view == "conj" else torch._neg_view(g)
+    if view == "neg" and native_torch.status() != "C++":
+        pytest.skip("the Python route's planned checks do not read the negative bit (a private view)")
+    with pytest.raises(ValueError, match="conjugated or negated view"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(__file__),  # (not the checkout: its fastopt is unbuilt)
+                          env={**os.environ, **env})
+
+
+STEP_AND_REPORT = """
+import torch, fastopt.torch as ft
+from fastopt import native_torch
+p = torch.nn.Parameter(torch.ones(4))
+opt = ft.Adam([p], lr=0.5)
+for _ in range(3):
+    p.grad = torch.full((4,), 2.0)
+    opt.step()
+ref = torch.nn.Parameter(torch.ones(4))
+topt = torch.optim.Adam([ref], lr=0.5)
+for _ in range(3):
+    ref.grad = torch.full((4,), 2.0)
+    topt.step()
+assert torch.equal(p.detach(), ref.detach()), (p, ref)
+print(native_torch.status())
+"""
+
+
+def test_a_cached_build_is_used_from_the_first_planned_step():
+    done = run_python(STEP_AND_REPORT, FASTOPT_CACHE_DIR=os.path.dirname(native_torch.built_path()))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "C++"
+
+
+def test_a_machine_that_cannot_compile_still_trains(tmp_path):
+    done = run_python(STEP_AND_REPORT + "\nprint(native_torch.start(wait=True))",
+                      FASTOPT_CACHE_DIR=str(tmp_path), CXX="false")
+    assert done.returncode == 0, done.stderr
+    status, waited = done.stdout.strip().splitlines()
+    assert status.startswith("Python (RuntimeError: the C++ compiler failed") or status == "building"
+    assert waited == "False"
+    left = os.listdir(tmp_path)  # the failure remembered; no build, partial file or lock left
+    assert len(left) == 1 and left[0].endswith(".so.failed"), left
+    with open(tmp_path / left[0]) as f:
+        assert f.read().startswith("the C++ compiler failed")
+    # remembered: a new process does not run the compiler again by itself
+    done = run_python(STEP_AND_REPORT, FASTOPT_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in ("building", "Python (RuntimeError: the C++ compiler failed (1): )")
+
+
+def test_a_build_outlives_the_process_that_started_it(tmp_path):
+    """A short script starts the build and exits: the build still fills the cache, and a
+    process that waits for it meanwhile waits for that build (its lock) rather than starting
+    another; nothing else is left behind.  (One real compile, ~20-25 s.)"""
+    started = run_python("import fastopt.native_torch as n; n.start(); print(n.status())",
+                         FASTOPT_CACHE_DIR=str(tmp_path))
+    assert started.returncode == 0 and started.stdout.strip() == "building", started
+    waited = run_python(STEP_AND_REPORT, FASTOPT_CACHE_DIR=str(tmp_path), FASTOPT_TORCH_READS="wait")
+    assert waited.returncode == 0, waited.stderr
+    assert waited.stdout.strip() == "C++"
+    left = os.listdir(tmp_path)
+    assert len(left) == 1 and left[0].endswith(".so"), left
+
+
+def test_a_damaged_cached_build_is_built_again(tmp_path):
+    import shutil
+    target = os.path.join(tmp_path, os.path.basename(native_torch.built_path()))
+    with open(target, "wb") as f:
+        f.write(b"not a shared object")
+    code = STEP_AND_REPORT + "\nprint(native_torch.start(wait=True), native_torch.status())"
+    done = run_python(code, FASTOPT_CACHE_DIR=str(tmp_path), FASTOPT_TORCH_READS="python")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "True C++"
+    shutil.rmtree(tmp_path)
 
 
 def test_python_reads_when_asked():
