@@ -410,3 +410,23 @@ def test_a_bad_reads_setting_fails_at_import():
     done = run_python("import fastopt.torch", FASTOPT_TORCH_READS="fast")
     assert done.returncode != 0
     assert "FASTOPT_TORCH_READS must be one of background, wait, python, not 'fast'" in done.stderr
+
+
+def test_stop_holds_until_an_explicit_start():
+    native_torch.stop()
+    assert not _kernels.torch_access_in_use() and native_torch.status().startswith("Python")
+    native_torch.start()  # (what each new plan calls: it must not undo stop())
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ft.SGD([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.ones(3)
+        opt.step()
+    assert not _kernels.torch_access_in_use()
+    assert native_torch.start(wait=False) and _kernels.torch_access_in_use()
+
+
+def test_the_benchmark_times_both_routes_and_leaves_the_cpp_one_on():
+    from fastopt import benchmark
+    per_tensor = benchmark.run_torch_overheads(1, 0.02, n=20)
+    assert set(per_tensor) == {"torch fused", "fastopt.torch (C++ reads)", "fastopt.torch (Python reads)"}
+    assert _kernels.torch_access_in_use()
