@@ -46,6 +46,9 @@ cdef extern from "torch_access.h":
 cdef const fo_torch_access *_torch_access = NULL
 cdef object _torch_access_capsule = None
 cdef tuple _torch_plain_types = ()  # the parameter types whose .grad is torch's own getter
+# what went through the C++ reads: tensors' gradients read (a planned step's members,
+# gather_grads' parameters) and lists of tensors whose versions were bumped
+cdef size_t _cpp_grad_reads = 0, _cpp_version_bumps = 0
 
 
 def set_torch_access(capsule, tuple plain_types=()):
@@ -64,6 +67,12 @@ def set_torch_access(capsule, tuple plain_types=()):
 
 def torch_access_in_use():
     return _torch_access != NULL
+
+
+def torch_reads_counts():
+    """(gradients read, version bumps made) through the C++ reads so far in this process: what
+    shows that planned steps and the clip passes took them."""
+    return _cpp_grad_reads, _cpp_version_bumps
 
 
 def read_tensor(t, bint grad=False):
@@ -1515,6 +1524,7 @@ cdef class ObjectPlan:
         group, hp), which raises for an invalid value or returns None when the change reaches
         the plan's tables (another state buffer); the tables stay otherwise.  grad_multiplier:
         every gradient is multiplied by it first (GradScaler's unscaling), in the C call."""
+        global _cpp_grad_reads, _cpp_version_bumps
         if front.param_groups is not self.groups_list or front.state is not self.state.state \
                 or len(self.groups_list) != len(self.groups) or not self.state.unchanged():
             return False
@@ -1556,6 +1566,8 @@ cdef class ObjectPlan:
                     type(p) in _torch_plain_types else -1
                 if read == 0:
                     return False
+                if read > 0:
+                    _cpp_grad_reads += 1
                 if read == 2:
                     continue
                 if read < 0:  # torch's getters and methods
@@ -1629,6 +1641,8 @@ cdef class ObjectPlan:
             raise
         if _torch_access == NULL or _torch_access.bump_versions(<PyObject *>self.written, 0) != 0:
             self.mark_written(self.written)
+        else:
+            _cpp_version_bumps += 1
         return True
 
 

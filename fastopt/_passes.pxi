@@ -292,10 +292,13 @@ cdef class GradTables:
         """Tell autograd every gradient was written in place (as increment_version would); the
         C++ reads bump the gradients torch's own getter returns, so only where they found
         every one (a parameter type may route .grad elsewhere)."""
+        global _cpp_version_bumps
         if not self.all_read_natively or _torch_access == NULL or \
                 _torch_access.bump_versions(<PyObject *>self.owners, 1) != 0:
             import torch
             torch.autograd.graph.increment_version(self.grads)
+        else:
+            _cpp_version_bumps += 1
 
     def __dealloc__(self):
         cdef int k
@@ -365,6 +368,7 @@ def gather_grads(list params, tensor_type, f32, f64, bf16=None):
     float32/float64 (or, where bf16 is torch.bfloat16, bfloat16) CPU tensor (torch's own
     function is then the one that handles them).  One Cython loop: a few attribute reads per
     tensor, straight into the C tables."""
+    global _cpp_grad_reads
     cdef Py_ssize_t cap = max(len(params), 1)
     cdef GradTables tables = GradTables.__new__(GradTables)
     cdef int k
@@ -418,6 +422,7 @@ def gather_grads(list params, tensor_type, f32, f64, bf16=None):
             tables.position[k][at] = position
             tables.count[k] = at + 1
             owners.append(p)
+            _cpp_grad_reads += 1
             continue
         if grad_of != NULL and (type(p) is tensor_type or type(p) is known):
             g = grad_of.get(p, grad_of.closure)

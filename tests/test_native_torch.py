@@ -430,3 +430,20 @@ def test_the_benchmark_times_both_routes_and_leaves_the_cpp_one_on():
     per_tensor = benchmark.run_torch_overheads(1, 0.02, n=20)
     assert set(per_tensor) == {"torch fused", "fastopt.torch (C++ reads)", "fastopt.torch (Python reads)"}
     assert _kernels.torch_access_in_use()
+
+
+def test_planned_steps_and_the_clip_take_the_cpp_reads():
+    """The C++ reads are what planned steps and clip_grad_norm_ use once loaded (a route that
+    quietly fell back to Python would pass every other test here)."""
+    params = [torch.nn.Parameter(torch.ones(5)) for _ in range(3)]
+    opt = ft.Adam(params, lr=0.1)
+    reads, bumps = _kernels.torch_reads_counts()
+    for _ in range(4):  # a validated step, then three planned ones
+        for p in params:
+            p.grad = torch.ones(5)
+        opt.step()
+    after = _kernels.torch_reads_counts()
+    assert (after[0] - reads, after[1] - bumps) == (3 * 3, 3)
+    ft.clip_grad_norm_(params, 1e-3)  # (scales: the gradients' versions are bumped)
+    last = _kernels.torch_reads_counts()
+    assert (last[0] - after[0], last[1] - after[1]) == (3, 1)
