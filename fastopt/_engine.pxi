@@ -77,8 +77,9 @@ def torch_reads_counts():
 
 def read_tensor(t, bint grad=False):
     """What the C++ reads see of torch tensor t (grad: of t's gradient): (data_ptr, nbytes,
-    dtype code, contiguous), None for no gradient, or False where only torch's Python API can
-    read it.  For checking the reads against torch's own answers."""
+    dtype code, contiguous), None for no gradient, False where only torch's Python API can
+    read it, or "a lazy view" for a lazily conjugated or negated one (refused by the steps).
+    For checking the reads against torch's own answers."""
     cdef fo_tensor_view v
     if _torch_access == NULL:
         raise RuntimeError("read_tensor: fastopt.torch's C++ reads are not loaded")

@@ -201,16 +201,14 @@ def _wait_and_load(target):
     """Wait for target's build (starting it again if its builder died), then load it."""
     global _failure
     try:
-        failed = target + ".failed"
-        if not os.path.exists(target):
-            while not os.path.exists(target):
-                if os.path.exists(failed):
-                    with open(failed) as f:
-                        raise RuntimeError(f.read())
-                lock = target + ".lock"
-                if (not os.path.exists(lock) or _lock_is_stale(lock)) and not os.path.exists(target):
-                    _launch(target)  # (its builder died)
-                time.sleep(0.2)
+        failed, lock = target + ".failed", target + ".lock"
+        while not os.path.exists(target):
+            if os.path.exists(failed):
+                with open(failed) as f:
+                    raise RuntimeError(f.read())
+            if (not os.path.exists(lock) or _lock_is_stale(lock)) and not os.path.exists(target):
+                _launch(target)  # (its builder died)
+            time.sleep(0.2)
         _load(target)
         _failure = None
     except Exception as e:  # (no compiler, no headers, a read-only cache: Python reads stay)

@@ -53,6 +53,12 @@ def test_what_only_torch_can_read_goes_to_the_python_route(make):
     assert _kernels.read_tensor(make()) is False
 
 
+def test_lazily_conjugated_or_negated_views_are_named():
+    assert _kernels.read_tensor(torch.ones(3, dtype=torch.complex64).conj()) == "a lazy view"
+    assert _kernels.read_tensor(torch._neg_view(torch.ones(3))) == "a lazy view"
+    assert isinstance(_kernels.read_tensor(torch.ones(3, dtype=torch.complex64)), tuple)
+
+
 def test_gradients_read_as_torch_answers():
     p = torch.nn.Parameter(torch.ones(6))
     assert _kernels.read_tensor(p, grad=True) is None
