@@ -36,8 +36,10 @@ STEPS = 50
 # A tile holds 262144 elements and at most 4096 columns (csrc/rules/adafactor.inc): (4, 6, 3)
 # and (2, 3, 3, 3) are batches of matrices in one tile, (3, 5000) is split by columns (two
 # chunks), (600, 700) by row bands (two), (2, 5, 4100) is a batch of two split matrices.
+# Matrices of at most 64 elements in rows under 32 go 16 at a time, side by side: (37, 3, 3)
+# is two batches and a part one, (9, 1, 5) one-row matrices.
 SHAPES = [(), (7,), (5, 3), (4, 6, 3), (2, 3, 3, 3), (1, 1), (3, 5000), (600, 700),
-          (2, 5, 4100), (6, 5), (9,)]
+          (2, 5, 4100), (6, 5), (9,), (37, 3, 3), (9, 1, 5)]
 TINY = SHAPES.index((1, 1))  # starts at 1e-5: RMS(theta) < eps2, alpha = eps2 rho
 # gradients far below 1 where eps1 is reached, so that its value matters: (6, 5)'s row mean
 # (~1e-10) is clamped at eps1 for eps1 = 1e-6, 0.1 and float32's machine epsilon, not
@@ -593,7 +595,7 @@ def test_bfloat16_state_is_refused():
 
 # every way the passes read a tensor: a long vector (pieces of 4,096), a small and an in-cache
 # matrix, a batch of matrices, 1 x 1 matrices, one row, and a matrix split into tiles
-BF16_SHAPES = [(10000,), (5, 7), (130, 120), (2, 3, 5, 7), (4, 3, 1, 1), (1, 9), (600, 500)]
+BF16_SHAPES = [(10000,), (5, 7), (130, 120), (2, 3, 5, 7), (4, 3, 1, 1), (1, 9), (600, 500), (40, 3, 3)]
 
 
 @pytest.mark.parametrize("storage", ["bfloat16 params and grads", "bfloat16 grads",
