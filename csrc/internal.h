@@ -233,4 +233,10 @@ int fo_run_row_rule(fo_span_fn span, size_t count, void *const *const *bufs, int
                     const size_t *n, const fo_rows *rows, const int *dtypes, const fo_call *call,
                     const fo_catchup *catchup, unsigned per_row);
 
+/* fo_step_with for a batch whose dense tensors' buffers the caller has checked already (a
+ * planned step: the buffers a checked step used, each gradient checked against every written
+ * buffer): their per-tensor overlap checks are skipped.  Not part of the public API. */
+int fo_step_planned(int rule, const fo_batch *batch, const void *hp, const fo_step_options *opt,
+                    fo_error *err);
+
 #endif

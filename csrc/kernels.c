@@ -392,8 +392,24 @@ int fo_step(int rule, const fo_batch *batch, const void *hp, fo_error *err)
     return fo_step_with(rule, batch, hp, NULL, err);
 }
 
+static int step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_options *opt,
+                     fo_error *err, int buffers_checked);
+
 int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_options *opt,
                  fo_error *err)
+{
+    return step_with(rule, batch, hp, opt, err, 0);
+}
+
+int fo_step_planned(int rule, const fo_batch *batch, const void *hp, const fo_step_options *opt,
+                    fo_error *err)
+{
+    return step_with(rule, batch, hp, opt, err, 1);
+}
+
+/* buffers_checked: the dense tensors' buffers are known not to overlap (fo_step_planned) */
+static int step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_options *opt,
+                     fo_error *err, int buffers_checked)
 {
     fo_error ignored;
     _Alignas(16) unsigned char scalars[FO_MAX_SCALARS];
@@ -483,6 +499,12 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
         const fo_rows *layout = batch->rows ? &batch->rows[t] : NULL;
         if (factored && factored_rules[rule].state_size(0, n, layout) == SIZE_MAX)
             return FO_ERR_INDEX;
+        if (batch->rows && batch->rows[t].last_step && call.staged)
+            return FO_ERR_DTYPE; /* sparse="exact" catches rows up in compute-type storage */
+        any_rows |= has_rows || dense_rows;
+        exact |= batch->rows && batch->rows[t].last_step != NULL;
+        if (buffers_checked && !has_rows)
+            continue;
         void *written[FO_MAX_BUFFERS + 1];
         size_t bytes[FO_MAX_BUFFERS + 1];
         int n_written = 0;
@@ -503,16 +525,12 @@ int fo_step_with(int rule, const fo_batch *batch, const void *hp, const fo_step_
             bytes[n_written] = n * sizeof(float);
             written[n_written++] = batch->master[t];
         }
-        if (batch->rows && batch->rows[t].last_step && call.staged)
-            return FO_ERR_DTYPE; /* sparse="exact" catches rows up in compute-type storage */
         const int tensor_status =
             has_rows ? fo_check_rows(&batch->rows[t], n, dtype_size(call.dtype[1]), bufs[1][t],
                                      written, bytes, n_written)
                      : check_tensor(bufs[1][t], n * dtype_size(batch->dtype[1]), written, bytes,
                                     n_written);
         if (tensor_status != FO_OK) return tensor_status;
-        any_rows |= has_rows || dense_rows;
-        exact |= batch->rows && batch->rows[t].last_step != NULL;
     }
     fo_catchup catchup;
     if (exact) {

@@ -161,8 +161,8 @@ cdef class Storage:
 
     cdef inline int run(self, int rule, size_t count, void ***ptrs, int n_bufs, size_t *n,
                         void *hp, uint64_t at_step, const fo_step_options *opt=NULL,
-                        const fo_rows *rows=NULL) noexcept nogil:
-        """fo_step_with over the pointer tables, stored as this says."""
+                        const fo_rows *rows=NULL, bint planned=False) noexcept nogil:
+        """fo_step_with (planned: fo_step_planned) over the pointer tables, stored as this says."""
         cdef fo_batch b
         cdef int k
         b.count = count
@@ -176,7 +176,8 @@ cdef class Storage:
         b.seed = self.seed
         b.step = at_step
         b.index = self.index
-        return fo_step_with(rule, &b, hp, opt, NULL)
+        return fo_step_planned(rule, &b, hp, opt, NULL) if planned else \
+            fo_step_with(rule, &b, hp, opt, NULL)
 
 
 cdef class StepLock:
@@ -1122,6 +1123,9 @@ cdef class _Table:
     cdef public list states, counters  # the front end's, for advancing its step counters
     cdef public object step            # the step number the next run is
     cdef list counters_left            # a copy of each counter array as the last step left it
+    # its buffers are a checked step's (an ObjectPlan's, which re-checks them and every
+    # gradient before each run): the C call skips its per-tensor overlap checks
+    cdef bint planned
 
     def __cinit__(self, bint f64, list indices, list sizes, list addresses, list states=None,
                   list counters=None, step=None, list rows=None, Storage storage=None,
@@ -1194,11 +1198,13 @@ cdef class _Table:
             with nogil:
                 status = self.storage.run(rule.id, self.count, self.ptrs, self.n_bufs, self.n,
                                           hyper.data(), self.storage_step,
-                                          &opt if grad_multiplier != 1.0 else NULL, self.rows)
+                                          &opt if grad_multiplier != 1.0 else NULL, self.rows,
+                                          self.planned)
             return _raise_for(status, hyper)
         with nogil:
             status = _run_with(rule.id, self.f64, self.count, self.ptrs, self.n_bufs, self.n,
-                               hyper.data(), &opt if grad_multiplier != 1.0 else NULL, self.rows)
+                               hyper.data(), &opt if grad_multiplier != 1.0 else NULL, self.rows,
+                               self.planned)
         return _raise_for(status, hyper)
 
     def __dealloc__(self):
@@ -1297,17 +1303,35 @@ cdef tuple _dict_values(object d):
     return tuple(out)
 
 
+cdef extern from *:
+    """
+    /* A dict's version tag (PEP 509), which CPython changes on every change of the dict's
+     * contents, through 3.11; later versions deprecate it (0 here: no shortcut). */
+    #if PY_VERSION_HEX < 0x030C0000
+    #define FO_DICT_VERSION(d) (((PyDictObject *)(d))->ma_version_tag)
+    #else
+    #define FO_DICT_VERSION(d) ((uint64_t)0)
+    #endif
+    """
+    uint64_t FO_DICT_VERSION(object d)
+
+
 cdef class _StateSnapshot:
     """An optimizer's state (a dict of per-parameter dicts) as it was when planned: the same
     entries in the same order, each holding the same values.  A state dict or buffer replaced
     since (opt.state[p] = {...}, opt.state[p]["exp_avg"] = ...) must not be written through a
-    stale pointer.  Walked in the dict's own order, so no key is hashed."""
+    stale pointer.  Walked in the dict's own order, so no key is hashed; a dict whose version
+    tag (FO_DICT_VERSION) is the one it had when it was last found unchanged is not walked
+    again (no change since: a shortcut, the walk decides)."""
     cdef object state
     cdef list keys, dicts, values
+    cdef uint64_t version            # the state dict's, when last found unchanged (0: none)
+    cdef uint64_t *versions          # each entry's dict's (0: none)
 
     def __cinit__(self, state):
         self.state = state
         self.keys, self.dicts, self.values = [], [], []
+        self.version, self.versions = 0, NULL
         if not isinstance(state, dict):
             self.keys = None  # never unchanged: each step validates
             return
@@ -1317,34 +1341,53 @@ cdef class _StateSnapshot:
             # a dict (or a subclass: OrderedDict, defaultdict) by its values in the order the
             # walk below sees them; anything else by identity alone
             self.values.append(_dict_values(v) if isinstance(v, dict) else None)
+        self.versions = <uint64_t *>calloc(max(len(self.keys), 1), sizeof(uint64_t))
+        if self.versions == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.versions)
 
     cdef bint unchanged(self):
-        cdef Py_ssize_t pos = 0, inner, i = 0, j
+        cdef Py_ssize_t pos = 0, i = 0, n
         cdef PyObject *key
         cdef PyObject *value
-        cdef PyObject *item
-        cdef PyObject *held
         if self.keys is None or PyDict_Size(self.state) != len(self.keys):
             return False
-        while PyDict_Next(self.state, &pos, &key, &value):
-            if key != PyList_GET_ITEM(self.keys, i) or value != PyList_GET_ITEM(self.dicts, i):
-                return False
-            held = PyList_GET_ITEM(self.values, i)
-            i += 1
-            if held == <PyObject *>None:
-                continue
-            if PyDict_Size(<object>value) != PyTuple_GET_SIZE(<object>held):
-                return False
-            inner, j = 0, 0
-            while PyDict_Next(<object>value, &inner, NULL, &item):
-                if item != PyTuple_GET_ITEM(<object>held, j):
+        n = len(self.keys)
+        if self.version == 0 or FO_DICT_VERSION(self.state) != self.version:
+            while PyDict_Next(self.state, &pos, &key, &value):
+                if key != PyList_GET_ITEM(self.keys, i) or value != PyList_GET_ITEM(self.dicts, i):
                     return False
-                j += 1
+                i += 1
+        for i in range(n):
+            if PyList_GET_ITEM(self.values, i) != <PyObject *>None and not self._entry_unchanged(i):
+                return False
+        self.version = FO_DICT_VERSION(self.state)
+        return True
+
+    cdef bint _entry_unchanged(self, Py_ssize_t i):
+        """Entry i's dict holds the values it held (its version tag then remembered)."""
+        cdef Py_ssize_t inner = 0, j = 0
+        cdef PyObject *item
+        d = <object>PyList_GET_ITEM(self.dicts, i)
+        cdef uint64_t version = FO_DICT_VERSION(d)
+        if version != 0 and version == self.versions[i]:
+            return True
+        held = <object>PyList_GET_ITEM(self.values, i)
+        if PyDict_Size(d) != PyTuple_GET_SIZE(held):
+            return False
+        while PyDict_Next(d, &inner, NULL, &item):
+            if item != PyTuple_GET_ITEM(held, j):
+                return False
+            j += 1
+        self.versions[i] = version
         return True
 
     cdef void refresh(self, Py_ssize_t i):
         """Entry i's values as they are now (the plan's own writes to it)."""
         self.values[i] = _dict_values(self.dicts[i])
+        self.versions[i] = FO_DICT_VERSION(self.dicts[i])
 
 
 cdef class ObjectPlan:
@@ -1406,6 +1449,8 @@ cdef class ObjectPlan:
         self.written = written
         self.members = [self._members(g[4], g[5]) for g in groups]
         self.tables = [table for g in groups for table in g[5]]  # in the order they run
+        for table in self.tables:
+            (<_Table>table).planned = True
         self.hps = [g[1] for g in groups]
         self.keys = [g[2] for g in groups]
 

@@ -304,6 +304,16 @@ cdef extern from *:
     const char *FO_BUILD_FLAGS
 
 BUILD_FLAGS = FO_BUILD_FLAGS.decode()
+
+
+cdef extern from *:
+    """
+    /* csrc/internal.h's (not in the public header) */
+    int fo_step_planned(int rule, const fo_batch *batch, const void *hp,
+                        const fo_step_options *opt, fo_error *err);
+    """
+    int fo_step_planned(int rule, const fo_batch *batch, const void *hp,
+                        const fo_step_options *opt, fo_error *err) noexcept nogil
 # a row rule's rows hold at most this many elements when staged (bfloat16 or master weights)
 ROW_STAGING = FO_ROW_STAGING
 

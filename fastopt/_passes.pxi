@@ -260,11 +260,13 @@ def norms(list addresses, list sizes, double p, bint f64):
 
 cdef inline int _run_with(int rule, bint f64, size_t count, void ***ptrs, int n_bufs, size_t *n,
                           void *hp, const fo_step_options *opt,
-                          const fo_rows *rows=NULL) noexcept nogil:
-    """fo_step_with over pointer tables of one dtype (opt NULL: fo_step; rows: see fo_batch)."""
+                          const fo_rows *rows=NULL, bint planned=False) noexcept nogil:
+    """fo_step_with over pointer tables of one dtype (opt NULL: fo_step; rows: see fo_batch;
+    planned: fo_step_planned)."""
     cdef fo_batch b
     plain_batch(&b, count, n, ptrs, n_bufs, FO_FLOAT64 if f64 else FO_FLOAT32, rows)
-    return fo_step_with(rule, &b, hp, opt, NULL)
+    return fo_step_planned(rule, &b, hp, opt, NULL) if planned else \
+        fo_step_with(rule, &b, hp, opt, NULL)
 
 
 # GradTables' tables, in order
