@@ -312,7 +312,8 @@ class _Fastopt:
                     _check_storage_entry(entry)
                 work = [self._prepare_group(index, group)
                         for index, group in enumerate(self.param_groups)]
-                indices = self._parameter_indices()
+                indices = self._parameter_indices()  # (a repeated parameter named as one)
+                self._check_across_parameters(work)
                 if entry is not None:
                     entry["step"] += 1  # keys this step's stochastic rounding
                 self._indices = indices
@@ -328,6 +329,56 @@ class _Fastopt:
                 torch._C._set_grad_enabled(grad_mode)
 
     _hooked_step = torch.optim.Optimizer.profile_hook_step(_step)
+
+    def _check_across_parameters(self, work):
+        """What _prepare_group, one parameter at a time, cannot see: a gradient that is memory
+        the step writes for another parameter (that parameter or one of its state buffers), or
+        two parameters whose written memory overlaps.  The kernels update the tensors in any
+        order, split across threads, so the result would depend on both."""
+        spans, k = [], -1  # (start, end, written?, owner: the member's number in work)
+        for hp, members in work:
+            slots = self.slots(hp)
+            for p, local_p, local_g, state in members:
+                k += 1
+                spans += [(a, b, True, k) for a, b in _written_spans(local_p, state or {}, slots)]
+                spans += [(a, b, False, k) for a, b in _read_spans(local_g)]
+        # in order of start, the span reaching furthest of each kind (written; any) and the
+        # furthest of another owner than its: a span overlaps an earlier-starting span of
+        # another owner iff that one ends after it starts; a written span may overlap any
+        # other owner's, a read one only a written one
+        reach = {True: [None, None], False: [None, None]}  # written only / any: [first, second]
+        for start, end, written, k in sorted(spans):
+            top = reach[False] if written else reach[True]
+            other = top[1] if top[0] is not None and top[0][1] == k else top[0]
+            if other is not None and start < other[0]:
+                self._raise_shared(work, (k, written), other[1:])
+            for kind in ((True, False) if written else (False,)):
+                first, second = reach[kind]
+                if first is None or (first[1] == k and end > first[0]):
+                    first = (end, k, written)
+                elif first[1] != k and end > first[0]:
+                    first, second = (end, k, written), first
+                elif first[1] != k and (second is None or end > second[0]):
+                    second = (end, k, written)
+                reach[kind] = [first, second]
+
+    def _raise_shared(self, work, span, other):
+        """The error for two parameters' spans that overlap: span and other are (owner,
+        written?), owners numbered as _check_across_parameters numbers them."""
+        named = []
+        for owner, written in (span, other):
+            for index, (hp, members) in enumerate(work):
+                if owner < len(members):
+                    p, group = members[owner][0], self.param_groups[index]
+                    i = next(i for i, q in enumerate(group["params"]) if q is p)
+                    named.append((index, group, i, "parameter or a state buffer" if written
+                                  else "gradient"))
+                    break
+                owner -= len(members)
+        (ik, gk, pk, what), (ij, gj, pj, its) = named
+        raise ValueError(f"{self._where(ik, gk, pk)}: its {what} shares memory with the {its} "
+                         f"of param group {ij}, {_param_name(gj, pj)}; the update needs separate "
+                         "buffers")
 
     def _clipped(self, clip_norm, scale):
         """(the update's gradient multiplier, total_norm) for step(clip_norm=...): the
@@ -1011,14 +1062,28 @@ def _check_storage(p, options, where, kernel=None):
 
 
 def _spans_of(local_p, local_g, state, slots):
-    own = (local_p,) if isinstance(local_g, _Rows) else (local_p, local_g)  # rows: checked in C
-    out = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in own]
+    """The byte spans of a parameter's buffers: its gradient's (dense: rows are checked in C)
+    and what its step writes."""
+    grad = [] if isinstance(local_g, _Rows) else [(local_g.data_ptr(), local_g.data_ptr() + local_g.nbytes)]
+    return [s for s in grad if s[1] > s[0]] + _written_spans(local_p, state, slots)
+
+
+def _written_spans(local_p, state, slots):
+    """The byte spans a parameter's step writes: the parameter and its state buffers."""
+    out = [(local_p.data_ptr(), local_p.data_ptr() + local_p.nbytes)]
     for name in tuple(slots) + ("master",):
         t = state.get(name) if name is not None else None
         if isinstance(t, torch.Tensor) and t.nbytes:
             t = _local(t)
             out.append((t.data_ptr(), t.data_ptr() + t.nbytes))
     return [s for s in out if s[1] > s[0]]
+
+
+def _read_spans(local_g):
+    """The byte spans a parameter's step reads of its gradient (a row gradient's values and
+    indices)."""
+    tensors = (local_g.values, local_g.indices) if isinstance(local_g, _Rows) else (local_g,)
+    return [_span(t) for t in tensors if t.numel()]
 
 
 def _step_tensor(hp):

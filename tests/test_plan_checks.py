@@ -301,3 +301,51 @@ def test_master_weights_without_kept_state_are_refused_with_nothing_changed():
         opt.step()
     assert torch.equal(p.detach(), torch.ones(8, dtype=torch.bfloat16))
     assert opt.state["fastopt_storage"]["step"] == 0
+
+
+# ---- fastopt.torch: memory shared across parameters ----
+
+@pytest.mark.usefixtures("tensor_reads")
+@pytest.mark.parametrize("source", ["its own parameter", "its own exp_avg", "another parameter",
+                                    "another parameter's exp_avg_sq"])
+def test_gradient_sharing_written_memory_is_refused_by_a_planned_step(source):
+    """After planned steps, a gradient that is memory the step writes is refused with nothing
+    changed, as the numpy optimizers refuse it: the plan's C call skips the per-tensor overlap
+    checks (fo_step_planned), so the plan's own check sends such a step to the validating path,
+    which names both parameters where the memory is another parameter's."""
+    a, b = torch.ones(8, requires_grad=True), torch.full((8,), 2.0, requires_grad=True)
+    opt = ft.Adam([a, b], lr=0.1)
+    for _ in range(3):  # planned steps from the second on
+        a.grad, b.grad = torch.full((8,), 0.5), torch.full((8,), 0.25)
+        opt.step()
+    shared = {"its own parameter": a, "its own exp_avg": opt.state[a]["exp_avg"],
+              "another parameter": b, "another parameter's exp_avg_sq": opt.state[b]["exp_avg_sq"]}
+    a.grad = shared[source].detach()
+    before = [t.detach().clone() for t in (a, b)] + \
+        [v.clone() for p in (a, b) for v in opt.state[p].values()]
+    word = "parameter 0" if source.startswith("its own") else "parameter 1"
+    with pytest.raises(ValueError, match=f"{word}.*shares memory"):
+        opt.step()
+    after = [t.detach() for t in (a, b)] + [v for p in (a, b) for v in opt.state[p].values()]
+    for x, y in zip(before, after):
+        assert torch.equal(x, y)
+
+
+def test_parameters_sharing_memory_are_refused_with_nothing_changed():
+    """Two parameters that are overlapping views of one buffer: each step would write the shared
+    elements twice, in an order the threads decide. A ValueError naming both; nothing changes."""
+    base = torch.zeros(12)
+    a, b = torch.nn.Parameter(base[:8]), torch.nn.Parameter(base[4:])
+    opt = ft.SGD([a, b], lr=0.1, momentum=0.9)
+    a.grad, b.grad = torch.ones(8), torch.ones(8)
+    with pytest.raises(ValueError, match="parameter 1: its parameter or a state buffer shares "
+                                         "memory with the parameter or a state buffer of param "
+                                         "group 0, parameter 0"):
+        opt.step()
+    assert torch.equal(base, torch.zeros(12)) and not opt.state
+    # disjoint views of one buffer are fine (a flat parameter's pieces)
+    c, d = torch.nn.Parameter(base[:6]), torch.nn.Parameter(base[6:])
+    opt = ft.SGD([c, d], lr=0.1)
+    c.grad, d.grad = torch.ones(6), torch.full((6,), 2.0)
+    opt.step()
+    assert torch.equal(base, torch.cat([torch.full((6,), -0.1), torch.full((6,), -0.2)]))
