@@ -176,8 +176,7 @@ cdef class Storage:
         b.seed = self.seed
         b.step = at_step
         b.index = self.index
-        return fo_step_planned(rule, &b, hp, opt, NULL) if planned else \
-            fo_step_with(rule, &b, hp, opt, NULL)
+        return _step_call(rule, &b, hp, opt, planned)
 
 
 cdef class StepLock:

@@ -314,6 +314,14 @@ cdef extern from *:
     """
     int fo_step_planned(int rule, const fo_batch *batch, const void *hp,
                         const fo_step_options *opt, fo_error *err) noexcept nogil
+
+
+cdef inline int _step_call(int rule, const fo_batch *batch, const void *hp,
+                           const fo_step_options *opt, bint planned) noexcept nogil:
+    """fo_step_with, or for a planned batch (its buffers checked by the plan) fo_step_planned."""
+    return fo_step_planned(rule, batch, hp, opt, NULL) if planned else \
+        fo_step_with(rule, batch, hp, opt, NULL)
+
 # a row rule's rows hold at most this many elements when staged (bfloat16 or master weights)
 ROW_STAGING = FO_ROW_STAGING
 

@@ -265,8 +265,7 @@ cdef inline int _run_with(int rule, bint f64, size_t count, void ***ptrs, int n_
     planned: fo_step_planned)."""
     cdef fo_batch b
     plain_batch(&b, count, n, ptrs, n_bufs, FO_FLOAT64 if f64 else FO_FLOAT32, rows)
-    return fo_step_planned(rule, &b, hp, opt, NULL) if planned else \
-        fo_step_with(rule, &b, hp, opt, NULL)
+    return _step_call(rule, &b, hp, opt, planned)
 
 
 # GradTables' tables, in order

@@ -673,7 +673,7 @@ class _Fastopt:
                 # the rows' values and indices are read while the others are written (a
                 # sparse tensor may be built on a view of the parameter)
                 written = _spans_of(local_p, local_g, state or {}, slots)
-                read = [_span(t) for t in (local_g.values, local_g.indices) if t.numel()]
+                read = _read_spans(local_g)
                 shared = any(r0 < w1 and w0 < r1 for r0, r1 in read for w0, w1 in written)
             if shared:
                 raise ValueError(f"{self._where(index, group, i)}: its gradient or a state "
@@ -1064,18 +1064,17 @@ def _check_storage(p, options, where, kernel=None):
 def _spans_of(local_p, local_g, state, slots):
     """The byte spans of a parameter's buffers: its gradient's (dense: rows are checked in C)
     and what its step writes."""
-    grad = [] if isinstance(local_g, _Rows) else [(local_g.data_ptr(), local_g.data_ptr() + local_g.nbytes)]
+    grad = [] if isinstance(local_g, _Rows) else [_span(local_g)]
     return [s for s in grad if s[1] > s[0]] + _written_spans(local_p, state, slots)
 
 
 def _written_spans(local_p, state, slots):
     """The byte spans a parameter's step writes: the parameter and its state buffers."""
-    out = [(local_p.data_ptr(), local_p.data_ptr() + local_p.nbytes)]
+    out = [_span(local_p)]
     for name in tuple(slots) + ("master",):
         t = state.get(name) if name is not None else None
         if isinstance(t, torch.Tensor) and t.nbytes:
-            t = _local(t)
-            out.append((t.data_ptr(), t.data_ptr() + t.nbytes))
+            out.append(_span(_local(t)))
     return [s for s in out if s[1] > s[0]]
 
 
