@@ -68,6 +68,9 @@ typedef void (*fo_span_fn)(const fo_call *c, void *const *b, size_t t, size_t at
 
 enum { FO_F32, FO_F64 };
 
+/* The reduction pass reads this many blocks side by side (one read stream each). */
+#define FO_NORM_STREAMS 4
+
 /* The reduction pass (fo_norm): what to accumulate over each block of FO_NORM_BLOCK elements. */
 enum { FO_NORM_SQUARES, FO_NORM_ABS, FO_NORM_MAX, FO_NORM_NONZERO, FO_NORM_POWER };
 typedef struct {
