@@ -162,6 +162,49 @@ def test_the_reduction_pass_for_every_norm_type(dtype, rng):
         _kernels.norms(*pairs, -1.0, f64)
 
 
+def documented_order_sum(terms, block=4096, lanes=32):
+    """fo_norm's sum as fastopt.h documents it: per block of `block` elements, element i goes to
+    partial sum i % lanes (each added up in element order), the partial sums combined pairwise,
+    the blocks' sums added in order."""
+    total = 0.0
+    for at in range(0, len(terms), block):
+        part = terms[at:at + block]
+        padded = np.zeros(-(-len(part) // lanes) * lanes)
+        padded[:len(part)] = part  # (zeros added at the end change no partial sum)
+        acc = list(np.cumsum(padded.reshape(-1, lanes), axis=0)[-1])  # (cumsum adds in order)
+        width = lanes // 2
+        while width >= 1:
+            for j in range(width):
+                acc[j] += acc[j + width]
+            width //= 2
+        total += acc[0]
+    return total
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_reduction_pass_adds_in_its_documented_order(dtype, threads, rng):
+    """Bit for bit: the pass reads blocks several at a time, side by side, and must still add
+    every block's terms in the one documented order (sizes: within a block, several groups of
+    blocks and a short last block, and over the threads' threshold)."""
+    sizes = (5000, 4 * 4096, 4 * 4096 * 3 + 4096 * 2 + 77, 300_001)
+    arrays = [(rng.standard_normal(n) * rng.uniform(0.1, 10)).astype(dtype) for n in sizes]
+    pairs = [a.ctypes.data for a in arrays], [a.size for a in arrays]
+    before = fastopt.get_num_threads()
+    try:
+        fastopt.set_num_threads(threads)
+        for p, term in [(2.0, lambda a: a * a), (1.0, np.abs)]:
+            sums, total, _ = _kernels.norms(*pairs, p, dtype == np.float64)
+            expected = [documented_order_sum(term(a.astype(np.float64))) for a in arrays]
+            assert sums == expected
+            running = 0.0
+            for e in expected:
+                running += e
+            assert total == running
+    finally:
+        fastopt.set_num_threads(before)
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(grad_scale=0.0), dict(grad_scale=-2.0), dict(grad_scale=np.nan), dict(grad_scale=np.inf),
     dict(grad_scale="2"), dict(grad_scale=True), dict(clip_norm=-1.0), dict(clip_norm=np.nan),
