@@ -487,3 +487,32 @@ def test_rowwise_adagrad_staged_in_many_row_groups(rounding):
             assert np.array_equal(bits16(p), expected), (threads, i)
             np.testing.assert_array_equal(opt.state[i].sum, ref.state[i].sum, strict=True)
     assert all(all(np.array_equal(a, b) for a, b in zip(r, results[0])) for r in results)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_norm_of_bfloat16_gradients_is_that_of_their_float32_values(threads, rng):
+    """The reduction pass reads bfloat16 gradients as they are (widened exactly as it reads,
+    blocks side by side): its total norm and its inf/NaN verdict are, bit for bit, those of a
+    float32 copy's."""
+    sizes = (5000, 4 * 4096 * 3 + 4096 * 2 + 77, 300_001)
+    grads = [(rng.standard_normal(n) * rng.uniform(0.1, 10)).astype(BF16) for n in sizes]
+    before = fastopt.get_num_threads()
+    try:
+        fastopt.set_num_threads(threads)
+        for bad in (None, np.inf, np.nan):
+            if bad is not None:
+                grads[1][40_000] = bad
+            norms = []
+            for gs in (grads, [g.astype(F32) for g in grads]):
+                opt = fastopt.SGD([np.zeros(g.shape, g.dtype) for g in gs], lr=0.0)
+                result = opt.step(gs, compute_norm=True)
+                norms.append(result.total_norm)
+            if bad is None:
+                assert norms[0] == norms[1]
+                exact = np.sqrt(sum((g.astype(F64) ** 2).sum() for g in grads))
+                assert norms[0] == pytest.approx(exact, rel=1e-12)
+            else:  # (inf for an inf, NaN for a NaN: as the float32 copy's)
+                assert np.isnan(norms[0]) == np.isnan(norms[1]) == np.isnan(bad), norms
+                assert not np.isfinite(norms[0])
+    finally:
+        fastopt.set_num_threads(before)
