@@ -68,7 +68,8 @@ typedef void (*fo_span_fn)(const fo_call *c, void *const *b, size_t t, size_t at
 
 enum { FO_F32, FO_F64 };
 
-/* The reduction pass reads this many blocks side by side (one read stream each). */
+/* The reduction pass reads this many blocks side by side, and the scaling pass (fo_scale) walks
+ * this many parts of its piece: one memory stream each. */
 #define FO_NORM_STREAMS 4
 
 /* The reduction pass (fo_norm): what to accumulate over each block of FO_NORM_BLOCK elements. */

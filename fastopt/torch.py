@@ -1064,8 +1064,8 @@ def _check_storage(p, options, where, kernel=None):
 def _spans_of(local_p, local_g, state, slots):
     """The byte spans of a parameter's buffers: its gradient's (dense: rows are checked in C)
     and what its step writes."""
-    grad = [] if isinstance(local_g, _Rows) else [_span(local_g)]
-    return [s for s in grad if s[1] > s[0]] + _written_spans(local_p, state, slots)
+    grad = [] if isinstance(local_g, _Rows) else _read_spans(local_g)
+    return grad + _written_spans(local_p, state, slots)
 
 
 def _written_spans(local_p, state, slots):
