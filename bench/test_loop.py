@@ -10,23 +10,32 @@ them iteration by iteration, which is the comparison to trust on a shared machin
 import pytest
 
 import fastopt
-from fastopt.bench_loop import SHARED, numpy_loop_cases, torch_loop_cases
+from fastopt.bench_loop import numpy_loop_cases, torch_loop_cases
 
 ROUNDS = 30
 THREADS = fastopt.get_num_threads()
 
 
-def _cases(loop):
+UNSHARED = " (OpenBLAS's own threads)"
+
+
+def _cases(loop, implementation):
     if loop == "torch":
         pytest.importorskip("torch")
         return torch_loop_cases(THREADS)[0]
+    if implementation.endswith(UNSHARED):
+        if not fastopt.config._loaded_openblas():
+            pytest.skip("numpy's BLAS takes no threads callback here: it always runs on its own threads")
+        cases = numpy_loop_cases(THREADS, shared=False)[0]
+        return {name + UNSHARED: case for name, case in cases.items()}
     return numpy_loop_cases(THREADS)[0]
 
 
 def _names(loop):
     if loop == "torch":
         return ["torch fused", "torch foreach", "fastopt.torch"]
-    return [f"fastopt {THREADS} threads", "fastopt 1 thread", "numpy", SHARED]
+    fastopt_cases = [f"fastopt {THREADS} threads", "fastopt 1 thread"]
+    return fastopt_cases + ["numpy"] + [name + UNSHARED for name in fastopt_cases]
 
 
 def _params():
@@ -37,15 +46,12 @@ def _params():
 def _restore_threads():
     yield
     fastopt.set_num_threads(THREADS)
-    fastopt.share_blas_threads(False)
+    fastopt.config._share_blas_by_default()
 
 
 @pytest.mark.parametrize("loop,implementation", _params())
 def test_step_right_after(benchmark, loop, implementation):
-    cases = _cases(loop)
-    if implementation not in cases:
-        pytest.skip("numpy's BLAS takes no threads callback here")
-    before, step, *_ = cases[implementation]  # (one implementation at a time: nothing to settle)
+    before, step = _cases(loop, implementation)[implementation]
     before()
     step()  # first step: state and plans
     benchmark.group = f"{loop} loop: step right after " + ("backward" if loop == "torch" else "matmuls")
@@ -54,10 +60,7 @@ def test_step_right_after(benchmark, loop, implementation):
 
 @pytest.mark.parametrize("loop,implementation", _params())
 def test_whole_iteration(benchmark, loop, implementation):
-    cases = _cases(loop)
-    if implementation not in cases:
-        pytest.skip("numpy's BLAS takes no threads callback here")
-    before, step, *_ = cases[implementation]
+    before, step = _cases(loop, implementation)[implementation]
 
     def iteration():
         before()

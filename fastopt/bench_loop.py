@@ -12,11 +12,10 @@ iteration, for every implementation in the same run:
   the default (foreach).
 - numpy loop: two 2048x2048 float32 weights whose gradients come out of an `np.dot` of
   2048x2048 inputs right before the step -- the same rule in fastopt with N threads, with 1
-  thread, with N threads and the matmuls on fastopt's threads (fastopt.share_blas_threads,
-  where numpy's OpenBLAS takes a threads callback), and in plain in-place numpy.  That case
-  switches the callback on for its own matmuls only, and first waits 0.2 s (not timed) for
-  the OpenBLAS threads that the other cases' matmuls left spinning to fall asleep: a loop that
-  shares its threads has no such neighbours.
+  thread, and in plain in-place numpy, with the matmuls on fastopt's threads (what `import
+  fastopt` sets up where numpy's OpenBLAS takes a threads callback); then fastopt's N and 1
+  threads again with the matmuls on OpenBLAS's own threads (FASTOPT_SHARE_BLAS=0), whose
+  workers spin for up to ~100 ms after each matmul on the cores the step needs.
 
 Implementations alternate iteration by iteration (the order rotates every round), so drift on
 a shared machine hits all alike; times are medians, with the 25th-75th percentiles, and each
@@ -44,18 +43,16 @@ def _load():
 
 
 def time_in_loop(cases, rounds, pause_s=0.0):
-    """cases: {name: (before, step[, settle])}.  Every round runs each case's settle() (not
-    timed), before() and step() once, in an order that rotates every round.  Returns {name:
-    {'before': [...], 'step': [...], 'iteration': [...]}} in seconds, one entry per round;
-    `iteration` is before() + step() (a pause between them is not counted)."""
+    """cases: {name: (before, step)}.  Every round runs each case's before() and step() once,
+    in an order that rotates every round.  Returns {name: {'before': [...], 'step': [...],
+    'iteration': [...]}} in seconds, one entry per round; `iteration` is before() + step() (a
+    pause between them is not counted)."""
     names = list(cases)
     samples = {name: {"before": [], "step": [], "iteration": []} for name in names}
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            before, step, *settle = cases[name]
-            for prepare in settle:
-                prepare()
+            before, step = cases[name]
             t0 = time.perf_counter()
             before()
             t1 = time.perf_counter()
@@ -144,31 +141,21 @@ def torch_loop_cases(threads, seed=0):
 
 # ---- the numpy loop ----
 
-def numpy_loop_cases(threads, seed=0):
+def numpy_loop_cases(threads, seed=0, shared=True):
+    """The numpy loop's cases; shared: their matmuls on fastopt's threads (what `import
+    fastopt` sets up, where numpy's OpenBLAS takes a threads callback) or on OpenBLAS's own."""
     rng = np.random.default_rng(seed)
     inputs = (rng.standard_normal((MATMUL_N, MATMUL_N)) / MATMUL_N).astype(np.float32)
     init = [(rng.standard_normal((MATMUL_N, MATMUL_N)) * 0.02).astype(np.float32) for _ in range(2)]
-
-    # OpenBLAS's threads callback, switched per case (fastopt.share_blas_threads: the same
-    # setters, looked up once)
-    setters = [setter for _, setter in fastopt.config._loaded_openblas()]
-    shared_pool = fastopt._kernels.blas_threads_address()
+    fastopt.share_blas_threads(shared)
 
     def make(kind):
         params = [w.copy() for w in init]
         grads = [np.empty_like(w) for w in init]
-        callback = shared_pool if kind == "shared" else None
 
         def matmuls():  # the gradients come out of BLAS right before the step
-            for setter in setters:
-                setter(callback)
             for w, g in zip(params, grads):
                 np.dot(inputs, w, out=g)
-
-        def settle():
-            # not what a user's loop has: the other cases' matmuls just ran on OpenBLAS's
-            # own threads, which spin for up to ~100 ms and would take this case's cores
-            time.sleep(0.2)
 
         if kind == "numpy":
             return matmuls, numpy_runner(IN_LOOP_RULE, params, grads)
@@ -178,16 +165,12 @@ def numpy_loop_cases(threads, seed=0):
         def step():
             fastopt.set_num_threads(n)
             opt.step(grads)
-        return (matmuls, step, settle) if kind == "shared" else (matmuls, step)
+        return matmuls, step
 
-    cases = {f"fastopt {threads} threads": make("many"), "fastopt 1 thread": make("one"),
-             "numpy": make("numpy")}
-    if setters:
-        cases[SHARED] = make("shared")
+    cases = {f"fastopt {threads} threads": make("many"), "fastopt 1 thread": make("one")}
+    if shared or not fastopt.config._loaded_openblas():
+        cases["numpy"] = make("numpy")
     return cases, 2 * MATMUL_N * MATMUL_N
-
-
-SHARED = "fastopt, shared BLAS"
 
 
 # ---- reporting ----
@@ -219,7 +202,7 @@ def _print_ratios(summaries, lines):
 
 
 def _measure(cases, rounds, pause):
-    for before, step, *_ in cases.values():  # warm up: first steps build state and plans
+    for before, step in cases.values():  # warm up: first steps build state and plans
         for _ in range(2):
             before()
             step()
@@ -239,7 +222,7 @@ def _measure(cases, rounds, pause):
 def run(threads=None, quick=False, pause=None, seed=0):
     """Both loops; prints their tables and returns the summaries."""
     threads = threads or fastopt.get_num_threads()
-    saved = fastopt.get_num_threads()
+    saved, saved_sharing = fastopt.get_num_threads(), bool(fastopt.config._shared_blas)
     pause = (not quick) if pause is None else pause
     results = {"threads": threads}
     print(f"In a training loop: the step right after the iteration's heavy work, {threads} threads "
@@ -261,32 +244,31 @@ def run(threads=None, quick=False, pause=None, seed=0):
                 ("torch fused", "fastopt.torch", "step", "step after backward, torch fused / fastopt.torch"),
                 ("torch foreach", "fastopt.torch", "step", "step after backward, torch foreach / fastopt.torch"),
                 ("torch fused", "fastopt.torch", "iteration", "whole iteration, torch fused / fastopt.torch")])
-        cases, n = numpy_loop_cases(threads, seed)
-        shared = cases.pop(SHARED, None)
         rounds = 14 if quick else 60
-        many = f"fastopt {threads} threads"
-        print(f"numpy loop: two {MATMUL_N}x{MATMUL_N} float32 weights, np.dot of {MATMUL_N}x{MATMUL_N} "
-              f"inputs with each, then {IN_LOOP_RULE}; {rounds} interleaved iterations each; load average {_load()}")
-        results["numpy"] = m = _measure(cases, rounds, pause)
-        m["elements"] = n
-        _print_ratios(m, [
-            ("fastopt 1 thread", many, "step", f"step after matmuls, fastopt 1 thread / {threads} threads"),
-            ("numpy", many, "step", f"step after matmuls, numpy / fastopt {threads} threads"),
-            ("fastopt 1 thread", many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")])
-        if shared is not None:
-            # apart from the N-thread case: in one process the two would share fastopt's record
-            # of whether threads pay for this rule (csrc/threads.c), which that case's spinning
-            # OpenBLAS neighbours teach that they do not; a user's process runs one or the other
-            print(f"numpy loop with the matmuls on fastopt's threads (fastopt.share_blas_threads), "
-                  f"{threads} threads, against 1 thread; {rounds} interleaved iterations each")
-            one = "fastopt 1 thread"
-            results["numpy shared"] = m = _measure({one: cases[one], SHARED: shared}, rounds, pause)
-            _print_ratios(m, [
-                (one, SHARED, "step", f"step after matmuls, fastopt 1 thread / {threads} threads, shared"),
-                (one, SHARED, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads, shared")])
+        many, one = f"fastopt {threads} threads", "fastopt 1 thread"
+        # the shared phase first: each process keeps one record of whether threads pay for
+        # this rule (csrc/threads.c), which the unshared phase's spinning OpenBLAS workers
+        # teach that they do not; a user's process runs one setting or the other
+        callback = bool(fastopt.config._loaded_openblas())
+        for shared in [True, False] if callback else [False]:
+            cases, n = numpy_loop_cases(threads, seed, shared=shared)
+            key = "numpy" if shared or not callback else "numpy unshared"
+            where = ("the matmuls on fastopt's threads (as `import fastopt` sets up)" if shared
+                     else "the matmuls on OpenBLAS's own threads (FASTOPT_SHARE_BLAS=0)" if callback
+                     else "numpy's BLAS takes no threads callback (matmuls on its own threads)")
+            print(f"numpy loop, {where}: two {MATMUL_N}x{MATMUL_N} float32 weights, np.dot of "
+                  f"{MATMUL_N}x{MATMUL_N} inputs with each, then {IN_LOOP_RULE}; {rounds} interleaved "
+                  f"iterations each; load average {_load()}")
+            results[key] = m = _measure(cases, rounds, pause)
+            m["elements"] = n
+            lines = [(one, many, "step", f"step after matmuls, fastopt 1 thread / {threads} threads"),
+                     (one, many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")]
+            if "numpy" in cases:
+                lines.insert(1, ("numpy", many, "step", f"step after matmuls, numpy / fastopt {threads} threads"))
+            _print_ratios(m, lines)
     finally:
         fastopt.set_num_threads(saved)
-        fastopt.share_blas_threads(False)
+        fastopt.share_blas_threads(saved_sharing)
     print(flush=True)
     return results
 

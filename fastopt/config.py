@@ -59,6 +59,8 @@ def share_blas_threads(enable=True):
     """Run the parallel parts of OpenBLAS (numpy's and scipy's matmuls) on fastopt's threads,
     or (enable=False) hand them back to OpenBLAS's own.  Returns the paths of the OpenBLAS
     libraries it set (those loaded now: import numpy, and scipy if it is used, first).
+    `import fastopt` does it for numpy's OpenBLAS unless FASTOPT_SHARE_BLAS=0; call it
+    again after loading another OpenBLAS (scipy's) to share that one too.
 
     Why: in a loop of matmuls and optimizer steps, OpenBLAS's worker threads spin for up to
     ~100 ms after each matmul and hold the cores that the step's second thread needs, so the
@@ -71,12 +73,27 @@ def share_blas_threads(enable=True):
     its pool starts afresh.  Needs OpenBLAS 0.3.27 or later (numpy 2.1+ wheels)."""
     if type(enable) is not bool:
         raise TypeError(f"enable must be True or False, got {enable!r}")
+    global _shared_blas
     address = _kernels.blas_threads_address() if enable else None
     done = []
     for path, setter in _loaded_openblas():
         setter(address)
         done.append(path)
+    _shared_blas = done if enable else []
     return done
+
+
+_shared_blas = []  # the OpenBLAS libraries whose parallel parts run on fastopt's threads
+
+
+def _share_blas_by_default():
+    """At import: numpy's matmuls on fastopt's threads (FASTOPT_SHARE_BLAS, default 1), so a
+    loop of matmuls and steps has one pool, not two contending for the same cores."""
+    setting = os.environ.get("FASTOPT_SHARE_BLAS", "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"FASTOPT_SHARE_BLAS must be 0 or 1, not {setting!r}")
+    if setting == "1":
+        share_blas_threads()
 
 
 def isa():
@@ -115,5 +132,8 @@ def show_config(file=None):
         "  numerics:     no FMA contraction (-ffp-contract=off): every ISA and thread count "
         "gives the same bits",
         f"  C API:        version {_kernels.API_VERSION}, headers in {fastopt.get_include()}",
+        "  BLAS:         " + (f"OpenBLAS's parallel parts on fastopt's threads ({', '.join(map(os.path.basename, _shared_blas))})"
+                              if _shared_blas else "OpenBLAS (if any) on its own threads")
+        + f" (FASTOPT_SHARE_BLAS={os.environ.get('FASTOPT_SHARE_BLAS', '')!r})",
     ]
     print("\n".join(lines), file=file or sys.stdout)

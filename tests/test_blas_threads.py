@@ -1,6 +1,7 @@
 """fastopt.share_blas_threads(): OpenBLAS's parallel regions on fastopt's pool.  Each case runs
 in a child process with a time limit, so that a deadlock (a job of a matmul waiting for another
 that no thread runs) fails the test instead of hanging the suite."""
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,23 +30,46 @@ def products(dtype):
 """
 
 
-def run_child(body, timeout=120):
+def run_child(body, timeout=120, env=None, check=True):
     code = PRELUDE + textwrap.dedent(body)
     # (run from elsewhere: python -c puts the current folder, a source checkout, first)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=timeout, cwd=tempfile.gettempdir())
+                          timeout=timeout, cwd=tempfile.gettempdir(),
+                          env=None if env is None else {**os.environ, **env})
+    if not check:
+        return done
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
+
+
+POOL_AFTER_A_MATMUL = """
+    fastopt.set_num_threads(2)
+    a = rng.standard_normal((1500, 1500))
+    a @ a
+    print(sorted(open(f"/proc/self/task/{t}/comm").read().strip().startswith("fastopt")
+                 for t in os.listdir("/proc/self/task"))[-1], fastopt.config._shared_blas != [])
+"""
+
+
+def test_import_shares_numpys_blas_threads_unless_told_not_to():
+    """`import fastopt` hands numpy's OpenBLAS its threads callback: a matmul then starts
+    fastopt's workers (no step has run); FASTOPT_SHARE_BLAS=0 leaves OpenBLAS its own
+    threads, and any other value stops the import with an error naming it."""
+    assert run_child(POOL_AFTER_A_MATMUL, env={"OPENBLAS_NUM_THREADS": "2"}).split() == ["True", "True"]
+    assert run_child(POOL_AFTER_A_MATMUL, env={"OPENBLAS_NUM_THREADS": "2", "FASTOPT_SHARE_BLAS": "0"}
+                     ).split() == ["False", "False"]
+    done = run_child("", env={"FASTOPT_SHARE_BLAS": "yes"}, check=False)
+    assert done.returncode != 0 and "FASTOPT_SHARE_BLAS must be 0 or 1, not 'yes'" in done.stderr
 
 
 def test_products_are_the_same_bits_on_either_pool():
     out = run_child("""
         for dtype in (np.float32, np.float64):
             compute = products(dtype)
+            assert fastopt.share_blas_threads(False)
             own = compute()
             assert fastopt.share_blas_threads()
             shared = compute()
-            assert fastopt.share_blas_threads(False)
             for x, y in zip(own, shared):
                 assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
         print("ok")
