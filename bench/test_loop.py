@@ -16,18 +16,18 @@ ROUNDS = 30
 THREADS = fastopt.get_num_threads()
 
 
-UNSHARED = " (OpenBLAS's own threads)"
+SHARED = " (matmuls on fastopt's threads)"
 
 
 def _cases(loop, implementation):
     if loop == "torch":
         pytest.importorskip("torch")
         return torch_loop_cases(THREADS)[0]
-    if implementation.endswith(UNSHARED):
+    if implementation.endswith(SHARED):
         if not fastopt.config._loaded_openblas():
-            pytest.skip("numpy's BLAS takes no threads callback here: it always runs on its own threads")
-        cases = numpy_loop_cases(THREADS, shared=False)[0]
-        return {name + UNSHARED: case for name, case in cases.items()}
+            pytest.skip("numpy's BLAS takes no threads callback here")
+        cases = numpy_loop_cases(THREADS, shared=True)[0]
+        return {name + SHARED: case for name, case in cases.items()}
     return numpy_loop_cases(THREADS)[0]
 
 
@@ -35,7 +35,7 @@ def _names(loop):
     if loop == "torch":
         return ["torch fused", "torch foreach", "fastopt.torch"]
     fastopt_cases = [f"fastopt {THREADS} threads", "fastopt 1 thread"]
-    return fastopt_cases + ["numpy"] + [name + UNSHARED for name in fastopt_cases]
+    return fastopt_cases + ["numpy"] + [name + SHARED for name in fastopt_cases]
 
 
 def _params():
@@ -46,7 +46,7 @@ def _params():
 def _restore_threads():
     yield
     fastopt.set_num_threads(THREADS)
-    fastopt.config._share_blas_by_default()
+    fastopt.share_blas_threads(False)
 
 
 @pytest.mark.parametrize("loop,implementation", _params())

@@ -400,7 +400,9 @@ int fo_get_num_threads(void);
  * (openblas_set_threads_callback_function(fo_blas_threads), OpenBLAS >= 0.3.27), so a
  * process that alternates matmuls and steps keeps one pool of threads, awake for both.  Runs
  * dojob(i, (char *)jobdata + i * jobdata_stride, dojob_arg) for every i < numjobs, each job on
- * its own thread (they may wait for each other), and returns when all are done. */
+ * its own thread (they may wait for each other), and returns when all are done.  Not where
+ * threads run LAPACK at once: under any threads callback, OpenBLAS 0.3.31's parallel LU
+ * factorization hangs when two threads factor at the same time (README, "in a training loop"). */
 typedef void (*fo_blas_job_fn)(int i, void *jobdata, int arg);
 void fo_blas_threads(int sync, fo_blas_job_fn dojob, int numjobs, size_t jobdata_stride,
                      void *jobdata, int dojob_arg);

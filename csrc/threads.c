@@ -551,10 +551,10 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
 /* ---- another library's parallel regions on this pool ------------------------------------ */
 
 /* OpenBLAS's threads callback (openblas_set_threads_callback_function, OpenBLAS 0.3.27 and
- * later; `import fastopt` installs it in numpy's OpenBLAS).  A process that runs numpy's
- * matmuls and then a fastopt step otherwise has two pools: OpenBLAS's workers spin for up to
- * ~100 ms after a matmul and hold the cores our workers need.  With this, the matmuls run on
- * our workers, so the step that follows finds them awake, and nothing else spins.  The numjobs jobs of a call
+ * later; fastopt.share_blas_threads() installs it).  A process that runs numpy's matmuls and
+ * then a fastopt step otherwise has two pools: OpenBLAS's workers spin for up to ~100 ms after
+ * a matmul and hold the cores our workers need.  With this, the matmuls run on our workers, so
+ * the step that follows finds them awake, and nothing else spins.  The numjobs jobs of a call
  * may wait for each other (a level-3 call's do), so all run at once: the caller and numjobs - 1
  * workers, one job each; a call that finds the pool busy (another thread's step or matmul)
  * waits for it rather than run its jobs alone. */

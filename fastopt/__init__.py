@@ -16,7 +16,7 @@ if _find_spec("fastopt._kernels") is None:  # a source tree without its built ex
         "`pip install .` and run the tests as `pytest` from the checkout's root, or build in "
         "place with `python setup.py build_ext --inplace`.")
 
-from fastopt import config, functional, init, optim, rules, schedules, state
+from fastopt import functional, init, optim, rules, schedules, state
 from fastopt.config import get_num_threads, isa, set_num_threads, share_blas_threads, show_config
 from fastopt._kernels import SparseGrad
 from fastopt.flat import FlatParams
@@ -24,8 +24,6 @@ from fastopt.optim import Optimizer
 from fastopt.state import OptimizerState
 
 __version__ = "0.2.0"
-
-config._share_blas_by_default()
 
 # fastopt.<Rule> and fastopt.<Rule>State for every entry of the registry
 RULE_CLASSES = [getattr(optim, r.name) for r in rules.RULES]

@@ -12,10 +12,11 @@ iteration, for every implementation in the same run:
   the default (foreach).
 - numpy loop: two 2048x2048 float32 weights whose gradients come out of an `np.dot` of
   2048x2048 inputs right before the step -- the same rule in fastopt with N threads, with 1
-  thread, and in plain in-place numpy, with the matmuls on fastopt's threads (what `import
-  fastopt` sets up where numpy's OpenBLAS takes a threads callback); then fastopt's N and 1
-  threads again with the matmuls on OpenBLAS's own threads (FASTOPT_SHARE_BLAS=0), whose
-  workers spin for up to ~100 ms after each matmul on the cores the step needs.
+  thread, and in plain in-place numpy, with the matmuls on OpenBLAS's own threads (the
+  default: its workers spin for up to ~100 ms after each matmul on the cores the step needs);
+  then, where numpy's OpenBLAS takes a threads callback, all three again with the matmuls on
+  fastopt's threads (fastopt.share_blas_threads()).  Each of the two runs in a process of its
+  own.
 
 Implementations alternate iteration by iteration (the order rotates every round), so drift on
 a shared machine hits all alike; times are medians, with the 25th-75th percentiles, and each
@@ -141,9 +142,9 @@ def torch_loop_cases(threads, seed=0):
 
 # ---- the numpy loop ----
 
-def numpy_loop_cases(threads, seed=0, shared=True):
-    """The numpy loop's cases; shared: their matmuls on fastopt's threads (what `import
-    fastopt` sets up, where numpy's OpenBLAS takes a threads callback) or on OpenBLAS's own."""
+def numpy_loop_cases(threads, seed=0, shared=False):
+    """The numpy loop's cases; shared: their matmuls on fastopt's threads
+    (fastopt.share_blas_threads()) rather than on OpenBLAS's own."""
     rng = np.random.default_rng(seed)
     inputs = (rng.standard_normal((MATMUL_N, MATMUL_N)) / MATMUL_N).astype(np.float32)
     init = [(rng.standard_normal((MATMUL_N, MATMUL_N)) * 0.02).astype(np.float32) for _ in range(2)]
@@ -167,9 +168,8 @@ def numpy_loop_cases(threads, seed=0, shared=True):
             opt.step(grads)
         return matmuls, step
 
-    cases = {f"fastopt {threads} threads": make("many"), "fastopt 1 thread": make("one")}
-    if shared or not fastopt.config._loaded_openblas():
-        cases["numpy"] = make("numpy")
+    cases = {f"fastopt {threads} threads": make("many"), "fastopt 1 thread": make("one"),
+             "numpy": make("numpy")}
     return cases, 2 * MATMUL_N * MATMUL_N
 
 
@@ -219,10 +219,51 @@ def _measure(cases, rounds, pause):
     return out
 
 
+def numpy_phase(threads, seed, shared, rounds, pause):
+    """The numpy loop's cases with the matmuls on OpenBLAS's own threads or (shared) on
+    fastopt's; prints the table and ratios, returns the summaries."""
+    cases, n = numpy_loop_cases(threads, seed, shared=shared)
+    many, one = f"fastopt {threads} threads", "fastopt 1 thread"
+    where = ("the matmuls on fastopt's threads (fastopt.share_blas_threads())" if shared
+             else "the matmuls on OpenBLAS's own threads (the default)")
+    print(f"numpy loop, {where}: two {MATMUL_N}x{MATMUL_N} float32 weights, np.dot of "
+          f"{MATMUL_N}x{MATMUL_N} inputs with each, then {IN_LOOP_RULE}; {rounds} interleaved "
+          f"iterations each; load average {_load()}")
+    m = _measure(cases, rounds, pause)
+    m["elements"] = n
+    lines = [(one, many, "step", f"step after matmuls, fastopt 1 thread / {threads} threads"),
+             (one, many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")]
+    if "numpy" in cases:
+        lines.insert(1, ("numpy", many, "step", f"step after matmuls, numpy / fastopt {threads} threads"))
+    _print_ratios(m, lines)
+    return m
+
+
+def _numpy_phase_in_child(threads, seed, shared, rounds, pause):
+    """numpy_phase in a process of its own: a process keeps one record of whether threads pay
+    for a rule (csrc/threads.c), which spinning OpenBLAS workers teach that they do not, and a
+    user's process runs one setting or the other."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "phase.json")
+        code = ("import json, sys; from fastopt import bench_loop; "
+                f"m = bench_loop.numpy_phase({threads}, {seed}, {shared}, {rounds}, {bool(pause)}); "
+                f"json.dump(m, open({out!r}, 'w'))")
+        # (from elsewhere, with fastopt's own folder first: python -c puts the current one first)
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(fastopt.__file__))}
+        sys.stdout.flush()
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=folder, env=env)
+        with open(out) as f:
+            return json.load(f)
+
+
 def run(threads=None, quick=False, pause=None, seed=0):
     """Both loops; prints their tables and returns the summaries."""
     threads = threads or fastopt.get_num_threads()
-    saved, saved_sharing = fastopt.get_num_threads(), bool(fastopt.config._shared_blas)
+    saved = fastopt.get_num_threads()
     pause = (not quick) if pause is None else pause
     results = {"threads": threads}
     print(f"In a training loop: the step right after the iteration's heavy work, {threads} threads "
@@ -245,30 +286,12 @@ def run(threads=None, quick=False, pause=None, seed=0):
                 ("torch foreach", "fastopt.torch", "step", "step after backward, torch foreach / fastopt.torch"),
                 ("torch fused", "fastopt.torch", "iteration", "whole iteration, torch fused / fastopt.torch")])
         rounds = 14 if quick else 60
-        many, one = f"fastopt {threads} threads", "fastopt 1 thread"
-        # the shared phase first: each process keeps one record of whether threads pay for
-        # this rule (csrc/threads.c), which the unshared phase's spinning OpenBLAS workers
-        # teach that they do not; a user's process runs one setting or the other
         callback = bool(fastopt.config._loaded_openblas())
-        for shared in [True, False] if callback else [False]:
-            cases, n = numpy_loop_cases(threads, seed, shared=shared)
-            key = "numpy" if shared or not callback else "numpy unshared"
-            where = ("the matmuls on fastopt's threads (as `import fastopt` sets up)" if shared
-                     else "the matmuls on OpenBLAS's own threads (FASTOPT_SHARE_BLAS=0)" if callback
-                     else "numpy's BLAS takes no threads callback (matmuls on its own threads)")
-            print(f"numpy loop, {where}: two {MATMUL_N}x{MATMUL_N} float32 weights, np.dot of "
-                  f"{MATMUL_N}x{MATMUL_N} inputs with each, then {IN_LOOP_RULE}; {rounds} interleaved "
-                  f"iterations each; load average {_load()}")
-            results[key] = m = _measure(cases, rounds, pause)
-            m["elements"] = n
-            lines = [(one, many, "step", f"step after matmuls, fastopt 1 thread / {threads} threads"),
-                     (one, many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")]
-            if "numpy" in cases:
-                lines.insert(1, ("numpy", many, "step", f"step after matmuls, numpy / fastopt {threads} threads"))
-            _print_ratios(m, lines)
+        for shared in [False, True] if callback else [False]:
+            results["numpy shared" if shared else "numpy"] = _numpy_phase_in_child(
+                threads, seed, shared, rounds, pause)
     finally:
         fastopt.set_num_threads(saved)
-        fastopt.share_blas_threads(saved_sharing)
     print(flush=True)
     return results
 

@@ -59,8 +59,6 @@ def share_blas_threads(enable=True):
     """Run the parallel parts of OpenBLAS (numpy's and scipy's matmuls) on fastopt's threads,
     or (enable=False) hand them back to OpenBLAS's own.  Returns the paths of the OpenBLAS
     libraries it set (those loaded now: import numpy, and scipy if it is used, first).
-    `import fastopt` does it for numpy's OpenBLAS unless FASTOPT_SHARE_BLAS=0; call it
-    again after loading another OpenBLAS (scipy's) to share that one too.
 
     Why: in a loop of matmuls and optimizer steps, OpenBLAS's worker threads spin for up to
     ~100 ms after each matmul and hold the cores that the step's second thread needs, so the
@@ -70,7 +68,12 @@ def share_blas_threads(enable=True):
     thread of the pool, which grows to that count.  A matmul that starts while another
     thread's step or matmul runs on the pool waits for it.  Set it while no other thread is in
     a BLAS call (OpenBLAS reads the callback without a lock).  A forked child keeps it, and
-    its pool starts afresh.  Needs OpenBLAS 0.3.27 or later (numpy 2.1+ wheels)."""
+    its pool starts afresh.  Needs OpenBLAS 0.3.27 or later (numpy 2.1+ wheels).
+
+    Not for processes in which several threads run LAPACK at once: with any threads callback
+    installed (fastopt's, or one that starts a thread per job), two threads' concurrent
+    np.linalg.solve calls hang in OpenBLAS 0.3.31's parallel LU factorization (dgetrf), which
+    its own threads do not.  That is why this is opt-in."""
     if type(enable) is not bool:
         raise TypeError(f"enable must be True or False, got {enable!r}")
     global _shared_blas
@@ -84,16 +87,6 @@ def share_blas_threads(enable=True):
 
 
 _shared_blas = []  # the OpenBLAS libraries whose parallel parts run on fastopt's threads
-
-
-def _share_blas_by_default():
-    """At import: numpy's matmuls on fastopt's threads (FASTOPT_SHARE_BLAS, default 1), so a
-    loop of matmuls and steps has one pool, not two contending for the same cores."""
-    setting = os.environ.get("FASTOPT_SHARE_BLAS", "1")
-    if setting not in ("0", "1"):
-        raise ValueError(f"FASTOPT_SHARE_BLAS must be 0 or 1, not {setting!r}")
-    if setting == "1":
-        share_blas_threads()
 
 
 def isa():
@@ -132,8 +125,8 @@ def show_config(file=None):
         "  numerics:     no FMA contraction (-ffp-contract=off): every ISA and thread count "
         "gives the same bits",
         f"  C API:        version {_kernels.API_VERSION}, headers in {fastopt.get_include()}",
-        "  BLAS:         " + (f"OpenBLAS's parallel parts on fastopt's threads ({', '.join(map(os.path.basename, _shared_blas))})"
-                              if _shared_blas else "OpenBLAS (if any) on its own threads")
-        + f" (FASTOPT_SHARE_BLAS={os.environ.get('FASTOPT_SHARE_BLAS', '')!r})",
+        "  BLAS:         " + (f"OpenBLAS's parallel parts on fastopt's threads "
+                              f"({', '.join(map(os.path.basename, _shared_blas))}: share_blas_threads())"
+                              if _shared_blas else "OpenBLAS (if any) on its own threads"),
     ]
     print("\n".join(lines), file=file or sys.stdout)

@@ -27,45 +27,52 @@ def products(dtype):
     v = rng.standard_normal(500).astype(dtype)
     x = rng.standard_normal(2_000_000).astype(dtype)
     return lambda: (a @ b, a @ v, np.dot(x, x))  # level 3, 2 and 1
+def factorizations(dtype):
+    # LAPACK, whose drivers run threaded BLAS in turn (from one thread at a time: concurrent
+    # LU factorizations hang under any threads callback, see share_blas_threads)
+    a = rng.standard_normal((600, 500)).astype(dtype)
+    s = (a[:, :500] @ a[:, :500].T + 600 * np.eye(600)).astype(dtype)
+    return lambda: (np.linalg.solve(s, a), np.linalg.eigh(s)[0], np.linalg.cholesky(s))
 """
 
 
-def run_child(body, timeout=120, env=None, check=True):
+def run_child(body, timeout=120, env=None, args=()):
     code = PRELUDE + textwrap.dedent(body)
     # (run from elsewhere: python -c puts the current folder, a source checkout, first)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=timeout, cwd=tempfile.gettempdir(),
                           env=None if env is None else {**os.environ, **env})
-    if not check:
-        return done
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
 POOL_AFTER_A_MATMUL = """
+    import io
     fastopt.set_num_threads(2)
+    if sys.argv[1:] == ["share"]:
+        fastopt.share_blas_threads()
     a = rng.standard_normal((1500, 1500))
     a @ a
+    config = io.StringIO()
+    fastopt.show_config(config)
     print(sorted(open(f"/proc/self/task/{t}/comm").read().strip().startswith("fastopt")
-                 for t in os.listdir("/proc/self/task"))[-1], fastopt.config._shared_blas != [])
+                 for t in os.listdir("/proc/self/task"))[-1],
+          "on fastopt's threads" in config.getvalue())
 """
 
 
-def test_import_shares_numpys_blas_threads_unless_told_not_to():
-    """`import fastopt` hands numpy's OpenBLAS its threads callback: a matmul then starts
-    fastopt's workers (no step has run); FASTOPT_SHARE_BLAS=0 leaves OpenBLAS its own
-    threads, and any other value stops the import with an error naming it."""
-    assert run_child(POOL_AFTER_A_MATMUL, env={"OPENBLAS_NUM_THREADS": "2"}).split() == ["True", "True"]
-    assert run_child(POOL_AFTER_A_MATMUL, env={"OPENBLAS_NUM_THREADS": "2", "FASTOPT_SHARE_BLAS": "0"}
-                     ).split() == ["False", "False"]
-    done = run_child("", env={"FASTOPT_SHARE_BLAS": "yes"}, check=False)
-    assert done.returncode != 0 and "FASTOPT_SHARE_BLAS must be 0 or 1, not 'yes'" in done.stderr
+def test_matmuls_run_on_fastopts_threads_only_once_shared():
+    """Opt-in: after `import fastopt` numpy's matmuls stay on OpenBLAS's threads (no fastopt
+    worker starts); after share_blas_threads() one does, and show_config says so."""
+    env = {"OPENBLAS_NUM_THREADS": "2"}
+    assert run_child(POOL_AFTER_A_MATMUL, env=env).split() == ["False", "False"]
+    assert run_child(POOL_AFTER_A_MATMUL, env=env, args=["share"]).split() == ["True", "True"]
 
 
-def test_products_are_the_same_bits_on_either_pool():
+def test_products_and_factorizations_are_the_same_bits_on_either_pool():
     out = run_child("""
-        for dtype in (np.float32, np.float64):
-            compute = products(dtype)
+        for dtype, kind in [(d, k) for d in (np.float32, np.float64) for k in (products, factorizations)]:
+            compute = kind(dtype)
             assert fastopt.share_blas_threads(False)
             own = compute()
             assert fastopt.share_blas_threads()
