@@ -13,10 +13,14 @@
  * not.  So when the process has GNU OpenMP loaded (torch's libgomp, or any library's), the
  * pieces run in a parallel region of that runtime (GOMP_parallel, its stable entry point), on
  * those same, already spinning workers.  It is looked up among the loaded objects: nothing is
- * linked against it, nothing is loaded, and a process without it (numpy alone, C programs) uses
- * the library's own pool.  Linking with -fopenmp instead would load a runtime into every
- * process and, imported before torch, hand torch our libgomp in place of its own.  Never in a
- * forked child: libgomp's workers do not survive fork and a parallel region there can hang.
+ * linked against it, nothing is loaded.  Linking with -fopenmp instead would load a runtime
+ * into every process and, imported before torch, hand torch our libgomp in place of its own.
+ * numpy's matmuls leave the same kind of neighbour: OpenBLAS's pthread workers spin ~100 ms
+ * after each, without yielding.  So without libgomp, where a pthread OpenBLAS is loaded (with
+ * 2 or more threads and no threads callback set), the pieces run on its workers, through the
+ * gotoblas_pthread entry it exports; after a matmul they are the ones awake.  Otherwise (C
+ * programs, a single-threaded OpenBLAS) the library's own pool runs them.  Neither runtime in
+ * a forked child: libgomp's workers do not survive fork and a parallel region there can hang.
  *
  * The own pool: workers spin for FO_SPIN_NS after their last piece, polling for the next job
  * and calling sched_yield() between polls so a neighbour waiting for the core gets it, then
@@ -315,44 +319,99 @@ static void record(verdict *v, int way, const job *j, double seconds, double wai
 typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
 static gomp_parallel_fn gomp_parallel;
 static double gomp_next_look;
-static int gomp_forbidden; /* set in a forked child */
+static int in_forked_child; /* neither runtime's workers are used there */
 
 #ifdef __linux__
-/* Wheels often carry libgomp under a renamed soname (auditwheel: libgomp-<hash>.so.1), so the
- * loaded objects are searched by file name; torch's copy is preferred when there are several,
- * since its workers are the ones a training loop keeps spinning. */
-static int note_gomp(struct dl_phdr_info *info, size_t size, void *found)
+/* Wheels often carry a library under a renamed soname (auditwheel: libgomp-<hash>.so.1,
+ * numpy's libscipy_openblas64_-<hash>.so), so the loaded objects are searched by file name;
+ * torch's copy is preferred when there are several, since its workers are the ones a
+ * training loop keeps spinning. */
+typedef struct {
+    const char *word;
+    char path[PATH_MAX];
+} library_search;
+
+static int note_library(struct dl_phdr_info *info, size_t size, void *arg)
 {
     (void)size;
+    library_search *search = arg;
     const char *path = info->dlpi_name, *slash = path ? strrchr(path, '/') : NULL;
     const char *file = slash ? slash + 1 : path;
-    char *best = found;
-    if (!file || strncmp(file, "libgomp", 7) != 0) return 0;
-    if (!best[0] || (strstr(path, "torch") && !strstr(best, "torch")))
-        snprintf(best, PATH_MAX, "%s", path);
+    if (!file || !strstr(file, search->word)) return 0;
+    if (!search->path[0] || (strstr(path, "torch") && !strstr(search->path, "torch")))
+        snprintf(search->path, PATH_MAX, "%s", path);
     return 0;
 }
 #endif
+
+/* Under pool.lock: a handle to the loaded library whose file name contains `word` (kept open:
+ * never unloaded), NULL if none is. */
+static void *find_loaded(const char *word)
+{
+#if defined(__linux__) && defined(RTLD_NOLOAD)
+    if (!dlopen || !dlsym) return NULL;
+    static library_search search;
+    search.word = word;
+    search.path[0] = 0;
+    dl_iterate_phdr(note_library, &search);
+    return search.path[0] ? dlopen(search.path, RTLD_LAZY | RTLD_NOLOAD) : NULL;
+#else
+    (void)word;
+    return NULL;
+#endif
+}
 
 /* Under pool.lock.  A library loaded later (import torch after the first step) is noticed at
  * the next look, twice a second at most. */
 static gomp_parallel_fn find_gomp(void)
 {
-#if defined(__linux__) && defined(RTLD_NOLOAD)
-    if (gomp_parallel || gomp_forbidden || !dlopen || !dlsym) return gomp_parallel;
+    if (gomp_parallel || in_forked_child) return gomp_parallel;
     const double t = now();
     if (t < gomp_next_look) return NULL;
     gomp_next_look = t + 0.5;
-    static char path[PATH_MAX];
-    path[0] = 0;
-    dl_iterate_phdr(note_gomp, path);
-    void *lib = path[0] ? dlopen(path, RTLD_LAZY | RTLD_NOLOAD) : NULL; /* kept open: never unloaded */
+    void *lib = find_loaded("libgomp");
     if (lib) gomp_parallel = (gomp_parallel_fn)dlsym(lib, "GOMP_parallel");
-#endif
     return gomp_parallel;
 }
 
-static void gomp_body(void *arg)
+/* ---- OpenBLAS's pthread workers, where the process has them ------------------------------ */
+
+/* gotoblas_pthread(n, fn, arg, stride) runs fn(arg + i * stride) for i < n, the first on the
+ * calling thread and the others on OpenBLAS's own workers, and returns when all are done;
+ * OpenBLAS exports it (unrenamed even in numpy's wheels) with its thread count and its
+ * threads callback. */
+typedef int (*openblas_pthread_fn)(int, void *, void *, int);
+static struct {
+    openblas_pthread_fn run;
+    const int *threads;          /* blas_cpu_number */
+    void *const *callback;       /* openblas_threads_callback_ (0.3.27 and later) */
+    double next_look;
+} openblas;
+
+/* Under pool.lock: how many threads a step of up to `threads` may run on OpenBLAS's workers
+ * (caller included), 0 where it may not: no OpenBLAS loaded, a single-threaded one, or one
+ * whose threads callback is set (share_blas_threads: its parallel parts already run on this
+ * pool, which is busy with this very step). */
+static int openblas_threads(int threads)
+{
+    if (in_forked_child) return 0;
+    if (!openblas.run) {
+        const double t = now();
+        if (t < openblas.next_look) return 0;
+        openblas.next_look = t + 0.5;
+        void *lib = find_loaded("openblas");
+        if (!lib) return 0;
+        openblas.threads = (const int *)dlsym(lib, "blas_cpu_number");
+        openblas.callback = (void *const *)dlsym(lib, "openblas_threads_callback_");
+        if (openblas.threads) openblas.run = (openblas_pthread_fn)dlsym(lib, "gotoblas_pthread");
+        if (!openblas.run) return 0;
+    }
+    if (openblas.callback && *openblas.callback) return 0;
+    const int available = *openblas.threads;
+    return available < 2 ? 0 : available < threads ? available : threads;
+}
+
+static void team_body(void *arg)
 {
     job *j = arg;
     const int is_caller = pthread_equal(pthread_self(), j->caller);
@@ -425,7 +484,7 @@ static void reset_after_fork(void)
     pool.sleepers = pool.busy = pool.started = pool.gangs_waiting = 0;
     verdicts_used = 0;
     for (int i = 0; i < FO_VERDICTS; i++) verdicts[i] = (verdict){0};
-    gomp_forbidden = 1;
+    in_forked_child = 1;
     gomp_parallel = NULL;
 }
 
@@ -526,13 +585,18 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
     pool.busy = 1; /* also keeps other callers off `v` until this call's time is in */
     j.per_thread_share = 4 * (size_t)threads;
     const gomp_parallel_fn gomp = way == THREADED ? find_gomp() : NULL;
-    const int helpers = way == THREADED && !gomp ? ensure_workers(threads - 1) : 0;
+    const int on_openblas = way == THREADED && !gomp ? openblas_threads(threads) : 0;
+    const int helpers = way == THREADED && !gomp && !on_openblas ? ensure_workers(threads - 1) : 0;
     j.caller = pthread_self();
     atomic_store(&j.caller_cpu, current_cpu());
     const double start = now();
     if (gomp) {
         pthread_mutex_unlock(&pool.lock);
-        gomp(gomp_body, &j, (unsigned)threads, 0);
+        gomp(team_body, &j, (unsigned)threads, 0);
+        pthread_mutex_lock(&pool.lock);
+    } else if (on_openblas) {
+        pthread_mutex_unlock(&pool.lock);
+        openblas.run(on_openblas, (void *)team_body, &j, 0); /* every part gets the job */
         pthread_mutex_lock(&pool.lock);
     } else if (helpers > 0) {
         run_on_own_pool(&j, helpers); /* returns with the lock held */
@@ -542,7 +606,7 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
         pthread_mutex_lock(&pool.lock);
     }
     const double end = now();
-    if (way == ALONE || gomp || helpers > 0) /* (the calling thread is always in the team) */
+    if (way == ALONE || gomp || on_openblas || helpers > 0) /* (the calling thread is always in the team) */
         record(v, way, &j, end - start, j.caller_done > 0 ? end - j.caller_done : 0);
     release_pool();
     pthread_mutex_unlock(&pool.lock);

@@ -18,7 +18,7 @@ import pytest
 
 import fastopt
 import reference
-from conftest import assert_same_snapshot, continue_from_checkpoint, snapshot
+from conftest import assert_same_snapshot, continue_from_checkpoint, openblas_runs_jobs, snapshot
 from fastopt import functional as F
 
 try:
@@ -256,8 +256,9 @@ for _var in ("FASTOPT_NUM_THREADS", "OMP_NUM_THREADS"):
     CHILD_ENV.pop(_var, None)
 
 
-def run_threads_child(mode, threads, omp=None):
-    env = {**CHILD_ENV, "FASTOPT_NUM_THREADS": str(threads)}
+def run_threads_child(mode, threads, omp=None, blas=1):
+    # blas: OpenBLAS's thread count (1: the library's own workers; more: OpenBLAS's)
+    env = {**CHILD_ENV, "FASTOPT_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(blas)}
     if omp is not None:
         env["OMP_NUM_THREADS"] = str(omp)
     res = subprocess.run([sys.executable, "-c", THREADS_CHILD, mode], env=env,
@@ -278,6 +279,14 @@ def test_own_workers_give_the_one_thread_bits(threads, one_thread_digests):
     assert got["digests"] == one_thread_digests
     if got["workers"] is not None:
         assert got["workers"] == threads - 1  # the library's own workers did the splitting
+
+
+@pytest.mark.skipif(not openblas_runs_jobs(), reason="numpy's BLAS is not a pthread OpenBLAS")
+def test_openblas_workers_give_the_one_thread_bits(one_thread_digests):
+    got = run_threads_child("numpy", 3, blas=2)
+    assert got["digests"] == one_thread_digests
+    if got["workers"] is not None:
+        assert got["workers"] == 0  # the split ran on OpenBLAS's workers
 
 
 @needs_torch

@@ -11,6 +11,7 @@ import pytest
 
 import fastopt
 import reference
+from conftest import openblas_runs_jobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -74,8 +75,10 @@ print(json.dumps(result))
 """ % {"sizes": SIZES, "rules": ("SGD", "Adadelta", "AdamW", "Nadam")}
 
 
-def run_child(mode, threads, *extra, omp=None):
-    env = {**CHILD_ENV, "FASTOPT_NUM_THREADS": str(threads)}
+def run_child(mode, threads, *extra, omp=None, blas=1):
+    # blas: OpenBLAS's thread count; with 2 or more, numpy mode's steps run on OpenBLAS's
+    # workers, with 1 on the library's own
+    env = {**CHILD_ENV, "FASTOPT_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(blas)}
     if omp is not None:
         env["OMP_NUM_THREADS"] = str(omp)
     res = subprocess.run([sys.executable, "-c", CHILD, HERE, mode, *extra], env=env,
@@ -94,6 +97,17 @@ def test_own_workers_give_the_one_thread_bits(threads, one_thread):
     got = run_child("numpy", threads)
     assert got["cases"] == one_thread
     assert got["workers"] == threads - 1  # the library's own workers did the splitting
+
+
+@pytest.mark.skipif(not openblas_runs_jobs(),
+                    reason="numpy's BLAS is not a pthread OpenBLAS")
+@pytest.mark.parametrize("threads,blas", [(2, 2), (3, 2), (2, 4), (8, 3)])
+def test_openblas_workers_give_the_one_thread_bits(threads, blas, one_thread):
+    """Where numpy's OpenBLAS has workers (and no libgomp is loaded), a step's helpers are
+    those workers: no thread of the library's own starts."""
+    got = run_child("numpy", threads, blas=blas)
+    assert got["cases"] == one_thread
+    assert got["workers"] == 0
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs torch (its OpenMP runtime)")
