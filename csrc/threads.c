@@ -17,10 +17,11 @@
  * into every process and, imported before torch, hand torch our libgomp in place of its own.
  * numpy's matmuls leave the same kind of neighbour: OpenBLAS's pthread workers spin ~100 ms
  * after each, without yielding.  So without libgomp, where a pthread OpenBLAS is loaded (with
- * 2 or more threads and no threads callback set), the pieces run on its workers, through the
- * gotoblas_pthread entry it exports; after a matmul they are the ones awake.  Otherwise (C
- * programs, a single-threaded OpenBLAS) the library's own pool runs them.  Neither runtime in
- * a forked child: libgomp's workers do not survive fork and a parallel region there can hang.
+ * at least the step's thread count and no threads callback set), the pieces run on its
+ * workers, through the gotoblas_pthread entry it exports; after a matmul they are the ones
+ * awake.  Otherwise (C programs, fewer OpenBLAS threads) the library's own pool runs them.
+ * Neither runtime in a forked child: libgomp's workers do not survive fork and a parallel
+ * region there can hang.
  *
  * The own pool: workers spin for FO_SPIN_NS after their last piece, polling for the next job
  * and calling sched_yield() between polls so a neighbour waiting for the core gets it, then
@@ -388,11 +389,11 @@ static struct {
     double next_look;
 } openblas;
 
-/* Under pool.lock: how many threads a step of up to `threads` may run on OpenBLAS's workers
- * (caller included), 0 where it may not: no OpenBLAS loaded, a single-threaded one, or one
- * whose threads callback is set (share_blas_threads: its parallel parts already run on this
- * pool, which is busy with this very step). */
-static int openblas_threads(int threads)
+/* Under pool.lock: whether a step of `threads` threads may run on OpenBLAS's workers (caller
+ * included); not without OpenBLAS, with fewer OpenBLAS threads than that, or with its threads
+ * callback set (share_blas_threads: its parallel parts already run on this pool, which is
+ * busy with this very step). */
+static int on_openblas_workers(int threads)
 {
     if (in_forked_child) return 0;
     if (!openblas.run) {
@@ -406,9 +407,7 @@ static int openblas_threads(int threads)
         if (openblas.threads) openblas.run = (openblas_pthread_fn)dlsym(lib, "gotoblas_pthread");
         if (!openblas.run) return 0;
     }
-    if (openblas.callback && *openblas.callback) return 0;
-    const int available = *openblas.threads;
-    return available < 2 ? 0 : available < threads ? available : threads;
+    return !(openblas.callback && *openblas.callback) && *openblas.threads >= threads;
 }
 
 static void team_body(void *arg)
@@ -585,7 +584,7 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
     pool.busy = 1; /* also keeps other callers off `v` until this call's time is in */
     j.per_thread_share = 4 * (size_t)threads;
     const gomp_parallel_fn gomp = way == THREADED ? find_gomp() : NULL;
-    const int on_openblas = way == THREADED && !gomp ? openblas_threads(threads) : 0;
+    const int on_openblas = way == THREADED && !gomp && on_openblas_workers(threads);
     const int helpers = way == THREADED && !gomp && !on_openblas ? ensure_workers(threads - 1) : 0;
     j.caller = pthread_self();
     atomic_store(&j.caller_cpu, current_cpu());
@@ -596,7 +595,7 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
         pthread_mutex_lock(&pool.lock);
     } else if (on_openblas) {
         pthread_mutex_unlock(&pool.lock);
-        openblas.run(on_openblas, (void *)team_body, &j, 0); /* every part gets the job */
+        openblas.run(threads, (void *)team_body, &j, 0); /* every part gets the job */
         pthread_mutex_lock(&pool.lock);
     } else if (helpers > 0) {
         run_on_own_pool(&j, helpers); /* returns with the lock held */

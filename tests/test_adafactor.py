@@ -283,9 +283,9 @@ def test_own_workers_give_the_one_thread_bits(threads, one_thread_digests):
 
 @pytest.mark.skipif(not openblas_runs_jobs(), reason="numpy's BLAS is not a pthread OpenBLAS")
 def test_openblas_workers_give_the_one_thread_bits(one_thread_digests):
-    got = run_threads_child("numpy", 3, blas=2)
+    got = run_threads_child("numpy", 2, blas=2)
     assert got["digests"] == one_thread_digests
-    if got["workers"] is not None:
+    if got["workers"] is not None and len(os.sched_getaffinity(0)) >= 2:
         assert got["workers"] == 0  # the split ran on OpenBLAS's workers
 
 
