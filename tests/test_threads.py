@@ -223,3 +223,44 @@ def test_a_staged_row_rule_runs_on_a_small_thread_stack():
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str([True] * 2)
+
+
+CONCURRENT = r"""
+import threading, numpy as np, fastopt
+fastopt.set_num_threads(2)
+rng = np.random.default_rng(0)
+a = rng.standard_normal((600, 500))
+s = a[:, :500] @ a[:, :500].T + 600 * np.eye(600)
+b = rng.standard_normal((800, 800)).astype(np.float32)
+expected = np.linalg.solve(s, a), b @ b
+failures, stepped = [], {}
+def blas():
+    for _ in range(10):
+        if not (np.array_equal(np.linalg.solve(s, a), expected[0]) and np.array_equal(b @ b, expected[1])):
+            failures.append("blas")
+def steps(k):
+    p = np.ones(1_500_000, np.float32)
+    opt = fastopt.Adam([p], lr=1e-3)
+    for _ in range(20):
+        opt.step([np.full_like(p, 0.5)])
+    stepped[k] = p
+threads = [threading.Thread(target=blas) for _ in range(2)]
+threads += [threading.Thread(target=steps, args=(k,)) for k in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+fastopt.set_num_threads(1)
+steps("alone")
+print(not failures and all(np.array_equal(p, stepped["alone"]) for p in stepped.values()))
+"""
+
+
+def test_concurrent_steps_matmuls_and_factorizations_finish_and_agree():
+    """Steps in three threads while two others run matmuls and LU solves, with OpenBLAS's
+    workers (where numpy has them) shared by both: nothing hangs, every result is the
+    one-thread one (a child process with a time limit)."""
+    res = subprocess.run([sys.executable, "-c", CONCURRENT], env={**CHILD_ENV, "OPENBLAS_NUM_THREADS": "2"},
+                         capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "True"
