@@ -605,7 +605,8 @@ void fo_run_blocks(fo_span_fn span, size_t count, void *const *const *bufs, int 
         pthread_mutex_lock(&pool.lock);
     }
     const double end = now();
-    if (way == ALONE || gomp || on_openblas || helpers > 0) /* (the calling thread is always in the team) */
+    /* (the calling thread is always in the team) */
+    if (way == ALONE || gomp || on_openblas || helpers > 0)
         record(v, way, &j, end - start, j.caller_done > 0 ? end - j.caller_done : 0);
     release_pool();
     pthread_mutex_unlock(&pool.lock);

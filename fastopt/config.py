@@ -62,14 +62,14 @@ def share_blas_threads(enable=True):
 
     Why: in a loop of matmuls and optimizer steps, OpenBLAS's worker threads spin for up to
     ~100 ms after each matmul on the cores that the step's second thread needs.  Without this,
-    fastopt runs a step's helpers on those very workers (a pthread OpenBLAS with 2 or more
-    threads: README, "in a training loop").  Shared, there is one pool instead: fastopt's
-    workers run the matmuls too, are awake when the step comes, and sleep 1 ms after the last
-    job of either rather than spin ~100 ms.  OpenBLAS still splits a matmul
-    into as many jobs as its own thread count (OPENBLAS_NUM_THREADS); each runs on its own
-    thread of the pool, which grows to that count.  A matmul that starts while another
-    thread's step or matmul runs on the pool waits for it.  Set it while no other thread is in
-    a BLAS call (OpenBLAS reads the callback without a lock).  A forked child keeps it, and
+    fastopt runs a step's helpers on those very workers (a pthread OpenBLAS with at least the
+    step's thread count: README, "in a training loop").  Shared, there is one pool instead:
+    fastopt's workers run the matmuls too, are awake when the step comes, and sleep 1 ms after
+    the last job of either rather than spin ~100 ms.  OpenBLAS still splits a matmul into as
+    many jobs as its own thread count (OPENBLAS_NUM_THREADS); each runs on its own thread of
+    the pool, which grows to that count.  A matmul that starts while another thread's step or
+    matmul runs on the pool waits for it.  Set it while no other thread is in a BLAS call or a
+    fastopt step (OpenBLAS reads the callback without a lock).  A forked child keeps it, and
     its pool starts afresh.  Needs OpenBLAS 0.3.27 or later (numpy 2.1+ wheels).
 
     Not for processes in which several threads run LAPACK at once: with any threads callback
