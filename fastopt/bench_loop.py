@@ -231,11 +231,10 @@ def numpy_phase(threads, seed, shared, rounds, pause):
           f"iterations each; load average {_load()}")
     m = _measure(cases, rounds, pause)
     m["elements"] = n
-    lines = [(one, many, "step", f"step after matmuls, fastopt 1 thread / {threads} threads"),
-             (one, many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")]
-    if "numpy" in cases:
-        lines.insert(1, ("numpy", many, "step", f"step after matmuls, numpy / fastopt {threads} threads"))
-    _print_ratios(m, lines)
+    _print_ratios(m, [
+        (one, many, "step", f"step after matmuls, fastopt 1 thread / {threads} threads"),
+        ("numpy", many, "step", f"step after matmuls, numpy / fastopt {threads} threads"),
+        (one, many, "iteration", f"whole iteration, fastopt 1 thread / {threads} threads")])
     return m
 
 
@@ -249,7 +248,7 @@ def _numpy_phase_in_child(threads, seed, shared, rounds, pause):
     import tempfile
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "phase.json")
-        code = ("import json, sys; from fastopt import bench_loop; "
+        code = ("import json; from fastopt import bench_loop; "
                 f"m = bench_loop.numpy_phase({threads}, {seed}, {shared}, {rounds}, {bool(pause)}); "
                 f"json.dump(m, open({out!r}, 'w'))")
         # (from elsewhere, with fastopt's own folder first: python -c puts the current one first)

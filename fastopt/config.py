@@ -29,9 +29,8 @@ _CALLBACK_SETTERS = [f"{prefix}openblas_set_threads_callback_function{suffix}"
                      for prefix in ("", "scipy_") for suffix in ("", "64_", "_64")]
 
 
-def _loaded_openblas():
-    """[(path, setter)] for every OpenBLAS loaded in this process that takes a threads
-    callback (0.3.27 and later)."""
+def _openblas_libraries():
+    """[(path, ctypes library)] for every OpenBLAS loaded in this process."""
     import ctypes
     try:
         with open("/proc/self/maps") as f:
@@ -46,6 +45,16 @@ def _loaded_openblas():
             lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LOCAL)
         except OSError:
             continue
+        found.append((path, lib))
+    return found
+
+
+def _loaded_openblas():
+    """[(path, setter)] for every OpenBLAS loaded in this process that takes a threads
+    callback (0.3.27 and later)."""
+    import ctypes
+    found = []
+    for path, lib in _openblas_libraries():
         for name in _CALLBACK_SETTERS:
             setter = getattr(lib, name, None)
             if setter is not None:

@@ -189,10 +189,4 @@ def tensor_reads(request):
 def openblas_runs_jobs():
     """Whether numpy's BLAS is a pthread OpenBLAS that exports gotoblas_pthread, on whose
     workers (csrc/threads.c) a step's helpers then run."""
-    import ctypes
-    if not os.path.exists("/proc/self/maps"):
-        return False
-    with open("/proc/self/maps") as f:
-        paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1]}
-    return any(hasattr(ctypes.CDLL(p, mode=getattr(os, "RTLD_NOLOAD", 0)), "gotoblas_pthread")
-               for p in paths)
+    return any(hasattr(lib, "gotoblas_pthread") for _, lib in fastopt.config._openblas_libraries())
