@@ -171,7 +171,18 @@ def dropin_runners(torch_name, shapes, threads):
 
 
 def run_dropin(rule, shapes, threads, budget_s):
-    return time_side_by_side(dropin_runners(RULES[rule][3], shapes, threads), budget_s)
+    """Seconds per step of each runner.  torch's fused step, at the memory floor as fastopt.torch
+    is, is timed against fastopt.torch alone, in 15 rounds of its own: interleaved with torch's
+    for-loop and foreach steps (which allocate and free temporaries of the model's size), the
+    same pair's ratio moved by 0.2 between runs; the slower runners' ratios to fastopt.torch come
+    from their own rounds with it."""
+    runners = dropin_runners(RULES[rule][3], shapes, threads)
+    floor_pair = {k: runners.pop(k) for k in ("fastopt.torch", "torch fused") if k in runners}
+    times = time_side_by_side(floor_pair, budget_s, min_rounds=15)
+    if runners:
+        slower = time_side_by_side({"fastopt.torch": floor_pair["fastopt.torch"], **runners}, budget_s)
+        times.update({k: slower[k] / slower["fastopt.torch"] * times["fastopt.torch"] for k in runners})
+    return times
 
 
 def torch_runners(torch_name, params, grads, threads):
@@ -208,8 +219,10 @@ def time_side_by_side(fns, budget_s, min_rounds=7):
         one = max(time.perf_counter() - t0, 1e-7)
         calls[name] = max(1, int(budget_s / min_rounds / len(fns) / one))
     samples = {name: [] for name in fns}
+    order = list(fns.items())
     for _ in range(min_rounds):
-        for name, fn in fns.items():
+        order.reverse()  # alternate rounds run backwards: none always follows the same one
+        for name, fn in order:
             time.sleep(0.01)  # let the previous implementation's spinning threads (OpenMP) settle
             t0 = time.perf_counter()
             for _ in range(calls[name]):
