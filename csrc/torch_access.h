@@ -8,7 +8,7 @@
 #include <stddef.h>
 
 #define FO_TORCH_ACCESS_NAME "fastopt.torch_access"
-#define FO_TORCH_ACCESS_VERSION 1
+#define FO_TORCH_ACCESS_VERSION 2 /* 2: grad_view's -3 */
 
 typedef struct {
     void *data;     /* Tensor.data_ptr() */
@@ -24,7 +24,8 @@ typedef struct {
      * Python route can read (sparse, another device, a dispatching subclass); -2 for a lazily
      * conjugated or negated view, whose memory holds other values than it shows: never raises */
     int (*view)(PyObject *tensor, fo_tensor_view *out);
-    /* param's .grad (and, with param_out, param itself, where its gradient answers 1) */
+    /* param's .grad (and, with param_out, param itself, where its gradient answers 1); -3 for
+     * a gradient whose shape is not param's */
     int (*grad_view)(PyObject *param, fo_tensor_view *out, fo_tensor_view *param_out);
     int (*dtype_code)(PyObject *dtype);
     /* torch.autograd.graph.increment_version of a list of tensors (their_grads: of their

@@ -56,14 +56,18 @@ int view(PyObject *t, fo_tensor_view *out)
 }
 
 /* The gradient held by parameter p (a torch.Tensor or nn.Parameter, whose .grad is torch's own
- * getter): 1 with its view, 0 when p has none, -1 when not viewable.  Read from p's autograd
+ * getter): 1 with its view, 0 when p has none, -1 when not viewable, -3 when its shape is not
+ * p's (as many elements, or a planned step would have taken it).  Read from p's autograd
  * metadata, as torch's getter reads it, without the getter's non-leaf warning.  With
  * param_out, p's own view too when the gradient's is 1 (-1 if p's is not 1). */
 int grad_view(PyObject *p, fo_tensor_view *out, fo_tensor_view *param_out)
 {
     try {
         const at::Tensor &param = THPVariable_Unpack(p);
-        const int found = view_of(param.unsafeGetTensorImpl()->grad(), out);
+        const at::Tensor &grad = param.unsafeGetTensorImpl()->grad();
+        const int found = view_of(grad, out);
+        if (found == 1 && !param.unsafeGetTensorImpl()->sizes().equals(grad.unsafeGetTensorImpl()->sizes()))
+            return -3;
         if (found == 1 && param_out && view_of(param, param_out) != 1)
             return -1;
         return found;

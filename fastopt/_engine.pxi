@@ -451,7 +451,8 @@ cdef class Batch:
             if self.ema != NULL:
                 e = _field(s, d, "ema")
                 if e is not self.emas[t] or not self._as_planned(t, self.width - 1, e) \
-                        or cnp.PyArray_DATA(<cnp.ndarray>e) != self.ema[t]:
+                        or cnp.PyArray_DATA(<cnp.ndarray>e) != self.ema[t] \
+                        or not _same_dims(<cnp.ndarray>e, a):
                     return False
             bufs = self.buffers[t]
             for k in range(n_state):
@@ -462,14 +463,16 @@ cdef class Batch:
                     continue
                 if not self._as_planned(t, k + 1, b) or (
                         self.ptrs[k + 2] != NULL
-                        and cnp.PyArray_DATA(<cnp.ndarray>b) != self.ptrs[k + 2][t]):
-                    return False
+                        and cnp.PyArray_DATA(<cnp.ndarray>b) != self.ptrs[k + 2][t]) \
+                        or (self.shapes is None and not _same_dims(<cnp.ndarray>b, a)):
+                    return False  # (a reshaped parameter: the full checks refuse its state)
             b = _field(s, d, "master")
             if <PyObject *>b != PyList_GET_ITEM(bufs, n_state):
                 return False
             if b is not None and (not self._as_planned(t, n_state + 1, b) or (
                     self.storage.master != NULL
-                    and cnp.PyArray_DATA(<cnp.ndarray>b) != self.storage.master[t])):
+                    and cnp.PyArray_DATA(<cnp.ndarray>b) != self.storage.master[t])
+                    or not _same_dims(<cnp.ndarray>b, a)):
                 return False
         return True
 
@@ -568,6 +571,7 @@ cdef class Batch:
         """Raise what run() would raise for its values at the next step (the step count, the
         schedule's lr), changing nothing: a step of several batches checks them all before
         any batch runs."""
+        _check_step_from(self.step)
         if fo_check(self.rule.id, self._next_hyper(), NULL, NULL) != FO_OK:
             _raise_for(FO_ERR_HYPERPARAM, self.hyper)
         return 0
@@ -600,6 +604,7 @@ cdef class Batch:
                         last[(<const int64_t *>r.indices)[j]] = step
 
     cdef int run(self, StepOptions options=None) except -1:
+        _check_step_from(self.step)
         cdef int status
         cdef int64_t next_step = self.step + 1
         cdef void *hp = self._next_hyper()
@@ -655,6 +660,11 @@ cdef inline object _field(object state, object fields, str name):
     return getattr(state, name)
 
 
+cdef inline bint _same_dims(cnp.ndarray a, cnp.ndarray b):
+    return cnp.PyArray_NDIM(a) == cnp.PyArray_NDIM(b) and memcmp(
+        cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(b), cnp.PyArray_NDIM(a) * sizeof(cnp.npy_intp)) == 0
+
+
 cdef inline bint _grad_fits(object obj, cnp.ndarray a, int typenum=-1):
     """A plain ndarray of a's dtype (or of type number typenum), native order, of a's shape,
     C-contiguous."""
@@ -663,10 +673,7 @@ cdef inline bint _grad_fits(object obj, cnp.ndarray a, int typenum=-1):
     cdef cnp.ndarray g = <cnp.ndarray>obj
     if typenum < 0:
         typenum = cnp.PyArray_TYPE(a)
-    return (cnp.PyArray_TYPE(g) == typenum and cnp.PyArray_ISNOTSWAPPED(g)
-            and cnp.PyArray_NDIM(g) == cnp.PyArray_NDIM(a)
-            and memcmp(cnp.PyArray_DIMS(g), cnp.PyArray_DIMS(a),
-                       cnp.PyArray_NDIM(a) * sizeof(cnp.npy_intp)) == 0
+    return (cnp.PyArray_TYPE(g) == typenum and cnp.PyArray_ISNOTSWAPPED(g) and _same_dims(g, a)
             and cnp.PyArray_IS_C_CONTIGUOUS(g))
 
 
@@ -988,6 +995,14 @@ cdef tuple _span(cnp.ndarray a):
 MAX_STEP = 2 ** 53
 
 
+cdef inline int _check_step_from(int64_t step) except -1:
+    """A state may hold MAX_STEP, but no step may take it past."""
+    if step >= (<int64_t>1 << 53):  # MAX_STEP
+        raise ValueError(f"step: the state's step count is {step}, and 2**53 is the largest a "
+                         "state may hold (the rules use t in double): no further step")
+    return 0
+
+
 def run_single(CRule rule, Hyper hyper, type state_type, object param, object grad,
                object state):
     """One tensor's step (fastopt.functional), if param, grad and state are all plain and
@@ -1036,6 +1051,7 @@ def run_single(CRule rule, Hyper hyper, type state_type, object param, object gr
                 return False
     for k in range(n_bufs):
         ptrs[k] = &addr[k]
+    _check_step_from(step)
     cdef size_t n = cnp.PyArray_SIZE(p)
     cdef int64_t next_step = step + 1
     cdef void *hp = hyper.data()
@@ -1510,8 +1526,9 @@ cdef class ObjectPlan:
         if m.codes_of != reader and not m.set_codes(reader):
             return -1
         found = reader.grad_view(<PyObject *>p, &v, &pv)
-        if found <= 0:  # (-2: a lazily conjugated or negated view, which a first step refuses)
-            return 0 if found == -2 else -1 if found < 0 else (0 if m.has_grad else 2)
+        if found <= 0:  # (-2: a lazily conjugated or negated view, -3: a gradient of another
+            # shape than its parameter's, both of which a first step refuses)
+            return 0 if found <= -2 else -1 if found < 0 else (0 if m.has_grad else 2)
         if not m.has_grad or v.dtype != m.grad_dtype_code or v.nbytes != m.grad_nbytes or \
                 not v.contiguous or pv.dtype != m.dtype_code or pv.nbytes != m.nbytes or \
                 not pv.contiguous or <uintptr_t>pv.data != m.address:
@@ -1626,7 +1643,7 @@ cdef class ObjectPlan:
                         return False
                     direct = direct and type(grad) is self.known_type
                     if not self._fits(grad, m.grad_dtype, m.grad_nbytes, direct) \
-                            or not self._buffers_in_place(m) \
+                            or grad.shape != p.shape or not self._buffers_in_place(m) \
                             or (m.complex_valued and grad.is_conj()):
                         return False
                     try:  # a sparse COO gradient says False; a CSR one raises

@@ -254,13 +254,23 @@ def checkpoint_arrays(opt, d):
         yield key, np.asarray(value)
 
 
-def test_step_count_at_the_limit_loads_and_steps():
+def test_step_count_reaches_the_limit_and_stops_there():
+    """A state steps up to 2**53 and its checkpoint loads; the step past it is refused, naming
+    the step count, and changes nothing (it went to 2**53 + 1, a state that neither the
+    optimizer's own load_state_dict nor load took back)."""
     opt = make(seed=7)
     d = opt.state_dict()
-    d["state"][0]["step"] = d["state"][1]["step"] = 2**53
+    d["state"][0]["step"] = d["state"][1]["step"] = 2**53 - 1
     opt.load_state_dict(d)
-    opt.step([np.ones_like(p) for p in opt.params])
-    assert opt.state[0].step == opt.state[1].step == 2**53 + 1
+    grads = [np.ones_like(p) for p in opt.params]
+    opt.step(grads)
+    assert opt.state[0].step == opt.state[1].step == 2**53
+    opt.load_state_dict(opt.state_dict())
+    before = snapshot(opt)
+    for _ in range(2):  # the full checks, then the plan's
+        with pytest.raises(ValueError, match=r"step count is 9007199254740992.*no further step"):
+            opt.step(grads)
+        assert_same_snapshot(before, snapshot(opt))
 
 
 @pytest.mark.parametrize("kind", ["missing", "folder"])

@@ -256,11 +256,24 @@ def test_step_count_past_the_limit_changes_nothing(lr):
 
 
 @pytest.mark.parametrize("lr", [0.1, fastopt.schedules.exponential(0.1, 0.5)])
+def test_no_step_past_the_limit(lr):
+    """A state may hold 2**53 steps, but no step takes it to 2**53 + 1 (it did, and the optimizer
+    then refused its own checkpoint)."""
+    param = np.ones(4)
+    state = fastopt.AdamState.new(param)
+    state.step = 2**53
+    with pytest.raises(ValueError, match="step count is 9007199254740992.*no further step"):
+        F.adam(param, np.ones(4), state, lr=lr)
+    np.testing.assert_array_equal(param, np.ones(4), strict=True)
+    assert state.step == 2**53 and not state.m.any() and not state.v.any()
+
+
+@pytest.mark.parametrize("lr", [0.1, fastopt.schedules.exponential(0.1, 0.5)])
 def test_step_count_of_any_integer_type(lr):
     """A numpy integer step count is a valid one (it raised RuntimeError); the result, and a
     schedule's lr, are those of the same int."""
     results = []
-    for step in (5, np.int64(5), 2**53):
+    for step in (5, np.int64(5), 2**53 - 1):
         param = np.ones(4)
         state = fastopt.AdamState.new(param)
         state.step = step

@@ -39,6 +39,22 @@ def test_parameter_shrunk_in_place_is_stepped_at_its_new_size():
     assert np.array_equal(p, np.full(4, -3.0, np.float32))
 
 
+@pytest.mark.parametrize("with_ema", [False, True])
+def test_parameter_reshaped_in_place_is_refused_as_a_fresh_check_refuses_it(with_ema):
+    """w.shape = ... keeps the array, its address and size: the plan stepped it, leaving state
+    buffers of the old shape, which the full checks (and a load of the optimizer's own
+    state_dict) refuse; now the planned step refuses it the same way, changing nothing."""
+    w = np.zeros((4, 5), np.float32)
+    opt = fastopt.SGD([w], lr=0.1, momentum=0.9, **(dict(ema_decay=0.9) if with_ema else {}))
+    for _ in range(2):
+        opt.step([np.ones((4, 5), np.float32)])
+    w.shape = (5, 4)
+    before = snapshot_numpy(opt)
+    with pytest.raises(ValueError, match=r"has shape \(4, 5\), the parameter has \(5, 4\)"):
+        opt.step([np.ones((5, 4), np.float32)])
+    assert_same_numpy(before, snapshot_numpy(opt))
+
+
 def test_state_buffer_shrunk_in_place_is_refused_and_nothing_changes():
     p = np.ones(1000, np.float32)
     opt = fastopt.Adam([p], lr=0.1)
@@ -204,6 +220,25 @@ def test_gradient_resized_through_data_is_refused_with_nothing_changed():
     with pytest.raises((TypeError, ValueError)):
         opt.step()
     assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.usefixtures("tensor_reads")
+@pytest.mark.parametrize("cls_name", ["SGD", "Adam", "Adagrad", "Adafactor"])
+def test_gradient_reshaped_through_data_is_refused_with_nothing_changed(cls_name):
+    """As many elements in another shape: the plan re-checked only the gradient's dtype and byte
+    size and applied it; refused now as a first step (and torch.optim) refuses it."""
+    from conftest import assert_torch_unchanged, torch_snapshot
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    opt = getattr(ft, cls_name)([p], lr=0.1)
+    for _ in range(2):  # the second step is planned
+        p.grad = torch.ones(3, 4)
+        opt.step()
+    p.grad.data = torch.arange(12.0)
+    before = torch_snapshot(opt)
+    for _ in range(2):
+        with pytest.raises(TypeError, match=r"gradient is .* of shape \(12,\)"):
+            opt.step()
+        assert_torch_unchanged(before, torch_snapshot(opt))
 
 
 @pytest.mark.usefixtures("tensor_reads")
