@@ -488,6 +488,11 @@ class _Fastopt:
                                  "torch.optim for it")
         hp = {}
         for key, position, wording, test, rule in self.ranges:
+            if position == 0:  # a pair (betas, etas, step_sizes): torch unpacks exactly two
+                pair = group[key]
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise ValueError(f"{type(self).__name__}: param group {index}: {key} must be "
+                                     f"a pair (2 values), got {pair!r}")
             value = group[key] if position is None else group[key][position]
             if type(value) is not float or not test(value):  # the usual case costs one test
                 value = self._number(index, key, position, wording, test, rule, value)
@@ -946,11 +951,13 @@ def _span(t):
 
 def _group_key(group):
     """A group's values, to tell cheaply that none changed (the engine's _same_values): (name,
-    value, its items if a list, which can change in place); None if one is a tensor."""
+    value, its items if a list, which can change in place); None if one is a tensor or holds
+    one (betas=(torch.tensor(0.9), ...)), whose value can change in place."""
     key = []
     for k, v in group.items():
         if k != "params":
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) or (
+                    isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v)):
                 return None
             key.append((k, v, tuple(v) if type(v) is list else None))
     return tuple(key)

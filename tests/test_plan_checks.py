@@ -197,6 +197,22 @@ def test_list_hyperparameter_edited_in_place_is_used(cls_name, key, index, value
 
 
 @pytest.mark.usefixtures("tensor_reads")
+def test_tensor_betas_changed_in_place_are_used():
+    """betas=(tensor, tensor): a plan took the tuple, the same object, for unchanged, and kept
+    stepping with the old beta1 after betas[0].fill_(0.0)."""
+    betas = (torch.tensor(0.9), torch.tensor(0.999))  # (both optimizers hold these two)
+    pairs = torch_pair("Adam", lr=0.1, betas=betas)
+    step_both(pairs)
+    step_both(pairs)
+    betas[0].fill_(0.0)
+    for _ in range(2):
+        step_both(pairs, grad=(0.5, -1.0, 0.25))
+    assert_close_pair(pairs)
+    (p, opt), (q, fopt) = pairs
+    assert torch.equal(fopt.state[q]["exp_avg"], opt.state[p]["exp_avg"])  # = the last gradient
+
+
+@pytest.mark.usefixtures("tensor_reads")
 def test_gradient_retyped_through_data_is_refused_with_nothing_changed():
     p = torch.ones(4, requires_grad=True)
     opt = ft.SGD([p], lr=1.0)

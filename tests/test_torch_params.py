@@ -237,6 +237,10 @@ BAD_HYPERPARAMETERS = [
     ("Adam", {}, "capturable", True, ValueError, r"param group 1: capturable=True is not supported"),
     ("Adam", {}, "differentiable", True, ValueError, r"param group 1: differentiable=True"),
     ("AdamW", {}, "betas", (-0.1, 0.9), ValueError, r"param group 1: Invalid beta parameter at index 0"),
+    # (an IndexError, and a third value silently ignored)
+    ("Adam", {}, "betas", (0.9,), ValueError, r"param group 1: betas must be a pair \(2 values\), got \(0\.9,\)"),
+    ("Adam", {}, "betas", (0.9, 0.99, 0.5), ValueError, r"param group 1: betas must be a pair"),
+    ("Rprop", {}, "etas", [0.5], ValueError, r"param group 1: etas must be a pair"),
     ("SGD", dict(lr=0.1, momentum=0.9), "momentum", -0.5, ValueError, r"param group 1: Invalid momentum value: -0.5"),
     ("SGD", dict(lr=0.1, momentum=0.9), "dampening", 1.5, ValueError, r"param group 1: Invalid dampening value: 1.5"),
     ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.1), "nesterov", True, ValueError, r"param group 1: Nesterov momentum requires"),
