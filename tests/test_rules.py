@@ -163,3 +163,11 @@ def test_per_tensor_rules_take_the_ratio_as_one_at_zero_norms(dtype):
         for p, r in zip(params, refs):
             np.testing.assert_allclose(p, r, rtol=rtol, atol=rtol * 1e-2)
         assert np.abs(params[0]).max() > 0  # a zero tensor moves with ratio 1
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad", "RMSprop", "Adadelta", "AdaMax", "Nadam"])
+def test_infinite_weights_stay_infinite_without_weight_decay(name):
+    """No L2 term without weight decay (it was 0 * theta: NaN for an infinite weight)."""
+    p = np.array([np.inf, -np.inf, 1.0])
+    getattr(fastopt, name)([p], lr=0.1).step([np.full(3, 0.5)])
+    assert p[0] == np.inf and p[1] == -np.inf and np.isfinite(p[2])

@@ -435,3 +435,26 @@ def test_lamb_and_lars_check_their_hyperparameters_and_change_nothing_on_refusal
         assert torch.equal(p.detach(), before[0])
         for key, value in before[1]["state"][0].items():
             assert torch.equal(opt.state[p][key], value)
+
+
+@pytest.mark.parametrize("name, hp", [
+    ("SGD", dict(lr=0.1)), ("SGD", dict(lr=0.1, momentum=0.9)), ("Adam", dict(lr=0.1)),
+    ("AdamW", dict(lr=0.1, weight_decay=0.0)), ("Adagrad", dict(lr=0.1)), ("RMSprop", dict(lr=0.1)),
+    ("Adadelta", dict(lr=0.1)), ("Adamax", dict(lr=0.1)), ("NAdam", dict(lr=0.1)),
+    ("RAdam", dict(lr=0.1)), ("ASGD", dict(lr=0.1)),
+])
+def test_infinite_weights_stay_infinite_without_weight_decay(name, hp):
+    """Without weight decay the gradient has no L2 term, as in torch.optim: it had 0 * theta,
+    which turned an infinite weight into NaN."""
+    import fastopt.torch as ft
+    results = []
+    for module in (torch.optim, ft):
+        p = torch.tensor([float("inf"), -float("inf"), 1.0], requires_grad=True)
+        opt = getattr(module, name)([p], **hp)
+        for _ in range(2):
+            p.grad = torch.tensor([0.5, 0.5, 0.5])
+            opt.step()
+        results.append(p.detach())
+    assert torch.isinf(results[1][:2]).all() and torch.equal(results[1][:2], results[0][:2])
+    torch.testing.assert_close(results[1], results[0])
+
