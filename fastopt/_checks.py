@@ -72,8 +72,11 @@ def state_dtype_ok(param, bfloat16=True):
 
 
 def check_grads(grads, params):
+    """grads checked against params: a list of the arrays it held when read, read once (a
+    sequence that answers otherwise on a later read is held to the answer checked)."""
     if isinstance(grads, np.ndarray) or not hasattr(grads, "__len__"):
         raise TypeError("grads must be a sequence of arrays, one per parameter")
+    grads = list(grads)
     if len(grads) != len(params):
         raise ValueError(f"got {len(grads)} grads for {len(params)} parameters")
     for i, (g, p) in enumerate(zip(grads, params)):
@@ -81,6 +84,7 @@ def check_grads(grads, params):
             check_sparse_grad(g, p, f"grads[{i}]")
         else:
             check_like(g, p, f"grads[{i}]", writeable=False, dtype_ok=grad_dtype_ok(p))
+    return grads
 
 
 INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))

@@ -192,7 +192,7 @@ class Optimizer:
         for i, p in enumerate(params):
             _checks.check_param(p, f"params[{i}]", bfloat16=True)
             storage.check_param_dtype(p.dtype, stored_as, f"params[{i}]")
-        _checks.check_grads(grads, params)
+        grads = _checks.check_grads(grads, params)
         if _kernels.reduces(options) and any(isinstance(g, _kernels.SparseGrad) for g in grads):
             # a wrong kind of gradient for the options (fastopt.torch's clip_norm says so too)
             raise TypeError("clip_norm, skip_nonfinite and compute_norm need dense gradients "

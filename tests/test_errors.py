@@ -416,3 +416,38 @@ def test_validation_cache_tells_types_apart():
     with pytest.raises(ValueError, match="lr"):
         fastopt.functional.adam(p, g, state, lr=float("nan"))
     assert state.step == 1
+
+
+class _AnswersOnceThenAnother:
+    """A sequence of one gradient whose later reads answer `later` (a wrong array)."""
+
+    def __init__(self, first, later):
+        self.first, self.later, self.reads = first, later, 0
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        if i >= 1:
+            raise IndexError(i)
+        self.reads += 1
+        return self.first if self.reads == 1 else self.later
+
+
+@pytest.mark.parametrize("later", ["short", "the parameter"])
+@pytest.mark.parametrize("first_step", [True, False])
+def test_grads_sequence_is_read_once(later, first_step):
+    """The full checks read grads once and step with what they checked: a later read of a
+    sequence that answers otherwise (a wrong shape, the parameter itself) raised the engine's
+    RuntimeError, after a first step had created its state."""
+    w, same = np.zeros(1000, np.float32), np.zeros(1000, np.float32)
+    opt, plain = fastopt.Adam([w], lr=1.0), fastopt.Adam([same], lr=1.0)
+    if not first_step:
+        opt.step([np.ones_like(w)])
+        plain.step([np.ones_like(same)])
+    grads = _AnswersOnceThenAnother(np.ones_like(w), np.ones(4, np.float32) if later == "short" else w)
+    opt.step(grads)
+    plain.step([np.ones_like(same)])
+    assert grads.reads == 1
+    np.testing.assert_array_equal(w, same)
+    assert opt.state[0].step == plain.state[0].step
