@@ -458,3 +458,19 @@ def test_infinite_weights_stay_infinite_without_weight_decay(name, hp):
     assert torch.isinf(results[1][:2]).all() and torch.equal(results[1][:2], results[0][:2])
     torch.testing.assert_close(results[1], results[0])
 
+
+
+def test_rprop_takes_sign_of_nan_as_zero_like_torch():
+    """torch's sign(NaN) is 0: a NaN gradient leaves the element's weight and step size as they
+    were and the element recovers; here it made both NaN for good."""
+    results = []
+    for module in (torch.optim, ft):
+        p = torch.zeros(3, requires_grad=True)
+        opt = module.Rprop([p], lr=0.01)
+        for g in ([1.0, 1.0, -1.0], [float("nan"), 1.0, float("nan")], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]):
+            p.grad = torch.tensor(g)
+            opt.step()
+        results.append((p.detach().clone(), opt.state[p]["step_size"].clone(), opt.state[p]["prev"].clone()))
+    for torch_value, fastopt_value in zip(*results):
+        assert not fastopt_value.isnan().any()
+        assert torch.equal(fastopt_value, torch_value)
