@@ -363,7 +363,7 @@ static int run_with_tensor_pass(int rule, int which, size_t count, void *const *
     if (!sums) {
         err->field = "memory";
         err->requirement = "could not be allocated for the per-tensor sums";
-        return FO_ERR_NULL;
+        return FO_ERR_MEMORY;
     }
     double *scalar = sums + n_sums * blocks;
     void **slots = (void **)(scalar + count); /* first each tensor's block sums, then its scalar */

@@ -166,7 +166,8 @@ static int default_threads(void)
     if (env && atoi(env) > 0) return atoi(env) < FO_MAX_THREADS ? atoi(env) : FO_MAX_THREADS;
 #ifdef CPU_COUNT
     cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
+        return CPU_COUNT(&set) < FO_MAX_THREADS ? CPU_COUNT(&set) : FO_MAX_THREADS;
 #endif
     const long online = sysconf(_SC_NPROCESSORS_ONLN);
     return online > 0 ? (int)(online < FO_MAX_THREADS ? online : FO_MAX_THREADS) : 1;

@@ -156,3 +156,11 @@ def test_cython_extension_cimports_the_kernels(tmp_path):
         opt.step([g])
     np.testing.assert_array_equal(w, expected)   # the same kernels: the same bits
     np.testing.assert_array_equal(m, opt.state[0].m)
+
+
+@needs_cc
+def test_out_of_memory_is_reported_as_such(tmp_path):
+    exe = compile_c([os.path.join(HERE, "c", "test_out_of_memory.c")], tmp_path / "oom",
+                    ["-Wl,--wrap=malloc"])
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
