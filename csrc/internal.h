@@ -237,6 +237,11 @@ int fo_run_row_rule(fo_span_fn span, size_t count, void *const *const *bufs, int
                     const size_t *n, const fo_rows *rows, const int *dtypes, const fo_call *call,
                     const fo_catchup *catchup, unsigned per_row);
 
+/* float32 -> bfloat16 to nearest even, subnormals flushed: the rounding of every staged store
+ * (a bfloat16 copy made outside a step, e.g. an EMA's first value, rounds as a step would).
+ * Not part of the public API. */
+void fo_round_to_bfloat16(uint16_t *dst, const float *src, size_t n);
+
 /* fo_step_with for a batch whose dense tensors' buffers the caller has checked already (a
  * planned step: the buffers a checked step used, each gradient checked against every written
  * buffer): their per-tensor overlap checks are skipped.  Not part of the public API. */

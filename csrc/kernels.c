@@ -74,6 +74,12 @@ static const fo_loops *fo_active(void)
 
 const char *fo_isa(void) { return fo_active()->name; }
 
+void fo_round_to_bfloat16(uint16_t *dst, const float *src, size_t n)
+{
+    fo_active();
+    active_to_nearest(dst, src, n);
+}
+
 const char *fo_bf16_path(void)
 {
     fo_active();

@@ -12,7 +12,7 @@ import numbers
 
 cimport cython
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint64_t, uintptr_t
+from libc.stdint cimport int64_t, uint16_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
 
 cnp.import_array()
@@ -311,9 +311,26 @@ cdef extern from *:
     /* csrc/internal.h's (not in the public header) */
     int fo_step_planned(int rule, const fo_batch *batch, const void *hp,
                         const fo_step_options *opt, fo_error *err);
+    void fo_round_to_bfloat16(uint16_t *dst, const float *src, size_t n);
     """
     int fo_step_planned(int rule, const fo_batch *batch, const void *hp,
                         const fo_step_options *opt, fo_error *err) noexcept nogil
+    void fo_round_to_bfloat16(uint16_t *dst, const float *src, size_t n) noexcept nogil
+
+
+def round_to_bfloat16(cnp.ndarray src, cnp.ndarray dst):
+    """dst[...] = src rounded as a step's bfloat16 stores round to nearest (subnormals flushed):
+    src a C-contiguous float32 array, dst a C-contiguous bfloat16 (2-byte) array of its size."""
+    if cnp.PyArray_TYPE(src) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(src) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(dst) or cnp.PyArray_ITEMSIZE(dst) != 2 \
+            or not cnp.PyArray_ISWRITEABLE(dst) or cnp.PyArray_SIZE(dst) != cnp.PyArray_SIZE(src):
+        raise TypeError("round_to_bfloat16 takes a C-contiguous float32 array and a writeable "
+                        "C-contiguous 2-byte array of its size")
+    cdef size_t n = <size_t>cnp.PyArray_SIZE(src)
+    cdef const float *s = <const float *>cnp.PyArray_DATA(src)
+    cdef uint16_t *d = <uint16_t *>cnp.PyArray_DATA(dst)
+    with nogil:
+        fo_round_to_bfloat16(d, s, n)
 
 
 cdef inline int _step_call(int rule, const fo_batch *batch, const void *hp,

@@ -100,8 +100,8 @@ class Optimizer:
         for i, p in enumerate(self.params):
             state = self.state.get(i)
             ema = getattr(state, "ema", None)
-            out.append(ema if ema is not None else p.astype(
-                storage.state_dtype_for(p.dtype, self.storage_options), order="C"))
+            out.append(ema if ema is not None else storage.copy_as(
+                p, storage.state_dtype_for(p.dtype, self.storage_options)))
         return out
 
     @property
@@ -270,7 +270,7 @@ class Optimizer:
                     state.row_step = np.full(p.shape[0], state.step, dtype=np.int64)
                 if self._ema_decay is not None and state.ema is None:
                     # stored as the state (bfloat16 only by state_dtype="bfloat16")
-                    state.ema = p.astype(state_dtype, order="C")
+                    state.ema = storage.copy_as(p, state_dtype)
                 stored = tuple(getattr(getattr(state, name), "dtype", None)
                                for name in needed + ["ema"])
                 grad_dtype = grads[i].values.dtype if isinstance(grads[i], _kernels.SparseGrad) \

@@ -18,6 +18,8 @@ import numbers
 
 import numpy as np
 
+from fastopt import _kernels
+
 DEFAULTS = {"state_dtype": None, "rounding": "stochastic", "seed": 0, "master_weights": False}
 ROUNDINGS = ("stochastic", "nearest")  # their index is fo_rounding's value
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -41,6 +43,18 @@ def bfloat16():
 def is_bf16(dtype):
     """Whether a numpy dtype is ml_dtypes' bfloat16 (without importing ml_dtypes)."""
     return dtype.itemsize == 2 and dtype.name == "bfloat16"
+
+
+def copy_as(array, dtype):
+    """A C-contiguous copy of `array` stored as `dtype`; into bfloat16 rounded as a step's
+    stores round to nearest (subnormals flushed; a float64 to float32 first), not as numpy's
+    cast does."""
+    dtype = np.dtype(dtype)
+    if not is_bf16(dtype) or is_bf16(array.dtype):
+        return array.astype(dtype, order="C")
+    out = np.empty(array.shape, dtype)
+    _kernels.round_to_bfloat16(np.ascontiguousarray(array, dtype=F32), out)
+    return out
 
 
 def is_float(dtype):

@@ -516,3 +516,16 @@ def test_the_norm_of_bfloat16_gradients_is_that_of_their_float32_values(threads,
                 assert not np.isfinite(norms[0])
     finally:
         fastopt.set_num_threads(before)
+
+
+@pytest.mark.parametrize("pdt", [np.float32, np.float64])
+def test_first_ema_copy_rounds_as_a_step_stores(pdt):
+    """A bfloat16 EMA starts as the parameter rounded to nearest with subnormals flushed, as
+    every bfloat16 store (it was numpy's cast: the subnormal kept); a row no lazy sparse step has
+    touched keeps that first value."""
+    w = np.array([[1e-39, -1e-39, 1.0 + 2.0**-8, 3.0], [1.0, 2.0, 1e-39, 1.0 + 3 * 2.0**-9]], pdt)
+    opt = fastopt.SGD([w], lr=0.1, state_dtype="bfloat16", ema_decay=0.9, rounding="stochastic")
+    want = round_bf16(w.astype(np.float32), "nearest")
+    assert np.array_equal(opt.ema_arrays()[0].view(np.uint16), want)  # (no state yet)
+    opt.step([fastopt.SparseGrad(np.array([1]), np.ones((1, 4), pdt))])
+    assert np.array_equal(opt.state[0].ema[0].view(np.uint16), want[0])
