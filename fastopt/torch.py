@@ -178,6 +178,13 @@ class _Fastopt:
         self._storage_options = options  # read by add_param_group
         self.total_norm = None  # what the last step(clip_norm=...) measured
         super().__init__(params, *args, **kwargs)
+        self._add_storage_entry_if_needed()
+
+    def _add_storage_entry_if_needed(self):
+        """The state's storage entry (options, and the step count that keys stochastic
+        rounding), from this optimizer's own options, where they are not the defaults or a
+        parameter is bfloat16."""
+        options = self.__dict__.get("_storage_options", storage.DEFAULTS)
         if options != storage.DEFAULTS or any(
                 p.dtype == torch.bfloat16 for g in self.param_groups for p in g["params"]):
             self.state[_STORAGE_KEY] = dict(options, step=0)
@@ -239,6 +246,9 @@ class _Fastopt:
                     options = _storage_entry_options(entry, "state_dict's")
                     step = int(entry["step"])
                     self.state[_STORAGE_KEY] = dict(options, step=step)
+                else:  # torch.optim's state dict: this optimizer's own options, from step 0
+                    self._add_storage_entry_if_needed()
+                if self.state.get(_STORAGE_KEY) is not None:
                     _keep_stored_dtypes(self, state_dict)
                 for index, group in enumerate(self.param_groups):
                     hp = self._hyperparameters(index, group)

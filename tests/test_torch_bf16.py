@@ -1,6 +1,8 @@
 """fastopt.torch with bfloat16 storage: the step on stored values is the float32 step rounded
 as the reference says (tests/bf16_reference.py), torch's own bfloat16 Adam agrees to bfloat16
 precision, checkpoints resume bit for bit, and bad combinations are refused."""
+import copy
+
 import numpy as np
 import pytest
 
@@ -350,3 +352,30 @@ def test_clip_norm_sums_in_parameter_order_as_the_numpy_api():
         want = fastopt.SGD([np.zeros(int(n), d) for n, d in zip(sizes, dtypes)], lr=0.1).step(
             grads, clip_norm=1.0).total_norm
         assert opt.total_norm == want
+
+
+@pytest.mark.parametrize("name, hp, slot", [("Adam", dict(lr=0.01), "exp_avg"),
+                                           ("SGD", dict(lr=0.01, momentum=0.9), "momentum_buffer"),
+                                           ("Adagrad", dict(lr=0.01), "sum")])
+@pytest.mark.parametrize("fresh", [False, True])
+def test_torch_state_dict_loads_into_bfloat16_parameters(name, hp, slot, fresh):
+    """A torch.optim state dict has no fastopt storage entry: its load dropped the optimizer's
+    (every later step then refused the bfloat16 parameter), or refused the state torch had
+    cast to bfloat16.  The optimizer keeps its own options, and the checkpoint's float32 state
+    its dtype and values."""
+    p = torch.randn(4, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    reference = getattr(torch.optim, name)([p], **hp)
+    if not fresh:
+        p.grad = torch.full_like(p, 0.5)
+        reference.step()
+    saved = copy.deepcopy(reference.state_dict())
+    q = p.detach().to(torch.bfloat16).requires_grad_()
+    opt = getattr(ft, name)([q], **hp)
+    opt.load_state_dict(saved)
+    assert opt.storage_options["state_dtype"] is None  # (float32 state for bfloat16 parameters)
+    if not fresh:
+        assert opt.state[q][slot].dtype == torch.float32
+        assert torch.equal(opt.state[q][slot], reference.state[p][slot])
+    q.grad = torch.full_like(q, 0.5)
+    opt.step()
+    assert opt.state[q][slot].dtype == torch.float32 and torch.isfinite(q).all()
