@@ -36,6 +36,10 @@ from fastopt import _kernels, get_include
 MODES = ("background", "wait", "python")
 _NAME = "_fastopt_torch_tensors"
 _STALE_LOCK_S = 60  # a lock without a builder's pid this old: the builder never started
+# a build takes ~20-60 s: a lock this old is stale whoever holds its pid now (a builder killed
+# with SIGKILL leaves its pid, which a later process in a new container may have), and a wait
+# this long gives up (Python reads stay)
+_MAX_BUILD_S = 300
 
 
 def _mode():
@@ -88,10 +92,11 @@ def built_path():
     return os.path.join(cache_dir(), f"{_NAME}-{key.hexdigest()[:20]}{suffix}")
 
 
-# run in a process of its own: compile into a temporary file, then rename it into place (a whole
-# file or none); on failure leave the compiler's words in <target>.failed
+# run in a process of its own: compile into a temporary file, write its SHA-256 beside the
+# target, then rename it into place (a whole file or none); on failure leave the compiler's
+# words in <target>.failed
 _BUILD = """
-import json, os, subprocess, sys
+import hashlib, json, os, subprocess, sys
 command, target, lock = json.loads(sys.argv[1])
 partial = target + f".{os.getpid()}.partial"
 with open(lock, "w") as f:  # (who builds: a waiter that finds this pid gone builds again)
@@ -102,6 +107,8 @@ try:
                           stderr=subprocess.STDOUT, text=True)
     if done.returncode == 0:
         os.chmod(partial, 0o755)
+        with open(partial, "rb") as f, open(target + ".sha256", "w") as digest:
+            digest.write(hashlib.sha256(f.read()).hexdigest())
         os.replace(partial, target)
     else:
         with open(target + ".failed", "w") as f:
@@ -123,8 +130,11 @@ def _lock_is_stale(lock):
     try:
         with open(lock) as f:
             pid = f.read().strip()
+        age = time.time() - os.path.getmtime(lock)
         if not pid:
-            return time.time() - os.path.getmtime(lock) > _STALE_LOCK_S
+            return age > _STALE_LOCK_S
+        if age > _MAX_BUILD_S:
+            return True
         os.kill(int(pid), 0)
         return False
     except PermissionError:  # (another user's live process)
@@ -160,9 +170,19 @@ def _launch(target):
 
 
 def _load(target):
-    """Load the cached build (a damaged file is removed, to be built again)."""
+    """Load the cached build (a damaged file is removed, to be built again): only a file whose
+    SHA-256 is the one its build wrote beside it, since loading a truncated shared object can
+    kill the process (SIGBUS) rather than raise."""
     global _module
     try:
+        try:
+            with open(target, "rb") as f, open(target + ".sha256") as digest:
+                intact = hashlib.sha256(f.read()).hexdigest() == digest.read().strip()
+        except OSError:
+            intact = False
+        if not intact:
+            raise ImportError(f"{target} is not the file its build wrote (damaged, or from an "
+                              "older fastopt): built again")
         spec = importlib.util.spec_from_file_location(_NAME, target)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -202,10 +222,14 @@ def _wait_and_load(target):
     global _failure
     try:
         failed, lock = target + ".failed", target + ".lock"
+        started = time.time()
         while not os.path.exists(target):
             if os.path.exists(failed):
                 with open(failed) as f:
                     raise RuntimeError(f.read())
+            if time.time() - started > _MAX_BUILD_S:
+                raise RuntimeError(f"no build of {target} finished within {_MAX_BUILD_S} s "
+                                   f"(its lock: {lock})")
             if (not os.path.exists(lock) or _lock_is_stale(lock)) and not os.path.exists(target):
                 _launch(target)  # (its builder died)
             time.sleep(0.2)

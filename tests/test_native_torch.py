@@ -4,6 +4,7 @@ autograd sees the same version bumps, and a machine that cannot build them still
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -260,7 +261,8 @@ def test_a_build_outlives_the_process_that_started_it(copying_compiler):
     waited = run_python(STEP_AND_REPORT, FASTOPT_TORCH_READS="wait", **env)
     assert waited.returncode == 0, waited.stderr
     assert waited.stdout.strip() == "C++"
-    assert os.listdir(cache) == [os.path.basename(native_torch.built_path())]
+    built = os.path.basename(native_torch.built_path())
+    assert sorted(os.listdir(cache)) == [built, built + ".sha256"]
 
 
 def test_a_damaged_cached_build_is_built_again(copying_compiler):
@@ -272,6 +274,36 @@ def test_a_damaged_cached_build_is_built_again(copying_compiler):
     done = run_python(code, FASTOPT_TORCH_READS="python", **env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "True C++"
+
+
+def test_a_truncated_cached_build_is_built_again_not_loaded(copying_compiler):
+    """A cut-off copy of a real build (a full disk, a killed copy) killed every process that
+    loaded it (SIGBUS): only a file whose SHA-256 its build wrote is loaded."""
+    cache, env = copying_compiler
+    os.makedirs(cache)
+    with open(env["FASTOPT_TEST_BUILD"], "rb") as f:
+        whole = f.read()
+    with open(native_torch.built_path(), "wb") as f:  # (the path under the stand-in compiler)
+        f.write(whole[:len(whole) // 3])
+    code = STEP_AND_REPORT + "\nprint(native_torch.start(wait=True), native_torch.status())"
+    done = run_python(code, FASTOPT_TORCH_READS="python", **env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "True C++"
+
+
+def test_an_old_lock_with_a_live_pid_does_not_hold_a_waiting_process(copying_compiler):
+    """A builder killed with SIGKILL leaves its pid in the lock, which another live process may
+    have later: a lock older than any build is stale (a waiting process hung forever)."""
+    cache, env = copying_compiler
+    os.makedirs(cache)
+    lock = native_torch.built_path() + ".lock"
+    with open(lock, "w") as f:
+        f.write(str(os.getpid()))  # (alive: this test's process)
+    old = time.time() - 2 * native_torch._MAX_BUILD_S
+    os.utime(lock, (old, old))
+    done = run_python(STEP_AND_REPORT, FASTOPT_TORCH_READS="wait", **env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "C++"
 
 
 def test_python_reads_when_asked():
