@@ -14,12 +14,14 @@ class FlatParams:
 
         flat = FlatParams.from_arrays(model_arrays)     # or FlatParams(shapes, np.float32)
         weights = flat.params                           # views into flat.data: use these
-        opt = fastopt.<Rule>([flat.data])                 # any optimizer class
+        opt = fastopt.<Rule>([flat.data])                 # an element-wise rule (below)
         ...                                             # write gradients into flat.grads[i]
         opt.step([flat.grad])                           # one kernel call for the whole model
 
     The padding between views stays zero in both buffers, so no rule moves it.  Parameters
     that need different hyperparameters go in separate FlatParams (one per param group).
+    A rule that works per tensor (trust ratios, factored moments, rows; the README names
+    them) would see the whole buffer as one tensor: give it the parameters themselves.
     """
 
     def __init__(self, shapes, dtype=np.float32):
