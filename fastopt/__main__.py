@@ -10,7 +10,7 @@ def main(argv=None):
     if argv and argv[0] == "demo":
         from fastopt.demo import main as demo
         return demo(argv[1:])
-    if argv and argv[0] == "config":
+    if argv == ["config"]:
         import fastopt
         fastopt.show_config()
         return 0

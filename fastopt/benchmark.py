@@ -495,7 +495,7 @@ def section_main(module, doc, run, argv=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastopt bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer sizes and rules, under a minute")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and rules, ~70 s with --no-loop")
     ap.add_argument("--rules", default=None, help="comma-separated subset of " + ",".join(RULES))
     ap.add_argument("--threads", type=int, default=fastopt.get_num_threads())
     ap.add_argument("--json", default=None, help="also write the results to this file")
@@ -503,6 +503,17 @@ def main(argv=None):
                     "python -m fastopt.bench_loop)")
     ap.add_argument("--storage-only", action="store_true", help="only the bfloat16 storage table")
     args = ap.parse_args(argv)
+    # (argument errors before any timing: an unknown rule stopped a run after minutes of it)
+    unknown = [r for r in (args.rules or "").split(",") if args.rules and r not in RULES]
+    if unknown:
+        ap.error(f"unknown rule(s) {','.join(unknown)}: use a subset of {','.join(RULES)}")
+    if args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.json:
+        try:
+            open(args.json, "a").close()
+        except OSError as e:
+            ap.error(f"--json: cannot write {args.json}: {e}")
 
     fastopt.set_num_threads(args.threads)
     if args.quick:

@@ -292,6 +292,9 @@ def main(argv=None):
     ap.add_argument("--mlp-steps", type=int, default=600, help="steps of MLP training per rule")
     ap.add_argument("--frames", type=int, default=40, help="frames of each animated path")
     args = ap.parse_args(argv)
+    for name in ("steps", "mlp_steps", "frames"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     missing = missing_packages()
     if missing:
         print(f"the demo needs {' and '.join(missing)}: pip install \"fastopt[demo]\" "

@@ -97,3 +97,24 @@ def test_missing_packages_are_named(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(demo, "missing_packages", lambda: ["matplotlib"])
     assert demo.main(["--out", str(tmp_path / "x")]) == 2
     assert 'pip install "fastopt[demo]"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--threads", "0"], "--threads must be >= 1"),
+    (["bench", "--rules", "Nope,Adam"], "unknown rule(s) Nope"),
+    (["bench", "--json", "/nonexistent/folder/x.json"], "--json: cannot write"),
+    (["demo", "--steps", "0"], "--steps must be >= 1"),
+    (["demo", "--frames", "-1"], "--frames must be >= 1"),
+])
+def test_bad_command_arguments_stop_before_any_work(argv, message, capsys):
+    """Refused up front with a usage error (exit 2): a bad rule name stopped `bench` after
+    minutes of timing, --steps 0 failed in matplotlib after a minute, --threads 0 raised."""
+    from fastopt.__main__ import main
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_config_takes_no_arguments(capsys):
+    from fastopt.__main__ import main
+    assert main(["config", "--bogus"]) == 2
