@@ -992,12 +992,13 @@ cdef tuple _span(cnp.ndarray a):
 # The largest step count a state may hold (loaded, given to fastopt.functional, or checked
 # before a step): the rules compute with t in double, exact up to 2**53, and from there the
 # engine's int64 t + 1 is 2**63 - 2**53 steps away from overflowing.
-MAX_STEP = 2 ** 53
+cdef int64_t _MAX_STEP = 2 ** 53
+MAX_STEP = _MAX_STEP
 
 
 cdef inline int _check_step_from(int64_t step) except -1:
     """A state may hold MAX_STEP, but no step may take it past."""
-    if step >= (<int64_t>1 << 53):  # MAX_STEP
+    if step >= _MAX_STEP:
         raise ValueError(f"step: the state's step count is {step}, and 2**53 is the largest a "
                          "state may hold (the rules use t in double): no further step")
     return 0

@@ -504,7 +504,8 @@ def main(argv=None):
     ap.add_argument("--storage-only", action="store_true", help="only the bfloat16 storage table")
     args = ap.parse_args(argv)
     # (argument errors before any timing: an unknown rule stopped a run after minutes of it)
-    unknown = [r for r in (args.rules or "").split(",") if args.rules and r not in RULES]
+    asked = args.rules.split(",") if args.rules else None
+    unknown = [r for r in asked or () if r not in RULES]
     if unknown:
         ap.error(f"unknown rule(s) {','.join(unknown)}: use a subset of {','.join(RULES)}")
     if args.threads < 1:
@@ -520,8 +521,8 @@ def main(argv=None):
         sizes, rules, dtypes, budget = [1000, 100_000, 1_000_000, 16_000_000], ["Adam", "SGD"], [np.float32], 0.25
     else:
         sizes, rules, dtypes, budget = [1000, 10_000, 100_000, 1_000_000, 16_000_000, 64_000_000], list(RULES), [np.float32, np.float64], 1.0
-    if args.rules:
-        rules = args.rules.split(",")
+    if asked:
+        rules = asked
     results = []
     fastopt.show_config()
     torch_reads_ready()

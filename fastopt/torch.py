@@ -184,7 +184,7 @@ class _Fastopt:
         """The state's storage entry (options, and the step count that keys stochastic
         rounding), from this optimizer's own options, where they are not the defaults or a
         parameter is bfloat16."""
-        options = self.__dict__.get("_storage_options", storage.DEFAULTS)
+        options = self.storage_options
         if options != storage.DEFAULTS or any(
                 p.dtype == torch.bfloat16 for g in self.param_groups for p in g["params"]):
             self.state[_STORAGE_KEY] = dict(options, step=0)
